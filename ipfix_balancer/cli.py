@@ -1,0 +1,125 @@
+"""Command line: ``ipfix-balancer run | check-config | status | stop | reload`` (and the internal
+``handler`` the supervisor spawns)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import click
+
+from . import config as config_mod
+from . import logs
+from . import status as status_mod
+
+_config_option = click.option(
+    "--config", "config_path", default=None, metavar="PATH",
+    help=f"the .env file (default: $IPFIX_BALANCER_CONFIG or {config_mod.DEFAULT_CONFIG_PATH})")
+_run_dir_option = click.option(
+    "--run-dir", default=None, metavar="DIR",
+    help=f"status and pid files (default: $IPFIX_BALANCER_RUN_DIR or {status_mod.DEFAULT_RUN_DIR})")
+_log_format_option = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
+                                  show_default=True, help="key=value lines or JSON lines on stdout")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="fast_ipfix_balancer")
+def main() -> None:
+    """fast_ipfix_balancer: replicate, round-robin or record DPI IPFIX export, message by message."""
+
+
+@main.command()
+@_config_option
+@_run_dir_option
+@_log_format_option
+def run(config_path, run_dir, log_format) -> None:
+    """Run the supervisor and one handler per receiver (foreground; systemd runs this)."""
+    from .supervisor import Supervisor
+    path = config_mod.resolve_path(config_path)
+    log = logs.setup(log_format, stream="supervisor")
+    sys.exit(Supervisor(path, status_mod.resolve_run_dir(run_dir), log_format, log).run())
+
+
+@main.command("check-config")
+@_config_option
+def check_config(config_path) -> None:
+    """Validate the .env: print every problem at once; exit 1 if there is any."""
+    path = config_mod.resolve_path(config_path)
+    try:
+        cfg = config_mod.load(path)
+    except config_mod.ConfigError as err:
+        click.echo(f"{path}: {len(err.problems)} problem(s):", err=True)
+        for problem in err.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(1)
+    for warning in cfg.warnings:
+        click.echo(f"warning: {warning}", err=True)
+    click.echo(f"{path}: OK, {len(cfg.receivers)} receiver(s)")
+    for rc in cfg.receivers:
+        subs = ", ".join(str(e) for e in rc.subreceivers) or "-"
+        cpu = "-" if rc.taskset is None else rc.taskset
+        click.echo(f"  {rc.name:<16} {rc.port_type}/{rc.port:<6} {rc.mode.value:<10} cpu={cpu:<3} -> {subs}")
+
+
+@main.command()
+@_run_dir_option
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+def status(run_dir, as_json) -> None:
+    """Show handlers, counters and subreceiver states; exit 1 when the supervisor is not running."""
+    doc = status_mod.collect(status_mod.resolve_run_dir(run_dir))
+    click.echo(json.dumps(doc, indent=2) if as_json else status_mod.render(doc))
+    sys.exit(0 if doc["running"] else 1)
+
+
+def _signal_supervisor(run_dir: str | None, sig: int) -> int:
+    pid = status_mod.supervisor_pid(status_mod.resolve_run_dir(run_dir))
+    if pid is None:
+        click.echo("ipfix-balancer: supervisor is not running", err=True)
+        sys.exit(1)
+    os.kill(pid, sig)
+    return pid
+
+
+@main.command()
+@_run_dir_option
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the drain")
+def stop(run_dir, timeout) -> None:
+    """Stop the running supervisor gracefully (queues are flushed) and wait for it."""
+    pid = _signal_supervisor(run_dir, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while status_mod.supervisor_pid(status_mod.resolve_run_dir(run_dir)) == pid:
+        if time.monotonic() > deadline:
+            click.echo(f"ipfix-balancer: supervisor {pid} still running after {timeout}s", err=True)
+            sys.exit(1)
+        time.sleep(0.1)
+    click.echo(f"stopped supervisor {pid}")
+
+
+@main.command()
+@_config_option
+@_run_dir_option
+def reload(config_path, run_dir) -> None:
+    """Validate the config, then ask the running supervisor to apply it (SIGHUP)."""
+    path = config_mod.resolve_path(config_path)
+    try:
+        config_mod.load(path)
+    except config_mod.ConfigError as err:
+        click.echo(f"reload refused, the running configuration stays: {path}:", err=True)
+        for problem in err.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(1)
+    pid = _signal_supervisor(run_dir, signal.SIGHUP)
+    click.echo(f"reload requested from supervisor {pid}")
+
+
+@main.command(hidden=True)
+@click.option("--receiver", "receiver_json", required=True, help="ReceiverConfig as JSON")
+@_run_dir_option
+@_log_format_option
+def handler(receiver_json, run_dir, log_format) -> None:
+    """One receiver's handler process (spawned by the supervisor)."""
+    from .handler import main as handler_main
+    sys.exit(handler_main(receiver_json, status_mod.resolve_run_dir(run_dir), log_format))

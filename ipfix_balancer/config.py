@@ -1,0 +1,436 @@
+"""The operator's .env turned into validated, frozen receiver settings.
+
+Every other module receives these objects, never raw strings, so all checking happens here: an operator
+who mistypes a key or a value gets one message per problem, all at once, before anything listens.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+import io
+import ipaddress
+import json
+import os
+import re
+import socket
+from collections.abc import Collection, Mapping
+
+import psutil
+from dotenv import dotenv_values
+from dotenv.parser import parse_stream
+
+STREAMS = ("FULLFLOW", "CLICKSTREAM", "DNSFLOW")
+DEFAULT_CONFIG_PATH = "/var/fast_ipfix_balancer/backend/.env"
+DUMP_ROOT = "/var/fast_ipfix_balancer/dump"
+
+# Environment variables that share the IPFIX_ prefix; they never configure a receiver.
+_ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
+_PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
+           "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
+           "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO")
+_ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
+_KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
+                     r"(?:\[(?P<index>[0-9]+)\])?")
+_ALL_KEYS = [f"IPFIX_{s}_{p}" for s in STREAMS for p in _PARAMS]
+# One list item: host/port or host/port/proto; IPv6 hosts in brackets because ':' is part of them.
+_ITEM_RE = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^/\[\]]*))/(?P<port>[^/]*)(?:/(?P<proto>[^/]*))?")
+_NO_DNS = "hostnames are not resolved: the balancer must not depend on DNS at start"
+
+_DEFAULT_PORT = {"FULLFLOW": 1500, "CLICKSTREAM": 1501, "DNSFLOW": 1502}
+_DEFAULT_ROTATE_MINUTES = {"FULLFLOW": 10, "CLICKSTREAM": 12, "DNSFLOW": 10}
+_INTS = {  # param: (minimum, maximum or None, what the operator must write)
+    "PORT": (1, 65535, "a port number 1..65535"),
+    "ROTATE_MINUTES": (0, None, "an integer >= 0 (minutes)"),
+    "ROTATE_DELAY_SECONDS": (0, None, "an integer >= 0 (seconds; 0 = use ROTATE_MINUTES)"),
+    "FW_MAX_QUEUE_SIZE": (0, None, "an integer >= 0 (flows; 0 = off)"),
+    "DPI_ID": (-1, None, "an integer >= -1 (-1 = the receiver's position in its stream)"),
+    "QUEUE_BYTES": (65536, None, "an integer >= 65536 (bytes)"),
+    "TEMPLATE_REFRESH": (1, None, "an integer >= 1 (seconds)"),
+    "BALANCER_TASKSET": (0, None, "a CPU number >= 0"),
+}
+
+
+class Mode(enum.Enum):
+    """BALANCER: how received messages are passed on; Disabled records them to files instead."""
+    ROUND_ROBIN = "RoundRobin"
+    ALL = "All"
+    DISABLED = "Disabled"
+
+
+_MODES = {m.value: m for m in Mode}
+_PROTOS = {"tcp": "tcp", "udp": "udp"}
+_SWITCH = {"Enabled": True, "Disabled": False}
+
+
+@dataclasses.dataclass(frozen=True)
+class Endpoint:
+    """A collector address; host is a normalised IP literal, never a name (no DNS at start)."""
+    host: str
+    port: int
+    proto: str
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}/{self.port}/{self.proto}"
+
+    @property
+    def family(self) -> int:
+        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
+
+
+@dataclasses.dataclass(frozen=True)
+class ReceiverConfig:
+    """Everything one handler process needs; see the configuration reference for each field's key."""
+    stream: str
+    index: int
+    port_type: str
+    port: int
+    bind: str
+    mode: Mode
+    subreceivers: tuple[Endpoint, ...]
+    sub_proto: str
+    taskset: int | None
+    rotate_minutes: int
+    rotate_delay_seconds: int
+    fw_max_queue_size: int
+    dump_insert_processes: tuple[Endpoint, ...]
+    dpi_id: int
+    queue_bytes: int
+    template_refresh: int
+    dump_dir: str
+    balancer_auto: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.stream.lower()}[{self.index}]"
+
+    @property
+    def proc_name(self) -> str:
+        """What `ps -o comm` shows, so operators can find the handler as the manual describes. The
+        kernel keeps 15 characters, hence "click" for Clickstream (``ipfix-click``, ``ipfix-click1``)."""
+        short = {"CLICKSTREAM": "click"}.get(self.stream, self.stream.lower())
+        return f"ipfix-{short}{self.index or ''}"
+
+    @property
+    def rotate_seconds(self) -> int:
+        """The manual: when ROTATE_DELAY_SECONDS is set, ROTATE_MINUTES is ignored."""
+        return self.rotate_delay_seconds if self.rotate_delay_seconds > 0 else self.rotate_minutes * 60
+
+    def to_json(self) -> str:
+        """The supervisor passes this to the handler process, which rebuilds it with from_json."""
+        data = dataclasses.asdict(self)
+        data["mode"] = self.mode.value
+        return json.dumps(data)
+
+    @classmethod
+    def from_json(cls, s: str) -> ReceiverConfig:
+        data = json.loads(s)
+        data["mode"] = Mode(data["mode"])
+        for field in ("subreceivers", "dump_insert_processes"):
+            data[field] = tuple(Endpoint(**e) for e in data[field])
+        return cls(**data)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: str
+    receivers: tuple[ReceiverConfig, ...]
+    warnings: tuple[str, ...]
+
+
+class ConfigError(Exception):
+    """Every problem found in one pass, so the operator fixes the file once, not once per run."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__(self.problems)  # args must rebuild the error when it crosses a process boundary
+
+    def __str__(self) -> str:
+        return "\n".join(self.problems)
+
+
+def resolve_path(cli_value: str | None) -> str:
+    """--config wins over $IPFIX_BALANCER_CONFIG, which wins over the appliance default."""
+    return cli_value or os.environ.get("IPFIX_BALANCER_CONFIG") or DEFAULT_CONFIG_PATH
+
+
+def load(path: str, cpus: Collection[int] | None = None) -> Config:
+    """Read and validate the .env at path; raise ConfigError listing every problem."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or e
+        raise ConfigError([f"{path}: cannot read the configuration file ({reason}); expected a readable "
+                           ".env file (choose it with --config or $IPFIX_BALANCER_CONFIG)"]) from None
+    problems = _file_problems(path, text)
+    try:
+        config = parse(dotenv_values(stream=io.StringIO(text), interpolate=False), path, cpus)
+    except ConfigError as e:
+        raise ConfigError(problems + e.problems) from None
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def _file_problems(path: str, text: str) -> list[str]:
+    """What dotenv_values drops silently: unparseable lines, and an IPFIX_ key repeated (the last wins)."""
+    problems, first = [], {}
+    for b in parse_stream(io.StringIO(text)):
+        line = b.original.line
+        if b.error:
+            problems.append(f"{path}:{line}: {b.original.string.strip()!r}: cannot parse this line; "
+                            "expected KEY=value")
+        elif b.key and b.key.upper().startswith("IPFIX_"):
+            if b.key in first and first[b.key][1] != b.value:
+                problems.append(f"{path}:{line}: {b.key}={b.value!r}: already set to {first[b.key][1]!r} on "
+                                f"line {first[b.key][0]}; expected each key once")
+            first.setdefault(b.key, (line, b.value))
+    return problems
+
+
+def parse(values: Mapping[str, str | None], path: str = "<memory>",
+          cpus: Collection[int] | None = None) -> Config:
+    """Validate already-read key/values; cpus are the CPUs that exist (default: this host's)."""
+    cpus = _host_cpus() if cpus is None else frozenset(cpus)
+    problems: list[str] = []
+    grouped = sorted(_group(values, problems).items(), key=lambda kv: (STREAMS.index(kv[0][0]), kv[0][1]))
+    built, position = [], dict.fromkeys(STREAMS, 0)
+    for (stream, index), keys in grouped:
+        built.append(_build(_Keys(stream, index, keys, problems), position[stream], cpus))
+        position[stream] += 1
+    _check_shared(built, problems)
+    if problems:
+        raise ConfigError(problems)
+    warnings = list(_rotation_warnings(built))
+    if not built:
+        warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
+    return Config(path, tuple(rc for rc, _ in built), tuple(warnings))
+
+
+def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
+    """Sort IPFIX_ keys by receiver: {(stream, index): {param: (key as written, value)}}."""
+    receivers: dict[tuple[str, int], dict[str, tuple[str, str]]] = {}
+    for key, value in values.items():
+        if key in _ENV_ONLY or not key.upper().startswith("IPFIX_"):
+            continue
+        value = (value or "").strip()  # a key without '=' reads as None: treat as empty
+        m = _KEY_RE.fullmatch(key)
+        if m is None:
+            problems.append(_unknown_key(key, value))
+            continue
+        param = _ALIASES.get(m["param"], m["param"])
+        keys = receivers.setdefault((m["stream"], int(m["index"] or 0)), {})
+        if param not in keys:
+            keys[param] = (key, value)
+        elif keys[param][1] != value:
+            problems.append(f"{key}={value!r}: conflicts with {keys[param][0]}={keys[param][1]!r}, which sets "
+                            "the same parameter; expected only one of them")
+    return receivers
+
+
+def _unknown_key(key: str, value: str) -> str:
+    base, bracket, rest = key.partition("[")
+    if base in _ALL_KEYS:
+        hint = "the index must be a number, e.g. [0]"
+    else:
+        close = difflib.get_close_matches(base.upper(), _ALL_KEYS, n=1)
+        hint = f"did you mean {close[0]}{bracket}{rest}?" if close else f"PARAM is one of {', '.join(_PARAMS)}"
+    return f"{key}={value!r}: unknown key; expected IPFIX_<{'|'.join(STREAMS)}>_<PARAM>[<i>] ({hint})"
+
+
+class _Keys:
+    """One receiver's raw keys; every problem is reported under the key exactly as the file wrote it."""
+
+    def __init__(self, stream: str, index: int, keys: dict[str, tuple[str, str]], problems: list[str]):
+        self.stream, self.index, self.keys, self.problems = stream, index, keys, problems
+
+    def key(self, param: str) -> str:
+        return self.keys[param][0] if param in self.keys else f"IPFIX_{self.stream}_{param}[{self.index}]"
+
+    def value(self, param: str) -> str:
+        return self.keys.get(param, ("", ""))[1]
+
+    def describe(self, param: str, value) -> str:
+        """KEY='value' when written, KEY (default value) when not, for messages about derived values."""
+        key = self.key(param)
+        return f"{key}={self.value(param)!r}" if self.value(param) else f"{key} (default {value})"
+
+    def fail(self, param: str, expected: str, item: str | None = None, why: str | None = None) -> None:
+        where = f": item {item!r}" if item is not None else ""
+        what = f": {why}; expected {expected}" if why else f": expected {expected}"
+        self.problems.append(f"{self.key(param)}={self.value(param)!r}{where}{what}")
+
+    def integer(self, param: str, default: int | None) -> int | None:
+        """An empty or missing value means the default; an invalid one is reported and gives None."""
+        text = self.value(param)
+        if not text:
+            return default
+        low, high, expected = _INTS[param]
+        number = _int(text)
+        if number is None or number < low or (high is not None and number > high):
+            return self.fail(param, expected)
+        return number
+
+    def word(self, param: str, choices: dict, default):
+        text = self.value(param)
+        if not text:
+            return default
+        lowered = {k.lower(): v for k, v in choices.items()}
+        if text.lower() not in lowered:
+            return self.fail(param, f"one of {', '.join(choices)} (any case)")
+        return lowered[text.lower()]
+
+    def address(self, param: str, default: str) -> str | None:
+        text = self.value(param) or default
+        ip = _ip(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+        if ip is None:
+            return self.fail(param, f"an IP address such as 0.0.0.0 or :: ({_NO_DNS})")
+        return str(ip)
+
+    def endpoints(self, param: str, proto: str | None) -> tuple[Endpoint, ...]:
+        """Comma-separated host/port items with the given proto, or host/port/proto items when proto is None."""
+        found: list[Endpoint] = []
+        for item in filter(None, (i.strip() for i in self.value(param).split(","))):
+            endpoint = self._endpoint(param, item, proto)
+            if endpoint in found:
+                self.fail(param, "each address once", item, "listed twice")
+            elif endpoint is not None:
+                found.append(endpoint)
+        return tuple(found)
+
+    def _endpoint(self, param: str, item: str, proto: str | None) -> Endpoint | None:
+        form = ("host/port/proto, e.g. 10.0.0.2/9920/tcp or [::1]/9920/udp (empty proto = tcp)" if proto is None
+                else "host/port, e.g. 10.0.0.2/9920 or [::1]/9920")
+        m = _ITEM_RE.fullmatch(item)
+        if m is None or (proto is not None and m["proto"] is not None):
+            return self.fail(param, form, item)
+        host = m["host"] if m["v6"] is None else m["v6"]
+        ip = _ip(host)
+        if ip is None:
+            return self.fail(param, form, item, f"{host!r} is not an IP address ({_NO_DNS})")
+        if (ip.version == 6) != (m["v6"] is not None):
+            return self.fail(param, form, item, "IPv6 hosts go in brackets, IPv4 hosts do not")
+        port = _int(m["port"])
+        if port is None or not 1 <= port <= 65535:
+            return self.fail(param, form, item, f"port {m['port']!r} is not a port number 1..65535")
+        if proto is None:
+            proto = (m["proto"] or "tcp").lower()
+            if proto not in _PROTOS:
+                return self.fail(param, form, item, f"proto {m['proto']!r} is not tcp or udp")
+        return Endpoint(str(ip), port, proto)
+
+
+def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfig, _Keys]:
+    """Parse one receiver; invalid fields are reported and left None (parse raises before anyone sees them)."""
+    stream, index = r.stream, r.index
+    port = r.integer("PORT", _DEFAULT_PORT[stream] if index == 0 else None)
+    if port is None and not r.value("PORT"):
+        r.problems.append(f"{r.key('PORT')} is required for receiver {stream.lower()}[{index}]: expected a "
+                          "port number 1..65535 (only index 0 has a default port)")
+    port_type = r.word("PORT_TYPE", _PROTOS, "tcp")
+    bind = r.address("BIND", "0.0.0.0")
+    mode = r.word("BALANCER", _MODES, Mode.DISABLED)
+    sub_proto = r.word("BALANCER_SUB_PROTO", _PROTOS, "tcp")
+    subs = r.endpoints("BALANCER_SUB", sub_proto or "tcp")
+    if mode in (Mode.ROUND_ROBIN, Mode.ALL) and not r.value("BALANCER_SUB").replace(",", "").strip():
+        r.fail("BALANCER_SUB", "at least one subreceiver host/port, e.g. 10.0.0.2/9920",
+               why=f"{r.key('BALANCER')} is {mode.value}")
+    exports = r.endpoints("DUMP_INSERT_PROCESSES", None)
+    if None not in (port, port_type, bind):
+        for param, endpoints in (("BALANCER_SUB", subs), ("DUMP_INSERT_PROCESSES", exports)):
+            for e in endpoints:
+                if _loops(e, port_type, port, bind):
+                    r.fail(param, "an address other than the receiver's own", str(e),
+                           f"this receiver listens there ({port_type} {bind} port {port}), it would loop")
+    taskset = r.integer("BALANCER_TASKSET", None)
+    if taskset is not None and taskset not in cpus:
+        r.fail("BALANCER_TASKSET", f"a CPU this host has ({_cpu_list(cpus)})")
+    dpi_id = r.integer("DPI_ID", -1)
+    dump_dir = r.value("DUMP_DIR") or f"{DUMP_ROOT}/{stream.lower()}/" + (f"{index}/" if index else "")
+    if not dump_dir.startswith("/"):
+        r.fail("DUMP_DIR", "an absolute directory path")
+    return ReceiverConfig(
+        stream=stream, index=index, port_type=port_type, port=port, bind=bind, mode=mode, subreceivers=subs,
+        sub_proto=sub_proto, taskset=taskset,
+        rotate_minutes=r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream]),
+        rotate_delay_seconds=r.integer("ROTATE_DELAY_SECONDS", 0),
+        fw_max_queue_size=r.integer("FW_MAX_QUEUE_SIZE", 0), dump_insert_processes=exports,
+        dpi_id=position if dpi_id == -1 else dpi_id, queue_bytes=r.integer("QUEUE_BYTES", 64 * 1024 * 1024),
+        template_refresh=r.integer("TEMPLATE_REFRESH", 60), dump_dir=dump_dir,
+        balancer_auto=r.word("BALANCER_AUTO", _SWITCH, False)), r
+
+
+def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
+    """Receivers must not share a listening socket, nor (when recording) a dump directory."""
+    dirs: dict[str, str] = {}
+    for i, (a, ka) in enumerate(built):
+        for b, kb in built[i + 1:]:
+            if (None not in (a.port, a.port_type, a.bind, b.bind) and (a.port_type, a.port) == (b.port_type, b.port)
+                    and (a.bind == b.bind or _ip(a.bind).is_unspecified or _ip(b.bind).is_unspecified)):
+                problems.append(f"{kb.describe('PORT', b.port)}: {b.port_type} port {b.port} is already used by "
+                                f"{ka.describe('PORT', a.port)}; expected a listening port unique to each receiver")
+        if a.mode is Mode.DISABLED:
+            where = os.path.normpath(a.dump_dir)
+            if where in dirs:
+                problems.append(f"{ka.describe('DUMP_DIR', a.dump_dir)}: directory already used by {dirs[where]}; "
+                                "expected a dump directory of its own for each recording receiver")
+            dirs.setdefault(where, ka.describe("DUMP_DIR", a.dump_dir))
+
+
+def _rotation_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
+    """The manual: Clickstream must rotate no sooner than Fullflow, whose rotation HUPs the others."""
+    fullflow = {rc.index: rc for rc, _ in built if rc.stream == "FULLFLOW" and rc.mode is Mode.DISABLED}
+    for rc, r in built:
+        ff = fullflow.get(rc.index)
+        if rc.stream == "CLICKSTREAM" and rc.mode is Mode.DISABLED and ff and rc.rotate_seconds < ff.rotate_seconds:
+            param = "ROTATE_DELAY_SECONDS" if rc.rotate_delay_seconds > 0 else "ROTATE_MINUTES"
+            yield (f"{r.describe(param, getattr(rc, param.lower()))}: Clickstream rotates every {rc.rotate_seconds} s, "
+                   f"sooner than {ff.name} ({ff.rotate_seconds} s); expected Clickstream's rotation period >= "
+                   "Fullflow's, as the manual requires")
+
+
+def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
+    """True when sending to e would reach this receiver's own listening socket."""
+    if (e.proto, e.port) != (proto, port):
+        return False
+    dst, listen = ipaddress.ip_address(e.host), ipaddress.ip_address(bind)
+    if not listen.is_unspecified:
+        return dst == listen
+    # 0.0.0.0 accepts IPv4 only; :: is dual-stack on Linux.
+    return (listen.version == 6 or dst.version == 4) and (
+        dst.is_loopback or dst.is_unspecified or dst in _local_addresses())
+
+
+def _local_addresses() -> set:
+    """This host's interface addresses (read only when a subreceiver's port matches, which is rare)."""
+    return {ip for addrs in psutil.net_if_addrs().values() for a in addrs
+            if a.family in (socket.AF_INET, socket.AF_INET6) and (ip := _ip(a.address)) is not None}
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def _int(text: str) -> int | None:
+    """Plain decimal only: int() would also take '1_000' or non-ASCII digits."""
+    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
+
+
+def _host_cpus() -> frozenset[int]:
+    return frozenset(os.sched_getaffinity(0)) | frozenset(range(os.cpu_count() or 1))
+
+
+def _cpu_list(cpus: Collection[int]) -> str:
+    """{0, 1, 2, 5} -> '0-2,5', the notation of taskset and /proc/cpuinfo users."""
+    runs: list[list[int]] = []
+    for c in sorted(cpus):
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if a != b else str(a) for a, b in runs) or "none"

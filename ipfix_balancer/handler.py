@@ -1,0 +1,383 @@
+"""One handler process per receiver: listen, frame, track templates, dispatch, send.
+
+Everything runs on one thread around ``loop.Loop``. The per-message path is: framer hands out a
+memoryview, the session's template tracker returns (odid, data records, template part), the dispatcher
+queues an entry on output sessions; after the turn each touched output is flushed with one vectored send.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import time
+
+from . import status as status_mod
+from .config import Mode, ReceiverConfig
+from .dispatch import All, RoundRobin
+from .framing import DatagramReader, FramingError, StreamFramer, check_datagram
+from .loop import READ, Loop
+from .outputs import CLOSED, EndpointStats, Output
+from .templates import TemplateTracker
+
+UDP_SESSION_IDLE = 300.0   # seconds without a datagram before a UDP exporter session is closed
+UDP_BATCH = 256            # datagrams read per readiness event, so TCP sessions and timers get turns
+STATUS_PERIOD = 1.0
+DRAIN_TIMEOUT = 10.0       # seconds to flush queues at stop and at session end while a collector is down
+RCVBUF = 8 * 1024 * 1024
+
+
+class Session:
+    """One exporter session (a TCP connection, or a UDP exporter address+port) and its mirrors: one
+    output session per subreceiver, so template scopes of different exporters never mix at a collector."""
+
+    def __init__(self, handler: "Handler", peer: str):
+        self.handler = handler
+        self.peer = peer
+        self.tracker = TemplateTracker()
+        self.outputs: list[Output] = []
+        self.last_seen = time.monotonic()
+        rc = handler.rc
+        if rc.mode is Mode.DISABLED:
+            self.dispatcher = handler.recorder
+            return
+        self.dispatcher = (RoundRobin if rc.mode is Mode.ROUND_ROBIN else All)([])
+        for stats in handler.endpoints:
+            self.dispatcher.outputs.append(Output(
+                handler.loop, stats, limit=rc.queue_bytes, rewrite_seq=self.dispatcher.rewrite_seq,
+                log=handler.log, current_snapshot=self._snapshot, on_down=self.dispatcher.on_down,
+                on_drained=self._output_closed))
+        self.outputs = list(self.dispatcher.outputs)
+
+    def _snapshot(self):
+        return self.tracker.snapshot
+
+    def deliver(self, messages) -> None:
+        """The hot path: every whole message of one read."""
+        inspect = self.tracker.inspect
+        dispatch = self.dispatcher.dispatch
+        tracker = self.tracker
+        size = 0
+        for msg in messages:
+            odid, nrec, tmpl = inspect(msg)
+            dispatch(msg, odid, nrec, tmpl, tracker.snapshot)
+            size += len(msg)
+        h = self.handler
+        h.msgs_in += len(messages)
+        h.bytes_in += size
+
+    def end(self) -> None:
+        """The exporter went away: flush its mirrors, then close them."""
+        h = self.handler
+        h.unknown_template += self.tracker.unknown_template
+        if self.outputs:
+            for out in list(self.outputs):
+                out.close_when_drained()
+        else:
+            h.session_gone(self)
+
+    def _output_closed(self, out: Output) -> None:
+        if all(o.state is CLOSED for o in self.outputs):
+            self.handler.session_gone(self)
+
+
+class TcpSession(Session):
+    def __init__(self, handler: "Handler", sock: socket.socket, peer: str):
+        super().__init__(handler, peer)
+        self.sock = sock
+        self.framer = StreamFramer()
+        handler.loop.watch(sock, READ, self.on_readable)
+
+    def on_readable(self, _mask) -> None:
+        self.read()
+
+    def read(self) -> int | None:
+        """Read once and forward every whole message. Returns the bytes read, None when nothing was
+        there, 0 when the session ended (closed by the exporter, reset, or not IPFIX)."""
+        error = None
+        try:
+            n = self.framer.recv(self.sock)
+        except FramingError as exc:
+            n, error = 0, exc
+        except BlockingIOError:
+            return None
+        except OSError as exc:  # reset by the exporter: an ordinary end of session
+            n, error = 0, exc
+        if self.framer.messages:
+            self.deliver(self.framer.messages)
+        if n:
+            return n
+        h = self.handler
+        if isinstance(error, FramingError):
+            h.count_malformed(error, self.peer)
+        elif self.framer.pending:
+            h.log.warning("exporter_truncated", peer=self.peer, bytes=self.framer.pending)
+        self.close(reason=str(error) if error else "closed by exporter")
+        return 0
+
+    def close(self, reason: str) -> None:
+        self.handler.loop.unwatch(self.sock)
+        self.sock.close()
+        self.handler.connections -= 1
+        self.handler.log.info("exporter_disconnected", peer=self.peer, reason=reason)
+        self.end()
+
+    def drain(self) -> None:
+        """At stop: forward what the kernel already holds for us, then close (the exporter reconnects)."""
+        for _ in range(4096):
+            n = self.read()
+            if n == 0:
+                return
+            if n is None:
+                break
+        self.close(reason="balancer stopping")
+
+
+class Handler:
+    def __init__(self, rc: ReceiverConfig, run_dir: str, log):
+        self.rc = rc
+        self.run_dir = run_dir
+        self.log = log
+        self.loop = Loop()
+        self.endpoints = [EndpointStats(ep) for ep in rc.subreceivers]
+        self.recorder = None
+        self.sessions: dict[object, Session] = {}
+        self.msgs_in = self.bytes_in = 0
+        self.malformed: dict[str, int] = {}
+        self.connections = self.connections_total = 0
+        self.unknown_template = 0
+        self.started = time.time()
+        self.listening = False
+        self.stopping = False
+        self._stop_deadline = 0.0
+        self.exit_code = 0
+        self.status_path = os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.json")
+
+    # -- setup ---------------------------------------------------------------------------------
+    def start(self) -> None:
+        rc = self.rc
+        if rc.mode is Mode.DISABLED:
+            from .recorder import Recorder  # recording pulls in file handling only where it is used
+            self.recorder = Recorder(self.loop, rc, self.log)
+        family = socket.AF_INET6 if ":" in rc.bind else socket.AF_INET
+        kind = socket.SOCK_STREAM if rc.port_type == "tcp" else socket.SOCK_DGRAM
+        sock = socket.socket(family, kind)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if kind == socket.SOCK_DGRAM:
+            _set_rcvbuf(sock, RCVBUF)
+        sock.bind((rc.bind, rc.port))
+        sock.setblocking(False)
+        if kind == socket.SOCK_STREAM:
+            sock.listen(128)
+            self.loop.watch(sock, READ, self._on_accept)
+        else:
+            self.reader = DatagramReader()
+            self.loop.watch(sock, READ, self._on_datagrams)
+            self.loop.every(30.0, self._expire_udp_sessions)
+        self.listener = sock
+        self.listening = True
+        self._install_signals()
+        self.loop.every(STATUS_PERIOD, self.write_status)
+        self.write_status()
+        self.log.info("handler_started", listen=f"{rc.bind}/{rc.port}/{rc.port_type}", mode=rc.mode.value,
+                      subreceivers=[str(e) for e in rc.subreceivers], dpi_id=rc.dpi_id)
+
+    def _install_signals(self) -> None:
+        """Signals only set flags; a socketpair wakes the loop so they act within one turn."""
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        self._wake = (rsock, wsock)
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        self._signals: list[int] = []
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
+        self.loop.watch(rsock, READ, self._on_wake)
+
+    def _on_wake(self, _mask) -> None:
+        try:
+            self._wake[0].recv(4096)
+        except BlockingIOError:
+            pass
+        signals, self._signals = self._signals, []
+        for sig in signals:
+            if sig == signal.SIGHUP:
+                if self.recorder is not None:
+                    self.recorder.rotate(reason="hup")
+            else:
+                self.stop()
+
+    # -- traffic -------------------------------------------------------------------------------
+    def _on_accept(self, _mask) -> None:
+        for _ in range(64):
+            try:
+                conn, addr = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. EMFILE: keep serving the sessions we have
+                self.log.error("accept_failed", error=str(exc))
+                return
+            conn.setblocking(False)
+            peer = _peer(addr)
+            self.connections += 1
+            self.connections_total += 1
+            self.log.info("exporter_connected", peer=peer)
+            self.sessions[conn] = TcpSession(self, conn, peer)
+
+    def _on_datagrams(self, _mask) -> None:
+        reader, sock, sessions = self.reader, self.listener, self.sessions
+        for _ in range(UDP_BATCH):
+            try:
+                msg, addr = reader.recv(sock)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self.log.warning("udp_receive_failed", error=str(exc))
+                return
+            try:
+                check_datagram(msg)
+            except FramingError as exc:
+                self.count_malformed(exc, _peer(addr))
+                continue
+            session = sessions.get(addr)
+            if session is None:
+                session = sessions[addr] = Session(self, _peer(addr))
+                self.connections += 1
+                self.connections_total += 1
+                self.log.info("exporter_connected", peer=session.peer)
+            session.last_seen = time.monotonic()
+            session.deliver((msg,))
+
+    def _expire_udp_sessions(self) -> None:
+        limit = time.monotonic() - UDP_SESSION_IDLE
+        for addr, session in list(self.sessions.items()):
+            if session.last_seen < limit and not isinstance(session, TcpSession):
+                self.connections -= 1
+                self.log.info("exporter_idle", peer=session.peer, idle_seconds=UDP_SESSION_IDLE)
+                session.end()
+
+    def count_malformed(self, error: FramingError, peer: str) -> None:
+        self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
+        self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
+                         action="session closed" if self.rc.port_type == "tcp" else "datagram dropped",
+                         malformed_total=sum(self.malformed.values()))
+
+    def session_gone(self, session: Session) -> None:
+        for key, value in list(self.sessions.items()):
+            if value is session:
+                del self.sessions[key]
+        if self.recorder is not None:
+            self.recorder.session_closed(session)
+
+    # -- stop ----------------------------------------------------------------------------------
+    def stop(self) -> None:
+        """Graceful stop: no new sessions, forward what was received, flush queues (bounded)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self._stop_deadline = time.monotonic() + DRAIN_TIMEOUT
+        self.log.info("handler_stopping", sessions=len(self.sessions))
+        self.loop.unwatch(self.listener)
+        self.listener.close()
+        self.listening = False
+        for session in list(self.sessions.values()):
+            if isinstance(session, TcpSession):
+                session.drain()
+            else:
+                session.end()
+
+    def _done(self) -> bool:
+        if not self.stopping:
+            return False
+        pending = any(not o.idle for s in self.sessions.values() for o in s.outputs if o.state is not CLOSED)
+        if pending and time.monotonic() < self._stop_deadline:
+            return False
+        return True
+
+    def run(self) -> int:
+        self.start()
+        self.loop.run(until=self._done)
+        self._finish()
+        return self.exit_code
+
+    def _finish(self) -> None:
+        lost_before = self.drops()
+        for session in list(self.sessions.values()):
+            for out in list(session.outputs):
+                out.close()
+        if self.recorder is not None:
+            self.recorder.close()
+        lost = self.drops() - lost_before
+        if lost:
+            self.log.error("handler_stopped_with_loss", unsent_messages=lost, drain_timeout=DRAIN_TIMEOUT)
+            self.exit_code = 1
+        self.write_status()
+        self.log.info("handler_stopped", msgs_in=self.msgs_in, drops=self.drops())
+
+    # -- status --------------------------------------------------------------------------------
+    def drops(self) -> int:
+        total = sum(e.drops for e in self.endpoints)
+        if self.recorder is not None:
+            total += self.recorder.drops
+        return total
+
+    def write_status(self) -> None:
+        rc = self.rc
+        doc = {
+            "stream": rc.stream, "index": rc.index, "name": rc.name, "pid": os.getpid(),
+            "started": self.started, "time": time.time(),
+            "listen": {"proto": rc.port_type, "bind": rc.bind, "port": rc.port, "listening": self.listening},
+            "mode": rc.mode.value, "dpi_id": rc.dpi_id, "cpu": rc.taskset,
+            "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
+            "malformed": sum(self.malformed.values()), "malformed_by_reason": dict(self.malformed),
+            "unknown_template": self.unknown_template + sum(s.tracker.unknown_template
+                                                            for s in self.sessions.values()),
+            "connections": self.connections, "connections_total": self.connections_total,
+            "drops": self.drops(),
+            "subreceivers": [e.snapshot() for e in self.endpoints],
+        }
+        if self.recorder is not None:
+            doc["recorder"] = self.recorder.status()
+        status_mod.write_json(self.status_path, doc)
+
+
+def _peer(addr) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """Ask for a big receive buffer (UDP bursts); as root, beyond net.core.rmem_max."""
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, force or socket.SO_RCVBUF, size)
+    except OSError:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def set_process_name(name: str) -> None:
+    """What ``ps -o comm`` shows (the kernel keeps 15 characters)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
+def main(receiver_json: str, run_dir: str, log_format: str) -> int:
+    """Entry point of ``ipfix-balancer handler``: set up the process, run, exit with the loop's verdict."""
+    from . import logs
+    rc = ReceiverConfig.from_json(receiver_json)
+    log = logs.setup(log_format, stream=rc.stream, receiver=rc.index)
+    set_process_name(rc.proc_name)
+    if rc.taskset is not None:
+        os.sched_setaffinity(0, {rc.taskset})
+    os.makedirs(run_dir, exist_ok=True)
+    handler = Handler(rc, run_dir, log)
+    try:
+        return handler.run()
+    except Exception:
+        # An internal error must be loud and restartable: one traceback, non-zero exit.
+        log.exception("handler_crashed")
+        return 70

@@ -1,0 +1,219 @@
+"""The supervisor: owns configuration and handler lifetimes, never touches traffic.
+
+It spawns one ``ipfix-balancer handler`` process per receiver (the receiver's config is handed over as
+JSON, so a handler never re-reads a file that may have changed since it was validated), restarts a
+handler that dies (with backoff), passes SIGTERM/SIGINT on for a graceful stop, re-reads the config on
+SIGHUP, and relays a Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+from . import status as status_mod
+from .config import ConfigError, Config, Mode, ReceiverConfig, load
+from .handler import DRAIN_TIMEOUT, set_process_name
+
+RESTART_FIRST = 1.0
+RESTART_CAP = 30.0
+STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
+
+
+class Child:
+    """One handler process and its restart bookkeeping."""
+
+    def __init__(self, rc: ReceiverConfig):
+        self.rc = rc
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.restarts = 0
+        self.backoff = RESTART_FIRST
+        self.restart_at: float | None = None
+        self.retiring = False  # being stopped on purpose (reload, shutdown): do not restart
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+
+class Supervisor:
+    def __init__(self, config_path: str, run_dir: str, log_format: str, log):
+        self.config_path = config_path
+        self.run_dir = run_dir
+        self.log_format = log_format
+        self.log = log
+        self.children: dict[str, Child] = {}
+        self.config: Config | None = None
+        self._signals: list[int] = []
+        self.stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def run(self) -> int:
+        try:
+            self.config = load(self.config_path)
+        except ConfigError as err:
+            for problem in err.problems:
+                self.log.error("config_invalid", config=self.config_path, problem=problem)
+            self.log.error("not_started", reason=f"{len(err.problems)} configuration problem(s)")
+            return 2
+        other = status_mod.supervisor_pid(self.run_dir)
+        if other is not None and other != os.getpid():
+            self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
+                           other_pid=other)
+            return 3
+        os.makedirs(self.run_dir, exist_ok=True)
+        for path in os.listdir(self.run_dir):  # stale handler files from an earlier run would mislead status
+            if path.startswith("handler-"):
+                os.unlink(os.path.join(self.run_dir, path))
+        with open(os.path.join(self.run_dir, status_mod.PID_FILE), "w") as f:
+            f.write(f"{os.getpid()}\n")
+        set_process_name("ipfix-balancer")
+        wake = self._install_signals()
+        for warning in self.config.warnings:
+            self.log.warning("config_warning", problem=warning)
+        self.log.info("supervisor_started", config=self.config_path, receivers=len(self.config.receivers))
+        for rc in self.config.receivers:
+            self._spawn(Child(rc))
+        try:
+            while not self.stopping:
+                select.select([wake], [], [], 0.5)
+                self._drain_wake(wake)
+                self._handle_signals()
+                self._reap()
+        finally:
+            code = self._shutdown()
+            try:
+                os.unlink(os.path.join(self.run_dir, status_mod.PID_FILE))
+            except OSError:
+                pass
+        return code
+
+    def _install_signals(self) -> socket.socket:
+        rsock, wsock = socket.socketpair()
+        rsock.setblocking(False)
+        wsock.setblocking(False)
+        self._wsock = wsock
+        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
+        return rsock
+
+    @staticmethod
+    def _drain_wake(wake: socket.socket) -> None:
+        try:
+            while wake.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def _handle_signals(self) -> None:
+        signals, self._signals = self._signals, []
+        for sig in signals:
+            if sig in (signal.SIGTERM, signal.SIGINT):
+                self.log.info("supervisor_stopping", signal=signal.Signals(sig).name)
+                self.stopping = True
+            elif sig == signal.SIGHUP:
+                self.reload()
+            elif sig == signal.SIGUSR1:
+                self._sync_rotation()
+
+    # -- handlers ------------------------------------------------------------------------------
+    def _spawn(self, child: Child) -> None:
+        rc = child.rc
+        cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--receiver", rc.to_json(),
+               "--run-dir", self.run_dir, "--log-format", self.log_format]
+        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        child.restart_at = None
+        self.children[rc.name] = child
+        self.log.info("handler_spawned", handler=rc.name, handler_pid=child.proc.pid, cpu=rc.taskset)
+        self._write_status()
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for child in list(self.children.values()):
+            if child.proc is not None and child.proc.poll() is not None:
+                code = child.proc.returncode
+                child.proc = None
+                if child.retiring:
+                    continue
+                if now - child.started > STABLE_AFTER:
+                    child.backoff = RESTART_FIRST
+                child.restart_at = now + child.backoff
+                self.log.error("handler_died", handler=child.rc.name, exit_code=code,
+                               restart_in=child.backoff, restarts=child.restarts)
+                child.backoff = min(child.backoff * 2, RESTART_CAP)
+            if child.proc is None and child.restart_at is not None and now >= child.restart_at:
+                child.restarts += 1
+                self._spawn(child)
+
+    def _stop_children(self, children: list[Child], timeout: float) -> bool:
+        """SIGTERM, wait for the graceful drain, SIGKILL what is left. True when all exited cleanly."""
+        clean = True
+        for child in children:
+            child.retiring = True
+            if child.pid is not None:
+                child.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in children:
+            if child.proc is None:
+                continue
+            try:
+                code = child.proc.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                self.log.error("handler_kill", handler=child.rc.name, reason="did not stop in time")
+                child.proc.kill()
+                code = child.proc.wait()
+            if code != 0:
+                clean = False
+                self.log.error("handler_exit", handler=child.rc.name, exit_code=code)
+            child.proc = None
+        return clean
+
+    def _shutdown(self) -> int:
+        clean = self._stop_children(list(self.children.values()), DRAIN_TIMEOUT + 5)
+        self.log.info("supervisor_stopped", clean=clean)
+        return 0 if clean else 1
+
+    # -- reload / rotation ---------------------------------------------------------------------
+    def reload(self) -> bool:
+        """Re-read the config; restart only handlers whose receiver changed. A bad file changes nothing."""
+        try:
+            new = load(self.config_path)
+        except ConfigError as err:
+            for problem in err.problems:
+                self.log.error("reload_refused", config=self.config_path, problem=problem)
+            return False
+        old = {rc.name: rc for rc in self.config.receivers}
+        fresh = {rc.name: rc for rc in new.receivers}
+        changed = [n for n in old if n in fresh and fresh[n] != old[n]]
+        removed = [n for n in old if n not in fresh]
+        # Free the ports of removed and changed receivers before binding them again.
+        self._stop_children([self.children[n] for n in removed + changed if n in self.children], DRAIN_TIMEOUT + 5)
+        for name in removed:
+            self.children.pop(name, None)
+        for name in changed + [n for n in fresh if n not in old]:
+            self._spawn(Child(fresh[name]))
+        self.config = new
+        self.log.info("reloaded", changed=changed, removed=removed, added=[n for n in fresh if n not in old])
+        self._write_status()
+        return True
+
+    def _sync_rotation(self) -> None:
+        """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""
+        for child in self.children.values():
+            if child.rc.mode is Mode.DISABLED and child.rc.stream != "FULLFLOW" and child.pid is not None:
+                child.proc.send_signal(signal.SIGHUP)
+
+    def _write_status(self) -> None:
+        status_mod.write_json(os.path.join(self.run_dir, status_mod.SUPERVISOR_FILE), {
+            "pid": os.getpid(), "config": self.config_path,
+            "handlers": [{"name": c.rc.name, "stream": c.rc.stream, "index": c.rc.index, "pid": c.pid,
+                          "restarts": c.restarts} for c in self.children.values()],
+        })

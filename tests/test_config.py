@@ -1,0 +1,429 @@
+"""config.py: the manual's example, every validation message, defaults and the JSON hand-over."""
+import pickle
+import socket
+from pathlib import Path
+
+import pytest
+
+from ipfix_balancer import config
+from ipfix_balancer.config import Config, ConfigError, Endpoint, Mode, ReceiverConfig, load, parse, resolve_path
+
+ETC = Path(__file__).resolve().parent.parent / "etc"
+CPUS = range(64)
+
+
+def problems(values, cpus=CPUS):
+    """The problems parse() reports for values (which must be invalid)."""
+    with pytest.raises(ConfigError) as err:
+        parse(values, cpus=cpus)
+    return err.value.problems
+
+
+def one_problem(values, cpus=CPUS):
+    found = problems(values, cpus)
+    assert len(found) == 1, found
+    return found[0]
+
+
+def receiver(values, cpus=CPUS):
+    (rc,) = parse(values, cpus=cpus).receivers
+    return rc
+
+
+# --- the manual's example and the shipped file ---------------------------------------------------------------
+
+def test_manual_example_parses_to_three_receivers():
+    cfg = load(str(ETC / "manual-example.env"), cpus=CPUS)
+    assert isinstance(cfg, Config) and cfg.warnings == ()
+    full, click, dns = cfg.receivers
+    assert [(r.stream, r.index, r.port, r.port_type, r.mode, r.sub_proto, r.taskset) for r in cfg.receivers] == [
+        ("FULLFLOW", 0, 1500, "tcp", Mode.ROUND_ROBIN, "tcp", 61),
+        ("CLICKSTREAM", 0, 1501, "tcp", Mode.ROUND_ROBIN, "tcp", 62),
+        ("DNSFLOW", 0, 1101, "tcp", Mode.ROUND_ROBIN, "tcp", 63),
+    ]
+    assert full.subreceivers == (Endpoint("10.19.3.21", 1500, "tcp"), Endpoint("10.19.3.23", 1600, "tcp"),
+                                 Endpoint("10.19.3.24", 1600, "tcp"))
+    assert click.subreceivers == (Endpoint("10.19.3.21", 1501, "tcp"), Endpoint("10.19.3.23", 1601, "tcp"))
+    assert dns.subreceivers == (Endpoint("10.19.3.21", 1101, "tcp"), Endpoint("10.19.3.23", 2101, "tcp"))
+    assert (full.name, full.proc_name) == ("fullflow[0]", "ipfix-fullflow")
+
+
+def test_manual_example_on_a_two_cpu_host_reports_the_three_tasksets():
+    with pytest.raises(ConfigError) as err:
+        load(str(ETC / "manual-example.env"), cpus={0, 1})
+    assert err.value.problems == [
+        f"IPFIX_{s}_BALANCER_TASKSET[0]='{cpu}': expected a CPU this host has (0-1)"
+        for s, cpu in (("FULLFLOW", 61), ("CLICKSTREAM", 62), ("DNSFLOW", 63))
+    ]
+
+
+def test_shipped_example_runs_on_any_host():
+    cfg = load(str(ETC / "fast_ipfix_balancer.env"), cpus={0})
+    assert [(r.stream, r.port, r.mode, r.taskset) for r in cfg.receivers] == [
+        ("FULLFLOW", 1500, Mode.ROUND_ROBIN, None), ("CLICKSTREAM", 1501, Mode.ROUND_ROBIN, None),
+        ("DNSFLOW", 1101, Mode.ROUND_ROBIN, None)]
+    assert all(e.host == "127.0.0.1" for r in cfg.receivers for e in r.subreceivers)
+
+
+# --- defaults ------------------------------------------------------------------------------------------------
+
+def test_defaults():
+    cfg = parse({"IPFIX_FULLFLOW_PORT_TYPE[0]": "tcp", "IPFIX_CLICKSTREAM_BALANCER": "Disabled",
+                 "IPFIX_DNSFLOW_DPI_ID[0]": "-1"}, cpus=CPUS)
+    full, click, dns = cfg.receivers
+    assert full == ReceiverConfig(
+        stream="FULLFLOW", index=0, port_type="tcp", port=1500, bind="0.0.0.0", mode=Mode.DISABLED,
+        subreceivers=(), sub_proto="tcp", taskset=None, rotate_minutes=10, rotate_delay_seconds=0,
+        fw_max_queue_size=0, dump_insert_processes=(), dpi_id=0, queue_bytes=67108864, template_refresh=60,
+        dump_dir="/var/fast_ipfix_balancer/dump/fullflow/", balancer_auto=False)
+    assert (click.port, click.rotate_minutes, click.rotate_seconds, click.dump_dir) == (
+        1501, 12, 720, "/var/fast_ipfix_balancer/dump/clickstream/")
+    assert (dns.port, dns.rotate_minutes, dns.dpi_id) == (1502, 10, 0)
+    assert cfg.path == "<memory>" and cfg.warnings == ()
+
+
+def test_receivers_exist_only_when_named_and_are_sorted():
+    cfg = parse({"IPFIX_DNSFLOW_PORT[0]": "2000", "IPFIX_FULLFLOW_PORT[3]": "2003",
+                 "IPFIX_FULLFLOW_PORT[1]": "2001"}, cpus=CPUS)
+    assert [r.name for r in cfg.receivers] == ["fullflow[1]", "fullflow[3]", "dnsflow[0]"]
+
+
+def test_index_above_zero_gets_own_dump_dir_proc_name_and_position_dpi_id():
+    cfg = parse({"IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_PORT[1]": "1600",
+                 "IPFIX_FULLFLOW_PORT[2]": "1700", "IPFIX_FULLFLOW_DPI_ID[2]": "7"}, cpus=CPUS)
+    f0, f1, f2 = cfg.receivers
+    assert f1.dump_dir == "/var/fast_ipfix_balancer/dump/fullflow/1/"
+    assert f1.proc_name == "ipfix-fullflow1"
+    assert (f0.dpi_id, f1.dpi_id, f2.dpi_id) == (0, 1, 7)
+
+
+def test_key_without_index_means_index_zero():
+    rc = receiver({"IPFIX_FULLFLOW_PORT": "1600"})
+    assert (rc.index, rc.port) == (0, 1600)
+
+
+def test_empty_value_means_default():
+    rc = receiver({"IPFIX_FULLFLOW_PORT[0]": "", "IPFIX_FULLFLOW_BALANCER_TASKSET[0]": None})
+    assert (rc.port, rc.taskset) == (1500, None)
+
+
+def test_rotate_delay_seconds_overrides_minutes():
+    assert receiver({"IPFIX_FULLFLOW_ROTATE_DELAY_SECONDS[0]": "30"}).rotate_seconds == 30
+
+
+def test_other_keys_and_environment_variables_are_ignored():
+    rc = receiver({"PATH": "/bin", "IPFIX_BALANCER_CONFIG": "/x.env", "IPFIX_BALANCER_RUN_DIR": "/run/x",
+                   "IPFIX_FULLFLOW_PORT[0]": "1500"})
+    assert rc.port == 1500
+
+
+def test_empty_config_warns():
+    assert parse({}, path="/e.env", cpus=CPUS).warnings == (
+        "/e.env: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured",)
+
+
+# --- value syntax --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("word, mode", [("roundrobin", Mode.ROUND_ROBIN), ("ALL", Mode.ALL),
+                                        ("disabled", Mode.DISABLED), ("RoundRobin", Mode.ROUND_ROBIN)])
+def test_balancer_is_case_insensitive(word, mode):
+    assert receiver({"IPFIX_FULLFLOW_BALANCER[0]": word, "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920"}).mode \
+        is mode
+
+
+def test_protocols_and_switches_are_case_insensitive():
+    rc = receiver({"IPFIX_FULLFLOW_PORT_TYPE[0]": "UDP", "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "Udp",
+                   "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920", "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "ENABLED",
+                   "IPFIX_FULLFLOW_BALANCER[0]": "all"})
+    assert (rc.port_type, rc.sub_proto, rc.balancer_auto) == ("udp", "udp", True)
+    assert rc.subreceivers == (Endpoint("10.0.0.2", 9920, "udp"),)
+
+
+def test_address_lists_allow_spaces_and_a_trailing_comma():
+    rc = receiver({"IPFIX_FULLFLOW_BALANCER[0]": "All",
+                   "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920, 10.0.0.3/3440 ,",
+                   "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.2/9920/tcp, 10.0.0.3/3440/, 10.0.0.4/5/UDP"})
+    assert rc.subreceivers == (Endpoint("10.0.0.2", 9920, "tcp"), Endpoint("10.0.0.3", 3440, "tcp"))
+    assert rc.dump_insert_processes == (Endpoint("10.0.0.2", 9920, "tcp"), Endpoint("10.0.0.3", 3440, "tcp"),
+                                        Endpoint("10.0.0.4", 5, "udp"))
+
+
+def test_ipv6_in_brackets():
+    rc = receiver({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BIND[0]": "::",
+                   "IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::1]/9920, [2001:DB8:0::5]/9921",
+                   "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "[2001:db8::7]/3440/udp"})
+    assert rc.bind == "::"
+    assert rc.subreceivers == (Endpoint("::1", 9920, "tcp"), Endpoint("2001:db8::5", 9921, "tcp"))
+    assert [str(e) for e in rc.subreceivers] == ["[::1]/9920/tcp", "[2001:db8::5]/9921/tcp"]
+    assert rc.subreceivers[0].family == socket.AF_INET6
+    assert rc.dump_insert_processes == (Endpoint("2001:db8::7", 3440, "udp"),)
+    assert (str(Endpoint("10.0.0.2", 9920, "tcp")), Endpoint("10.0.0.2", 9920, "tcp").family) == (
+        "10.0.0.2/9920/tcp", socket.AF_INET)
+
+
+def test_taskset_alias():
+    assert receiver({"IPFIX_FULLFLOW_TASKSET[0]": "3"}).taskset == 3
+    assert receiver({"IPFIX_FULLFLOW_TASKSET[0]": "3", "IPFIX_FULLFLOW_BALANCER_TASKSET[0]": "3"}).taskset == 3
+    msg = one_problem({"IPFIX_FULLFLOW_BALANCER_TASKSET[0]": "3", "IPFIX_FULLFLOW_TASKSET[0]": "4"})
+    assert msg == ("IPFIX_FULLFLOW_TASKSET[0]='4': conflicts with IPFIX_FULLFLOW_BALANCER_TASKSET[0]='3', which "
+                   "sets the same parameter; expected only one of them")
+
+
+def test_index_zero_written_two_ways_with_different_values():
+    msg = one_problem({"IPFIX_FULLFLOW_PORT": "1500", "IPFIX_FULLFLOW_PORT[0]": "1600"})
+    assert msg.startswith("IPFIX_FULLFLOW_PORT[0]='1600': conflicts with IPFIX_FULLFLOW_PORT='1500'")
+
+
+# --- one test per validation case: key as written, bad value, expectation -------------------------------------
+
+def test_unknown_key_suggests_the_right_one():
+    msg = one_problem({"IPFIX_FULLFLOW_PROT[0]": "1500"})
+    assert msg.startswith("IPFIX_FULLFLOW_PROT[0]='1500': unknown key; expected IPFIX_<FULLFLOW|CLICKSTREAM|DNSFLOW>")
+    assert "did you mean IPFIX_FULLFLOW_PORT[0]?" in msg
+
+
+@pytest.mark.parametrize("key", ["IPFIX_FULFLOW_PORT[0]", "ipfix_fullflow_port[0]", "IPFIX_FULLFLOW_PORT[a]",
+                                 "IPFIX_FULLFLOW_PORT[0]x", "IPFIX_SOMETHING"])
+def test_unknown_keys_are_errors_not_defaults(key):
+    msg = one_problem({key: "1500"})
+    assert msg.startswith(f"{key}='1500': unknown key; expected ")
+
+
+def test_non_integer():
+    assert one_problem({"IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "ten"}) == (
+        "IPFIX_FULLFLOW_ROTATE_MINUTES[0]='ten': expected an integer >= 0 (minutes)")
+
+
+@pytest.mark.parametrize("value", ["70000", "0", "-1", "1_500", "15.0"])
+def test_port_out_of_range(value):
+    assert one_problem({"IPFIX_FULLFLOW_PORT[0]": value}) == (
+        f"IPFIX_FULLFLOW_PORT[0]={value!r}: expected a port number 1..65535")
+
+
+def test_port_required_above_index_zero():
+    assert one_problem({"IPFIX_FULLFLOW_BIND[2]": "0.0.0.0"}) == (
+        "IPFIX_FULLFLOW_PORT[2] is required for receiver fullflow[2]: expected a port number 1..65535 "
+        "(only index 0 has a default port)")
+
+
+def test_same_listening_port_names_both_keys():
+    assert one_problem({"IPFIX_FULLFLOW_PORT[0]": "1501", "IPFIX_CLICKSTREAM_PORT_TYPE[0]": "tcp"}) == (
+        "IPFIX_CLICKSTREAM_PORT[0] (default 1501): tcp port 1501 is already used by IPFIX_FULLFLOW_PORT[0]='1501'; "
+        "expected a listening port unique to each receiver")
+    msg = one_problem({"IPFIX_FULLFLOW_PORT[0]": "1600", "IPFIX_DNSFLOW_PORT[0]": "1600"})
+    assert "IPFIX_DNSFLOW_PORT[0]='1600'" in msg and "IPFIX_FULLFLOW_PORT[0]='1600'" in msg
+
+
+def test_same_port_on_other_protocol_or_other_address_is_allowed():
+    parse({"IPFIX_FULLFLOW_PORT[0]": "1600", "IPFIX_DNSFLOW_PORT[0]": "1600", "IPFIX_DNSFLOW_PORT_TYPE[0]": "udp"},
+          cpus=CPUS)
+    parse({"IPFIX_FULLFLOW_PORT[0]": "1600", "IPFIX_FULLFLOW_BIND[0]": "10.0.0.1",
+           "IPFIX_DNSFLOW_PORT[0]": "1600", "IPFIX_DNSFLOW_BIND[0]": "10.0.0.2"}, cpus=CPUS)
+    assert "already used" in one_problem({"IPFIX_FULLFLOW_PORT[0]": "1600", "IPFIX_FULLFLOW_BIND[0]": "10.0.0.1",
+                                          "IPFIX_DNSFLOW_PORT[0]": "1600"})
+
+
+@pytest.mark.parametrize("mode", ["RoundRobin", "All"])
+def test_balancing_without_subreceivers(mode):
+    assert one_problem({"IPFIX_FULLFLOW_BALANCER[0]": mode, "IPFIX_FULLFLOW_BALANCER_SUB[0]": " , "}) == (
+        f"IPFIX_FULLFLOW_BALANCER_SUB[0]=',': IPFIX_FULLFLOW_BALANCER[0] is {mode}; "
+        "expected at least one subreceiver host/port, e.g. 10.0.0.2/9920")
+
+
+def test_balancing_without_subreceiver_key():
+    msg = one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All"})
+    assert msg.startswith("IPFIX_FULLFLOW_BALANCER_SUB[0]='': IPFIX_FULLFLOW_BALANCER[0] is All; expected at least")
+
+
+@pytest.mark.parametrize("item, why", [
+    ("10.0.0.2", ""),
+    ("10.0.0.2/9920/tcp", ""),  # the proto of BALANCER_SUB items is BALANCER_SUB_PROTO
+    ("10.0.0.2/99999", ": port '99999' is not a port number 1..65535"),
+    ("10.0.0.2/x", ": port 'x' is not a port number 1..65535"),
+    ("::1/9920", ": IPv6 hosts go in brackets, IPv4 hosts do not"),
+    ("[10.0.0.2]/9920", ": IPv6 hosts go in brackets, IPv4 hosts do not"),
+    ("10.0.0.256/9920", ": '10.0.0.256' is not an IP address (hostnames are not resolved: the balancer must not "
+                        "depend on DNS at start)"),
+])
+def test_bad_subreceiver_item(item, why):
+    value = f"10.0.0.9/1, {item}"
+    expected = "host/port, e.g. 10.0.0.2/9920 or [::1]/9920"
+    assert one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": value}) == (
+        f"IPFIX_FULLFLOW_BALANCER_SUB[0]={value!r}: item {item!r}{why}{';' if why else ':'} expected {expected}")
+
+
+def test_hostname_is_an_error_with_a_clear_message():
+    msg = one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "qoe1.example/1500"})
+    assert msg == ("IPFIX_FULLFLOW_BALANCER_SUB[0]='qoe1.example/1500': item 'qoe1.example/1500': 'qoe1.example' "
+                   "is not an IP address (hostnames are not resolved: the balancer must not depend on DNS at start); "
+                   "expected host/port, e.g. 10.0.0.2/9920 or [::1]/9920")
+
+
+def test_bad_export_item():
+    assert one_problem({"IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.2/9920/sctp"}) == (
+        "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]='10.0.0.2/9920/sctp': item '10.0.0.2/9920/sctp': proto 'sctp' is "
+        "not tcp or udp; expected host/port/proto, e.g. 10.0.0.2/9920/tcp or [::1]/9920/udp (empty proto = tcp)")
+
+
+def test_bad_bind():
+    assert one_problem({"IPFIX_FULLFLOW_BIND[0]": "localhost"}) == (
+        "IPFIX_FULLFLOW_BIND[0]='localhost': expected an IP address such as 0.0.0.0 or :: (hostnames are not "
+        "resolved: the balancer must not depend on DNS at start)")
+
+
+def test_duplicate_subreceiver():
+    value = "10.0.0.2/9920, 10.0.0.3/1, 10.0.0.2/9920"
+    assert one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": value}) == (
+        f"IPFIX_FULLFLOW_BALANCER_SUB[0]={value!r}: item '10.0.0.2/9920': listed twice; expected each address once")
+
+
+def test_duplicate_export_counts_the_default_proto():
+    msg = one_problem({"IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.2/1/, 10.0.0.2/1/TCP"})
+    assert "item '10.0.0.2/1/TCP': listed twice" in msg
+
+
+def test_taskset_outside_the_cpus():
+    assert one_problem({"IPFIX_FULLFLOW_TASKSET[0]": "8"}, cpus={0, 1, 2, 3, 6}) == (
+        "IPFIX_FULLFLOW_TASKSET[0]='8': expected a CPU this host has (0-3,6)")
+    assert one_problem({"IPFIX_FULLFLOW_TASKSET[0]": "0-3"}) == (
+        "IPFIX_FULLFLOW_TASKSET[0]='0-3': expected a CPU number >= 0")
+
+
+def test_taskset_defaults_to_this_hosts_cpus(monkeypatch):
+    monkeypatch.setattr(config.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(config.os, "cpu_count", lambda: 4)
+    assert receiver({"IPFIX_FULLFLOW_TASKSET[0]": "3"}, cpus=None).taskset == 3
+    assert one_problem({"IPFIX_FULLFLOW_TASKSET[0]": "4"}, cpus=None).endswith("expected a CPU this host has (0-3)")
+
+
+@pytest.mark.parametrize("param, value, expected", [
+    ("ROTATE_MINUTES", "-1", "an integer >= 0 (minutes)"),
+    ("ROTATE_DELAY_SECONDS", "-5", "an integer >= 0 (seconds; 0 = use ROTATE_MINUTES)"),
+    ("FW_MAX_QUEUE_SIZE", "-1", "an integer >= 0 (flows; 0 = off)"),
+    ("DPI_ID", "-2", "an integer >= -1 (-1 = the receiver's position in its stream)"),
+    ("QUEUE_BYTES", "65535", "an integer >= 65536 (bytes)"),
+    ("TEMPLATE_REFRESH", "0", "an integer >= 1 (seconds)"),
+])
+def test_number_below_its_minimum(param, value, expected):
+    assert one_problem({f"IPFIX_CLICKSTREAM_{param}[0]": value}) == (
+        f"IPFIX_CLICKSTREAM_{param}[0]={value!r}: expected {expected}")
+
+
+@pytest.mark.parametrize("param, value, allowed", [
+    ("BALANCER", "round-robin", "RoundRobin, All, Disabled"),
+    ("PORT_TYPE", "sctp", "tcp, udp"),
+    ("BALANCER_SUB_PROTO", "tpc", "tcp, udp"),
+    ("BALANCER_AUTO", "yes", "Enabled, Disabled"),
+])
+def test_bad_word_lists_the_allowed_values(param, value, allowed):
+    assert one_problem({f"IPFIX_DNSFLOW_{param}[0]": value}) == (
+        f"IPFIX_DNSFLOW_{param}[0]={value!r}: expected one of {allowed} (any case)")
+
+
+def test_relative_dump_dir():
+    assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": "dump/ff"}) == (
+        "IPFIX_FULLFLOW_DUMP_DIR[0]='dump/ff': expected an absolute directory path")
+
+
+def test_recording_receivers_cannot_share_a_dump_dir():
+    msg = one_problem({"IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_PORT[1]": "1600",
+                       "IPFIX_FULLFLOW_DUMP_DIR[1]": "/var/fast_ipfix_balancer/dump/fullflow"})
+    assert msg == ("IPFIX_FULLFLOW_DUMP_DIR[1]='/var/fast_ipfix_balancer/dump/fullflow': directory already used by "
+                   "IPFIX_FULLFLOW_DUMP_DIR[0] (default /var/fast_ipfix_balancer/dump/fullflow/); expected a dump "
+                   "directory of its own for each recording receiver")
+
+
+def test_subreceiver_equal_to_own_listening_socket_would_loop():
+    assert one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1500"}) == (
+        "IPFIX_FULLFLOW_BALANCER_SUB[0]='127.0.0.1/1500': item '127.0.0.1/1500/tcp': this receiver listens there "
+        "(tcp 0.0.0.0 port 1500), it would loop; expected an address other than the receiver's own")
+
+
+def test_loop_detection_uses_local_interfaces_and_bind(monkeypatch):
+    import ipaddress
+    monkeypatch.setattr(config, "_local_addresses", lambda: {ipaddress.ip_address("192.0.2.7")})
+    sub = {"IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin"}
+    assert "would loop" in one_problem({**sub, "IPFIX_FULLFLOW_BALANCER_SUB[0]": "192.0.2.7/1500"})
+    assert "would loop" in one_problem({"IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "192.0.2.7/1500/"})
+    assert "would loop" in one_problem({**sub, "IPFIX_FULLFLOW_BIND[0]": "::",
+                                        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1500"})
+    for values in ({"IPFIX_FULLFLOW_BALANCER_SUB[0]": "192.0.2.8/1500"},  # another host
+                   {"IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1500", "IPFIX_FULLFLOW_BALANCER_SUB_PROTO": "udp"},
+                   {"IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1500", "IPFIX_FULLFLOW_BIND[0]": "10.0.0.1"},
+                   {"IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::1]/1500"}):  # 0.0.0.0 does not take IPv6
+        receiver({**sub, **values})
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse({"IPFIX_FULLFLOW_PORT[0]": "70000", "IPFIX_FULLFLOW_BALANCER[0]": "Fast",
+               "IPFIX_CLICKSTREAM_QUEUE_BYTES[0]": "1", "IPFIX_DNSFLOW_PROT[0]": "1",
+               "IPFIX_DNSFLOW_BALANCER[0]": "All", "IPFIX_DNSFLOW_TASKSET[0]": "99"}, cpus={0})
+    found = err.value.problems
+    assert len(found) == 6, found
+    for key in ("FULLFLOW_PORT[0]='70000'", "FULLFLOW_BALANCER[0]='Fast'", "CLICKSTREAM_QUEUE_BYTES[0]='1'",
+                "DNSFLOW_PROT[0]='1'", "DNSFLOW_BALANCER_SUB[0]=''", "DNSFLOW_TASKSET[0]='99'"):
+        assert sum(key in p for p in found) == 1, key
+    assert str(err.value) == "\n".join(found)
+    assert pickle.loads(pickle.dumps(err.value)).problems == found
+
+
+def test_clickstream_rotating_sooner_than_fullflow_is_a_warning():
+    cfg = parse({"IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "15", "IPFIX_CLICKSTREAM_PORT_TYPE[0]": "tcp"}, cpus=CPUS)
+    assert cfg.warnings == (
+        "IPFIX_CLICKSTREAM_ROTATE_MINUTES[0] (default 12): Clickstream rotates every 720 s, sooner than "
+        "fullflow[0] (900 s); expected Clickstream's rotation period >= Fullflow's, as the manual requires",)
+    cfg = parse({"IPFIX_FULLFLOW_PORT_TYPE[0]": "tcp", "IPFIX_CLICKSTREAM_ROTATE_DELAY_SECONDS[0]": "60"}, cpus=CPUS)
+    assert cfg.warnings[0].startswith("IPFIX_CLICKSTREAM_ROTATE_DELAY_SECONDS[0]='60': Clickstream rotates every 60 s")
+    # only recording receivers rotate
+    assert parse({"IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "15", "IPFIX_CLICKSTREAM_BALANCER[0]": "All",
+                  "IPFIX_CLICKSTREAM_BALANCER_SUB[0]": "10.0.0.2/1"}, cpus=CPUS).warnings == ()
+
+
+# --- hand-over, file and path -------------------------------------------------------------------------------
+
+def test_json_round_trip():
+    for rc in load(str(ETC / "manual-example.env"), cpus=CPUS).receivers + (receiver({
+            "IPFIX_FULLFLOW_BIND[0]": "::", "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "[::1]/1/udp, 10.0.0.1/2/",
+            "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}),):
+        back = ReceiverConfig.from_json(rc.to_json())
+        assert back == rc
+        assert isinstance(back.subreceivers, tuple) and isinstance(back.dump_insert_processes, tuple)
+        assert all(isinstance(e, Endpoint) for e in back.subreceivers + back.dump_insert_processes)
+        assert back.mode is rc.mode
+
+
+def test_load_missing_file_names_the_path(tmp_path):
+    path = str(tmp_path / "missing.env")
+    with pytest.raises(ConfigError) as err:
+        load(path)
+    (msg,) = err.value.problems
+    assert msg.startswith(f"{path}: cannot read the configuration file (No such file or directory)")
+
+
+def test_load_reports_unparseable_lines_and_repeated_keys_with_other_problems(tmp_path):
+    path = tmp_path / "bad.env"
+    path.write_text("IPFIX_FULLFLOW_PORT[0]=1500\nthis is not a line\n"
+                    "IPFIX_FULLFLOW_PORT[0]=1600\nIPFIX_FULLFLOW_PORT_TYPE[0]=sctp\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    assert err.value.problems == [
+        f"{path}:2: 'this is not a line': cannot parse this line; expected KEY=value",
+        f"{path}:3: IPFIX_FULLFLOW_PORT[0]='1600': already set to '1500' on line 1; expected each key once",
+        "IPFIX_FULLFLOW_PORT_TYPE[0]='sctp': expected one of tcp, udp (any case)",
+    ]
+
+
+def test_load_does_not_interpolate_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SOME_DIR", "/elsewhere")
+    path = tmp_path / "x.env"
+    path.write_text("IPFIX_FULLFLOW_DUMP_DIR[0]=/d/${SOME_DIR}\n")
+    assert load(str(path), cpus=CPUS).receivers[0].dump_dir == "/d/${SOME_DIR}"
+
+
+def test_resolve_path_precedence(monkeypatch):
+    monkeypatch.delenv("IPFIX_BALANCER_CONFIG", raising=False)
+    assert resolve_path(None) == config.DEFAULT_CONFIG_PATH == "/var/fast_ipfix_balancer/backend/.env"
+    monkeypatch.setenv("IPFIX_BALANCER_CONFIG", "/env.env")
+    assert resolve_path(None) == "/env.env"
+    assert resolve_path("/cli.env") == "/cli.env"

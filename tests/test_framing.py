@@ -1,0 +1,118 @@
+"""Framing: whole messages out of any split of a TCP stream; clear errors for what is not IPFIX."""
+
+import socket
+import struct
+
+import pytest
+
+from ipfix_balancer.framing import DatagramReader, FramingError, StreamFramer, check_datagram
+
+
+def message(body: bytes, seq: int = 0, odid: int = 1) -> bytes:
+    return struct.pack("!HHIII", 10, 16 + len(body), 1700000000, seq, odid) + body
+
+
+STREAM = [message(b""), message(b"\x01\x00\x00\x08abcd", 1), message(bytes(range(256)) * 5, 2),
+          message(b"x" * 1000, 3)]
+DATA = b"".join(STREAM)
+
+
+class FakeSock:
+    """Feeds predetermined reads to recv_into (the framer's only use of the socket)."""
+
+    def __init__(self, pieces):
+        self.pieces = list(pieces)
+
+    def recv_into(self, view):
+        piece = self.pieces.pop(0) if self.pieces else b""
+        assert len(piece) <= len(view)
+        view[:len(piece)] = piece
+        return len(piece)
+
+
+def frame_all(pieces, framer=None):
+    framer = framer or StreamFramer()
+    sock, out = FakeSock(pieces), []
+    while framer.recv(sock):
+        out.extend(bytes(m) for m in framer.messages)
+    return out, framer
+
+
+@pytest.mark.parametrize("cut", range(1, len(DATA)))
+def test_split_at_every_byte_boundary(cut):
+    out, framer = frame_all([DATA[:cut], DATA[cut:]])
+    assert out == STREAM
+    assert framer.pending == 0
+
+
+def test_many_messages_in_one_read_and_one_byte_reads():
+    assert frame_all([DATA])[0] == STREAM
+    assert frame_all([DATA[i:i + 1] for i in range(len(DATA))])[0] == STREAM
+
+
+def test_messages_stay_valid_after_later_reads():
+    """Zero copy must not mean aliasing: views handed out earlier keep their bytes."""
+    framer = StreamFramer()
+    sock = FakeSock([STREAM[1] + STREAM[2][:7], STREAM[2][7:] + STREAM[3]])
+    framer.recv(sock)
+    first = framer.messages
+    framer.recv(sock)
+    assert [bytes(m) for m in first] == [STREAM[1]]
+    assert [bytes(m) for m in framer.messages] == STREAM[2:]
+
+
+def test_largest_message_and_real_socket():
+    big = message(b"z" * (65535 - 16))
+    a, b = socket.socketpair()
+    a.sendall(big + STREAM[0])
+    a.close()
+    out, framer = [], StreamFramer()
+    while framer.recv(b):
+        out.extend(bytes(m) for m in framer.messages)
+    assert out == [big, STREAM[0]]
+
+
+@pytest.mark.parametrize("header,reason", [
+    (struct.pack("!HHIII", 9, 20, 0, 0, 0), "bad_version"),
+    (struct.pack("!HHIII", 5, 16, 0, 0, 0), "bad_version"),
+    (struct.pack("!HHIII", 10, 15, 0, 0, 0), "bad_length"),
+    (struct.pack("!HHIII", 10, 0, 0, 0, 0), "bad_length"),
+])
+def test_bad_header_raises_after_delivering_whole_messages(header, reason):
+    framer = StreamFramer()
+    with pytest.raises(FramingError) as err:
+        framer.recv(FakeSock([STREAM[1] + header + b"\0" * 8]))
+    assert err.value.reason == reason
+    assert [bytes(m) for m in framer.messages] == [STREAM[1]]
+
+
+def test_truncated_stream_keeps_partial_as_pending():
+    out, framer = frame_all([DATA[:-5]])
+    assert out == STREAM[:-1]
+    assert framer.pending == len(STREAM[-1]) - 5
+
+
+def test_datagrams():
+    check_datagram(memoryview(STREAM[2]))
+    with pytest.raises(FramingError, match="length_mismatch"):
+        check_datagram(memoryview(STREAM[2] + b"extra"))
+    with pytest.raises(FramingError, match="length_mismatch"):
+        check_datagram(memoryview(STREAM[2][:-1]))
+    with pytest.raises(FramingError, match="short_datagram"):
+        check_datagram(memoryview(b"\x00\x0a"))
+    with pytest.raises(FramingError, match="bad_version"):
+        check_datagram(memoryview(b"\x00\x09" + STREAM[0][2:]))
+
+
+def test_datagram_reader_views_do_not_alias():
+    rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    rx.bind(("127.0.0.1", 0))
+    tx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    reader = DatagramReader(chunk_size=1)  # forces a fresh chunk for every datagram
+    got = []
+    for msg in STREAM:
+        tx.sendto(msg, rx.getsockname())
+        view, peer = reader.recv(rx)
+        got.append(view)
+        assert peer[1] == tx.getsockname()[1]
+    assert [bytes(v) for v in got] == STREAM

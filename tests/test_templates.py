@@ -1,0 +1,472 @@
+"""Tests for ipfix_balancer.templates: template tracking and data record counting (RFC 7011 §3.4, §8)."""
+
+from __future__ import annotations
+
+import struct
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ipfix_balancer.framing import HEADER, HEADER_LEN, MAX_MESSAGE
+from ipfix_balancer.templates import EMPTY, Snapshot, TemplateTracker
+
+VAR = 65535
+PEN = 43823  # an enterprise number
+
+
+# --- message builders (independent of the module under test) ---------------------------------------------
+
+def field(ie: int, length: int, pen: int | None = None) -> bytes:
+    if pen is None:
+        return struct.pack("!HH", ie, length)
+    return struct.pack("!HHI", ie | 0x8000, length, pen)
+
+
+def trec(tid: int, fields: list[bytes]) -> bytes:
+    return struct.pack("!HH", tid, len(fields)) + b"".join(fields)
+
+
+def otrec(tid: int, scope: list[bytes], fields: list[bytes]) -> bytes:
+    return struct.pack("!HHH", tid, len(scope) + len(fields), len(scope)) + b"".join(scope) + b"".join(fields)
+
+
+def withdraw(tid: int) -> bytes:
+    return struct.pack("!HH", tid, 0)
+
+
+def ipfix_set(set_id: int, *records: bytes, pad: int = 0) -> bytes:
+    body = b"".join(records) + b"\0" * pad
+    return struct.pack("!HH", set_id, 4 + len(body)) + body
+
+
+def message(*sets: bytes, odid: int = 1, seq: int = 0, export_time: int = 1_700_000_000) -> bytes:
+    body = b"".join(sets)
+    return HEADER.pack(10, HEADER_LEN + len(body), export_time, seq, odid) + body
+
+
+def varlen(value: bytes, long: bool = False) -> bytes:
+    """Variable-length encoding: 1-byte length, or 255 + 2-byte length (forced with long=True)."""
+    if long or len(value) >= 255:
+        return b"\xff" + struct.pack("!H", len(value)) + value
+    return bytes([len(value)]) + value
+
+
+def inspect(tracker: TemplateTracker, msg: bytes):
+    return tracker.inspect(memoryview(msg))
+
+
+def snapshot_contents(snap: Snapshot) -> dict[int, dict[int, tuple[int, bytes]]]:
+    """Decode Snapshot.messages() independently: odid -> template id -> (set id, record bytes)."""
+    out: dict[int, dict[int, tuple[int, bytes]]] = {}
+    for m in snap.messages(lambda odid: 0, 0):
+        version, length, _, _, odid = HEADER.unpack_from(m)
+        assert version == 10 and length == len(m) <= MAX_MESSAGE
+        pos = HEADER_LEN
+        while pos < length:
+            sid, slen = struct.unpack_from("!HH", m, pos)
+            assert sid in (2, 3)
+            p, end = pos + 4, pos + slen
+            while end - p >= 4:
+                start = p
+                tid, fc = struct.unpack_from("!HH", m, p)
+                p += 4
+                if sid == 3:
+                    p += 2
+                for _ in range(fc):
+                    ie, _len = struct.unpack_from("!HH", m, p)
+                    p += 8 if ie & 0x8000 else 4
+                out.setdefault(odid, {})[tid] = (sid, m[start:p])
+            assert p == end
+            pos = end
+    return out
+
+
+FIXED_FIELDS = [field(8, 4), field(12, 4), field(7, 2), field(11, 2), field(4, 1), field(1, 8), field(2, 8)]  # 29 bytes
+FIXED_LEN = 29
+
+
+# --- fixed-length templates --------------------------------------------------------------------------------
+
+def test_fixed_length_counts_and_padding():
+    t = TemplateTracker()
+    tmpl_msg = message(ipfix_set(2, trec(256, FIXED_FIELDS)))
+    odid, n, tmpl = inspect(t, tmpl_msg)
+    assert (odid, n) == (1, 0) and bytes(tmpl) == tmpl_msg
+    rec = bytes(range(FIXED_LEN))
+    data = message(ipfix_set(256, rec * 7, pad=3), ipfix_set(256, rec * 2))
+    assert inspect(t, data) == (1, 9, None)
+    assert t.unknown_template == 0 and t.malformed_sets == 0
+    assert len(t.snapshot) == 1
+
+
+def test_data_only_message_identity_and_none():
+    t = TemplateTracker()
+    tmpl_msg = memoryview(message(ipfix_set(2, trec(300, FIXED_FIELDS))))
+    odid, n, tmpl = t.inspect(tmpl_msg)
+    assert tmpl is tmpl_msg and n == 0
+    assert t.inspect(memoryview(message(ipfix_set(300, b"x" * FIXED_LEN * 30)))) == (1, 30, None)
+
+
+def test_unknown_template_counted():
+    t = TemplateTracker()
+    assert inspect(t, message(ipfix_set(400, b"x" * 40))) == (1, 0, None)
+    assert t.unknown_template == 1
+
+
+def test_template_then_data_in_same_message():
+    t = TemplateTracker()
+    msg = message(ipfix_set(256, b"a" * 20), ipfix_set(2, trec(256, [field(8, 4)])), ipfix_set(256, b"b" * 20))
+    odid, n, tmpl = inspect(t, msg)
+    assert n == 5  # the first data set preceded its template
+    assert t.unknown_template == 1
+
+
+def test_scapy_cross_check_fixed_length():
+    from scapy.all import raw
+    from scapy.layers.netflow import (NetflowDataflowsetV9, NetflowFlowsetV9, NetflowHeader, NetflowHeaderV10,
+                                      NetflowRecordV9, NetflowTemplateFieldV9, NetflowTemplateV9,
+                                      netflowv9_defragment)
+
+    fields = [NetflowTemplateFieldV9(fieldType=8, fieldLength=4),
+              NetflowTemplateFieldV9(fieldType=12, fieldLength=4),
+              NetflowTemplateFieldV9(enterpriseBit=1, fieldType=100, fieldLength=3, enterpriseNumber=PEN),
+              NetflowTemplateFieldV9(fieldType=7, fieldLength=2)]
+    reclen = 13
+    tpl = NetflowFlowsetV9(flowSetID=2, templates=[NetflowTemplateV9(templateID=310, template_fields=fields)])
+    t = TemplateTracker()
+    for nrec in (1, 3, 30, 100):
+        data = NetflowDataflowsetV9(templateID=310, records=[NetflowRecordV9(fieldValue=b"\x05" * reclen * nrec)])
+        wire = raw(NetflowHeader(version=10) / NetflowHeaderV10(ObservationDomainID=9) / tpl / data)
+        decoded = NetflowHeader(wire)
+        netflowv9_defragment([decoded], verb=0)
+        expected = len(decoded[NetflowDataflowsetV9].records)
+        odid, n, tmpl = inspect(t, wire)
+        assert (odid, n) == (9, expected) == (9, nrec)
+        # mixed: the template-only copy is the scapy template set under the same header
+        assert tmpl[HEADER_LEN:] == raw(tpl)
+
+
+# --- variable-length fields ---------------------------------------------------------------------------------
+
+def test_variable_length_short_and_long_encodings():
+    t = TemplateTracker()
+    # ipv4 src (4), string (var), port (2), string (var)
+    fields = [field(8, 4), field(82, VAR), field(7, 2), field(96, VAR)]
+    inspect(t, message(ipfix_set(2, trec(257, fields))))
+    recs = [
+        b"\1\2\3\4" + varlen(b"eth0") + b"\0\x50" + varlen(b""),
+        b"\1\2\3\4" + varlen(b"x" * 300) + b"\0\x50" + varlen(b"abc", long=True),
+        b"\1\2\3\4" + varlen(b"", long=True) + b"\0\x50" + varlen(b"y" * 254),
+    ]
+    # minimum record length is 4 + 1 + 2 + 1 = 8: up to 7 bytes of padding are not a record
+    msg = message(ipfix_set(257, *recs, pad=7))
+    assert inspect(t, msg) == (1, 3, None)
+    assert t.malformed_sets == 0
+
+
+def test_variable_length_record_overrun_is_malformed():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(258, [field(82, VAR)]))))
+    good = varlen(b"abc")
+    bad = b"\x20" + b"z" * 5  # claims 32 bytes, only 5 follow
+    assert inspect(t, message(ipfix_set(258, good, bad), ipfix_set(258, good))) == (1, 2, None)
+    assert t.malformed_sets == 1
+    # 3-byte encoding cut off after 255
+    assert inspect(t, message(ipfix_set(258, good + b"\xff\x00"))) == (1, 1, None)
+    assert t.malformed_sets == 2
+
+
+# --- enterprise-specific IEs and options templates ----------------------------------------------------------
+
+def test_enterprise_fields():
+    t = TemplateTracker()
+    fields = [field(1, 4, PEN), field(8, 4), field(2, VAR, PEN), field(3, 2, 0)]
+    inspect(t, message(ipfix_set(2, trec(260, fields))))
+    rec = b"aaaa" + b"bbbb" + varlen(b"hello") + b"cc"
+    assert inspect(t, message(ipfix_set(260, rec * 4))) == (1, 4, None)
+    assert snapshot_contents(t.snapshot)[1][260] == (2, trec(260, fields))
+
+
+def test_options_template():
+    t = TemplateTracker()
+    rec = otrec(500, [field(149, 4)], [field(41, 8), field(42, 8, PEN)])
+    msg = message(ipfix_set(3, rec, pad=2))
+    odid, n, tmpl = inspect(t, msg)
+    assert n == 0 and bytes(tmpl) == msg
+    assert inspect(t, message(ipfix_set(500, b"o" * 20 * 3))) == (1, 3, None)
+    assert snapshot_contents(t.snapshot) == {1: {500: (3, rec)}}
+
+
+def test_options_template_scope_count_zero_is_malformed():
+    t = TemplateTracker()
+    bad = struct.pack("!HHH", 501, 1, 0) + field(41, 8)
+    good = otrec(502, [field(149, 4)], [])
+    inspect(t, message(ipfix_set(3, bad, good)))
+    assert t.malformed_sets == 1
+    assert set(snapshot_contents(t.snapshot)[1]) == {502}
+    inspect(t, message(ipfix_set(501, b"x" * 8)))
+    assert t.unknown_template == 1
+
+
+def test_template_id_below_256_is_skipped():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(255, [field(8, 4)]), trec(256, [field(8, 4)]))))
+    assert t.malformed_sets == 1
+    assert set(snapshot_contents(t.snapshot)[1]) == {256}
+
+
+def test_zero_length_template_is_unknown():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(270, [field(8, 0), field(12, 0)]))))
+    assert len(t.snapshot) == 1  # still forwarded to collectors
+    assert inspect(t, message(ipfix_set(270, b"\0" * 8))) == (1, 0, None)
+    assert t.unknown_template == 1
+
+
+# --- mixed messages -----------------------------------------------------------------------------------------
+
+def test_mixed_message_template_only_copy():
+    t = TemplateTracker()
+    ts = ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(82, VAR)]))
+    os_ = ipfix_set(3, otrec(258, [field(149, 4)], [field(41, 8)]), pad=2)
+    msg = message(ts, ipfix_set(256, b"1234" * 3), ipfix_set(100, b"reserved"), os_, ipfix_set(257, varlen(b"q")),
+                  odid=77, seq=123456, export_time=987654)
+    odid, n, tmpl = inspect(t, msg)
+    assert (odid, n) == (77, 4)
+    assert isinstance(tmpl, bytes)
+    assert tmpl[HEADER_LEN:] == ts + os_
+    assert HEADER.unpack_from(tmpl) == (10, HEADER_LEN + len(ts) + len(os_), 987654, 123456, 77)
+    # the copy itself is template-only: inspected again, it is returned as is
+    t2 = TemplateTracker()
+    mv = memoryview(tmpl)
+    assert t2.inspect(mv) == (77, 0, mv)
+    assert snapshot_contents(t2.snapshot) == snapshot_contents(t.snapshot)
+
+
+def test_template_sets_then_malformed_tail_gives_copy():
+    t = TemplateTracker()
+    ts = ipfix_set(2, trec(256, [field(8, 4)]))
+    msg = message(ts, b"\x01\x00\x00\x40")  # set runs past the end
+    odid, n, tmpl = inspect(t, msg)
+    assert t.malformed_sets == 1
+    assert tmpl != msg and tmpl[HEADER_LEN:] == ts
+
+
+# --- withdrawal and redefinition ---------------------------------------------------------------------------
+
+def test_withdraw_one_and_all():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(8, 4)]), trec(258, [field(8, 4)])),
+                       ipfix_set(3, otrec(600, [field(149, 4)], []))))
+    assert len(t.snapshot) == 4
+    before = t.snapshot
+    odid, n, tmpl = inspect(t, message(ipfix_set(2, withdraw(257))))
+    assert tmpl is not None and t.snapshot is not before
+    assert set(snapshot_contents(t.snapshot)[1]) == {256, 258, 600}
+    assert inspect(t, message(ipfix_set(257, b"1234"))) == (1, 0, None)
+    assert t.unknown_template == 1
+    # withdraw-all of templates (id 2 in set 2) keeps options templates
+    inspect(t, message(ipfix_set(2, withdraw(2))))
+    assert set(snapshot_contents(t.snapshot)[1]) == {600}
+    assert inspect(t, message(ipfix_set(256, b"1234"), ipfix_set(600, b"abcd"))) == (1, 1, None)
+    assert t.unknown_template == 2
+    # withdraw-all of options templates (id 3 in set 3)
+    inspect(t, message(ipfix_set(3, withdraw(3))))
+    assert len(t.snapshot) == 0 and snapshot_contents(t.snapshot) == {}
+    assert t.snapshot.messages(lambda o: 0, 0) == []
+    # old snapshots are untouched
+    assert len(before) == 4 and set(snapshot_contents(before)[1]) == {256, 257, 258, 600}
+
+
+def test_withdraw_all_only_that_odid():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=1))
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=2))
+    inspect(t, message(ipfix_set(2, withdraw(2)), odid=1))
+    assert list(t.snapshot.odids()) == [2]
+    assert inspect(t, message(ipfix_set(256, b"1234" * 2), odid=2)) == (2, 2, None)
+    assert inspect(t, message(ipfix_set(256, b"1234" * 2), odid=1)) == (1, 0, None)
+
+
+def test_redefinition_copy_on_write():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
+    old = t.snapshot
+    # identical re-send (template refresh): same snapshot object
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
+    assert t.snapshot is old
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4), field(12, 4)]))))
+    assert t.snapshot is not old and len(t.snapshot) == 1 == len(old)
+    assert snapshot_contents(old)[1][256] == (2, trec(256, [field(8, 4)]))
+    assert snapshot_contents(t.snapshot)[1][256] == (2, trec(256, [field(8, 4), field(12, 4)]))
+    assert inspect(t, message(ipfix_set(256, b"x" * 24))) == (1, 3, None)
+    # an old snapshot still replays the old layout: a fresh tracker fed from it counts by 4
+    t2 = TemplateTracker()
+    for m in old.messages(lambda o: 0, 0):
+        t2.inspect(memoryview(m))
+    assert inspect(t2, message(ipfix_set(256, b"x" * 24))) == (1, 6, None)
+
+
+def test_two_odids_kept_apart():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=10))
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 8)])), odid=20))
+    assert sorted(t.snapshot.odids()) == [10, 20] and len(t.snapshot) == 2
+    assert inspect(t, message(ipfix_set(256, b"x" * 32), odid=10)) == (10, 8, None)
+    assert inspect(t, message(ipfix_set(256, b"x" * 32), odid=20)) == (20, 4, None)
+    assert inspect(t, message(ipfix_set(256, b"x" * 32), odid=30)) == (30, 0, None)
+
+
+# --- snapshot messages --------------------------------------------------------------------------------------
+
+def test_empty_snapshot():
+    assert len(EMPTY) == 0 and list(EMPTY.odids()) == [] and EMPTY.messages(lambda o: 1, 2) == []
+    assert TemplateTracker().snapshot is EMPTY
+
+
+def test_snapshot_messages_split_and_reparse():
+    t = TemplateTracker()
+    # 400 templates of 100 fields each (404 bytes) in ODID 5, plus options templates, plus a small ODID 6
+    for base in range(256, 656, 100):
+        recs = [trec(tid, [field(i % 300 + 1, 4, PEN if i % 7 == 0 else None) for i in range(100)])
+                for tid in range(base, base + 100)]
+        sets = []
+        chunk = []
+        for r in recs:
+            chunk.append(r)
+            if len(chunk) == 50:
+                sets.append(message(ipfix_set(2, *chunk), odid=5))
+                chunk = []
+        for m in sets:
+            inspect(t, m)
+    inspect(t, message(ipfix_set(3, *[otrec(tid, [field(149, 4)], [field(41, 8)] * 50) for tid in range(700, 900)]
+                                 [:150]), odid=5))
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=6))
+    assert len(t.snapshot) == 400 + 150 + 1
+    seqs = {5: 1000, 6: 77}
+    msgs = t.snapshot.messages(seqs.__getitem__, 424242)
+    assert len(msgs) > 3
+    total = 0
+    for m in msgs:
+        version, length, et, seq, odid = HEADER.unpack_from(m)
+        assert version == 10 and length == len(m) <= MAX_MESSAGE
+        assert et == 424242 and seq == seqs[odid]
+        total += len(m)
+    # packed close to the limit: no more messages than needed plus one per set kind / ODID
+    assert len(msgs) <= total // (MAX_MESSAGE - 500) + 3
+    t2 = TemplateTracker()
+    for m in msgs:
+        mv = memoryview(m)
+        assert t2.inspect(mv)[2] is mv
+    assert t2.malformed_sets == 0
+    assert snapshot_contents(t2.snapshot) == snapshot_contents(t.snapshot)
+    assert sorted(t2.snapshot.odids()) == [5, 6] and len(t2.snapshot) == len(t.snapshot)
+    # cached bodies, fresh headers
+    again = t.snapshot.messages(lambda o: 1, 5)
+    assert [m[HEADER_LEN:] for m in again] == [m[HEADER_LEN:] for m in msgs]
+    assert HEADER.unpack_from(again[0])[2:4] == (5, 1)
+
+
+# --- malformed input ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tail", [
+    b"\x00",                          # fewer than 4 bytes for a set header
+    b"\x01\x00\x00\x02",              # set length < 4
+    b"\x01\x00\x00\x00",              # set length 0
+    b"\x01\x00\x00\x20abcd",          # runs past the message end
+    b"\x00\x02\x00\x0c\x01\x00\x00\x05\x00\x08\x00\x04",  # template record runs past its set
+    b"\x00\x03\x00\x08\x01\x00\x00\x05",                  # options template header cut off
+    b"\x00\x02\x00\x0c\x01\x00\x00\x01\x80\x08\x00\x04",  # enterprise number cut off
+])
+def test_malformed_never_raises(tail):
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
+    odid, n, tmpl = inspect(t, message(ipfix_set(256, b"1234" * 2), tail))
+    assert n == 2 and t.malformed_sets == 1
+
+
+def test_reserved_sets_skipped():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
+    assert inspect(t, message(ipfix_set(4, b"zzzz"), ipfix_set(255, b""), ipfix_set(256, b"1234"))) == (1, 1, None)
+    assert t.malformed_sets == 0 and t.unknown_template == 0
+
+
+# --- properties ---------------------------------------------------------------------------------------------
+
+field_spec = st.tuples(
+    st.integers(1, 0x7FFF),                                  # IE id
+    st.one_of(st.integers(0, 40), st.just(VAR)),             # length, 65535 = variable
+    st.one_of(st.none(), st.integers(0, 0xFFFFFFFF)),        # enterprise number
+)
+
+
+@st.composite
+def template_and_records(draw):
+    fields = draw(st.lists(field_spec, min_size=1, max_size=12))
+    if all(length == 0 for _, length, _ in fields):
+        fields[0] = (fields[0][0], 1, fields[0][2])
+    nrec = draw(st.integers(0, 25))
+    records = []
+    for _ in range(nrec):
+        rec = bytearray()
+        for _, length, _ in fields:
+            if length == VAR:
+                size = draw(st.one_of(st.integers(0, 20), st.integers(250, 600)))
+                rec += varlen(b"v" * size, long=draw(st.booleans()))
+            else:
+                rec += b"f" * length
+        records.append(bytes(rec))
+    options = draw(st.booleans())
+    return fields, records, options
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(template_and_records(), st.integers(256, 65535), st.integers(0, 0xFFFFFFFF))
+def test_property_records_counted_exactly(case, tid, odid):
+    fields, records, options = case
+    specs = [field(ie, length, pen) for ie, length, pen in fields]
+    if options:
+        rec = struct.pack("!HHH", tid, len(specs), 1) + b"".join(specs)
+        tset = ipfix_set(3, rec)
+    else:
+        tset = ipfix_set(2, trec(tid, specs))
+    fixed = [length for _, length, _ in fields if length != VAR]
+    nvar = len(fields) - len(fixed)
+    min_len = sum(fixed) + nvar
+    # padding must be shorter than any record (RFC 7011 §3.3.1)
+    pad = min(3, min_len - 1)
+    body = b"".join(records)
+    if len(body) + pad + 4 + len(tset) + HEADER_LEN > MAX_MESSAGE:
+        return
+    t = TemplateTracker()
+    odid_, n, tmpl = inspect(t, message(tset, odid=odid))
+    assert n == 0 and t.malformed_sets == 0 and len(t.snapshot) == 1
+    data = message(ipfix_set(tid, *records, pad=pad), odid=odid)
+    assert inspect(t, data) == (odid, len(records), None)
+    # data split over two sets, after the template in the same message
+    half = len(records) // 2
+    both = message(tset, ipfix_set(tid, *records[:half]), ipfix_set(tid, *records[half:], pad=pad), odid=odid)
+    if len(both) <= MAX_MESSAGE:
+        odid_, n, tmpl = inspect(t, both)
+        assert n == len(records) and tmpl[HEADER_LEN:] == tset
+    assert t.malformed_sets == 0 and t.unknown_template == 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=600), st.binary(max_size=200))
+def test_property_random_bytes_never_raise(garbage, template_garbage):
+    t = TemplateTracker()
+    # a known template so that data sets get walked, and one with a variable-length field
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(82, VAR), field(7, 2)]))))
+    for body in (garbage, ipfix_set(2, template_garbage) + garbage, ipfix_set(3, template_garbage) + garbage,
+                 ipfix_set(256, garbage), ipfix_set(257, garbage)):
+        if HEADER_LEN + len(body) > MAX_MESSAGE:
+            continue
+        odid, n, tmpl = inspect(t, message(body))
+        assert odid == 1 and n >= 0
+        if tmpl is not None:
+            assert HEADER.unpack_from(tmpl)[1] == len(tmpl)
+        for m in t.snapshot.messages(lambda o: 0, 0):
+            assert len(m) <= MAX_MESSAGE

@@ -47,6 +47,7 @@ class Session:
             self.dispatcher.outputs.append(Output(
                 handler.loop, stats, limit=rc.queue_bytes, rewrite_seq=self.dispatcher.rewrite_seq,
                 log=handler.log, current_snapshot=self._snapshot, on_down=self.dispatcher.on_down,
+                refresh=rc.template_refresh if rc.sub_proto == "udp" else 0.0,
                 on_drained=self._output_closed))
         self.outputs = list(self.dispatcher.outputs)
 

@@ -26,6 +26,7 @@ IOV_MAX = min(os.sysconf("SC_IOV_MAX"), 1024)
 SNDBUF = 4 * 1024 * 1024
 BACKOFF_FIRST = 0.2
 BACKOFF_CAP = 5.0
+CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep trying to deliver its queue
 
 DOWN, CONNECTING, UP, CLOSED = "down", "connecting", "up", "closed"
 #: errors that mean "this connection is gone", an ordinary event for a network appliance.
@@ -58,7 +59,7 @@ class Output:
     data records per ODID (RoundRobin); without it messages go out byte-identical (All)."""
 
     def __init__(self, loop: Loop, stats: EndpointStats, *, limit: int, rewrite_seq: bool, log,
-                 current_snapshot, on_down=None, on_drained=None):
+                 current_snapshot, refresh: float = 0.0, on_down=None, on_drained=None):
         self.loop = loop
         self.stats = stats
         self.endpoint = stats.endpoint
@@ -68,6 +69,8 @@ class Output:
         self.current_snapshot = current_snapshot  # callable: the session's templates now
         self.on_down = on_down                    # dispatcher hook: move unsent entries elsewhere
         self.on_drained = on_drained              # session hook: called once when closing and empty
+        self.refresh = refresh                    # seconds between template re-sends (UDP); 0 = never
+        self._refresh_timer = None
         self.pending: deque = deque()
         self.pending_bytes = 0
         self._bufs: list = []      # buffers committed to the connection but not yet written
@@ -151,6 +154,8 @@ class Output:
         self._replay_templates()
         if self.endpoint.proto == "tcp":
             self.loop.watch(self.sock, READ, self._on_event)
+        elif self.refresh and self._refresh_timer is None:
+            self._refresh_timer = self.loop.call_later(self.refresh, self._refresh_tick)
         self.flush()
 
     def _replay_templates(self, snapshot=None) -> None:
@@ -174,12 +179,13 @@ class Output:
         self.pending.extendleft(reversed(entries))
         self.pending_bytes += sum(len(e[0]) for e in entries)
 
-    def refresh_templates(self) -> None:
+    def _refresh_tick(self) -> None:
         """Re-announce current templates after everything queued (UDP collectors expire templates)."""
         snapshot = self.current_snapshot()
         if self.state is UP and len(snapshot):
             for m in snapshot.messages(lambda o: self.seq.get(o, 0), int(time.time())):
                 self.enqueue((memoryview(m), SEQ.unpack_from(m, 12)[0], 0, snapshot))
+        self._refresh_timer = self.loop.call_later(self.refresh, self._refresh_tick)
 
     def _fail(self, exc: BaseException) -> None:
         """The connection is gone: count what was committed but unwritten, and retry with backoff."""
@@ -324,24 +330,31 @@ class Output:
 
     # -- shutdown ------------------------------------------------------------------------------
     def close_when_drained(self) -> None:
+        """Deliver what is queued, then close; give up (counted, logged) after CLOSE_TIMEOUT."""
         self.closing = True
         if self.idle or self.state is CLOSED:
             self.close()
-        elif self.state is UP:
+            return
+        self.loop.call_later(CLOSE_TIMEOUT, self.close)
+        if self.state is UP:
             self.flush()
 
     def close(self) -> None:
         """Close now; whatever is still queued is counted as dropped."""
         if self.state is CLOSED:
             return
-        if self._timer is not None:
-            self._timer.cancel()
+        for timer in (self._timer, self._refresh_timer):
+            if timer is not None:
+                timer.cancel()
         if self.sock is not None:
             self.loop.unwatch(self.sock)
             self.sock.close()
             self.sock = None
         unsent = len(self.pending) + len(self._ends)
-        self.stats.drops += unsent
+        if unsent:
+            self.stats.drops += unsent
+            self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.endpoint), unsent_messages=unsent,
+                           state=self.state)
         self.pending.clear()
         self.pending_bytes = 0
         self._bufs, self._ends = [], []

@@ -23,6 +23,8 @@ from typing import Callable, Iterable
 
 from .framing import HEADER, HEADER_LEN, MAX_MESSAGE, VERSION
 
+__all__ = ["EMPTY", "Snapshot", "TemplateTracker"]
+
 TEMPLATE_SET = 2
 OPTIONS_TEMPLATE_SET = 3
 MIN_DATA_SET = 256
@@ -34,6 +36,11 @@ _ODID = struct.Struct("!I")
 _ODID_OFFSET = 12                  # version, length, export time, sequence number, then the ODID
 _SET_HEADER_LEN = 4
 _NO_LAYOUT: dict = {}              # shared, never written: lookups for an ODID without templates
+_FIRST_SET_END = HEADER_LEN + 4
+# bound methods at module level: one global lookup each on the hot path
+_unpack_set = _SET.unpack_from
+_unpack_odid = _ODID.unpack_from
+_unpack_first = struct.Struct("!12xIHH").unpack_from  # header up to the ODID, then the first set header
 
 
 class Snapshot:
@@ -188,7 +195,9 @@ class TemplateTracker:
     def __init__(self) -> None:
         self.snapshot: Snapshot = EMPTY
         self.unknown_template = 0   # data sets whose template is unknown
-        self.malformed_sets = 0     # sets (or template records) with impossible lengths
+        # sets with impossible lengths; also template records that are malformed or run past their set, and
+        # data sets whose last variable-length record runs past the set end
+        self.malformed_sets = 0
         # odid -> template id -> layout (see _layout); only templates whose data can be counted
         self._layouts: dict[int, dict[int, object]] = {}
 
@@ -203,18 +212,17 @@ class TemplateTracker:
         ``malformed_sets`` and ends the walk. Never raises on set contents.
         """
         end = len(msg)
-        odid = _ODID.unpack_from(msg, _ODID_OFFSET)[0]
+        if end < _FIRST_SET_END:  # no room for a set header: nothing to walk
+            if end > HEADER_LEN:
+                self.malformed_sets += 1
+            return _unpack_odid(msg, _ODID_OFFSET)[0], 0, None
+        odid, set_id, set_len = _unpack_first(msg)  # ODID and first set header in one call
         layouts = self._layouts.get(odid, _NO_LAYOUT)
-        unpack = _SET.unpack_from
         pos = HEADER_LEN
         count = 0
         tsets = None
         work = None
-        while pos < end:
-            if pos + 4 > end:
-                self.malformed_sets += 1
-                break
-            set_id, set_len = unpack(msg, pos)
+        while True:
             nxt = pos + set_len
             if set_len < 4 or nxt > end:
                 self.malformed_sets += 1
@@ -236,7 +244,13 @@ class TemplateTracker:
                 tsets.append((pos, nxt))
                 work = self._template_set(msg, pos + 4, nxt, set_id, odid, work)
                 layouts = self._layouts.get(odid, _NO_LAYOUT)
+            # set ids 4..255 are reserved: skipped
             pos = nxt
+            if pos + 4 > end:
+                if pos != end:  # 1..3 stray bytes: not even a set header
+                    self.malformed_sets += 1
+                break
+            set_id, set_len = _unpack_set(msg, pos)
         if tsets is None:
             return odid, count, None
         if work is not None:

@@ -279,6 +279,14 @@ def test_withdraw_one_and_all():
     assert len(before) == 4 and set(snapshot_contents(before)[1]) == {256, 257, 258, 600}
 
 
+def test_withdraw_all_id_must_match_set_kind():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), ipfix_set(3, otrec(600, [field(149, 4)], []))))
+    before = t.snapshot
+    inspect(t, message(ipfix_set(2, withdraw(3)), ipfix_set(3, withdraw(2))))
+    assert t.malformed_sets == 2 and t.snapshot is before and len(before) == 2
+
+
 def test_withdraw_all_only_that_odid():
     t = TemplateTracker()
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=1))
@@ -384,6 +392,12 @@ def test_malformed_never_raises(tail):
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
     odid, n, tmpl = inspect(t, message(ipfix_set(256, b"1234" * 2), tail))
     assert n == 2 and t.malformed_sets == 1
+
+
+def test_header_only_and_stray_bytes():
+    t = TemplateTracker()
+    assert inspect(t, message(odid=3)) == (3, 0, None) and t.malformed_sets == 0
+    assert inspect(t, message(b"\0\0\0", odid=3)) == (3, 0, None) and t.malformed_sets == 1
 
 
 def test_reserved_sets_skipped():

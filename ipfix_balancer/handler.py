@@ -36,20 +36,43 @@ class Session:
         self.handler = handler
         self.peer = peer
         self.tracker = TemplateTracker()
-        self.outputs: list[Output] = []
+        self.outputs: list[Output] = []  # every open output: the dispatcher's, and retired ones draining
+        self.ended = self.gone = False
         self.last_seen = time.monotonic()
-        rc = handler.rc
+        self.dispatcher = None
+        self.configure()
+
+    def configure(self) -> None:
+        """(Re)build the dispatcher from the handler's current settings, keeping what can be kept.
+
+        An output to a subreceiver that stays keeps its connection and queue. A new subreceiver gets a new
+        output, which replays the templates before any data. A removed one is flushed, then closed. A switch
+        between RoundRobin and All starts new output sessions (sequence numbering differs between them),
+        so a collector sees a fresh transport session rather than a jump in sequence numbers.
+        """
+        h, rc = self.handler, self.handler.rc
+        old = self.dispatcher
         if rc.mode is Mode.DISABLED:
-            self.dispatcher = handler.recorder
-            return
-        self.dispatcher = (RoundRobin if rc.mode is Mode.ROUND_ROBIN else All)([])
-        for stats in handler.endpoints:
-            self.dispatcher.outputs.append(Output(
-                handler.loop, stats, limit=rc.queue_bytes, rewrite_seq=self.dispatcher.rewrite_seq,
-                log=handler.log, current_snapshot=self._snapshot, on_down=self.dispatcher.on_down,
-                refresh=rc.template_refresh if rc.sub_proto == "udp" else 0.0,
-                on_drained=self._output_closed))
-        self.outputs = list(self.dispatcher.outputs)
+            self.dispatcher, active = h.recorder, []
+        else:
+            cls = RoundRobin if rc.mode is Mode.ROUND_ROBIN else All
+            self.dispatcher = cls([])
+            reusable = {} if not isinstance(old, cls) else {o.endpoint: o for o in old.outputs
+                                                             if o.state is not CLOSED and not o.closing}
+            refresh = rc.template_refresh if rc.sub_proto == "udp" else 0.0
+            for stats in h.endpoints:
+                out = reusable.pop(stats.endpoint, None)
+                if out is None:
+                    out = Output(h.loop, stats, limit=rc.queue_bytes, rewrite_seq=cls.rewrite_seq, log=h.log,
+                                 current_snapshot=self._snapshot, refresh=refresh,
+                                 on_down=self.dispatcher.on_down, on_drained=self._output_closed)
+                else:
+                    out.on_down, out.limit, out.refresh = self.dispatcher.on_down, rc.queue_bytes, refresh
+                self.dispatcher.outputs.append(out)
+            active = self.dispatcher.outputs
+        for out in [o for o in self.outputs if o not in active]:
+            out.close_when_drained()
+        self.outputs = list(active) + [o for o in self.outputs if o not in active and o.state is not CLOSED]
 
     def _snapshot(self):
         return self.tracker.snapshot
@@ -70,16 +93,17 @@ class Session:
 
     def end(self) -> None:
         """The exporter went away: flush its mirrors, then close them."""
-        h = self.handler
-        h.unknown_template += self.tracker.unknown_template
-        if self.outputs:
-            for out in list(self.outputs):
-                out.close_when_drained()
-        else:
-            h.session_gone(self)
+        self.ended = True
+        self.handler.unknown_template += self.tracker.unknown_template
+        for out in list(self.outputs):
+            out.close_when_drained()
+        self._output_closed(None)
 
-    def _output_closed(self, out: Output) -> None:
-        if all(o.state is CLOSED for o in self.outputs):
+    def _output_closed(self, out: Output | None) -> None:
+        if out in self.outputs:
+            self.outputs.remove(out)
+        if self.ended and not self.outputs and not self.gone:
+            self.gone = True
             self.handler.session_gone(self)
 
 
@@ -148,6 +172,8 @@ class Handler:
         self.malformed: dict[str, int] = {}
         self.connections = self.connections_total = 0
         self.unknown_template = 0
+        self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
+        self.retired_endpoints: list[EndpointStats] = []  # subreceivers removed by a reconfiguration
         self.started = time.time()
         self.listening = False
         self.stopping = False
@@ -192,7 +218,7 @@ class Handler:
         self._wake = (rsock, wsock)
         signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
         self._signals: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
             signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
         self.loop.watch(rsock, READ, self._on_wake)
 
@@ -206,8 +232,47 @@ class Handler:
             if sig == signal.SIGHUP:
                 if self.recorder is not None:
                     self.recorder.rotate(reason="hup")
+            elif sig == signal.SIGUSR2:
+                self._load_next_config()
             else:
                 self.stop()
+
+    # -- live reconfiguration ------------------------------------------------------------------
+    def _load_next_config(self) -> None:
+        """The supervisor wrote new settings for this receiver next to the status file (SIGUSR2)."""
+        try:
+            with open(next_config_path(self.run_dir, self.rc)) as f:
+                rc = ReceiverConfig.from_json(f.read())
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            self.log.error("reconfigure_failed", reason=str(exc))
+            return
+        self.reconfigure(rc)
+
+    def reconfigure(self, rc: ReceiverConfig) -> None:
+        """Apply new settings without dropping exporter sessions: subreceivers, mode, subreceiver protocol,
+        queue size, template refresh and recording settings. The listening socket and CPU cannot change
+        in place (the supervisor starts a new handler for those)."""
+        old = self.rc
+        if live_change_impossible(old, rc):
+            self.log.error("reconfigure_refused", reason="listen address, protocol or CPU changed")
+            return
+        self.rc = rc
+        stats = {e.endpoint: e for e in self.endpoints}
+        self.endpoints = [stats.pop(ep, None) or EndpointStats(ep) for ep in rc.subreceivers]
+        self.retired_endpoints.extend(stats.values())  # their outputs drain, then close
+        old_recorder = self.recorder
+        if old_recorder is not None and (rc.mode is not Mode.DISABLED or old_recorder.rc != rc):
+            old_recorder.close()  # completes the current file before a new recorder takes the directory
+            self.retired_drops += old_recorder.drops
+            self.recorder = None
+        if rc.mode is Mode.DISABLED and self.recorder is None:
+            from .recorder import Recorder
+            self.recorder = Recorder(self.loop, rc, self.log)
+        for session in list(self.sessions.values()):
+            if not session.ended:
+                session.configure()
+        self.log.info("reconfigured", mode=rc.mode.value, subreceivers=[str(e) for e in rc.subreceivers],
+                      sessions=len(self.sessions))
 
     # -- traffic -------------------------------------------------------------------------------
     def _on_accept(self, _mask) -> None:
@@ -318,7 +383,7 @@ class Handler:
 
     # -- status --------------------------------------------------------------------------------
     def drops(self) -> int:
-        total = sum(e.drops for e in self.endpoints)
+        total = self.retired_drops + sum(e.drops for e in self.endpoints + self.retired_endpoints)
         if self.recorder is not None:
             total += self.recorder.drops
         return total
@@ -333,7 +398,7 @@ class Handler:
             "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
             "malformed": sum(self.malformed.values()), "malformed_by_reason": dict(self.malformed),
             "unknown_template": self.unknown_template + sum(s.tracker.unknown_template
-                                                            for s in self.sessions.values()),
+                                                            for s in self.sessions.values() if not s.ended),
             "connections": self.connections, "connections_total": self.connections_total,
             "drops": self.drops(),
             "subreceivers": [e.snapshot() for e in self.endpoints],
@@ -341,6 +406,16 @@ class Handler:
         if self.recorder is not None:
             doc["recorder"] = self.recorder.status()
         status_mod.write_json(self.status_path, doc)
+
+
+def next_config_path(run_dir: str, rc: ReceiverConfig) -> str:
+    return os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.next")
+
+
+def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
+    """True when the new settings need a new handler process (a new listening socket or CPU)."""
+    return (old.stream, old.index, old.port_type, old.port, old.bind, old.taskset) != \
+        (new.stream, new.index, new.port_type, new.port, new.bind, new.taskset)
 
 
 def _peer(addr) -> str:

@@ -22,11 +22,16 @@ def resolve_run_dir(cli_value: str | None) -> str:
     return cli_value or os.environ.get("IPFIX_BALANCER_RUN_DIR") or DEFAULT_RUN_DIR
 
 
-def write_json(path: str, doc: dict) -> None:
+def write_atomic(path: str, text: str) -> None:
+    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(doc, f)
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path: str, doc: dict) -> None:
+    write_atomic(path, json.dumps(doc))
 
 
 def read_json(path: str) -> dict | None:

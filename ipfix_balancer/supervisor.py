@@ -18,7 +18,7 @@ import time
 
 from . import status as status_mod
 from .config import ConfigError, Config, Mode, ReceiverConfig, load
-from .handler import DRAIN_TIMEOUT, set_process_name
+from .handler import DRAIN_TIMEOUT, live_change_impossible, next_config_path, set_process_name
 
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
@@ -183,7 +183,9 @@ class Supervisor:
 
     # -- reload / rotation ---------------------------------------------------------------------
     def reload(self) -> bool:
-        """Re-read the config; restart only handlers whose receiver changed. A bad file changes nothing."""
+        """Re-read the config and apply it. A bad file changes nothing. A receiver whose listening socket
+        and CPU stay is reconfigured in place (its exporters stay connected); otherwise its handler is
+        replaced."""
         try:
             new = load(self.config_path)
         except ConfigError as err:
@@ -193,15 +195,25 @@ class Supervisor:
         old = {rc.name: rc for rc in self.config.receivers}
         fresh = {rc.name: rc for rc in new.receivers}
         changed = [n for n in old if n in fresh and fresh[n] != old[n]]
+        in_place = [n for n in changed if not live_change_impossible(old[n], fresh[n])
+                    and self.children.get(n) is not None and self.children[n].pid is not None]
+        replaced = [n for n in changed if n not in in_place]
         removed = [n for n in old if n not in fresh]
-        # Free the ports of removed and changed receivers before binding them again.
-        self._stop_children([self.children[n] for n in removed + changed if n in self.children], DRAIN_TIMEOUT + 5)
+        added = [n for n in fresh if n not in old]
+        for name in in_place:
+            child = self.children[name]
+            child.rc = fresh[name]  # also what a restart after a crash will use
+            status_mod.write_atomic(next_config_path(self.run_dir, child.rc), child.rc.to_json())
+            child.proc.send_signal(signal.SIGUSR2)
+        # Free the ports of removed and replaced receivers before binding them again.
+        self._stop_children([self.children[n] for n in removed + replaced if n in self.children],
+                            DRAIN_TIMEOUT + 5)
         for name in removed:
             self.children.pop(name, None)
-        for name in changed + [n for n in fresh if n not in old]:
+        for name in replaced + added:
             self._spawn(Child(fresh[name]))
         self.config = new
-        self.log.info("reloaded", changed=changed, removed=removed, added=[n for n in fresh if n not in old])
+        self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
         return True
 

@@ -35,12 +35,13 @@ def main() -> None:
 @_config_option
 @_run_dir_option
 @_log_format_option
-def run(config_path, run_dir, log_format) -> None:
+@click.option("--adopt", is_flag=True, hidden=True, help="continue a supervisor that re-executed itself")
+def run(config_path, run_dir, log_format, adopt) -> None:
     """Run the supervisor and one handler per receiver (foreground; systemd runs this)."""
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
     log = logs.setup(log_format, stream="supervisor")
-    sys.exit(Supervisor(path, status_mod.resolve_run_dir(run_dir), log_format, log).run())
+    sys.exit(Supervisor(path, status_mod.resolve_run_dir(run_dir), log_format, log, adopt=adopt).run())
 
 
 @main.command("check-config")
@@ -115,11 +116,44 @@ def reload(config_path, run_dir) -> None:
     click.echo(f"reload requested from supervisor {pid}")
 
 
+@main.command()
+@_config_option
+@_run_dir_option
+@click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the new handlers")
+def restart(config_path, run_dir, timeout) -> None:
+    """Restart in place without dropping exporters: new supervisor code and new handlers take the
+    sockets over from the running ones. Refused (nothing changes) when the config is invalid."""
+    path = config_mod.resolve_path(config_path)
+    try:
+        cfg = config_mod.load(path)
+    except config_mod.ConfigError as err:
+        click.echo(f"restart refused, the running balancer keeps running: {path}:", err=True)
+        for problem in err.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(1)
+    run_dir = status_mod.resolve_run_dir(run_dir)
+    before = {h["pid"] for h in (status_mod.read_json(os.path.join(run_dir, status_mod.SUPERVISOR_FILE)) or {})
+              .get("handlers", [])}
+    pid = _signal_supervisor(run_dir, signal.SIGUSR2)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        handlers = status_mod.collect(run_dir)["handlers"]
+        fresh = [h for h in handlers if h["pid"] not in before and h["alive"] and h["listen"]["listening"]]
+        if len(fresh) >= len(cfg.receivers):
+            click.echo(f"restarted in place: supervisor {pid}, handlers " + ", ".join(
+                f"{h['name']}={h['pid']}" for h in fresh))
+            return
+        time.sleep(0.2)
+    click.echo(f"ipfix-balancer: handlers not all back after {timeout}s; see the log", err=True)
+    sys.exit(1)
+
+
 @main.command(hidden=True)
 @click.option("--receiver", "receiver_json", required=True, help="ReceiverConfig as JSON")
 @_run_dir_option
 @_log_format_option
-def handler(receiver_json, run_dir, log_format) -> None:
+@click.option("--takeover", is_flag=True, help="take the sockets over from the running handler")
+def handler(receiver_json, run_dir, log_format, takeover) -> None:
     """One receiver's handler process (spawned by the supervisor)."""
     from .handler import main as handler_main
-    sys.exit(handler_main(receiver_json, status_mod.resolve_run_dir(run_dir), log_format))
+    sys.exit(handler_main(receiver_json, status_mod.resolve_run_dir(run_dir), log_format, takeover))

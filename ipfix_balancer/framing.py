@@ -38,10 +38,10 @@ class StreamFramer:
 
     __slots__ = ("chunk_size", "_tail", "messages")
 
-    def __init__(self, chunk_size: int = 256 * 1024):
+    def __init__(self, chunk_size: int = 256 * 1024, tail: bytes = b""):
         # A chunk must hold the largest possible message plus room to read.
         self.chunk_size = max(chunk_size, 2 * MAX_MESSAGE)
-        self._tail = b""
+        self._tail = tail  # the start of a message read by a predecessor (handover)
         self.messages: list[memoryview] | tuple = ()
 
     def recv(self, sock) -> int:
@@ -81,8 +81,12 @@ class StreamFramer:
         self.messages = out
 
     @property
+    def tail(self) -> bytes:
+        """The incomplete message held for the next read."""
+        return self._tail
+
+    @property
     def pending(self) -> int:
-        """Bytes of an incomplete message held for the next read."""
         return len(self._tail)
 
 

@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 
+from . import handover
 from . import status as status_mod
 from .config import Mode, ReceiverConfig
 from .dispatch import All, RoundRobin
@@ -32,10 +33,12 @@ class Session:
     """One exporter session (a TCP connection, or a UDP exporter address+port) and its mirrors: one
     output session per subreceiver, so template scopes of different exporters never mix at a collector."""
 
-    def __init__(self, handler: "Handler", peer: str):
+    def __init__(self, handler: "Handler", peer: str, templates=()):
         self.handler = handler
         self.peer = peer
         self.tracker = TemplateTracker()
+        for msg in templates:  # learnt by a predecessor (handover): known before any output connects
+            self.tracker.inspect(msg)
         self.outputs: list[Output] = []  # every open output: the dispatcher's, and retired ones draining
         self.ended = self.gone = False
         self.last_seen = time.monotonic()
@@ -108,10 +111,10 @@ class Session:
 
 
 class TcpSession(Session):
-    def __init__(self, handler: "Handler", sock: socket.socket, peer: str):
-        super().__init__(handler, peer)
+    def __init__(self, handler: "Handler", sock: socket.socket, peer: str, tail: bytes = b"", templates=()):
+        super().__init__(handler, peer, templates)
         self.sock = sock
-        self.framer = StreamFramer()
+        self.framer = StreamFramer(tail=tail)
         handler.loop.watch(sock, READ, self.on_readable)
 
     def on_readable(self, _mask) -> None:
@@ -176,17 +179,46 @@ class Handler:
         self.retired_endpoints: list[EndpointStats] = []  # subreceivers removed by a reconfiguration
         self.started = time.time()
         self.listening = False
+        self.handed_over = False
         self.stopping = False
         self._stop_deadline = 0.0
         self.exit_code = 0
         self.status_path = os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.json")
 
     # -- setup ---------------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, takeover: bool = False) -> None:
+        """Listen (or take the listening socket and exporter sessions over from the running handler of
+        this receiver), then offer the same handover to a successor."""
         rc = self.rc
+        addr = handover.address(self.run_dir, rc.stream, rc.index)
+        taken = handover.take(addr) if takeover else None  # the predecessor has closed its recorder by then
         if rc.mode is Mode.DISABLED:
             from .recorder import Recorder  # recording pulls in file handling only where it is used
             self.recorder = Recorder(self.loop, rc, self.log)
+        if taken is None:
+            if takeover:
+                self.log.warning("takeover_unavailable", reason="no running handler to take over from")
+            self.listener = self._bind()
+        else:
+            self._adopt(*taken)
+        tcp = rc.port_type == "tcp"
+        if tcp:
+            self.loop.watch(self.listener, READ, self._on_accept)
+        else:
+            self.reader = DatagramReader()
+            self.loop.watch(self.listener, READ, self._on_datagrams)
+            self.loop.every(30.0, self._expire_udp_sessions)
+        self.listening = True
+        self.handover_server = handover.listen(addr)
+        self.loop.watch(self.handover_server, READ, self._on_handover)
+        self._install_signals()
+        self.loop.every(STATUS_PERIOD, self.write_status)
+        self.write_status()
+        self.log.info("handler_started", listen=f"{rc.bind}/{rc.port}/{rc.port_type}", mode=rc.mode.value,
+                      subreceivers=[str(e) for e in rc.subreceivers], dpi_id=rc.dpi_id)
+
+    def _bind(self) -> socket.socket:
+        rc = self.rc
         family = socket.AF_INET6 if ":" in rc.bind else socket.AF_INET
         kind = socket.SOCK_STREAM if rc.port_type == "tcp" else socket.SOCK_DGRAM
         sock = socket.socket(family, kind)
@@ -197,18 +229,68 @@ class Handler:
         sock.setblocking(False)
         if kind == socket.SOCK_STREAM:
             sock.listen(128)
-            self.loop.watch(sock, READ, self._on_accept)
-        else:
-            self.reader = DatagramReader()
-            self.loop.watch(sock, READ, self._on_datagrams)
-            self.loop.every(30.0, self._expire_udp_sessions)
-        self.listener = sock
-        self.listening = True
-        self._install_signals()
-        self.loop.every(STATUS_PERIOD, self.write_status)
-        self.write_status()
-        self.log.info("handler_started", listen=f"{rc.bind}/{rc.port}/{rc.port_type}", mode=rc.mode.value,
-                      subreceivers=[str(e) for e in rc.subreceivers], dpi_id=rc.dpi_id)
+        return sock
+
+    # -- handover (restart without dropping exporters) ------------------------------------------
+    def _adopt(self, state: dict, fds: list[int]) -> None:
+        """Continue the predecessor's sockets: its listener, and each exporter session with the part
+        of a message it had already read and the templates it had learnt (replayed to new outputs)."""
+        socks = [socket.socket(fileno=fd) for fd in fds]
+        for sock in socks:
+            sock.setblocking(False)
+        self.listener = socks[state["listener"]]
+        for item in state["sessions"]:
+            templates = [memoryview(handover.decode(m)) for m in item["templates"]]
+            if "fd" in item:
+                session = TcpSession(self, socks[item["fd"]], item["peer"], handover.decode(item["tail"]),
+                                     templates)
+                self.sessions[session.sock] = session
+            else:
+                self.sessions[tuple(item["addr"])] = Session(self, item["peer"], templates)
+            self.connections += 1
+            self.connections_total += 1
+        self.log.info("took_over", sessions=len(state["sessions"]), from_pid=state["pid"])
+
+    def _on_handover(self, _mask) -> None:
+        """A successor asks for our sockets: stop reading, hand everything over, then drain and exit."""
+        try:
+            conn, _ = self.handover_server.accept()
+        except BlockingIOError:
+            return
+        self.loop.unwatch(self.handover_server)
+        self.handover_server.close()
+        self.loop.unwatch(self.listener)
+        fds, items = [self.listener.fileno()], []
+        for key, session in self.sessions.items():
+            if session.ended:
+                continue
+            item = {"peer": session.peer, "templates": [
+                handover.encode(m) for m in session.tracker.snapshot.messages(lambda _odid: 0, 0)]}
+            if isinstance(session, TcpSession):
+                self.loop.unwatch(session.sock)
+                item.update(fd=len(fds), tail=handover.encode(session.framer.tail))
+                fds.append(session.sock.fileno())
+            else:
+                item["addr"] = list(key)
+            items.append(item)
+        if self.recorder is not None:  # complete our file before the successor opens the directory
+            self.recorder.close()
+            self.retired_drops += self.recorder.drops
+            self.recorder = None
+        with conn:
+            handover.offer(conn, {"pid": os.getpid(), "listener": 0, "sessions": items}, fds)
+        self.log.info("handed_over", sessions=len(items))
+        self.handed_over = True  # the status file is the successor's now
+        # Our copies of the descriptors go; the connections live on in the successor.
+        for session in [s for s in self.sessions.values() if not s.ended]:
+            if isinstance(session, TcpSession):
+                session.sock.close()
+            session.end()
+        self.listener.close()
+        self.listening = False
+        self.connections = 0
+        self.stopping = True
+        self._stop_deadline = time.monotonic() + DRAIN_TIMEOUT
 
     def _install_signals(self) -> None:
         """Signals only set flags; a socketpair wakes the loop so they act within one turn."""
@@ -344,6 +426,8 @@ class Handler:
         self.stopping = True
         self._stop_deadline = time.monotonic() + DRAIN_TIMEOUT
         self.log.info("handler_stopping", sessions=len(self.sessions))
+        self.loop.unwatch(self.handover_server)
+        self.handover_server.close()
         self.loop.unwatch(self.listener)
         self.listener.close()
         self.listening = False
@@ -361,8 +445,8 @@ class Handler:
             return False
         return True
 
-    def run(self) -> int:
-        self.start()
+    def run(self, takeover: bool = False) -> int:
+        self.start(takeover)
         self.loop.run(until=self._done)
         self._finish()
         return self.exit_code
@@ -389,6 +473,8 @@ class Handler:
         return total
 
     def write_status(self) -> None:
+        if self.handed_over:
+            return
         rc = self.rc
         doc = {
             "stream": rc.stream, "index": rc.index, "name": rc.name, "pid": os.getpid(),
@@ -441,7 +527,7 @@ def set_process_name(name: str) -> None:
         pass
 
 
-def main(receiver_json: str, run_dir: str, log_format: str) -> int:
+def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:
     """Entry point of ``ipfix-balancer handler``: set up the process, run, exit with the loop's verdict."""
     from . import logs
     rc = ReceiverConfig.from_json(receiver_json)
@@ -452,7 +538,7 @@ def main(receiver_json: str, run_dir: str, log_format: str) -> int:
     os.makedirs(run_dir, exist_ok=True)
     handler = Handler(rc, run_dir, log)
     try:
-        return handler.run()
+        return handler.run(takeover)
     except Exception:
         # An internal error must be loud and restartable: one traceback, non-zero exit.
         log.exception("handler_crashed")

@@ -4,10 +4,15 @@ It spawns one ``ipfix-balancer handler`` process per receiver (the receiver's co
 JSON, so a handler never re-reads a file that may have changed since it was validated), restarts a
 handler that dies (with backoff), passes SIGTERM/SIGINT on for a graceful stop, re-reads the config on
 SIGHUP, and relays a Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders.
+
+SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart``: the supervisor
+re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket
+and the exporter connections over from its predecessor (``handover.py``).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -20,6 +25,7 @@ from . import status as status_mod
 from .config import ConfigError, Config, Mode, ReceiverConfig, load
 from .handler import DRAIN_TIMEOUT, live_change_impossible, next_config_path, set_process_name
 
+ADOPT_FILE = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
@@ -43,7 +49,9 @@ class Child:
 
 
 class Supervisor:
-    def __init__(self, config_path: str, run_dir: str, log_format: str, log):
+    def __init__(self, config_path: str, run_dir: str, log_format: str, log, adopt: bool = False):
+        self.adopt = adopt
+        self.retiring: set[int] = set()  # predecessors' handlers, reaped by pid
         self.config_path = config_path
         self.run_dir = run_dir
         self.log_format = log_format
@@ -68,8 +76,9 @@ class Supervisor:
                            other_pid=other)
             return 3
         os.makedirs(self.run_dir, exist_ok=True)
+        predecessors = self._read_adopt_file() if self.adopt else {}
         for path in os.listdir(self.run_dir):  # stale handler files from an earlier run would mislead status
-            if path.startswith("handler-"):
+            if path.startswith("handler-") and not predecessors:
                 os.unlink(os.path.join(self.run_dir, path))
         with open(os.path.join(self.run_dir, status_mod.PID_FILE), "w") as f:
             f.write(f"{os.getpid()}\n")
@@ -78,8 +87,7 @@ class Supervisor:
         for warning in self.config.warnings:
             self.log.warning("config_warning", problem=warning)
         self.log.info("supervisor_started", config=self.config_path, receivers=len(self.config.receivers))
-        for rc in self.config.receivers:
-            self._spawn(Child(rc))
+        self._start_handlers(predecessors)
         try:
             while not self.stopping:
                 select.select([wake], [], [], 0.5)
@@ -100,7 +108,7 @@ class Supervisor:
         wsock.setblocking(False)
         self._wsock = wsock
         signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
             signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
         return rsock
 
@@ -122,12 +130,70 @@ class Supervisor:
                 self.reload()
             elif sig == signal.SIGUSR1:
                 self._sync_rotation()
+            elif sig == signal.SIGUSR2:
+                self._reexec()
+
+    # -- restart in place ----------------------------------------------------------------------
+    def _reexec(self) -> None:
+        """Become a new supervisor (new code, new config) without dropping a single exporter."""
+        try:
+            load(self.config_path)
+        except ConfigError as err:
+            for problem in err.problems:
+                self.log.error("restart_refused", config=self.config_path, problem=problem)
+            return
+        running = {name: {"pid": c.pid, "receiver": c.rc.to_json()}
+                   for name, c in self.children.items() if c.pid is not None}
+        status_mod.write_json(os.path.join(self.run_dir, ADOPT_FILE),
+                              {"handlers": running, "retiring": sorted(self.retiring)})
+        self.log.info("supervisor_reexec", handlers=len(running))
+        signal.set_wakeup_fd(-1)
+        os.execv(sys.executable, [sys.executable, "-m", "ipfix_balancer", "run", "--config", self.config_path,
+                                  "--run-dir", self.run_dir, "--log-format", self.log_format, "--adopt"])
+
+    def _read_adopt_file(self) -> dict:
+        path = os.path.join(self.run_dir, ADOPT_FILE)
+        doc = status_mod.read_json(path) or {}
+        if os.path.exists(path):
+            os.unlink(path)
+        self.retiring.update(doc.get("retiring", []))
+        return {name: (item["pid"], ReceiverConfig.from_json(item["receiver"]))
+                for name, item in doc.get("handlers", {}).items()}
+
+    def _start_handlers(self, predecessors: dict) -> None:
+        """Start a handler per receiver. A receiver whose predecessor still listens on the same socket
+        takes it over; predecessors of receivers that changed their socket or went away are stopped."""
+        for rc in self.config.receivers:
+            pid, old_rc = predecessors.pop(rc.name, (None, None))
+            if pid is not None and not live_change_impossible(old_rc, rc):
+                self.retiring.add(pid)
+                self._spawn(Child(rc), takeover=True)
+                continue
+            if pid is not None:
+                self._stop_pid(pid)
+            self._spawn(Child(rc))
+        for pid, _rc in predecessors.values():
+            self._stop_pid(pid)
+
+    def _stop_pid(self, pid: int) -> None:
+        """Stop a predecessor's handler and wait for it (it holds a port a new handler may need)."""
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + DRAIN_TIMEOUT + 5
+        while time.monotonic() < deadline:
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                return
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
 
     # -- handlers ------------------------------------------------------------------------------
-    def _spawn(self, child: Child) -> None:
+    def _spawn(self, child: Child, takeover: bool = False) -> None:
         rc = child.rc
         cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--receiver", rc.to_json(),
-               "--run-dir", self.run_dir, "--log-format", self.log_format]
+               "--run-dir", self.run_dir, "--log-format", self.log_format] + (["--takeover"] if takeover else [])
         child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         child.started = time.monotonic()
         child.restart_at = None
@@ -136,6 +202,13 @@ class Supervisor:
         self._write_status()
 
     def _reap(self) -> None:
+        for pid in list(self.retiring):
+            try:
+                done = os.waitpid(pid, os.WNOHANG)[0] == pid
+            except ChildProcessError:
+                done = True
+            if done:
+                self.retiring.discard(pid)
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.proc is not None and child.proc.poll() is not None:

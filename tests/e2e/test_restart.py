@@ -1,0 +1,93 @@
+"""Restart in place: exporters keep their TCP connection and lose nothing; collectors can decode."""
+
+import threading
+import time
+
+from ipfixkit import TcpExporter, TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, \
+    run_cli, split_messages, udp_send
+
+
+def env(port: int, sinks, port_type="tcp") -> str:
+    subs = ",".join(f"127.0.0.1/{s.port}" for s in sinks)
+    return (f"IPFIX_FULLFLOW_PORT_TYPE[0]={port_type}\nIPFIX_FULLFLOW_PORT[0]={port}\n"
+            f"IPFIX_FULLFLOW_BIND[0]=127.0.0.1\nIPFIX_FULLFLOW_BALANCER[0]=RoundRobin\n"
+            f"IPFIX_FULLFLOW_BALANCER_SUB[0]={subs}\n")
+
+
+def test_restart_hands_sockets_over_while_the_exporter_keeps_sending(balancer):
+    port = free_port()
+    with TcpSink() as a, TcpSink() as b:
+        bal = balancer(env(port, [a, b]))
+        bal.wait_ready()
+        old_handler = bal.handler_pid("fullflow[0]")
+        stream = make_stream(40000, records_per_message=4)
+        errors, sent, restarted = [], [0], threading.Event()
+
+        def export():
+            """A steady stream across the restart, until well after it (messages cut across sends)."""
+            try:
+                with TcpExporter(port) as exporter:
+                    exporter.send(stream[:1])
+                    after = 0
+                    for i in range(1, len(stream), 100):
+                        exporter.send(stream[i:i + 100], chunking=997)
+                        sent[0] = i + 99
+                        after += restarted.is_set()
+                        if after > 20:
+                            break
+                        time.sleep(0.01)
+            except OSError as exc:  # the exporter must never see its connection fail
+                errors.append(exc)
+
+        sender = threading.Thread(target=export)
+        sender.start()
+        assert a.wait_messages(200)
+        result = run_cli("restart", "--config", str(bal.config_path), "--run-dir", str(bal.run_dir))
+        assert result.returncode == 0, result.stderr
+        restarted.set()
+        sender.join(60)
+        assert not errors
+        assert sent[0] < 40000, "the exporter was still sending after the restart"
+        status = bal.wait_status("fullflow[0]", lambda s: s["pid"] != old_handler and s["msgs_in"] > 0)
+        assert bal.running and bal.supervisor()["pid"] == bal.pid, "same supervisor process (re-executed)"
+        bal.wait_log("handed_over")
+        bal.wait_log("took_over")
+        assert a.wait_quiet(1.0, timeout=30) and b.wait_quiet(1.0, timeout=30)
+        got = sorted(extract_serials(a.messages()) + extract_serials(b.messages()))
+        assert got == list(range(sent[0] * 4)), "every record exactly once across the restart"
+        assert status["connections_total"] == 1, "the new handler adopted the exporter's connection"
+        # Each collector connection decodes on its own: the new handler replays templates first.
+        for sink in (a, b):
+            for conn in sink.connections:
+                decode_records(split_messages(conn))
+        assert bal.stop() == 0
+
+
+def test_restart_refuses_a_broken_config(balancer):
+    port = free_port()
+    with TcpSink() as a:
+        bal = balancer(env(port, [a]))
+        bal.wait_ready()
+        pid = bal.handler_pid("fullflow[0]")
+        bal.write_config("IPFIX_FULLFLOW_PORT[0]=0\n")
+        result = run_cli("restart", "--config", str(bal.config_path), "--run-dir", str(bal.run_dir))
+        assert result.returncode == 1
+        assert "IPFIX_FULLFLOW_PORT[0]" in result.stderr and "keeps running" in result.stderr
+        assert bal.handler_pid("fullflow[0]") == pid
+
+
+def test_udp_restart_keeps_templates(balancer):
+    port = free_port("udp")
+    with UdpSink() as a:
+        bal = balancer(env(port, [a], port_type="udp") +
+                       "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]=udp\n")
+        bal.wait_ready()
+        stream = make_stream(50, records_per_message=2)
+        src = udp_send(port, stream[:26])
+        assert a.wait_messages(26)
+        result = run_cli("restart", "--config", str(bal.config_path), "--run-dir", str(bal.run_dir))
+        assert result.returncode == 0, result.stderr
+        udp_send(port, stream[26:], src_port=src)  # no template in these: the new handler knows it
+        assert a.wait_messages(51 + 1)  # + the replayed template message
+        records = decode_records(a.datagrams)
+        assert sorted(r["serial"] for r in records) == list(range(100))

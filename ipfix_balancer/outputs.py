@@ -74,13 +74,17 @@ class Output:
         self.pending: deque = deque()
         self.pending_bytes = 0
         self._bufs: list = []      # buffers committed to the connection but not yet written
-        self._ends: list[int] = []  # cumulative end offset of each committed message in _bufs
+        self._ends: list[int] = []  # bytes left to write up to the end of each committed message
+        self._entries: list = []    # the committed entries, parallel to _ends
         self.seq: dict[int, int] = {}
         self.sock: socket.socket | None = None
         self.state = DOWN
         self.closing = False
         self._backoff = BACKOFF_FIRST
         self._timer = None
+        # True while the queue still holds every message of the session since it had no templates: then the
+        # first connection learns the templates from those messages, and a replay would only duplicate them.
+        self._complete = not len(current_snapshot())
         stats.outputs.add(self)
         self._connect()
 
@@ -92,10 +96,13 @@ class Output:
         """Queue an entry; when full, the oldest unsent entries are dropped and counted (never the newest:
         a collector that falls behind should get the most recent data)."""
         size = len(entry[0])
+        if self.state is UP and not self.closing and self.pending_bytes + size > self.limit:
+            self.flush()  # a read batch can exceed a small queue: give the kernel what it takes before dropping
         while self.pending and self.pending_bytes + size > self.limit:
             old = self.pending.popleft()
             self.pending_bytes -= len(old[0])
             self.stats.drops += 1
+            self._complete = False
         self.pending.append(entry)
         self.pending_bytes += size
         if self.state is UP:
@@ -106,11 +113,12 @@ class Output:
         entries = list(self.pending)
         self.pending.clear()
         self.pending_bytes = 0
+        self._complete = False
         return entries
 
     @property
     def idle(self) -> bool:
-        return not self.pending and not self._bufs
+        return not self.pending and not self._entries
 
     # -- connection ----------------------------------------------------------------------------
     def _connect(self) -> None:
@@ -151,7 +159,9 @@ class Output:
         if self.stats.last_error:
             self.log.info("subreceiver_up", subreceiver=str(self.endpoint))
             self.stats.last_error = ""
-        self._replay_templates()
+        if not self._complete:
+            self._replay_templates()
+        self._complete = False  # whatever follows an earlier connection: a later one needs the replay
         if self.endpoint.proto == "tcp":
             self.loop.watch(self.sock, READ, self._on_event)
         elif self.refresh and self._refresh_timer is None:
@@ -187,16 +197,27 @@ class Output:
                 self.enqueue((memoryview(m), SEQ.unpack_from(m, 12)[0], 0, snapshot))
         self._refresh_timer = self.loop.call_later(self.refresh, self._refresh_tick)
 
+    def _uncommit(self) -> int:
+        """The connection failed: committed messages not written at all go back to the queue (a
+        dispatcher may move them elsewhere); one cut in the middle is lost. Returns the count lost."""
+        entries, ends = self._entries, self._ends
+        lost = 0
+        if entries and len(entries[0][0]) > ends[0]:  # the head message was partly written
+            lost = 1
+            entries = entries[1:]
+        self.pending.extendleft(reversed(entries))
+        self.pending_bytes += sum(len(e[0]) for e in entries)
+        self._bufs, self._ends, self._entries = [], [], []
+        self.stats.drops += lost
+        return lost
+
     def _fail(self, exc: BaseException) -> None:
         """The connection is gone: count what was committed but unwritten, and retry with backoff."""
         if self.sock is not None:
             self.loop.unwatch(self.sock)
             self.sock.close()
             self.sock = None
-        lost = len(self._ends)
-        if lost:
-            self.stats.drops += lost
-            self._bufs, self._ends = [], []
+        lost = self._uncommit()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         if self.state is not DOWN or not self.stats.last_error:
             self.log.warning("subreceiver_down", subreceiver=str(self.endpoint), reason=reason,
@@ -244,13 +265,15 @@ class Output:
 
     def _fill(self) -> None:
         """Commit queued entries to ``_bufs`` (rewriting the sequence number if asked) up to IOV_MAX."""
-        bufs, ends, pending = self._bufs, self._ends, self.pending
+        bufs, ends, entries, pending = self._bufs, self._ends, self._entries, self.pending
         total = ends[-1] if ends else 0
         rewrite, seq, pack = self.rewrite_seq, self.seq, SEQ.pack
         limit = IOV_MAX - 3
         pending_bytes = self.pending_bytes
         while pending and len(bufs) < limit:
-            msg, odid, nrec, _snap = pending.popleft()
+            entry = pending.popleft()
+            entries.append(entry)
+            msg, odid, nrec, _snap = entry
             size = len(msg)
             pending_bytes -= size
             if rewrite:
@@ -278,7 +301,7 @@ class Output:
             if sent == ends[-1]:
                 self.stats.msgs_out += len(ends)
                 self.stats.bytes_out += sent
-                self._bufs, self._ends = [], []
+                self._bufs, self._ends, self._entries = [], [], []
                 continue
             self._written(sent)
             self.loop.watch(sock, READ | WRITE, self._on_event)
@@ -292,6 +315,7 @@ class Output:
         self.stats.msgs_out += done
         self.stats.bytes_out += sent
         self._ends = [e - sent for e in ends[done:]]
+        del self._entries[:done]
         bufs = self._bufs
         i = 0
         while sent:
@@ -350,14 +374,14 @@ class Output:
             self.loop.unwatch(self.sock)
             self.sock.close()
             self.sock = None
-        unsent = len(self.pending) + len(self._ends)
+        unsent = len(self.pending) + len(self._entries)
         if unsent:
             self.stats.drops += unsent
             self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.endpoint), unsent_messages=unsent,
                            state=self.state)
         self.pending.clear()
         self.pending_bytes = 0
-        self._bufs, self._ends = [], []
+        self._bufs, self._ends, self._entries = [], [], []
         self.state = CLOSED
         self.stats.outputs.discard(self)
         if self.on_drained is not None:

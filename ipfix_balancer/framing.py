@@ -34,60 +34,67 @@ def check_header(version: int, length: int) -> None:
 
 
 class StreamFramer:
-    """Frames one TCP session. ``recv(sock)`` reads once; ``messages`` then holds the complete messages."""
+    """Frames one TCP session. ``recv(sock)`` reads once; ``messages`` then holds the complete messages.
 
-    __slots__ = ("chunk_size", "_tail", "messages")
+    Reads go one after another into the same chunk until less than ``MIN_READ`` is free; only then does
+    a new chunk start, taking the incomplete message along (the one copy). Filling chunks matters: a
+    queued message keeps its whole chunk alive, so one small read per chunk would let a few thousand
+    small queued messages pin gigabytes.
+    """
+
+    __slots__ = ("chunk_size", "_view", "_start", "_end", "messages")
+    MIN_READ = 64 * 1024
 
     def __init__(self, chunk_size: int = 256 * 1024, tail: bytes = b""):
-        # A chunk must hold the largest possible message plus room to read.
-        self.chunk_size = max(chunk_size, 2 * MAX_MESSAGE)
-        self._tail = tail  # the start of a message read by a predecessor (handover)
+        # Room for a whole message of the largest size plus a worthwhile read, whatever is asked.
+        self.chunk_size = max(chunk_size, MAX_MESSAGE + self.MIN_READ)
+        self._new_chunk(tail)  # tail: the start of a message a predecessor had read (handover)
         self.messages: list[memoryview] | tuple = ()
+
+    def _new_chunk(self, carry) -> None:
+        view = memoryview(bytearray(self.chunk_size))
+        view[:len(carry)] = carry
+        self._view, self._start, self._end = view, 0, len(carry)
 
     def recv(self, sock) -> int:
         """Read what the socket has (one ``recv_into``) and frame it. Returns bytes read; 0 means EOF.
 
         Raises ``FramingError`` on a header that cannot be IPFIX; the session must then be closed, since
-        a TCP stream offers no safe point to resynchronise.
+        a TCP stream offers no safe point to resynchronise. Messages before the bad header are delivered.
         """
         self.messages = ()  # nothing from an earlier read may be delivered twice
-        tail = self._tail
-        buf = bytearray(self.chunk_size)
-        start = len(tail)
-        if start:
-            buf[:start] = tail
-        view = memoryview(buf)
-        n = sock.recv_into(view[start:])
+        if self.chunk_size - self._end < self.MIN_READ:
+            self._new_chunk(self._view[self._start:self._end])
+        n = sock.recv_into(self._view[self._end:])
         if n:
-            self.feed(view, start + n)
+            self._end += n
+            self._frame()
         return n
 
-    def feed(self, view: memoryview, end: int) -> None:
-        """Frame ``view[:end]`` (tail of the previous read first); complete messages go to ``messages``."""
+    def _frame(self) -> None:
+        view, pos, end = self._view, self._start, self._end
         out = []
-        pos = 0
         unpack = _VERSION_LENGTH.unpack_from
         while end - pos >= HEADER_LEN:
             version, length = unpack(view, pos)
             if version != VERSION or length < HEADER_LEN:
-                self.messages = out  # what was whole before the bad header is still delivered
-                self._tail = b""
+                self.messages, self._start = out, end  # nothing after a bad header is usable
                 check_header(version, length)
             if pos + length > end:
                 break
             out.append(view[pos:pos + length])
             pos += length
-        self._tail = bytes(view[pos:end])
+        self._start = pos
         self.messages = out
 
     @property
     def tail(self) -> bytes:
         """The incomplete message held for the next read."""
-        return self._tail
+        return bytes(self._view[self._start:self._end])
 
     @property
     def pending(self) -> int:
-        return len(self._tail)
+        return self._end - self._start
 
 
 class DatagramReader:

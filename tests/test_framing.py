@@ -116,3 +116,17 @@ def test_datagram_reader_views_do_not_alias():
         got.append(view)
         assert peer[1] == tx.getsockname()[1]
     assert [bytes(v) for v in got] == STREAM
+
+
+def test_small_reads_share_a_chunk_and_views_survive_rollover():
+    """Queued messages pin their chunk: small reads must fill one chunk, not take one each; and views
+    handed out before a new chunk starts keep their bytes."""
+    msgs = [message(bytes([i % 251]) * (300 + i % 700), i) for i in range(2000)]
+    data = b"".join(msgs)
+    pieces = [data[i:i + 777] for i in range(0, len(data), 777)]
+    framer, sock, kept = StreamFramer(), FakeSock(pieces), []
+    while framer.recv(sock):
+        kept.extend(framer.messages)
+    assert [bytes(m) for m in kept] == msgs
+    chunks = {id(m.obj) for m in kept}
+    assert len(chunks) <= len(data) // (framer.chunk_size - StreamFramer.MIN_READ) + 2

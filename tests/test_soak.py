@@ -1,0 +1,24 @@
+"""The 1-minute soak (scripts/soak): three stream kinds, collectors killed every few seconds, a reload."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+SOAK = Path(__file__).resolve().parents[1] / "scripts" / "soak"
+
+
+def test_one_minute_soak_stays_within_its_bounds():
+    result = subprocess.run([sys.executable, str(SOAK), "--minutes", "1", "--json"], capture_output=True,
+                            text=True, timeout=240)
+    report = json.loads(result.stdout)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert report["ok"] and report["balancer_exit"] == 0
+    assert report["collector_kills"] >= 10 and report["reloads"] == 1
+    for name, stream in report["streams"].items():
+        assert stream["sent"] > 30000, name
+        assert stream["duplicated"] == 0, name
+        assert stream["lost"] <= stream["loss_bound"], name
+    assert report["streams"]["dnsflow recording"]["lost"] == 0
+    for name, start in report["rss_start"].items():  # a leak would show as growth over the minute
+        assert report["rss_end"][name] < start + 20_000_000, name

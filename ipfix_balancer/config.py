@@ -28,7 +28,8 @@ DUMP_ROOT = "/var/fast_ipfix_balancer/dump"
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
-           "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO")
+           "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
+           "SPOOL_BYTES")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]+)\])?")
@@ -48,6 +49,7 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "QUEUE_BYTES": (65536, None, "an integer >= 65536 (bytes)"),
     "TEMPLATE_REFRESH": (1, None, "an integer >= 1 (seconds)"),
     "BALANCER_TASKSET": (0, None, "a CPU number >= 0"),
+    "SPOOL_BYTES": (0, None, "an integer >= 0 (bytes of completed dump files kept; 0 = no limit)"),
 }
 
 
@@ -100,6 +102,7 @@ class ReceiverConfig:
     template_refresh: int
     dump_dir: str
     balancer_auto: bool
+    spool_bytes: int = 0  # IPFIX_<S>_SPOOL_BYTES[i]: completed dumps kept on disk, oldest deleted beyond; 0 = no limit
 
     @property
     def name(self) -> str:
@@ -359,7 +362,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
         fw_max_queue_size=r.integer("FW_MAX_QUEUE_SIZE", 0), dump_insert_processes=exports,
         dpi_id=position if dpi_id == -1 else dpi_id, queue_bytes=r.integer("QUEUE_BYTES", 64 * 1024 * 1024),
         template_refresh=r.integer("TEMPLATE_REFRESH", 60), dump_dir=dump_dir,
-        balancer_auto=r.word("BALANCER_AUTO", _SWITCH, False)), r
+        balancer_auto=r.word("BALANCER_AUTO", _SWITCH, False), spool_bytes=r.integer("SPOOL_BYTES", 0)), r
 
 
 def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:

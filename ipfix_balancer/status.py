@@ -85,6 +85,31 @@ def _size(n: float) -> str:
     return f"{n:.0f}T"
 
 
+def _render_recorder(rec: dict) -> list[str]:
+    """A recording handler: current file, rotation, spool, an error if any, then one line per export target
+    (keys ``export[<target>].<field>`` of the recorder's flat status)."""
+    rec = dict(rec)
+    targets: dict[str, dict] = {}
+    for key in [k for k in rec if k.startswith("export[") and "]." in k]:
+        target, field = key[len("export["):].split("].", 1)
+        targets.setdefault(target, {})[field] = rec.pop(key)
+    nxt = rec.pop("next_rotation_s", None)
+    line = (f"    recorder: dpi_id={rec.pop('dpi_id', '-')} file={rec.pop('file', '') or '-'} "
+            f"bytes={_size(rec.pop('file_bytes', 0))} flows={rec.pop('file_flows', 0)} "
+            f"msgs={rec.pop('file_msgs', 0)} next_rotation={'-' if nxt is None else f'{nxt:.0f}s'} "
+            f"completed={rec.pop('files_completed', 0)} spool={rec.pop('spool_files', 0)} files/"
+            f"{_size(rec.pop('spool_bytes', 0))}")
+    error = rec.pop("error", "")
+    rest = " ".join(f"{k}={v}" for k, v in rec.items())
+    lines = [line, f"      {rest}"] if rest else [line]
+    if error:
+        lines.append(f"      ERROR: {error}")
+    for target, t in targets.items():
+        lines.append(f"    => export {target:<26}{t.get('state', '-'):<11} pending={t.get('pending', 0)} "
+                     f"sent={t.get('sent', 0)}" + (f" error={t['error']!r}" if t.get("error") else ""))
+    return lines
+
+
 def render(doc: dict) -> str:
     """A table an operator reads at a glance: one block per handler, one line per subreceiver."""
     lines = [f"supervisor: {'running, pid ' + str(doc['supervisor_pid']) if doc['running'] else 'NOT RUNNING'}"
@@ -106,7 +131,7 @@ def render(doc: dict) -> str:
                          + (f" error={sub['last_error']!r}" if sub.get("last_error") else ""))
         rec = h.get("recorder")
         if rec:
-            lines.append("    recorder: " + " ".join(f"{k}={v}" for k, v in rec.items()))
+            lines.extend(_render_recorder(rec))
     if not doc["handlers"]:
         lines.append("(no handler status files)")
     return "\n".join(lines)

@@ -24,11 +24,23 @@ import time
 from . import status as status_mod
 from .config import ConfigError, Config, Mode, ReceiverConfig, load
 from .handler import DRAIN_TIMEOUT, live_change_impossible, next_config_path, set_process_name
+from .recorder import auto_receivers
 
 ADOPT_FILE = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
+
+
+def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
+    """The handlers to run: the configured receivers plus the balancer-auto recorders they imply."""
+    return tuple(config.receivers) + tuple(auto_receivers(config))
+
+
+def _ignore_sighup() -> None:
+    """In the child before exec: SIGHUP is ignored until the handler installs its own handler, so a rotation
+    relayed while it starts (imports take a while) does not kill it (SIG_IGN survives exec)."""
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
 
 class Child:
@@ -163,7 +175,7 @@ class Supervisor:
     def _start_handlers(self, predecessors: dict) -> None:
         """Start a handler per receiver. A receiver whose predecessor still listens on the same socket
         takes it over; predecessors of receivers that changed their socket or went away are stopped."""
-        for rc in self.config.receivers:
+        for rc in receivers(self.config):
             pid, old_rc = predecessors.pop(rc.name, (None, None))
             if pid is not None and not live_change_impossible(old_rc, rc):
                 self.retiring.add(pid)
@@ -194,7 +206,7 @@ class Supervisor:
         rc = child.rc
         cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--receiver", rc.to_json(),
                "--run-dir", self.run_dir, "--log-format", self.log_format] + (["--takeover"] if takeover else [])
-        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_ignore_sighup)
         child.started = time.monotonic()
         child.restart_at = None
         self.children[rc.name] = child
@@ -265,8 +277,8 @@ class Supervisor:
             for problem in err.problems:
                 self.log.error("reload_refused", config=self.config_path, problem=problem)
             return False
-        old = {rc.name: rc for rc in self.config.receivers}
-        fresh = {rc.name: rc for rc in new.receivers}
+        old = {rc.name: rc for rc in receivers(self.config)}
+        fresh = {rc.name: rc for rc in receivers(new)}
         changed = [n for n in old if n in fresh and fresh[n] != old[n]]
         in_place = [n for n in changed if not live_change_impossible(old[n], fresh[n])
                     and self.children.get(n) is not None and self.children[n].pid is not None]

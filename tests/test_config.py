@@ -320,6 +320,16 @@ def test_bad_word_lists_the_allowed_values(param, value, allowed):
         f"IPFIX_DNSFLOW_{param}[0]={value!r}: expected one of {allowed} (any case)")
 
 
+def test_spool_bytes_defaults_to_no_limit_and_is_validated():
+    assert receiver({"IPFIX_FULLFLOW_PORT[0]": "1500"}).spool_bytes == 0
+    rc = receiver({"IPFIX_FULLFLOW_SPOOL_BYTES[0]": "1073741824"})
+    assert rc.spool_bytes == 1 << 30 and ReceiverConfig.from_json(rc.to_json()) == rc
+    assert one_problem({"IPFIX_FULLFLOW_SPOOL_BYTES[0]": "-1"}) == (
+        "IPFIX_FULLFLOW_SPOOL_BYTES[0]='-1': expected an integer >= 0 (bytes of completed dump files kept; "
+        "0 = no limit)")
+    assert one_problem({"IPFIX_FULLFLOW_SPOOL_BYTES[0]": "1G"}).startswith("IPFIX_FULLFLOW_SPOOL_BYTES[0]='1G': ")
+
+
 def test_relative_dump_dir():
     assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": "dump/ff"}) == (
         "IPFIX_FULLFLOW_DUMP_DIR[0]='dump/ff': expected an absolute directory path")

@@ -212,6 +212,8 @@ class Handler:
         self.handover_server = handover.listen(addr)
         self.loop.watch(self.handover_server, READ, self._on_handover)
         self._install_signals()
+        if os.path.exists(next_config_path(self.run_dir, rc)):
+            self._load_next_config()  # settings sent while we started (SIGUSR2 was ignored until now)
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
         self.log.info("handler_started", listen=f"{rc.bind}/{rc.port}/{rc.port_type}", mode=rc.mode.value,
@@ -328,7 +330,8 @@ class Handler:
         except (OSError, ValueError, TypeError, KeyError) as exc:
             self.log.error("reconfigure_failed", reason=str(exc))
             return
-        self.reconfigure(rc)
+        if rc != self.rc:
+            self.reconfigure(rc)
 
     def reconfigure(self, rc: ReceiverConfig) -> None:
         """Apply new settings without dropping exporter sessions: subreceivers, mode, subreceiver protocol,
@@ -343,7 +346,8 @@ class Handler:
         self.endpoints = [stats.pop(ep, None) or EndpointStats(ep) for ep in rc.subreceivers]
         self.retired_endpoints.extend(stats.values())  # their outputs drain, then close
         old_recorder = self.recorder
-        if old_recorder is not None and (rc.mode is not Mode.DISABLED or old_recorder.rc != rc):
+        if old_recorder is not None and (rc.mode is not Mode.DISABLED
+                                         or _recording_settings(old_recorder.rc) != _recording_settings(rc)):
             old_recorder.close()  # completes the current file before a new recorder takes the directory
             self.retired_drops += old_recorder.drops
             self.recorder = None
@@ -492,6 +496,15 @@ class Handler:
         if self.recorder is not None:
             doc["recorder"] = self.recorder.status()
         status_mod.write_json(self.status_path, doc)
+
+
+_RECORDING_FIELDS = ("rotate_minutes", "rotate_delay_seconds", "fw_max_queue_size", "dump_insert_processes",
+                     "dpi_id", "dump_dir", "spool_bytes")
+
+
+def _recording_settings(rc: ReceiverConfig) -> tuple:
+    """What a recorder is built from: a change of anything else leaves the current dump file alone."""
+    return tuple(getattr(rc, f) for f in _RECORDING_FIELDS)
 
 
 def next_config_path(run_dir: str, rc: ReceiverConfig) -> str:

@@ -252,7 +252,7 @@ class Recorder:
             if not self._open():
                 return False
         self._heads[odid] = snapshot
-        cur = snapshot._domains.get(odid)   # template id -> (set id, record) of the sender for this ODID
+        cur = snapshot.domain(odid)   # template id -> (set id, record) of the sender for this ODID
         if odid not in self._effective:
             self._effective[odid] = cur
             self._equal[odid] = [cur]
@@ -544,6 +544,8 @@ class Recorder:
             if not pending and state["sent"]:
                 self._delete(name, state["sent"])  # every (still configured) target has it
                 continue
+            for token in state["sent"] - tokens.keys():  # said all it could; runtime deletes know current targets
+                _unlink(os.path.join(self.dir, name + SENT + token))
             self.completed[name] = size
             self.spool_bytes += size
             for token in sorted(pending):

@@ -12,7 +12,7 @@ and the exporter connections over from its predecessor (``handover.py``).
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import select
 import signal
@@ -37,10 +37,12 @@ def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
     return tuple(config.receivers) + tuple(auto_receivers(config))
 
 
-def _ignore_sighup() -> None:
-    """In the child before exec: SIGHUP is ignored until the handler installs its own handler, so a rotation
-    relayed while it starts (imports take a while) does not kill it (SIG_IGN survives exec)."""
+def _ignore_signals_until_ready() -> None:
+    """In the child before exec: SIGHUP (rotation relay) and SIGUSR2 (new settings) are ignored until the
+    handler installs its own handlers, so one arriving while it starts (imports take a while) does not
+    kill it: their default action is to terminate, and SIG_IGN survives exec."""
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class Child:
@@ -206,7 +208,9 @@ class Supervisor:
         rc = child.rc
         cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--receiver", rc.to_json(),
                "--run-dir", self.run_dir, "--log-format", self.log_format] + (["--takeover"] if takeover else [])
-        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_ignore_sighup)
+        with contextlib.suppress(FileNotFoundError):  # settings for a predecessor: this one gets the latest
+            os.unlink(next_config_path(self.run_dir, rc))
+        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_ignore_signals_until_ready)
         child.started = time.monotonic()
         child.restart_at = None
         self.children[rc.name] = child

@@ -61,6 +61,11 @@ class Snapshot:
     def odids(self) -> Iterable[int]:
         return self._domains.keys()
 
+    def domain(self, odid: int):
+        """The templates of one ODID (template id -> (set id, record bytes)), or None. Shared, not copied:
+        equal objects mean equal templates, the same object means nothing changed."""
+        return self._domains.get(odid)
+
     def __len__(self) -> int:
         return self._count
 

@@ -25,6 +25,18 @@ _log_format_option = click.option("--log-format", type=click.Choice(["text", "js
                                   show_default=True, help="key=value lines or JSON lines on stdout")
 
 
+def _load_or_exit(config_path: str | None, refusal: str) -> tuple[str, config_mod.Config]:
+    """Load the config; on any problem print them all under ``refusal`` and exit 1."""
+    path = config_mod.resolve_path(config_path)
+    try:
+        return path, config_mod.load(path)
+    except config_mod.ConfigError as err:
+        click.echo(f"{refusal}{path}: {len(err.problems)} problem(s):", err=True)
+        for problem in err.problems:
+            click.echo(f"  - {problem}", err=True)
+        sys.exit(1)
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fast_ipfix_balancer")
 def main() -> None:
@@ -48,14 +60,7 @@ def run(config_path, run_dir, log_format, adopt) -> None:
 @_config_option
 def check_config(config_path) -> None:
     """Validate the .env: print every problem at once; exit 1 if there is any."""
-    path = config_mod.resolve_path(config_path)
-    try:
-        cfg = config_mod.load(path)
-    except config_mod.ConfigError as err:
-        click.echo(f"{path}: {len(err.problems)} problem(s):", err=True)
-        for problem in err.problems:
-            click.echo(f"  - {problem}", err=True)
-        sys.exit(1)
+    path, cfg = _load_or_exit(config_path, "")
     for warning in cfg.warnings:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: OK, {len(cfg.receivers)} receiver(s)")
@@ -104,14 +109,7 @@ def stop(run_dir, timeout) -> None:
 @_run_dir_option
 def reload(config_path, run_dir) -> None:
     """Validate the config, then ask the running supervisor to apply it (SIGHUP)."""
-    path = config_mod.resolve_path(config_path)
-    try:
-        config_mod.load(path)
-    except config_mod.ConfigError as err:
-        click.echo(f"reload refused, the running configuration stays: {path}:", err=True)
-        for problem in err.problems:
-            click.echo(f"  - {problem}", err=True)
-        sys.exit(1)
+    _load_or_exit(config_path, "reload refused, the running configuration stays: ")
     pid = _signal_supervisor(run_dir, signal.SIGHUP)
     click.echo(f"reload requested from supervisor {pid}")
 
@@ -123,14 +121,7 @@ def reload(config_path, run_dir) -> None:
 def restart(config_path, run_dir, timeout) -> None:
     """Restart in place without dropping exporters: new supervisor code and new handlers take the
     sockets over from the running ones. Refused (nothing changes) when the config is invalid."""
-    path = config_mod.resolve_path(config_path)
-    try:
-        cfg = config_mod.load(path)
-    except config_mod.ConfigError as err:
-        click.echo(f"restart refused, the running balancer keeps running: {path}:", err=True)
-        for problem in err.problems:
-            click.echo(f"  - {problem}", err=True)
-        sys.exit(1)
+    _path, cfg = _load_or_exit(config_path, "restart refused, the running balancer keeps running: ")
     run_dir = status_mod.resolve_run_dir(run_dir)
     before = {h["pid"] for h in (status_mod.read_json(os.path.join(run_dir, status_mod.SUPERVISOR_FILE)) or {})
               .get("handlers", [])}

@@ -46,8 +46,9 @@ class Loop:
 
     def unwatch(self, sock) -> None:
         try:
-            self._selector.unregister(sock)
-        except (KeyError, ValueError):
+            if sock in self._selector.get_map():  # checked first: a KeyError costs a repr(socket)
+                self._selector.unregister(sock)
+        except (KeyError, ValueError):  # a closed socket
             pass
 
     # -- time ----------------------------------------------------------------------------------

@@ -73,6 +73,7 @@ class Output:
         self._refresh_timer = None
         self.pending: deque = deque()
         self.pending_bytes = 0
+        self._armed = False  # a flush is scheduled for the end of this loop turn
         self._bufs: list = []      # buffers committed to the connection but not yet written
         self._ends: list[int] = []  # bytes left to write up to the end of each committed message
         self._entries: list = []    # the committed entries, parallel to _ends
@@ -105,7 +106,20 @@ class Output:
             self._complete = False
         self.pending.append(entry)
         self.pending_bytes += size
-        if self.state is UP:
+        if self.state is UP and not self._armed:
+            self._armed = True
+            self.loop.after_turn(id(self), self.flush)
+
+    def enqueue_many(self, entries: list, size: int) -> None:
+        """Queue a batch of entries of ``size`` bytes in all (one ``deque.extend`` when they fit)."""
+        if self.pending_bytes + size > self.limit:
+            for entry in entries:  # the drop-oldest path, entry by entry
+                self.enqueue(entry)
+            return
+        self.pending.extend(entries)
+        self.pending_bytes += size
+        if self.state is UP and not self._armed:
+            self._armed = True
             self.loop.after_turn(id(self), self.flush)
 
     def take_pending(self) -> list:
@@ -219,7 +233,7 @@ class Output:
             self.sock = None
         lost = self._uncommit()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        if self.state is not DOWN or not self.stats.last_error:
+        if self.state is UP or not self.stats.last_error:  # once per state change, not per retry
             self.log.warning("subreceiver_down", subreceiver=str(self.endpoint), reason=reason,
                              lost_in_flight=lost, queued=len(self.pending), retry_in=self._backoff)
         self.stats.last_error = reason
@@ -250,6 +264,7 @@ class Output:
 
     # -- sending -------------------------------------------------------------------------------
     def flush(self) -> None:
+        self._armed = False
         if self.state is not UP:
             return
         try:
@@ -267,7 +282,7 @@ class Output:
         """Commit queued entries to ``_bufs`` (rewriting the sequence number if asked) up to IOV_MAX."""
         bufs, ends, entries, pending = self._bufs, self._ends, self._entries, self.pending
         total = ends[-1] if ends else 0
-        rewrite, seq, pack = self.rewrite_seq, self.seq, SEQ.pack
+        rewrite, seq, pack, pack_into = self.rewrite_seq, self.seq, SEQ.pack, SEQ.pack_into
         limit = IOV_MAX - 3
         pending_bytes = self.pending_bytes
         while pending and len(bufs) < limit:
@@ -278,7 +293,11 @@ class Output:
             pending_bytes -= size
             if rewrite:
                 n = seq.get(odid, 0)
-                bufs += (msg[:8], pack(n), msg[12:])
+                if nrec:  # a data message: RoundRobin gave it to this output alone, rewrite it in place
+                    pack_into(msg, 8, n)
+                    bufs.append(msg)
+                else:  # template messages may be shared with other outputs (or immutable): copy the header
+                    bufs += (msg[:8], pack(n), msg[12:])
                 seq[odid] = (n + nrec) & 0xFFFFFFFF
             else:
                 bufs.append(msg)
@@ -332,16 +351,22 @@ class Output:
         """One datagram per message. Entries leave the queue only once the kernel took them, so a send
         refused by the peer (ICMP port unreachable) leaves the message queued for re-dispatch."""
         sock, pending, stats = self.sock, self.pending, self.stats
-        rewrite, seq, pack = self.rewrite_seq, self.seq, SEQ.pack
+        rewrite, seq, pack, pack_into = self.rewrite_seq, self.seq, SEQ.pack, SEQ.pack_into
         while pending:
             msg, odid, nrec, _snap = pending[0]
             try:
                 if rewrite:
                     n = seq.get(odid, 0)
-                    sock.sendmsg((msg[:8], pack(n), msg[12:]))
+                    if nrec:  # this output's alone (see _fill)
+                        pack_into(msg, 8, n)
+                        sock.send(msg)
+                    else:
+                        sock.sendmsg((msg[:8], pack(n), msg[12:]))
                     seq[odid] = (n + nrec) & 0xFFFFFFFF
                 else:
                     sock.send(msg)
+                    # the exporter's numbering: a template refresh (template-only) must carry the current value
+                    seq[odid] = (SEQ.unpack_from(msg, 8)[0] + nrec) & 0xFFFFFFFF
             except BlockingIOError:
                 self.loop.watch(sock, WRITE, self._on_event)
                 return

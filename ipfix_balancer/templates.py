@@ -223,6 +223,10 @@ class TemplateTracker:
             return _unpack_odid(msg, _ODID_OFFSET)[0], 0, None
         odid, set_id, set_len = _unpack_first(msg)  # ODID and first set header in one call
         layouts = self._layouts.get(odid, _NO_LAYOUT)
+        if set_len == end - HEADER_LEN and set_id >= MIN_DATA_SET:
+            layout = layouts.get(set_id)  # the common message: one data set of fixed-length records
+            if layout.__class__ is int:
+                return odid, (set_len - 4) // layout, None
         pos = HEADER_LEN
         count = 0
         tsets = None

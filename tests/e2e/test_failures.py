@@ -57,34 +57,43 @@ def test_exporter_reset_mid_message_is_an_ordinary_end(balancer):
 
 
 def test_subreceiver_reset_while_a_message_is_half_sent(balancer):
-    """A collector that resets mid-message: the handler keeps running, reconnects, the unsent queue goes
-    to the collector that is up, and the new connection starts with templates. Only what the kernel had
-    already taken for the reset connection can be missing."""
+    """A collector resets mid-message and stays away: the handler keeps running, the messages queued for
+    it move to the collector that is up (RoundRobin), and only what the failed collector's kernel had
+    already taken can be missing. When it comes back, its new connection starts with templates."""
     port = free_port()
     with TcpSink(rcvbuf=65536) as a, TcpSink() as b:
         bal = balancer(env(port, [a, b]))
         bal.wait_ready()
         pid = bal.handler_pid("fullflow[0]")
-        stream = make_stream(4000, target_size=8000)
+        stream = make_stream(8000, target_size=8000)
         rpm = len(extract_serials(stream[1:2]))
-        a.pause()  # a stops reading: the balancer's writes to it stall part-way
+        a.pause()  # a stops reading: the balancer's writes to it stall part-way, a queue builds
         with TcpExporter(port) as exporter:
-            exporter.send(stream[:3001])
+            exporter.send(stream[:6001])
             bal.wait_status("fullflow[0]", lambda s: s["subreceivers"][0]["queued_bytes"] > 0)
             time.sleep(1.5)  # status is published every second: let it catch up while nothing moves
             committed = bal.status("fullflow[0]")["subreceivers"][0]["msgs_out"]
             a.drop_connections(reset=True)
-            a.resume()
+            a.down()
             bal.wait_log("subreceiver_down")
-            assert a.wait_connections(2)  # reconnected while the exporter session goes on
-            exporter.send(stream[3001:])
+            # With a gone, everything that was only queued for it reaches b, exporter still connected.
+            first = split_messages(a.connections[0], partial_ok=True)
+            expected = 6000 * rpm - (committed - len(first) + 1) * rpm
+            deadline = time.monotonic() + 30
+            while len(set(extract_serials(first) + extract_serials(b.messages()))) < expected:
+                assert time.monotonic() < deadline, "messages queued for the failed collector did not move"
+                time.sleep(0.2)
+            a.resume()
+            a.up()
+            assert a.wait_connections(2, timeout=15)
+            exporter.send(stream[6001:])
             bal.wait_status("fullflow[0]", lambda s: s["msgs_in"] == len(stream))
         assert a.wait_quiet(1.0, timeout=30) and b.wait_quiet(1.0, timeout=30)
         assert bal.handler_pid("fullflow[0]") == pid, "no crash, no restart"
-        first = split_messages(a.connections[0], partial_ok=True)
         later = [m for conn in a.connections[1:] for m in split_messages(conn)]
         got = extract_serials(first) + extract_serials(later) + extract_serials(b.messages())
         assert len(got) == len(set(got)), "nothing twice"
-        missing = set(range(4000 * rpm)) - set(got)
+        missing = set(range(8000 * rpm)) - set(got)
         assert len(missing) <= (committed - len(first) + 1) * rpm
+        assert extract_serials(later), "the returning collector gets its share again"
         decode_records(later)  # the reconnected session decodes on its own: templates came first

@@ -7,7 +7,6 @@ queues an entry on output sessions; after the turn each touched output is flushe
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import socket

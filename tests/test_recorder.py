@@ -6,7 +6,6 @@ libfixbuf's ipfixDump.
 """
 from __future__ import annotations
 
-import dataclasses
 import errno
 import os
 import shutil
@@ -16,7 +15,7 @@ import time
 import pytest
 
 import ipfixkit
-from ipfixkit import (FULLFLOW_FIELDS, InfoElement, TcpSink, UdpSink, decode_records, extract_serials, free_port,
+from ipfixkit import (FULLFLOW_FIELDS, TcpSink, UdpSink, decode_records, extract_serials, free_port,
                       header, make_stream, split_messages)
 from ipfix_balancer import recorder as recorder_mod
 from ipfix_balancer.config import Endpoint, Mode, parse

@@ -7,7 +7,6 @@ exactly once. Waits poll status/log conditions with generous timeouts (2 cores, 
 from __future__ import annotations
 
 import datetime
-import os
 import shutil
 import signal
 import subprocess

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import struct
 
 import pytest
@@ -10,6 +11,8 @@ from hypothesis import strategies as st
 
 from ipfix_balancer.framing import HEADER, HEADER_LEN, MAX_MESSAGE
 from ipfix_balancer.templates import EMPTY, Snapshot, TemplateTracker
+
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))  # scripts/fuzz raises it
 
 VAR = 65535
 PEN = 43823  # an enterprise number
@@ -436,7 +439,7 @@ def template_and_records(draw):
     return fields, records, options
 
 
-@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(template_and_records(), st.integers(256, 65535), st.integers(0, 0xFFFFFFFF))
 def test_property_records_counted_exactly(case, tid, odid):
     fields, records, options = case
@@ -468,7 +471,7 @@ def test_property_records_counted_exactly(case, tid, odid):
     assert t.malformed_sets == 0 and t.unknown_template == 0
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=EXAMPLES, deadline=None)
 @given(st.binary(max_size=600), st.binary(max_size=200))
 def test_property_random_bytes_never_raise(garbage, template_garbage):
     t = TemplateTracker()
@@ -484,3 +487,37 @@ def test_property_random_bytes_never_raise(garbage, template_garbage):
             assert HEADER.unpack_from(tmpl)[1] == len(tmpl)
         for m in t.snapshot.messages(lambda o: 0, 0):
             assert len(m) <= MAX_MESSAGE
+
+
+# --- withdrawals leave no stale state (property) -----------------------------------------------------------
+
+_ops = st.lists(st.tuples(st.sampled_from(["define", "withdraw", "withdraw_all"]), st.sampled_from([1, 2]),
+                          st.integers(256, 259), st.integers(1, 6)), min_size=1, max_size=30)
+
+
+@settings(max_examples=EXAMPLES, deadline=None)
+@given(_ops)
+def test_definitions_and_withdrawals_match_a_model(ops):
+    """After any sequence of definitions and withdrawals the snapshot equals a plain model, and data for
+    each template id is counted when defined and counted as unknown when not."""
+    tracker, model = TemplateTracker(), {}
+    for op, odid, tid, nfields in ops:
+        domain = model.setdefault(odid, {})
+        if op == "define":
+            record = trec(tid, [field(100 + i, 4) for i in range(nfields)])
+            domain[tid] = (2, record)
+            inspect(tracker, message(ipfix_set(2, record), odid=odid))
+        elif op == "withdraw":
+            domain.pop(tid, None)
+            inspect(tracker, message(ipfix_set(2, withdraw(tid)), odid=odid))
+        else:
+            domain.clear()
+            inspect(tracker, message(ipfix_set(2, withdraw(2)), odid=odid))
+        assert snapshot_contents(tracker.snapshot) == {o: d for o, d in model.items() if d}
+        for check_odid in (1, 2):
+            for check_tid in range(256, 260):
+                before = tracker.unknown_template
+                known = model.get(check_odid, {}).get(check_tid)
+                width = 4 * ((len(known[1]) - 4) // 4) if known else 4
+                _, n, _ = inspect(tracker, message(ipfix_set(check_tid, bytes(width * 3)), odid=check_odid))
+                assert (n, tracker.unknown_template - before) == ((3, 0) if known else (0, 1))

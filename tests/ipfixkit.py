@@ -465,6 +465,21 @@ def extract_serials(
 # --------------------------------------------------------------------------- #
 
 
+def wait_until(predicate: Callable[[], Any], what: str = "condition", b: "Balancer | None" = None, *,
+               timeout: float = 20.0, diag: Callable[[], str] | None = None):
+    """Poll ``predicate`` until it returns something true, and return that. On timeout: AssertionError
+    naming ``what``, with ``diag()`` or the balancer ``b``'s log tail."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            detail = diag() if diag else (b.log_tail() if b else "")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{detail}")
+        time.sleep(0.05)
+
+
 def free_port(kind: str = "tcp") -> int:
     """A port on 127.0.0.1 that was free a moment ago (``kind`` 'tcp' or 'udp')."""
     with socket.socket(socket.AF_INET, _SOCKTYPE[kind]) as s:

@@ -22,7 +22,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from ipfixkit import TcpSink, free_port, make_stream, tcp_send
+from ipfixkit import TcpSink, free_port, make_stream, tcp_send, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 APPDIR = "/opt/fast_ipfix_balancer"
@@ -109,17 +109,6 @@ def _read_json(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _wait(predicate, timeout: float, what: str, diag=lambda: ""):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{diag()}")
-        time.sleep(0.05)
 
 
 def _alive(pid: int) -> bool:
@@ -313,7 +302,7 @@ def test_installed_balancer_forwards_a_message(root, tmp_path):
                 st = _read_json(status_file)
                 return st if st and st["listen"]["listening"] else None
 
-            st = _wait(ready, 20, "the handler to listen", lambda: log.read_text())
+            st = wait_until(ready, "the handler to listen", timeout=20, diag=log.read_text)
             # It is the payload's venv that runs, not the repo's editable install.
             venv_python = str(root / APPDIR.lstrip("/") / "bin" / "python")
             for pid in (proc.pid, st["pid"]):

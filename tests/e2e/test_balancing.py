@@ -19,6 +19,7 @@ import pytest
 
 from ipfixkit import (
     TcpExporter,
+    wait_until,
     TcpSink,
     UdpSink,
     extract_serials,
@@ -73,21 +74,10 @@ def start(balancer, port, mode, subs, **kw):
     return b
 
 
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition", b=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{b.log_tail()}" if b else ""))
-        time.sleep(0.05)
-
-
 def wait_total(subs, n: int, timeout: float = TIMEOUT, b=None) -> None:
     """Wait until the sinks together hold at least ``n`` complete messages."""
-    wait_until(lambda: sum(s.message_count for s in subs) >= n, timeout,
-               f"{n} messages at the sinks (have {[s.message_count for s in subs]})", b)
+    wait_until(lambda: sum(s.message_count for s in subs) >= n,
+               f"{n} messages at the sinks (have {[s.message_count for s in subs]})", b, timeout=timeout)
 
 
 def settle(subs, quiet: float = 0.3) -> None:

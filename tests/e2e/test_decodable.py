@@ -29,7 +29,7 @@ from scapy.layers.l2 import Ether
 from scapy.packet import Raw
 from scapy.utils import wrpcap
 
-from ipfixkit import TcpExporter, TcpSink, UdpSink, decode_records, free_port, split_messages
+from ipfixkit import TcpExporter, TcpSink, UdpSink, decode_records, free_port, split_messages, wait_until
 
 HANDLER = "fullflow[0]"
 READY_TIMEOUT = 30
@@ -260,17 +260,6 @@ def start(balancer, port, subs, *, mode="RoundRobin", port_type="tcp", sub_proto
     b = balancer("\n".join(lines) + "\n")
     b.wait_ready(READY_TIMEOUT)
     return b
-
-
-def wait_until(predicate, timeout: float = TIMEOUT, what: str = "condition", b=None):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f"\n{b.log_tail()}" if b else ""))
-        time.sleep(0.05)
 
 
 def sessions(sink) -> list[list[bytes]]:

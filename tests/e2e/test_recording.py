@@ -17,7 +17,7 @@ import psutil
 import pytest
 
 from ipfixkit import TcpExporter, TcpSink, decode_records, extract_serials, free_port, make_stream, run_cli, \
-    split_messages
+    split_messages, wait_until
 
 READY = 30
 TIMEOUT = 20
@@ -33,14 +33,6 @@ def recorder_env(stream: str, port: int, dump_dir: Path, **keys) -> str:
 
 def dumps(path: Path) -> list[Path]:
     return sorted(path.glob("*.ipfix")) if path.exists() else []
-
-
-def wait_until(predicate, what: str, b=None, timeout: float = TIMEOUT):
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}" + (f"\n{b.log_tail()}" if b else ""))
-        time.sleep(0.05)
 
 
 def recorder_status(b, name="fullflow[0]") -> dict:

@@ -90,9 +90,6 @@ class Output:
         self._connect()
 
     # -- queue ---------------------------------------------------------------------------------
-    def has_room(self, nbytes: int) -> bool:
-        return self.pending_bytes + nbytes <= self.limit
-
     def enqueue(self, entry) -> None:
         """Queue an entry; when full, the oldest unsent entries are dropped and counted (never the newest:
         a collector that falls behind should get the most recent data)."""

@@ -448,6 +448,8 @@ class Handler:
         self.listener.close()
         self.listening = False
         for session in list(self.sessions.values()):
+            if session.ended:  # the exporter left already; its outputs are still draining
+                continue
             if isinstance(session, TcpSession):
                 session.drain()
             else:

@@ -97,3 +97,21 @@ def test_subreceiver_reset_while_a_message_is_half_sent(balancer):
         assert len(missing) <= (committed - len(first) + 1) * rpm
         assert extract_serials(later), "the returning collector gets its share again"
         decode_records(later)  # the reconnected session decodes on its own: templates came first
+
+
+def test_stop_with_undeliverable_queue_reports_the_loss_and_exits_nonzero(balancer):
+    """An exporter came and went while the only collector is down; at stop the queue cannot be
+    delivered within the drain time: that is loss, so the handler and the supervisor exit non-zero."""
+    port = free_port()
+    down = TcpSink(up=False)
+    bal = balancer(env(port, [down]))
+    bal.wait_ready()
+    stream = make_stream(5, records_per_message=2)
+    tcp_send(port, stream)
+    bal.wait_log("exporter_disconnected")
+    assert bal.stop(timeout=30) == 1
+    loss = bal.wait_log("handler_stopped_with_loss")
+    assert loss["unsent_messages"] == len(stream)
+    gone = [line for line in bal.logs() if line.get("event") == "exporter_disconnected"]
+    assert len(gone) == 1, "an exporter that left is not disconnected again at stop"
+    down.close()

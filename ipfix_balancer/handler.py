@@ -192,6 +192,7 @@ class Handler:
         self.started = time.time()
         self.listening = False
         self.handed_over = False
+        self._status_error = False
         self.stopping = False
         self._stop_deadline = 0.0
         self.exit_code = 0
@@ -509,7 +510,14 @@ class Handler:
         }
         if self.recorder is not None:
             doc["recorder"] = self.recorder.status()
-        status_mod.write_json(self.status_path, doc)
+        try:
+            status_mod.write_json(self.status_path, doc)
+        except OSError as exc:  # status is for operators: never a reason to drop traffic
+            if not self._status_error:
+                self.log.error("status_write_failed", path=self.status_path, reason=str(exc))
+            self._status_error = True
+        else:
+            self._status_error = False
 
 
 _RECORDING_FIELDS = ("rotate_minutes", "rotate_delay_seconds", "fw_max_queue_size", "dump_insert_processes",

@@ -313,8 +313,11 @@ class Supervisor:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _write_status(self) -> None:
-        status_mod.write_json(os.path.join(self.run_dir, status_mod.SUPERVISOR_FILE), {
-            "pid": os.getpid(), "config": self.config_path,
-            "handlers": [{"name": c.rc.name, "stream": c.rc.stream, "index": c.rc.index, "pid": c.pid,
-                          "restarts": c.restarts} for c in self.children.values()],
-        })
+        try:
+            status_mod.write_json(os.path.join(self.run_dir, status_mod.SUPERVISOR_FILE), {
+                "pid": os.getpid(), "config": self.config_path,
+                "handlers": [{"name": c.rc.name, "stream": c.rc.stream, "index": c.rc.index, "pid": c.pid,
+                              "restarts": c.restarts} for c in self.children.values()],
+            })
+        except OSError as exc:  # status is for operators: never a reason to stop supervising
+            self.log.error("status_write_failed", run_dir=self.run_dir, reason=str(exc))

@@ -72,6 +72,8 @@ class Output:
         self.refresh = refresh                    # seconds between template re-sends (UDP); 0 = never
         self._refresh_timer = None
         self.pending: deque = deque()
+        # Bytes of every message not yet handed to the kernel: queued, or committed to a send but not yet
+        # written. The bound applies to all of it, so memory per output stays near ``limit``.
         self.pending_bytes = 0
         self._armed = False  # a flush is scheduled for the end of this loop turn
         self._bufs: list = []      # buffers committed to the connection but not yet written
@@ -123,7 +125,7 @@ class Output:
         """Hand over every unsent entry (RoundRobin re-dispatch on failure)."""
         entries = list(self.pending)
         self.pending.clear()
-        self.pending_bytes = 0
+        self.pending_bytes -= sum(len(e[0]) for e in entries)
         self._complete = False
         return entries
 
@@ -215,9 +217,9 @@ class Output:
         lost = 0
         if entries and len(entries[0][0]) > ends[0]:  # the head message was partly written
             lost = 1
+            self.pending_bytes -= ends[0]  # its unwritten rest
             entries = entries[1:]
-        self.pending.extendleft(reversed(entries))
-        self.pending_bytes += sum(len(e[0]) for e in entries)
+        self.pending.extendleft(reversed(entries))  # still counted in pending_bytes
         self._bufs, self._ends, self._entries = [], [], []
         self.stats.drops += lost
         return lost
@@ -281,13 +283,10 @@ class Output:
         total = ends[-1] if ends else 0
         rewrite, seq, pack, pack_into = self.rewrite_seq, self.seq, SEQ.pack, SEQ.pack_into
         limit = IOV_MAX - 3
-        pending_bytes = self.pending_bytes
         while pending and len(bufs) < limit:
             entry = pending.popleft()
             entries.append(entry)
             msg, odid, nrec, _snap = entry
-            size = len(msg)
-            pending_bytes -= size
             if rewrite:
                 n = seq.get(odid, 0)
                 if nrec:  # a data message: RoundRobin gave it to this output alone, rewrite it in place
@@ -298,9 +297,8 @@ class Output:
                 seq[odid] = (n + nrec) & 0xFFFFFFFF
             else:
                 bufs.append(msg)
-            total += size
+            total += len(msg)
             ends.append(total)
-        self.pending_bytes = pending_bytes
 
     def _flush_stream(self) -> None:
         sock = self.sock
@@ -317,6 +315,7 @@ class Output:
             if sent == ends[-1]:
                 self.stats.msgs_out += len(ends)
                 self.stats.bytes_out += sent
+                self.pending_bytes -= sent
                 self._bufs, self._ends, self._entries = [], [], []
                 continue
             self._written(sent)
@@ -330,6 +329,7 @@ class Output:
         done = bisect.bisect_right(ends, sent)
         self.stats.msgs_out += done
         self.stats.bytes_out += sent
+        self.pending_bytes -= sent
         self._ends = [e - sent for e in ends[done:]]
         del self._entries[:done]
         bufs = self._bufs

@@ -88,6 +88,10 @@ def test_subreceiver_reset_while_a_message_is_half_sent(balancer):
             assert a.wait_connections(2, timeout=15)
             exporter.send(stream[6001:])
             bal.wait_status("fullflow[0]", lambda s: s["msgs_in"] == len(stream))
+            # Queue accounting survived partial writes, the failure and the re-dispatch: with the session
+            # still open, both outputs report nothing left once everything went out.
+            bal.wait_status("fullflow[0]", lambda s: all(sub["sessions"] == 1 and sub["queued_bytes"] == 0
+                                                         for sub in s["subreceivers"]), timeout=30)
         assert a.wait_quiet(1.0, timeout=30) and b.wait_quiet(1.0, timeout=30)
         assert bal.handler_pid("fullflow[0]") == pid, "no crash, no restart"
         later = [m for conn in a.connections[1:] for m in split_messages(conn)]

@@ -3,8 +3,10 @@
 import threading
 import time
 
+import psutil
+
 from ipfixkit import TcpExporter, TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, \
-    run_cli, split_messages, udp_send
+    run_cli, split_messages, tcp_send, udp_send, wait_until
 
 
 def env(port: int, sinks, port_type="tcp") -> str:
@@ -91,3 +93,24 @@ def test_udp_restart_keeps_templates(balancer):
         assert a.wait_messages(51 + 1)  # + the replayed template message
         records = decode_records(a.datagrams)
         assert sorted(r["serial"] for r in records) == list(range(100))
+
+
+def test_restart_with_a_new_port_replaces_that_handler(balancer):
+    """A receiver whose listening port changed cannot take its predecessor's socket over: the old
+    handler is stopped (its exporters reconnect) and the new one listens on the new port."""
+    old_port, new_port = free_port(), free_port()
+    with TcpSink() as a:
+        bal = balancer(env(old_port, [a]))
+        bal.wait_ready()
+        old = bal.handler_pid("fullflow[0]")
+        bal.write_config(env(new_port, [a]))
+        result = run_cli("restart", "--config", str(bal.config_path), "--run-dir", str(bal.run_dir))
+        assert result.returncode == 0, result.stderr
+        status = bal.wait_status("fullflow[0]", lambda s: s["pid"] != old and s["listen"]["listening"])
+        assert status["listen"]["port"] == new_port
+        assert not any(line.get("event") == "took_over" for line in bal.logs())
+        wait_until(lambda: not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE,
+                   "the old handler to exit", bal)
+        stream = make_stream(3, records_per_message=2)
+        tcp_send(new_port, stream)
+        assert a.wait_messages(len(stream))

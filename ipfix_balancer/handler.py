@@ -16,10 +16,10 @@ from . import handover
 from . import status as status_mod
 from .config import Mode, ReceiverConfig
 from .dispatch import All, RoundRobin
-from .framing import DatagramReader, FramingError, StreamFramer, check_datagram
+from .core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from .loop import READ, Loop
 from .outputs import CLOSED, EndpointStats, Output
-from .templates import TemplateTracker
+from .core.templates import TemplateTracker
 
 UDP_SESSION_IDLE = 300.0   # seconds without a datagram before a UDP exporter session is closed
 UDP_BATCH = 256            # datagrams read per readiness event, so TCP sessions and timers get turns
@@ -137,17 +137,17 @@ class TcpSession(Session):
         there, 0 when the session ended (closed by the exporter, reset, or not IPFIX)."""
         error = None
         try:
-            n = self.framer.recv(self.sock)
-        except FramingError as exc:
-            n, error = 0, exc
+            n = self.sock.recv_into(self.framer.get_buffer())
         except BlockingIOError:
             return None
         except OSError as exc:  # reset by the exporter: an ordinary end of session
             n, error = 0, exc
-        if self.framer.messages:
-            self.deliver(self.framer.messages)
         if n:
-            return n
+            messages, error = self.framer.feed(n)
+            if messages:
+                self.deliver(messages)
+            if error is None:
+                return n
         h = self.handler
         if isinstance(error, FramingError):
             h.count_malformed(error, self.peer)
@@ -394,12 +394,13 @@ class Handler:
         reader, sock, sessions = self.reader, self.listener, self.sessions
         for _ in range(UDP_BATCH):
             try:
-                msg, addr = reader.recv(sock)
+                n, addr = sock.recvfrom_into(reader.get_buffer())
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
                 self.log.warning("udp_receive_failed", error=str(exc))
                 return
+            msg = reader.feed(n)
             try:
                 check_datagram(msg)
             except FramingError as exc:

@@ -78,7 +78,7 @@ import time
 from typing import Callable
 
 from .config import Config, Mode, ReceiverConfig, STREAMS, _local_addresses
-from .framing import HEADER_LEN, MAX_MESSAGE, VERSION
+from .core.wire import HEADER_LEN, MAX_MESSAGE, VERSION
 from .loop import READ, WRITE, Loop
 
 BUFFER_BYTES = 4 * 1024 * 1024   # write buffer: one write() per this many bytes

@@ -38,7 +38,7 @@ def test_handlers_are_pinned_and_named(balancer):
 FAULT = '''
 """Test-only fault injection, loaded by every Python process of the balancer through PYTHONPATH: the
 template tracker raises on ODID 666, an "impossible" internal error in the middle of the data path."""
-import ipfix_balancer.templates as templates
+import ipfix_balancer.core.templates as templates
 
 _inspect = templates.TemplateTracker.inspect
 

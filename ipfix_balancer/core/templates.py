@@ -21,25 +21,19 @@ from __future__ import annotations
 import struct
 from typing import Callable, Iterable
 
-from .framing import HEADER, HEADER_LEN, MAX_MESSAGE, VERSION
+from .wire import (HEADER, HEADER_LEN, MAX_MESSAGE, MIN_DATA_SET, ODID, OPTIONS_TEMPLATE_SET, SET_HEADER,
+                   SET_HEADER_LEN, TEMPLATE_SET, U32, VERSION)
 
 __all__ = ["EMPTY", "Snapshot", "TemplateTracker"]
 
-TEMPLATE_SET = 2
-OPTIONS_TEMPLATE_SET = 3
-MIN_DATA_SET = 256
 VARLEN = 65535  # field length in a template: the record carries the length
 
-_SET = struct.Struct("!HH")        # set id, set length; also template id, field count; also IE id, field length
 _U16 = struct.Struct("!H")
-_ODID = struct.Struct("!I")
-_ODID_OFFSET = 12                  # version, length, export time, sequence number, then the ODID
-_SET_HEADER_LEN = 4
 _NO_LAYOUT: dict = {}              # shared, never written: lookups for an ODID without templates
 _FIRST_SET_END = HEADER_LEN + 4
 # bound methods at module level: one global lookup each on the hot path
-_unpack_set = _SET.unpack_from
-_unpack_odid = _ODID.unpack_from
+_unpack_set = SET_HEADER.unpack_from
+_unpack_odid = U32.unpack_from
 _unpack_first = struct.Struct("!12xIHH").unpack_from  # header up to the ODID, then the first set header
 
 
@@ -65,6 +59,15 @@ class Snapshot:
         """The templates of one ODID (template id -> (set id, record bytes)), or None. Shared, not copied:
         equal objects mean equal templates, the same object means nothing changed."""
         return self._domains.get(odid)
+
+    def replace_domain(self, odid: int, templates: dict) -> Snapshot:
+        """A new snapshot with ``odid``'s templates replaced (an empty dict removes the ODID)."""
+        domains = dict(self._domains)
+        if templates:
+            domains[odid] = templates
+        else:
+            domains.pop(odid, None)
+        return Snapshot(domains)
 
     def __len__(self) -> int:
         return self._count
@@ -100,20 +103,20 @@ class Snapshot:
             used = 0                      # bytes of those sets
             for kind in (TEMPLATE_SET, OPTIONS_TEMPLATE_SET):
                 records: list[bytes] = []
-                set_len = _SET_HEADER_LEN
+                set_len = SET_HEADER_LEN
                 for k, raw in domain.values():
                     if k != kind:
                         continue
                     if used + set_len + len(raw) > limit:
                         if records:
-                            parts.append(_SET.pack(kind, set_len) + b"".join(records))
+                            parts.append(SET_HEADER.pack(kind, set_len) + b"".join(records))
                             used += set_len
                         result.append((odid, b"".join(parts)))
-                        parts, used, records, set_len = [], 0, [], _SET_HEADER_LEN
+                        parts, used, records, set_len = [], 0, [], SET_HEADER_LEN
                     records.append(raw)
                     set_len += len(raw)
                 if records:
-                    parts.append(_SET.pack(kind, set_len) + b"".join(records))
+                    parts.append(SET_HEADER.pack(kind, set_len) + b"".join(records))
                     used += set_len
             if parts:
                 result.append((odid, b"".join(parts)))
@@ -130,7 +133,7 @@ def _layout(msg, pos: int, end: int, field_count: int):
     counting needs: an int (fixed record length), a tuple (minimum record length, fixed bytes before the first
     variable-length field, fixed bytes after each variable-length field), or None when a record would be empty.
     """
-    unpack = _SET.unpack_from
+    unpack = SET_HEADER.unpack_from
     gaps = []
     fixed = 0
     for _ in range(field_count):
@@ -220,7 +223,7 @@ class TemplateTracker:
         if end < _FIRST_SET_END:  # no room for a set header: nothing to walk
             if end > HEADER_LEN:
                 self.malformed_sets += 1
-            return _unpack_odid(msg, _ODID_OFFSET)[0], 0, None
+            return _unpack_odid(msg, ODID)[0], 0, None
         odid, set_id, set_len = _unpack_first(msg)  # ODID and first set header in one call
         layouts = self._layouts.get(odid, _NO_LAYOUT)
         if set_len == end - HEADER_LEN and set_id >= MIN_DATA_SET:
@@ -263,12 +266,7 @@ class TemplateTracker:
         if tsets is None:
             return odid, count, None
         if work is not None:
-            domains = dict(self.snapshot._domains)
-            if work:
-                domains[odid] = work
-            else:
-                domains.pop(odid, None)
-            self.snapshot = Snapshot(domains)
+            self.snapshot = self.snapshot.replace_domain(odid, work)
         if sum(b - a for a, b in tsets) == end - HEADER_LEN:
             return odid, count, msg
         body = [msg[a:b] for a, b in tsets]
@@ -281,8 +279,8 @@ class TemplateTracker:
 
         ``work`` is that dict when this message already changed something, else None (copied on first change).
         """
-        unpack = _SET.unpack_from
-        old = self.snapshot._domains.get(odid)
+        unpack = SET_HEADER.unpack_from
+        old = self.snapshot.domain(odid)
         layouts = self._layouts.get(odid)
         while end - pos >= 4:  # fewer than 4 bytes left: padding
             start = pos

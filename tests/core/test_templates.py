@@ -1,4 +1,4 @@
-"""Tests for ipfix_balancer.templates: template tracking and data record counting (RFC 7011 §3.4, §8)."""
+"""Tests for ipfix_balancer.core.templates: template tracking and data record counting (RFC 7011 §3.4, §8)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ipfix_balancer.framing import HEADER, HEADER_LEN, MAX_MESSAGE
-from ipfix_balancer.templates import EMPTY, Snapshot, TemplateTracker
+from ipfix_balancer.core.wire import HEADER, HEADER_LEN, MAX_MESSAGE
+from ipfix_balancer.core.templates import EMPTY, Snapshot, TemplateTracker
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))  # scripts/fuzz raises it
 

@@ -1,0 +1,100 @@
+"""Cut IPFIX transport into whole messages (RFC 7011 §3.1 message header).
+
+The shape is asyncio's ``BufferedProtocol``: the caller reads into ``get_buffer()`` and reports the byte
+count to ``feed(n)``, which returns the whole messages. No socket is touched here.
+
+Zero-copy by construction: reads land in chunks that are never reused, and messages are handed out as
+memoryviews into them, so a message still waiting in an output queue can never be overwritten; it lives
+exactly as long as something references it. Only the incomplete tail of a read (less than one message) is
+copied, into the start of the next chunk.
+"""
+
+from __future__ import annotations
+
+from .wire import HEADER_LEN, MAX_MESSAGE, VERSION_LENGTH, FramingError, header_error, walk
+
+__all__ = ["DatagramReader", "FramingError", "StreamFramer", "check_datagram"]
+
+
+class StreamFramer:
+    """Frames one TCP session.
+
+    Reads go one after another into the same chunk until less than ``MIN_READ`` is free; only then does
+    a new chunk start, taking the incomplete message along (the one copy). Filling chunks matters: a
+    queued message keeps its whole chunk alive, so one small read per chunk would let a few thousand
+    small queued messages pin gigabytes.
+    """
+
+    __slots__ = ("chunk_size", "_view", "_start", "_end")
+    MIN_READ = 64 * 1024
+
+    def __init__(self, chunk_size: int = 256 * 1024, tail: bytes = b""):
+        # Room for a whole message of the largest size plus a worthwhile read, whatever is asked.
+        self.chunk_size = max(chunk_size, MAX_MESSAGE + self.MIN_READ)
+        self._new_chunk(tail)  # tail: the start of a message a predecessor had read (handover)
+
+    def _new_chunk(self, carry) -> None:
+        view = memoryview(bytearray(self.chunk_size))
+        view[:len(carry)] = carry
+        self._view, self._start, self._end = view, 0, len(carry)
+
+    def get_buffer(self) -> memoryview:
+        """Where the next read goes (at least ``MIN_READ`` bytes)."""
+        if self.chunk_size - self._end < self.MIN_READ:
+            self._new_chunk(self._view[self._start:self._end])
+        return self._view[self._end:]
+
+    def feed(self, n: int) -> tuple[list[memoryview], FramingError | None]:
+        """``n`` bytes were read into the last ``get_buffer()``: the whole messages now complete, and the
+        error when a header cannot be IPFIX. Messages before a bad header are returned, the bytes after it
+        discarded: a TCP stream offers no safe point to resynchronise, so the caller closes the session."""
+        self._end += n
+        out: list[memoryview] = []
+        self._start, error = walk(self._view, self._start, self._end, out.append)
+        if error is not None:
+            self._start = self._end
+        return out, error
+
+    @property
+    def tail(self) -> bytes:
+        """The incomplete message held for the next read."""
+        return bytes(self._view[self._start:self._end])
+
+    @property
+    def pending(self) -> int:
+        return self._end - self._start
+
+
+class DatagramReader:
+    """Places UDP datagrams (one IPFIX message each) in shared chunks, without a copy per datagram."""
+
+    __slots__ = ("chunk_size", "_view", "_pos")
+
+    def __init__(self, chunk_size: int = 1024 * 1024):
+        self.chunk_size = max(chunk_size, 2 * (MAX_MESSAGE + 1))
+        self._view = memoryview(bytearray(self.chunk_size))
+        self._pos = 0
+
+    def get_buffer(self) -> memoryview:
+        """Room for one datagram: MAX_MESSAGE + 1 bytes, so one longer than any IPFIX message is noticed."""
+        if self.chunk_size - self._pos < MAX_MESSAGE + 1:
+            self._view, self._pos = memoryview(bytearray(self.chunk_size)), 0
+        return self._view[self._pos:self._pos + MAX_MESSAGE + 1]
+
+    def feed(self, n: int) -> memoryview:
+        """A datagram of ``n`` bytes was received into the last ``get_buffer()``: its view."""
+        pos = self._pos
+        self._pos = pos + n
+        return self._view[pos:pos + n]
+
+
+def check_datagram(msg: memoryview) -> None:
+    """A datagram must carry exactly one whole message: header length == datagram size."""
+    if len(msg) < HEADER_LEN:
+        raise FramingError("short_datagram", f"datagram of {len(msg)} bytes, shorter than the {HEADER_LEN}-byte header")
+    version, length = VERSION_LENGTH.unpack_from(msg)
+    error = header_error(version, length)
+    if error is not None:
+        raise error
+    if length != len(msg):
+        raise FramingError("length_mismatch", f"header length {length} but datagram of {len(msg)} bytes")

@@ -79,7 +79,7 @@ from typing import Callable
 
 from .config import Config, Mode, ReceiverConfig, STREAMS, _local_addresses
 from .core.wire import HEADER_LEN, MAX_MESSAGE, VERSION
-from .loop import READ, WRITE, Loop
+from .net.loop import READ, WRITE, Loop
 
 BUFFER_BYTES = 4 * 1024 * 1024   # write buffer: one write() per this many bytes
 FLUSH_PERIOD = 1.0               # seconds: buffered messages reach the file (crash safety) at least this often
@@ -242,6 +242,12 @@ class Recorder:
         flows = self.file_flows = self.file_flows + nrec
         if flows >= self._flow_limit:
             self.rotate(reason="flows")
+
+    def dispatch_many(self, entries: list, _size: int) -> None:
+        """A run of data-only entries (the session batches them for the forwarding dispatchers)."""
+        dispatch = self.dispatch
+        for msg, odid, nrec, snapshot in entries:
+            dispatch(msg, odid, nrec, None, snapshot)
 
     def _scope(self, msg, odid: int, tmpl, snapshot) -> bool:
         """Slow path, taken when this message's snapshot is not the last one seen for its ODID in this file:

@@ -19,9 +19,9 @@ from ipfixkit import (FULLFLOW_FIELDS, TcpSink, UdpSink, decode_records, extract
                       header, make_stream, split_messages)
 from ipfix_balancer import recorder as recorder_mod
 from ipfix_balancer.config import Endpoint, Mode, parse
-from ipfix_balancer.loop import Loop
+from ipfix_balancer.net.loop import Loop
 from ipfix_balancer.recorder import Recorder, auto_receivers, dump_name, parse_stamp, stamp, target_token
-from ipfix_balancer.templates import TemplateTracker
+from ipfix_balancer.core.templates import TemplateTracker
 
 T0 = 1_700_000_000.0   # 2023-11-14T22:13:20Z
 IPFIXDUMP = shutil.which("ipfixDump")

@@ -78,6 +78,7 @@ class Loop:
         self.running = True
         timers = self._timers
         select = self._selector.select
+        fd_map = self._selector.get_map()
         while not until():
             timeout = 1.0
             if self._after_turn:
@@ -85,7 +86,10 @@ class Loop:
             elif timers:
                 timeout = max(0.0, min(timeout, timers[0][0] - time.monotonic()))
             for key, mask in select(timeout):
-                key.data(mask)
+                # A callback earlier in this batch may have closed or unwatched this object: its event is
+                # stale (and its fd number may already belong to a new socket).
+                if fd_map.get(key.fd) is key:
+                    key.data(mask)
             while self._after_turn:
                 pending, self._after_turn = self._after_turn, {}
                 for callback in pending.values():

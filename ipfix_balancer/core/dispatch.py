@@ -1,0 +1,112 @@
+"""Dispatchers decide which outputs get a message: RoundRobin spreads, Replicate (mode ``All``) copies.
+
+Both keep every collector able to decode what it gets: a message carrying template sets reaches every
+output (for a mixed message, the chosen output gets the message and the others a copy holding only its
+template sets, so no data record is ever duplicated). The recorder is the third dispatcher.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ..config import Mode
+from .sendqueue import MSG, SendQueue, State
+from .wire import MAX_MESSAGE
+
+
+class Dispatcher(Protocol):
+    """What an exporter session hands its messages to. Entries are ``sendqueue.Entry`` tuples."""
+
+    def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
+        """One message; ``tmpl`` is None, the message itself (templates only) or its template-only copy."""
+
+    def dispatch_many(self, entries: list, size: int) -> None:
+        """A run of data-only entries (one read's worth), ``size`` bytes in all."""
+
+
+class Replicate:
+    """Every message to every output; each output's queue is bounded on its own, so a slow collector
+    loses its oldest messages (counted) instead of stalling the exporter or the other collectors."""
+
+    rewrite_seq = False  # copies are complete: the exporter's sequence numbers stay true
+
+    def __init__(self, queues: list[SendQueue]):
+        self.queues = queues
+
+    def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
+        entry = (msg, odid, nrec, snapshot)
+        for queue in self.queues:
+            queue.enqueue(entry)
+
+    def dispatch_many(self, entries: list, size: int) -> None:
+        for queue in self.queues:
+            queue.enqueue_many(entries, size)
+
+    def on_down(self, _queue: SendQueue) -> None:
+        """A down subreceiver keeps its queue (bounded) and gets it after reconnecting."""
+
+
+class RoundRobin:
+    """Each data message to the next *available* output (connected, with room in its queue)."""
+
+    rewrite_seq = True  # each collector sees only some messages: renumber so it sees no false gaps
+
+    def __init__(self, queues: list[SendQueue]):
+        self.queues = queues
+        self._next = 0
+
+    def _choose(self, size: int) -> SendQueue:
+        """Next queue that is up with room; else (all down: session start or outage) the next with room,
+        where the message waits for the connection; else the next one, which drops its oldest."""
+        queues = self.queues
+        count = len(queues)
+        start = self._next
+        fallback = None
+        for i in range(count):
+            queue = queues[(start + i) % count]
+            if queue.pending_bytes + size <= queue.limit:
+                if queue.state is State.UP:
+                    self._next = (start + i + 1) % count
+                    return queue
+                if fallback is None:
+                    fallback = (i, queue)
+        i, queue = fallback if fallback is not None else (0, queues[start % count])
+        self._next = (start + i + 1) % count
+        return queue
+
+    def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
+        target = self._choose(len(msg))
+        target.enqueue((msg, odid, nrec, snapshot))
+        if tmpl is not None:
+            # Template sets are protocol state every collector needs, not payload to spread.
+            entry = (tmpl, odid, 0, snapshot)
+            for queue in self.queues:
+                if queue is not target:
+                    queue.enqueue(entry)
+
+    def dispatch_many(self, entries: list, size: int) -> None:
+        """When every output is up with room for its share, output k gets ``entries[k::n]``: exactly the
+        message-by-message rotation, without a call per message."""
+        queues = self.queues
+        n = len(queues)
+        share = size // n + MAX_MESSAGE + 1  # shares differ by at most one message
+        if all(q.state is State.UP and q.pending_bytes + share <= q.limit for q in queues):
+            start = self._next
+            for k in range(min(n, len(entries))):
+                part = entries[k::n]
+                queues[(start + k) % n].enqueue_many(part, sum([len(e[MSG]) for e in part]))
+            self._next = (start + len(entries)) % n
+            return
+        for entry in entries:
+            self._choose(len(entry[MSG])).enqueue(entry)
+
+    def on_down(self, queue: SendQueue) -> None:
+        """Move the failed output's unsent messages to outputs that are up, so an outage of one collector
+        loses nothing that was still queued (a template re-sent to a collector that has it is harmless)."""
+        if any(q.state is State.UP for q in self.queues if q is not queue):
+            for entry in queue.take_pending():
+                self._choose(len(entry[MSG])).enqueue(entry)
+
+
+#: the dispatcher class of each forwarding mode (``Disabled`` records instead)
+FORWARDERS = {Mode.ROUND_ROBIN: RoundRobin, Mode.ALL: Replicate}

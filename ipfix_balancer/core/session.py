@@ -1,0 +1,146 @@
+"""An exporter session (a TCP connection, or a UDP exporter address+port) and its mirrors.
+
+Each session has its own template tracker and one output (send queue + transport) per subreceiver, so the
+template scopes of different exporters never mix at a collector. Where the queues' transports come from
+is injected (``make_output``): the session decides, the ``net`` package connects.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Callable
+
+from ..config import Mode
+from .dispatch import FORWARDERS, Dispatcher
+from .sendqueue import SendQueue, State, SubreceiverStats
+from .templates import TemplateTracker
+
+
+class Counters:
+    """What a handler received, summed over all its sessions (sessions come and go, totals stay)."""
+
+    __slots__ = ("msgs_in", "bytes_in", "unknown_template")
+
+    def __init__(self) -> None:
+        self.msgs_in = self.bytes_in = self.unknown_template = 0
+
+
+class Lifecycle(enum.Enum):
+    OPEN = "open"          # the exporter is there
+    DRAINING = "draining"  # the exporter left; its outputs deliver what they hold
+    GONE = "gone"          # every output closed
+
+
+#: ``make_output(stats, limit=, rewrite_seq=, refresh=, current_snapshot=, on_down=, on_closed=)``: a
+#: SendQueue whose transport is already attached (and connecting)
+OutputFactory = Callable[..., SendQueue]
+
+
+class Forwarding:
+    """What a session is told to do: the settings its dispatcher and queues are built from."""
+
+    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder")
+
+    def __init__(self, mode: Mode, subreceivers: list[SubreceiverStats], queue_bytes: int,
+                 template_refresh: float, recorder: Dispatcher | None = None):
+        self.mode = mode
+        self.subreceivers = subreceivers
+        self.queue_bytes = queue_bytes
+        self.template_refresh = template_refresh  # 0: no periodic re-send (TCP subreceivers)
+        self.recorder = recorder
+
+
+class ExporterSession:
+    def __init__(self, peer: str, counters: Counters, make_output: OutputFactory,
+                 on_gone: Callable[[ExporterSession], None], templates=()):
+        self.peer = peer
+        self.counters = counters
+        self.make_output = make_output
+        self.on_gone = on_gone
+        self.tracker = TemplateTracker()
+        for msg in templates:  # learnt by a predecessor (handover): known before any output connects
+            self.tracker.inspect(msg)
+        self.queues: list[SendQueue] = []  # every open queue: the dispatcher's, and retired ones draining
+        self.state = Lifecycle.OPEN
+        self.dispatcher: Dispatcher | None = None
+        self.last_seen = 0.0  # UDP: when the last datagram came (the listener's clock)
+
+    def configure(self, fw: Forwarding) -> None:
+        """(Re)build the dispatcher from ``fw``, keeping what can be kept.
+
+        A queue to a subreceiver that stays keeps its connection and content. A new subreceiver gets a new
+        output, which replays the templates before any data. A removed one is flushed, then closed. A switch
+        between RoundRobin and All starts new output sessions (sequence numbering differs between them), so
+        a collector sees a fresh transport session rather than a jump in sequence numbers.
+        """
+        old = self.dispatcher
+        active: list[SendQueue] = []
+        if fw.mode is Mode.DISABLED:
+            self.dispatcher = fw.recorder
+        else:
+            cls = FORWARDERS[fw.mode]
+            reusable = {}
+            if isinstance(old, cls):
+                reusable = {q.subreceiver: q for q in old.queues if q.state is not State.CLOSED and not q.closing}
+            dispatcher = self.dispatcher = cls(active)
+            for stats in fw.subreceivers:
+                queue = reusable.pop(stats.subreceiver, None)
+                if queue is None:
+                    queue = self.make_output(stats, limit=fw.queue_bytes, rewrite_seq=cls.rewrite_seq,
+                                             refresh=fw.template_refresh, current_snapshot=self._snapshot,
+                                             on_down=dispatcher.on_down, on_closed=self._queue_closed)
+                else:
+                    queue.on_down, queue.limit, queue.refresh = dispatcher.on_down, fw.queue_bytes, fw.template_refresh
+                active.append(queue)
+        retired = [q for q in self.queues if q not in active]
+        for queue in retired:
+            queue.close_when_drained()
+        self.queues = active + [q for q in retired if q.state is not State.CLOSED]
+
+    def _snapshot(self):
+        return self.tracker.snapshot
+
+    def deliver(self, messages) -> None:
+        """The hot path: every whole message of one read. Runs of data-only messages are handed to the
+        dispatcher as one batch; a message with template sets goes on its own, in order."""
+        tracker = self.tracker
+        inspect, dispatcher = tracker.inspect, self.dispatcher
+        many = dispatcher.dispatch_many
+        snapshot = tracker.snapshot  # changes only with a message that carries template sets
+        batch: list = []
+        batch_size = size = 0
+        for msg in messages:
+            odid, nrec, tmpl = inspect(msg)
+            n = len(msg)
+            size += n
+            if tmpl is None:
+                batch.append((msg, odid, nrec, snapshot))
+                batch_size += n
+                continue
+            if batch:
+                many(batch, batch_size)
+                batch, batch_size = [], 0
+            snapshot = tracker.snapshot
+            dispatcher.dispatch(msg, odid, nrec, tmpl, snapshot)
+        if batch:
+            many(batch, batch_size)
+        counters = self.counters
+        counters.msgs_in += len(messages)
+        counters.bytes_in += size
+
+    def end(self) -> None:
+        """The exporter went away: flush its outputs, then close them."""
+        if self.state is not Lifecycle.OPEN:
+            return
+        self.state = Lifecycle.DRAINING
+        self.counters.unknown_template += self.tracker.unknown_template
+        for queue in list(self.queues):
+            queue.close_when_drained()
+        self._queue_closed(None)
+
+    def _queue_closed(self, queue: SendQueue | None) -> None:
+        if queue in self.queues:
+            self.queues.remove(queue)
+        if self.state is Lifecycle.DRAINING and not self.queues:
+            self.state = Lifecycle.GONE
+            self.on_gone(self)

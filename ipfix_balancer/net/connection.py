@@ -1,0 +1,204 @@
+"""The connection of one output: a TCP connection or a connected UDP socket to one subreceiver.
+
+It owns the socket, the connect/backoff cycle and the refresh and close timers, and drives a
+``core.sendqueue.SendQueue``: ``next_iovec`` -> ``sendmsg`` -> ``written``; any error -> ``connection_lost``.
+Every failure goes through ``_fail``, once per state change in the log.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import time
+
+from ..core.sendqueue import SendQueue, State
+from .loop import READ, WRITE, Loop
+
+SNDBUF = 4 * 1024 * 1024
+BACKOFF_FIRST = 0.2
+BACKOFF_CAP = 5.0
+CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep trying to deliver its queue
+
+
+class OutputConnection:
+    """Implements ``core.sendqueue.Transport`` for one queue."""
+
+    def __init__(self, loop: Loop, queue: SendQueue, log):
+        self.loop = loop
+        self.queue = queue
+        self.log = log
+        self.sock: socket.socket | None = None
+        self.closed = False
+        self._backoff = BACKOFF_FIRST
+        self._timer = None          # reconnect, or the close deadline
+        self._refresh_timer = None  # UDP template refresh
+        self._tcp = queue.subreceiver.proto == "tcp"
+        queue.transport = self
+        self._connect()
+
+    # -- Transport -----------------------------------------------------------------------------
+    def wake(self) -> None:
+        self.loop.after_turn(id(self), self.flush)
+
+    def close_when_drained(self) -> None:
+        self._cancel_timer()
+        self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._give_up)
+        if self.queue.state is State.UP:
+            self.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self._cancel_timer()
+        if self._refresh_timer is not None:
+            self._refresh_timer.cancel()
+        self._release()
+
+    # -- connecting ----------------------------------------------------------------------------
+    def _connect(self) -> None:
+        self._timer = None
+        sub = self.queue.subreceiver
+        sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        self.sock = sock
+        if not self._tcp:
+            try:
+                sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
+            except OSError as exc:
+                self._fail(exc)
+                return
+            self._up()
+            return
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        err = sock.connect_ex((sub.host, sub.port))
+        if err not in (0, errno.EINPROGRESS):
+            self._fail(OSError(err, os.strerror(err)))
+            return
+        self.queue.state = State.CONNECTING
+        self.loop.watch(sock, WRITE, self._on_connect)
+
+    def _on_connect(self, _mask) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, os.strerror(err)))
+            return
+        self._up()
+
+    def _up(self) -> None:
+        self._backoff = BACKOFF_FIRST
+        if self.queue.connection_up(int(time.time())):
+            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
+        if self._tcp:
+            self.loop.watch(self.sock, READ, self._on_event)
+        elif self.queue.refresh and self._refresh_timer is None:
+            self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
+        self.flush()
+
+    def _refresh_tick(self) -> None:
+        self.queue.refresh_templates(int(time.time()))
+        self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
+
+    def _fail(self, exc: BaseException) -> None:
+        """The connection is gone: the queue takes back what was not written, and we retry with backoff."""
+        self._release()
+        queue = self.queue
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+        lost, news = queue.connection_lost(reason)
+        if news:  # once per state change, not per retry
+            self.log.warning("subreceiver_down", subreceiver=str(queue.subreceiver), reason=reason,
+                             lost_in_flight=lost, queued=len(queue.pending), retry_in=self._backoff)
+        if queue.closing and not queue.pending:
+            queue.close()
+            return
+        self._cancel_timer()
+        self._timer = self.loop.call_later(self._backoff, self._connect)
+        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+        if queue.on_down is not None:
+            queue.on_down(queue)
+
+    def _give_up(self) -> None:
+        """The close deadline passed with messages still queued: they are lost, counted and logged."""
+        self._timer = None
+        unsent = self.queue.close()
+        if unsent:
+            self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.queue.subreceiver),
+                           unsent_messages=unsent)
+
+    def _release(self) -> None:
+        if self.sock is not None:
+            self.loop.unwatch(self.sock)
+            self.sock.close()
+            self.sock = None
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_event(self, mask: int) -> None:
+        if mask & READ:
+            # Collectors never send IPFIX back: readable means closed (or junk we discard).
+            try:
+                data = self.sock.recv(65536)
+            except BlockingIOError:
+                data = None
+            except OSError as exc:
+                self._fail(exc)
+                return
+            if data == b"":
+                self._fail(ConnectionResetError("closed by subreceiver"))
+                return
+        if mask & WRITE:
+            self.flush()
+
+    # -- sending -------------------------------------------------------------------------------
+    def flush(self) -> None:
+        queue = self.queue
+        queue.armed = False
+        if queue.state is not State.UP or self.sock is None:
+            return
+        try:
+            if self._tcp:
+                self._flush_stream()
+            else:
+                self._flush_datagrams()
+        except OSError as exc:
+            self._fail(exc)
+            return
+        if queue.closing and queue.idle:
+            queue.close()
+
+    def _flush_stream(self) -> None:
+        sock, queue = self.sock, self.queue
+        next_iovec, written = queue.next_iovec, queue.written
+        while True:
+            bufs = next_iovec()
+            if not bufs:
+                break
+            try:
+                sent = sock.sendmsg(bufs)
+            except BlockingIOError:
+                sent = 0
+            if not written(sent):
+                self.loop.watch(sock, READ | WRITE, self._on_event)
+                return
+        self.loop.watch(sock, READ, self._on_event)
+
+    def _flush_datagrams(self) -> None:
+        """One datagram per message. A message leaves the queue only once the kernel took it, so a send
+        refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch."""
+        sock, queue = self.sock, self.queue
+        next_datagram, written = queue.next_datagram, queue.written
+        while True:
+            bufs = next_datagram()
+            if not bufs:
+                break
+            try:
+                written(sock.sendmsg(bufs))
+            except BlockingIOError:
+                self.loop.watch(sock, WRITE, self._on_event)
+                return
+        self.loop.unwatch(sock)

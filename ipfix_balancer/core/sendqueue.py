@@ -111,7 +111,8 @@ class SendQueue:
     # -- queueing ------------------------------------------------------------------------------
     def enqueue(self, entry: Entry) -> None:
         """Queue an entry; when full, the oldest unsent entries are dropped and counted (never the newest:
-        a collector that falls behind should get the most recent data)."""
+        a collector that falls behind should get the most recent data). Messages already committed to the
+        kernel cannot be dropped, so the bound is ``limit`` plus the newest message."""
         size = len(entry[MSG])
         if self.pending_bytes + size > self.limit:
             if self.state is State.UP and self.transport is not None:

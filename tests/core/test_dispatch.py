@@ -1,0 +1,103 @@
+"""Dispatchers without sockets: batch dispatch equals message-by-message dispatch; RoundRobin skips
+outputs that are down or full and moves a failed output's queue; templates reach every output."""
+
+from hypothesis import given, settings, strategies as st
+
+from ipfix_balancer.core.dispatch import Replicate, RoundRobin
+from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.templates import EMPTY
+
+from test_sendqueue import FakeTransport, data_message, ident_of
+
+
+def queues(n: int, states=None, limit: int = 1_000_000) -> list[SendQueue]:
+    out = []
+    for i in range(n):
+        q = SendQueue(SubreceiverStats(f"c{i}"), limit=limit, rewrite_seq=True, current_snapshot=lambda: EMPTY)
+        q.transport = FakeTransport()
+        q.state = states[i] if states else State.UP
+        out.append(q)
+    return out
+
+
+def contents(qs) -> list[list[int]]:
+    return [[ident_of(e[0]) for e in q.pending] for q in qs]
+
+
+def entries(sizes):
+    return [(data_message(i, size), 7, 1, EMPTY) for i, size in enumerate(sizes)]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=1, max_value=5),
+       st.lists(st.integers(min_value=24, max_value=3000), max_size=40),
+       st.lists(st.sampled_from([State.UP, State.DOWN, State.CONNECTING]), min_size=5, max_size=5),
+       st.integers(min_value=3000, max_value=200_000),
+       st.integers(min_value=0, max_value=4))
+def test_dispatch_many_equals_dispatch_one_by_one(n, sizes, states, limit, start):
+    batch, single = queues(n, states, limit), queues(n, states, limit)
+    a, b = RoundRobin(batch), RoundRobin(single)
+    a._next = b._next = start % n
+    items = entries(sizes)
+    a.dispatch_many(items, sum(sizes))
+    for msg, odid, nrec, snap in items:
+        b.dispatch(msg, odid, nrec, None, snap)
+    assert contents(batch) == contents(single)
+    assert [q.stats.drops for q in batch] == [q.stats.drops for q in single]
+    assert a._next == b._next
+
+
+def test_round_robin_rotates_and_skips_outputs_that_are_down_or_full():
+    qs = queues(3, [State.UP, State.DOWN, State.UP], limit=120)
+    rr = RoundRobin(qs)
+    for msg, odid, nrec, snap in entries([40] * 4):
+        rr.dispatch(msg, odid, nrec, None, snap)
+    assert contents(qs) == [[0, 2], [], [1, 3]]
+    qs[0].enqueue((data_message(9, 40), 7, 1, EMPTY))  # 0 has no room for another 40 bytes now
+    msg, odid, nrec, snap = entries([40])[0]
+    rr.dispatch(msg, odid, nrec, None, snap)
+    assert contents(qs)[2] == [1, 3, 0]
+
+
+def test_round_robin_queues_on_a_down_output_when_none_is_up():
+    qs = queues(2, [State.DOWN, State.CONNECTING])
+    rr = RoundRobin(qs)
+    for msg, odid, nrec, snap in entries([40] * 3):
+        rr.dispatch(msg, odid, nrec, None, snap)
+    assert contents(qs) == [[0, 2], [1]]  # waiting for a connection, nothing dropped
+
+
+def test_round_robin_moves_a_failed_outputs_queue_to_live_ones():
+    qs = queues(3, [State.DOWN, State.UP, State.UP])
+    for e in entries([40] * 4):
+        qs[0].enqueue(e)
+    RoundRobin(qs).on_down(qs[0])
+    assert contents(qs) == [[], [0, 2], [1, 3]]
+
+
+def test_round_robin_keeps_the_queue_when_nothing_else_is_up():
+    qs = queues(2, [State.DOWN, State.DOWN])
+    for e in entries([40] * 2):
+        qs[0].enqueue(e)
+    RoundRobin(qs).on_down(qs[0])
+    assert contents(qs) == [[0, 1], []]
+
+
+def test_templates_reach_every_output_data_only_the_chosen_one():
+    qs = queues(3)
+    rr = RoundRobin(qs)
+    msg = data_message(5, 60)
+    tmpl = data_message(6, 30)  # stands for the template-only copy
+    rr.dispatch(msg, 7, 2, tmpl, EMPTY)
+    assert contents(qs) == [[5], [6], [6]]
+    assert [e[2] for q in qs for e in q.pending] == [2, 0, 0]  # the copies carry no records
+
+
+def test_replicate_gives_every_output_everything():
+    qs = queues(3, [State.UP, State.DOWN, State.UP])
+    rep = Replicate(qs)
+    items = entries([40] * 3)
+    rep.dispatch_many(items[:2], 80)
+    msg, odid, nrec, snap = items[2]
+    rep.dispatch(msg, odid, nrec, None, snap)
+    assert contents(qs) == [[0, 1, 2]] * 3

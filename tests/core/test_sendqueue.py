@@ -1,0 +1,286 @@
+"""The send queue without sockets: partial writes, connection loss at every point, drop-oldest, template
+replay, sequence rewrite, and the accounting property (every message delivered once, queued, or counted)."""
+
+import struct
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.templates import EMPTY, TemplateTracker
+from ipfix_balancer.core.wire import HEADER, walk
+
+ODID = 7
+
+
+class FakeTransport:
+    """Records what the queue asks of its transport."""
+
+    def __init__(self):
+        self.woken = self.flushed = self.closed = self.draining = 0
+
+    def wake(self):
+        self.woken += 1
+
+    def flush(self):
+        self.flushed += 1
+
+    def close_when_drained(self):
+        self.draining += 1
+
+    def close(self):
+        self.closed += 1
+
+
+def data_message(ident: int, size: int = 40, odid: int = ODID) -> memoryview:
+    """A data-only message; its body starts with ``ident`` so it can be recognised after a seq rewrite."""
+    body = struct.pack("!HHI", 256, size - 16, ident) + b"\xab" * (size - 24)
+    return memoryview(bytearray(HEADER.pack(10, size, 1700000000, 999, odid) + body))
+
+
+def entry(ident: int, size: int = 40, nrec: int = 2):
+    return (data_message(ident, size), ODID, nrec, EMPTY)
+
+
+def ident_of(msg) -> int:
+    return struct.unpack_from("!I", msg, 20)[0]
+
+
+def make_queue(limit: int = 10_000, rewrite_seq: bool = True, snapshot=EMPTY):
+    stats = SubreceiverStats("collector")
+    queue = SendQueue(stats, limit=limit, rewrite_seq=rewrite_seq, current_snapshot=lambda: snapshot)
+    queue.transport = FakeTransport()
+    return queue, stats
+
+
+def write(queue: SendQueue, budget: int | None = None) -> bytes:
+    """One sendmsg that takes at most ``budget`` bytes (all when None): the bytes the collector gets."""
+    bufs = queue.next_iovec()
+    data = b"".join(bytes(b) for b in bufs)
+    taken = data if budget is None else data[:budget]
+    if bufs:
+        queue.written(len(taken))
+    return taken
+
+
+def messages(stream: bytes) -> list[bytes]:
+    out = []
+    walk(stream, 0, len(stream), lambda m: out.append(bytes(m)))
+    return out
+
+
+def test_enqueue_wakes_the_transport_once_per_turn_when_up():
+    queue, _ = make_queue()
+    queue.enqueue(entry(1))
+    assert queue.transport.woken == 0  # down: nothing to wake
+    queue.connection_up(0)
+    queue.enqueue(entry(2))
+    queue.enqueue_many([entry(3), entry(4)], 80)
+    assert queue.transport.woken == 1
+    write(queue)
+    queue.armed = False  # what the transport's flush does
+    queue.enqueue(entry(5))
+    assert queue.transport.woken == 2
+
+
+@pytest.mark.parametrize("cut", range(0, 121))
+def test_partial_write_at_every_byte_boundary(cut):
+    queue, stats = make_queue()
+    queue.connection_up(0)
+    for i in range(3):
+        queue.enqueue(entry(i))
+    first = write(queue, cut)
+    rest = write(queue)
+    got = messages(first + rest)
+    assert [ident_of(m) for m in got] == [0, 1, 2]
+    assert [struct.unpack_from("!I", m, 8)[0] for m in got] == [0, 2, 4]  # 2 records each, gap-free
+    assert queue.idle and queue.pending_bytes == 0
+    assert (stats.msgs_out, stats.bytes_out, stats.drops) == (3, 120, 0)
+
+
+@pytest.mark.parametrize("cut", range(0, 120))
+def test_connection_loss_at_every_point_of_a_batch(cut):
+    queue, stats = make_queue()
+    queue.connection_up(0)
+    for i in range(3):
+        queue.enqueue(entry(i))
+    sent = write(queue, cut)
+    lost, news = queue.connection_lost("reset")
+    assert news and queue.state is State.DOWN and stats.last_error == "reset"
+    whole = len(messages(sent))
+    cut_mid = cut % 40 != 0
+    assert lost == (1 if cut_mid else 0) == stats.drops
+    assert [ident_of(e[0]) for e in queue.pending] == list(range(whole + lost, 3))
+    assert queue.pending_bytes == sum(len(e[0]) for e in queue.pending)
+    assert stats.msgs_out == whole
+
+
+def test_drop_oldest_when_full_and_bound_holds():
+    queue, stats = make_queue(limit=100)
+    for i in range(5):
+        queue.enqueue(entry(i))
+    assert [ident_of(e[0]) for e in queue.pending] == [3, 4]
+    assert stats.drops == 3 and queue.pending_bytes == 80 <= queue.limit
+
+
+def test_full_queue_asks_the_transport_to_flush_first_when_up():
+    queue, _ = make_queue(limit=100)
+    queue.connection_up(0)
+    queue.enqueue(entry(0))
+    queue.enqueue(entry(1))
+    queue.enqueue(entry(2))
+    assert queue.transport.flushed == 1
+
+
+def test_take_pending_hands_over_everything_unsent():
+    queue, _ = make_queue()
+    for i in range(3):
+        queue.enqueue(entry(i))
+    taken = queue.take_pending()
+    assert [ident_of(e[0]) for e in taken] == [0, 1, 2]
+    assert queue.pending_bytes == 0 and queue.idle
+
+
+def template_session():
+    """A tracker that learnt one template (id 256, two 4-byte fields) for ODID 7."""
+    tracker = TemplateTracker()
+    tset = struct.pack("!HHHHHHHH", 2, 16, 256, 2, 8, 4, 12, 4)
+    tracker.inspect(memoryview(HEADER.pack(10, 16 + len(tset), 1, 0, ODID) + tset))
+    return tracker
+
+
+def test_reconnect_replays_the_templates_of_the_head_entry_first():
+    tracker = template_session()
+    queue, _ = make_queue(snapshot=tracker.snapshot)
+    queue.enqueue((data_message(1), ODID, 2, tracker.snapshot))
+    queue.connection_up(1234)
+    got = messages(write(queue))
+    assert len(got) == 2
+    version, length, export_time, seq, odid = HEADER.unpack_from(got[0])
+    assert (odid, seq, export_time) == (ODID, 0, 1234)
+    assert got[0][16:] == struct.pack("!HHHHHHHH", 2, 16, 256, 2, 8, 4, 12, 4)
+    assert ident_of(got[1]) == 1
+
+
+def test_a_queue_holding_the_whole_session_replays_nothing_on_first_connect():
+    queue, _ = make_queue(snapshot=EMPTY)  # created before any template: the queue will carry them
+    queue.connection_up(0)
+    assert not queue.pending
+
+
+def test_byte_identical_mode_keeps_the_exporters_numbers_and_refresh_follows_them():
+    tracker = template_session()
+    queue, _ = make_queue(rewrite_seq=False, snapshot=tracker.snapshot)
+    queue.enqueue((data_message(1), ODID, 2, tracker.snapshot))
+    queue.connection_up(0)
+    template, data = messages(write(queue))
+    assert struct.unpack_from("!I", template, 8)[0] == 999  # the templates carry the next message's number
+    assert struct.unpack_from("!I", data, 8)[0] == 999
+    queue.refresh_templates(5)
+    refresh = messages(write(queue))
+    assert struct.unpack_from("!I", refresh[0], 8)[0] == 1001  # the exporter's 999 + 2 records
+
+
+def test_template_messages_are_never_rewritten_in_place():
+    """A template message may be shared by several outputs: its sequence number goes in a copied header."""
+    queue, _ = make_queue()
+    queue.connection_up(0)
+    queue.enqueue(entry(0, nrec=3))
+    shared = bytes(data_message(9))
+    queue.enqueue((memoryview(shared), ODID, 0, EMPTY))
+    got = messages(write(queue))
+    assert struct.unpack_from("!I", got[1], 8)[0] == 3
+    assert struct.unpack_from("!I", shared, 8)[0] == 999
+
+
+def test_datagrams_one_message_each_with_the_same_rewrite():
+    queue, stats = make_queue()
+    queue.connection_up(0)
+    for i in range(3):
+        queue.enqueue(entry(i))
+    seqs = []
+    while bufs := queue.next_datagram():
+        data = b"".join(bytes(b) for b in bufs)
+        assert len(data) == 40
+        seqs.append(struct.unpack_from("!I", data, 8)[0])
+        queue.written(len(data))
+    assert seqs == [0, 2, 4] and stats.msgs_out == 3
+
+
+def test_close_counts_what_was_left_and_is_final():
+    closed = []
+    stats = SubreceiverStats("collector")
+    queue = SendQueue(stats, limit=10_000, rewrite_seq=True, current_snapshot=lambda: EMPTY,
+                      on_closed=closed.append)
+    queue.transport = FakeTransport()
+    queue.connection_up(0)
+    for i in range(3):
+        queue.enqueue(entry(i))
+    write(queue, 50)  # one whole, one cut, one queued
+    assert queue.close() == 2
+    assert stats.drops == 2 and closed == [queue] and queue.state is State.CLOSED
+    assert queue.close() == 0 and closed == [queue] and queue.transport.closed == 1
+    assert queue not in stats.queues
+
+
+def test_close_when_drained_closes_at_once_when_idle_else_asks_the_transport():
+    queue, _ = make_queue()
+    queue.enqueue(entry(0))
+    queue.close_when_drained()
+    assert queue.transport.draining == 1 and queue.state is not State.CLOSED
+    idle, _ = make_queue()
+    idle.close_when_drained()
+    assert idle.state is State.CLOSED
+
+
+def test_news_of_a_failure_once_per_state_change():
+    queue, _ = make_queue()
+    assert queue.connection_lost("refused")[1]           # first error
+    assert not queue.connection_lost("refused")[1]       # still failing: no news
+    assert queue.connection_up(0)                        # recovered: news
+    assert queue.connection_lost("reset")[1]             # was up: news
+
+
+# -- the accounting property ------------------------------------------------------------------------
+ops = st.lists(st.one_of(
+    st.tuples(st.just("enqueue"), st.integers(min_value=17, max_value=200)),
+    st.tuples(st.just("write"), st.integers(min_value=0, max_value=600)),
+    st.tuples(st.just("lose"), st.just(0)),
+    st.tuples(st.just("up"), st.just(0)),
+), max_size=60)
+
+
+@settings(max_examples=300, deadline=None)
+@given(ops, st.integers(min_value=100, max_value=1000), st.booleans())
+def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite):
+    queue, stats = make_queue(limit=limit, rewrite_seq=rewrite)
+    sent_ids: list[int] = []
+    connections: list[bytes] = []   # what each collector connection received
+    current = None
+    for n, (op, arg) in enumerate(steps):
+        if op == "enqueue":
+            queue.enqueue(entry(n, size=max(24, arg)))
+            sent_ids.append(n)
+        elif op == "write" and queue.state is State.UP:
+            current += write(queue, arg)
+        elif op == "lose" and queue.state is State.UP:
+            queue.connection_lost("reset")
+            connections.append(current)
+            current = None
+        elif op == "up" and queue.state is not State.UP:
+            queue.connection_up(0)
+            current = b""
+        queued = sum(len(e[0]) for e in queue.pending) + (sum(len(b) for b in queue.bufs))
+        assert queue.pending_bytes == queued
+        # the bound: the limit, plus at most the newest message (committed bytes cannot be dropped)
+        assert queue.pending_bytes <= limit + 200
+    if current is not None:
+        connections.append(current)
+    delivered = [ident_of(m) for c in connections for m in messages(c)]
+    still = [ident_of(e[0]) for e in queue.pending] + [ident_of(e[0]) for e in queue._entries]
+    assert len(delivered) == len(set(delivered)), "a message was delivered twice"
+    assert not set(delivered) & set(still)
+    assert len(delivered) == stats.msgs_out
+    # what is neither delivered nor still held was counted as dropped, exactly
+    gone = set(sent_ids) - set(delivered) - set(still)
+    assert len(gone) == stats.drops

@@ -1,0 +1,125 @@
+"""Exporter sessions without sockets: delivery through the dispatcher, reconfiguration (kept queues stay,
+a mode switch opens fresh ones, a removed subreceiver drains), and the end of a session."""
+
+import struct
+
+from ipfix_balancer.config import Mode
+from ipfix_balancer.core.dispatch import Replicate, RoundRobin
+from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.session import Counters, ExporterSession, Forwarding, Lifecycle
+from ipfix_balancer.core.wire import HEADER
+
+from test_sendqueue import FakeTransport, data_message, ident_of
+
+
+class Outputs:
+    """The injected factory: queues with fake transports, all up at once."""
+
+    def __init__(self):
+        self.made: list[SendQueue] = []
+
+    def __call__(self, stats, **settings) -> SendQueue:
+        queue = SendQueue(stats, **settings)
+        queue.transport = FakeTransport()
+        queue.connection_up(0)
+        self.made.append(queue)
+        return queue
+
+
+def session(outputs=None):
+    gone = []
+    s = ExporterSession("10.0.0.1:4739", Counters(), outputs or Outputs(), gone.append)
+    return s, gone
+
+
+def forwarding(mode, subs, recorder=None):
+    return Forwarding(mode, subs, 1_000_000, 0.0, recorder)
+
+
+def template_message() -> memoryview:
+    tset = struct.pack("!HHHHHH", 2, 12, 256, 1, 8, 4)
+    return memoryview(bytearray(HEADER.pack(10, 16 + len(tset), 1, 0, 7) + tset))
+
+
+def test_deliver_spreads_data_and_copies_templates():
+    subs = [SubreceiverStats("a"), SubreceiverStats("b")]
+    s, _ = session()
+    s.configure(forwarding(Mode.ROUND_ROBIN, subs))
+    s.deliver([template_message()] + [data_message(i) for i in range(4)])
+    a, b = s.queues
+    assert len(a.pending) == 3 and len(b.pending) == 3  # the template to both, data spread
+    assert s.counters.msgs_in == 5 and s.counters.bytes_in == 28 + 4 * 40
+
+
+def test_reconfigure_keeps_the_queues_of_kept_subreceivers():
+    outputs = Outputs()
+    a, b, c = SubreceiverStats("a"), SubreceiverStats("b"), SubreceiverStats("c")
+    s, _ = session(outputs)
+    s.configure(forwarding(Mode.ROUND_ROBIN, [a, b]))
+    kept = s.queues[0]
+    kept.enqueue((data_message(1), 7, 1, s.tracker.snapshot))
+    s.configure(forwarding(Mode.ROUND_ROBIN, [a, c]))
+    assert s.dispatcher.queues[0] is kept and [ident_of(e[0]) for e in kept.pending] == [1]
+    assert s.dispatcher.queues[1].subreceiver == "c"
+    removed = outputs.made[1]
+    assert removed.state is State.CLOSED  # it was idle: drained at once
+    assert len(outputs.made) == 3
+
+
+def test_a_removed_subreceiver_with_a_queue_drains_before_closing():
+    outputs = Outputs()
+    a, b = SubreceiverStats("a"), SubreceiverStats("b")
+    s, _ = session(outputs)
+    s.configure(forwarding(Mode.ALL, [a, b]))
+    s.deliver([data_message(1)])
+    s.configure(forwarding(Mode.ALL, [a]))
+    retired = outputs.made[1]
+    assert retired.closing and retired.transport.draining == 1 and retired in s.queues
+    assert retired not in s.dispatcher.queues
+
+
+def test_switching_mode_opens_fresh_output_sessions():
+    outputs = Outputs()
+    a = SubreceiverStats("a")
+    s, _ = session(outputs)
+    s.configure(forwarding(Mode.ROUND_ROBIN, [a]))
+    first = s.queues[0]
+    s.configure(forwarding(Mode.ALL, [a]))
+    assert isinstance(s.dispatcher, Replicate) and s.dispatcher.queues[0] is not first
+    assert not s.dispatcher.queues[0].rewrite_seq and first.rewrite_seq
+    s.configure(forwarding(Mode.ROUND_ROBIN, [a]))
+    assert isinstance(s.dispatcher, RoundRobin) and len(outputs.made) == 3
+
+
+def test_recording_mode_hands_messages_to_the_recorder():
+    class Recorder:
+        def __init__(self):
+            self.got = []
+
+        def dispatch(self, msg, odid, nrec, tmpl, snapshot):
+            self.got.append(("one", bytes(msg)))
+
+        def dispatch_many(self, entries, size):
+            self.got.extend(("many", bytes(e[0])) for e in entries)
+
+    rec = Recorder()
+    s, _ = session()
+    s.configure(forwarding(Mode.DISABLED, [], rec))
+    tmpl, d1, d2 = template_message(), data_message(1), data_message(2)
+    s.deliver([d1, tmpl, d2])
+    assert [kind for kind, _ in rec.got] == ["many", "one", "many"]
+    assert not s.queues
+
+
+def test_end_drains_then_reports_gone_once():
+    s, gone = session()
+    s.configure(forwarding(Mode.ALL, [SubreceiverStats("a")]))
+    s.deliver([data_message(1)])
+    s.end()
+    assert s.state is Lifecycle.DRAINING and not gone
+    queue = s.queues[0]
+    queue.written(len(queue.next_iovec()[0]))
+    queue.close_when_drained()  # what the transport does once idle
+    assert s.state is Lifecycle.GONE and gone == [s]
+    s.end()
+    assert gone == [s]

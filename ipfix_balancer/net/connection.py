@@ -172,33 +172,25 @@ class OutputConnection:
             queue.close()
 
     def _flush_stream(self) -> None:
-        sock, queue = self.sock, self.queue
-        next_iovec, written = queue.next_iovec, queue.written
-        while True:
-            bufs = next_iovec()
-            if not bufs:
-                break
+        if self._write(self.queue.next_iovec, READ | WRITE):
+            self.loop.watch(self.sock, READ, self._on_event)  # all sent: watch for the collector closing
+
+    def _flush_datagrams(self) -> None:
+        """One datagram per message. A message leaves the queue only once the kernel took it, so a send
+        refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch."""
+        if self._write(self.queue.next_datagram, WRITE):
+            self.loop.unwatch(self.sock)
+
+    def _write(self, take, blocked_events: int) -> bool:
+        """Send what ``take`` commits until the queue is empty (True) or the kernel is full (False: watch
+        for ``blocked_events``, the write resumes on the next event)."""
+        sock, written = self.sock, self.queue.written
+        while bufs := take():
             try:
                 sent = sock.sendmsg(bufs)
             except BlockingIOError:
                 sent = 0
             if not written(sent):
-                self.loop.watch(sock, READ | WRITE, self._on_event)
-                return
-        self.loop.watch(sock, READ, self._on_event)
-
-    def _flush_datagrams(self) -> None:
-        """One datagram per message. A message leaves the queue only once the kernel took it, so a send
-        refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch."""
-        sock, queue = self.sock, self.queue
-        next_datagram, written = queue.next_datagram, queue.written
-        while True:
-            bufs = next_datagram()
-            if not bufs:
-                break
-            try:
-                written(sock.sendmsg(bufs))
-            except BlockingIOError:
-                self.loop.watch(sock, WRITE, self._on_event)
-                return
-        self.loop.unwatch(sock)
+                self.loop.watch(sock, blocked_events, self._on_event)
+                return False
+        return True

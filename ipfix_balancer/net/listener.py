@@ -124,8 +124,8 @@ class TcpExporter:
         return self.sock, self.framer.tail
 
 
-class TcpListener:
-    """Accepts exporter connections; each gets a session and a ``TcpExporter``."""
+class Listener:
+    """The listening socket of a receiver; subclasses turn what arrives on it into exporter sessions."""
 
     def __init__(self, loop: Loop, sock: socket.socket, log, open_session: SessionOpener,
                  count_malformed: MalformedCounter):
@@ -134,9 +134,22 @@ class TcpListener:
         self.log = log
         self.open_session = open_session
         self.count_malformed = count_malformed
+        loop.watch(sock, READ, self._on_readable)
+
+    def _on_readable(self, _mask) -> None:
+        raise NotImplementedError
+
+    def forget(self, session: ExporterSession) -> None:
+        """``session`` is gone (its outputs drained). A UDP session left the address table when it ended."""
+
+
+class TcpListener(Listener):
+    """Accepts exporter connections; each gets a session and a ``TcpExporter``."""
+
+    def __init__(self, *args):
         self.exporters: dict[ExporterSession, TcpExporter] = {}
         self._handed: list[TcpExporter] = []
-        loop.watch(sock, READ, self._on_accept)
+        super().__init__(*args)
 
     def adopt(self, sock: socket.socket, peer: str, tail: bytes, templates) -> None:
         """An exporter connection handed over by a predecessor."""
@@ -147,7 +160,7 @@ class TcpListener:
         session = self.open_session(sock, peer, templates)
         self.exporters[session] = TcpExporter(self.loop, sock, session, self.log, self.count_malformed, tail)
 
-    def _on_accept(self, _mask) -> None:
+    def _on_readable(self, _mask) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = self.sock.accept()
@@ -195,25 +208,19 @@ class TcpListener:
         self.sock.close()
 
 
-class UdpListener:
+class UdpListener(Listener):
     """Reads datagrams and hands each to the session of its exporter address+port."""
 
-    def __init__(self, loop: Loop, sock: socket.socket, log, open_session: SessionOpener,
-                 count_malformed: MalformedCounter):
-        self.loop = loop
-        self.sock = sock
-        self.log = log
-        self.open_session = open_session
-        self.count_malformed = count_malformed
+    def __init__(self, *args):
         self.reader = DatagramReader()
         self.sessions: dict[tuple, ExporterSession] = {}
-        loop.watch(sock, READ, self._on_datagrams)
-        loop.every(UDP_EXPIRY_PERIOD, self._expire)
+        super().__init__(*args)
+        self.loop.every(UDP_EXPIRY_PERIOD, self._expire)
 
     def adopt(self, addr: tuple, peer: str, templates) -> None:
         self.sessions[addr] = self.open_session(addr, peer, templates)
 
-    def _on_datagrams(self, _mask) -> None:
+    def _on_readable(self, _mask) -> None:
         reader, sock, sessions = self.reader, self.sock, self.sessions
         now = time.monotonic()
         for _ in range(UDP_BATCH):
@@ -244,9 +251,6 @@ class UdpListener:
                 del self.sessions[addr]
                 self.log.info("exporter_idle", peer=session.peer, idle_seconds=UDP_SESSION_IDLE)
                 session.end()
-
-    def forget(self, session: ExporterSession) -> None:
-        """Sessions leave the table when they end, not when their outputs finish draining."""
 
     def stop(self, drain: bool) -> None:
         self.loop.unwatch(self.sock)

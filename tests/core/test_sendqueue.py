@@ -83,12 +83,18 @@ def test_enqueue_wakes_the_transport_once_per_turn_when_up():
     assert queue.transport.woken == 2
 
 
-@pytest.mark.parametrize("cut", range(0, 121))
-def test_partial_write_at_every_byte_boundary(cut):
+def three_queued():
+    """An up queue holding messages 0, 1, 2 (40 bytes, 2 records each)."""
     queue, stats = make_queue()
     queue.connection_up(0)
     for i in range(3):
         queue.enqueue(entry(i))
+    return queue, stats
+
+
+@pytest.mark.parametrize("cut", range(0, 121))
+def test_partial_write_at_every_byte_boundary(cut):
+    queue, stats = three_queued()
     first = write(queue, cut)
     rest = write(queue)
     got = messages(first + rest)
@@ -100,10 +106,7 @@ def test_partial_write_at_every_byte_boundary(cut):
 
 @pytest.mark.parametrize("cut", range(0, 120))
 def test_connection_loss_at_every_point_of_a_batch(cut):
-    queue, stats = make_queue()
-    queue.connection_up(0)
-    for i in range(3):
-        queue.enqueue(entry(i))
+    queue, stats = three_queued()
     sent = write(queue, cut)
     lost, news = queue.connection_lost("reset")
     assert news and queue.state is State.DOWN and stats.last_error == "reset"
@@ -194,10 +197,7 @@ def test_template_messages_are_never_rewritten_in_place():
 
 
 def test_datagrams_one_message_each_with_the_same_rewrite():
-    queue, stats = make_queue()
-    queue.connection_up(0)
-    for i in range(3):
-        queue.enqueue(entry(i))
+    queue, stats = three_queued()
     seqs = []
     while bufs := queue.next_datagram():
         data = b"".join(bytes(b) for b in bufs)

@@ -13,8 +13,11 @@ import socket
 import time
 
 from . import handover
-from . import status as status_mod
-from .config import Mode, ReceiverConfig
+from .config import Mode, ReceiverConfig, live_change_impossible
+from .control import rundir
+from .control.rundir import DRAIN_TIMEOUT
+from .control.signals import Wakeup, set_process_name
+from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
 from .dispatch import All, RoundRobin
 from .framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from .loop import READ, Loop
@@ -24,7 +27,6 @@ from .templates import TemplateTracker
 UDP_SESSION_IDLE = 300.0   # seconds without a datagram before a UDP exporter session is closed
 UDP_BATCH = 256            # datagrams read per readiness event, so TCP sessions and timers get turns
 STATUS_PERIOD = 1.0
-DRAIN_TIMEOUT = 10.0       # seconds to flush queues at stop and at session end while a collector is down
 RCVBUF = 8 * 1024 * 1024
 
 
@@ -52,24 +54,24 @@ class Session:
         between RoundRobin and All starts new output sessions (sequence numbering differs between them),
         so a collector sees a fresh transport session rather than a jump in sequence numbers.
         """
-        h, rc = self.handler, self.handler.rc
+        h, fw = self.handler, self.handler.fw.forwarding
         old = self.dispatcher
-        if rc.mode is Mode.DISABLED:
+        if fw.mode is Mode.DISABLED:
             self.dispatcher, active = h.recorder, []
         else:
-            cls = RoundRobin if rc.mode is Mode.ROUND_ROBIN else All
+            cls = RoundRobin if fw.mode is Mode.ROUND_ROBIN else All
             self.dispatcher = cls([])
             reusable = {} if not isinstance(old, cls) else {o.endpoint: o for o in old.outputs
                                                              if o.state is not CLOSED and not o.closing}
-            refresh = rc.template_refresh if rc.sub_proto == "udp" else 0.0
+            refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
             for stats in h.endpoints:
                 out = reusable.pop(stats.endpoint, None)
                 if out is None:
-                    out = Output(h.loop, stats, limit=rc.queue_bytes, rewrite_seq=cls.rewrite_seq, log=h.log,
+                    out = Output(h.loop, stats, limit=fw.queue_bytes, rewrite_seq=cls.rewrite_seq, log=h.log,
                                  current_snapshot=self._snapshot, refresh=refresh,
                                  on_down=self.dispatcher.on_down, on_drained=self._output_closed)
                 else:
-                    out.on_down, out.limit, out.refresh = self.dispatcher.on_down, rc.queue_bytes, refresh
+                    out.on_down, out.limit, out.refresh = self.dispatcher.on_down, fw.queue_bytes, refresh
                 self.dispatcher.outputs.append(out)
             active = self.dispatcher.outputs
         for out in [o for o in self.outputs if o not in active]:
@@ -180,7 +182,7 @@ class Handler:
         self.run_dir = run_dir
         self.log = log
         self.loop = Loop()
-        self.endpoints = [EndpointStats(ep) for ep in rc.subreceivers]
+        self.endpoints = [EndpointStats(ep) for ep in rc.forwarding.subreceivers]
         self.recorder = None
         self.sessions: dict[object, Session] = {}
         self.msgs_in = self.bytes_in = 0
@@ -196,16 +198,16 @@ class Handler:
         self.stopping = False
         self._stop_deadline = 0.0
         self.exit_code = 0
-        self.status_path = os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.json")
+        self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, takeover: bool = False) -> None:
         """Listen (or take the listening socket and exporter sessions over from the running handler of
         this receiver), then offer the same handover to a successor."""
         rc = self.rc
-        addr = handover.address(self.run_dir, rc.stream, rc.index)
+        addr = rundir.handover_address(self.run_dir, rc.stream, rc.index)
         taken = handover.take(addr) if takeover else None  # the predecessor has closed its recorder by then
-        if rc.mode is Mode.DISABLED:
+        if rc.forwarding.mode is Mode.DISABLED:
             from .recorder import Recorder  # recording pulls in file handling only where it is used
             self.recorder = Recorder(self.loop, rc, self.log)
         if taken is None:
@@ -214,7 +216,7 @@ class Handler:
             self.listener = self._bind()
         else:
             self._adopt(*taken)
-        tcp = rc.port_type == "tcp"
+        tcp = rc.listen.port_type == "tcp"
         if tcp:
             self.loop.watch(self.listener, READ, self._on_accept)
         else:
@@ -225,15 +227,16 @@ class Handler:
         self.handover_server = handover.listen(addr)
         self.loop.watch(self.handover_server, READ, self._on_handover)
         self._install_signals()
-        if os.path.exists(next_config_path(self.run_dir, rc)):
+        if os.path.exists(rundir.next_config_path(self.run_dir, rc.stream, rc.index)):
             self._load_next_config()  # settings sent while we started (SIGUSR2 was ignored until now)
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
-        self.log.info("handler_started", listen=f"{rc.bind}/{rc.port}/{rc.port_type}", mode=rc.mode.value,
-                      subreceivers=[str(e) for e in rc.subreceivers], dpi_id=rc.dpi_id)
+        self.log.info("handler_started", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
+                      mode=rc.forwarding.mode.value, subreceivers=[str(e) for e in rc.forwarding.subreceivers],
+                      dpi_id=rc.recording.dpi_id)
 
     def _bind(self) -> socket.socket:
-        rc = self.rc
+        rc = self.rc.listen
         family = socket.AF_INET6 if ":" in rc.bind else socket.AF_INET
         kind = socket.SOCK_STREAM if rc.port_type == "tcp" else socket.SOCK_DGRAM
         sock = socket.socket(family, kind)
@@ -308,24 +311,11 @@ class Handler:
         self._stop_deadline = time.monotonic() + DRAIN_TIMEOUT
 
     def _install_signals(self) -> None:
-        """Signals only set flags; a socketpair wakes the loop so they act within one turn."""
-        rsock, wsock = socket.socketpair()
-        rsock.setblocking(False)
-        wsock.setblocking(False)
-        self._wake = (rsock, wsock)
-        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
-        self._signals: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
-        self.loop.watch(rsock, READ, self._on_wake)
+        self._wakeup = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2))
+        self.loop.watch(self._wakeup.sock, READ, self._on_wake)
 
     def _on_wake(self, _mask) -> None:
-        try:
-            self._wake[0].recv(4096)
-        except BlockingIOError:
-            pass
-        signals, self._signals = self._signals, []
-        for sig in signals:
+        for sig in self._wakeup.take():
             if sig == signal.SIGHUP:
                 if self.recorder is not None:
                     self.recorder.rotate(reason="hup")
@@ -338,7 +328,7 @@ class Handler:
     def _load_next_config(self) -> None:
         """The supervisor wrote new settings for this receiver next to the status file (SIGUSR2)."""
         try:
-            with open(next_config_path(self.run_dir, self.rc)) as f:
+            with open(rundir.next_config_path(self.run_dir, self.rc.stream, self.rc.index)) as f:
                 rc = ReceiverConfig.from_json(f.read())
         except (OSError, ValueError, TypeError, KeyError) as exc:
             self.log.error("reconfigure_failed", reason=str(exc))
@@ -356,21 +346,22 @@ class Handler:
             return
         self.rc = rc
         stats = {e.endpoint: e for e in self.endpoints}
-        self.endpoints = [stats.pop(ep, None) or EndpointStats(ep) for ep in rc.subreceivers]
+        self.endpoints = [stats.pop(ep, None) or EndpointStats(ep) for ep in rc.forwarding.subreceivers]
         self.retired_endpoints.extend(stats.values())  # their outputs drain, then close
         old_recorder = self.recorder
-        if old_recorder is not None and (rc.mode is not Mode.DISABLED
-                                         or _recording_settings(old_recorder.rc) != _recording_settings(rc)):
+        if old_recorder is not None and (rc.forwarding.mode is not Mode.DISABLED
+                                         or old_recorder.rc.recording != rc.recording):
             old_recorder.close()  # completes the current file before a new recorder takes the directory
             self.retired_drops += old_recorder.drops
             self.recorder = None
-        if rc.mode is Mode.DISABLED and self.recorder is None:
+        if rc.forwarding.mode is Mode.DISABLED and self.recorder is None:
             from .recorder import Recorder
             self.recorder = Recorder(self.loop, rc, self.log)
         for session in list(self.sessions.values()):
             if not session.ended:
                 session.configure()
-        self.log.info("reconfigured", mode=rc.mode.value, subreceivers=[str(e) for e in rc.subreceivers],
+        self.log.info("reconfigured", mode=rc.forwarding.mode.value,
+                      subreceivers=[str(e) for e in rc.forwarding.subreceivers],
                       sessions=len(self.sessions))
 
     # -- traffic -------------------------------------------------------------------------------
@@ -425,7 +416,7 @@ class Handler:
     def count_malformed(self, error: FramingError, peer: str) -> None:
         self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
         self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
-                         action="session closed" if self.rc.port_type == "tcp" else "datagram dropped",
+                         action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
                          malformed_total=sum(self.malformed.values()))
 
     def session_gone(self, session: Session) -> None:
@@ -495,48 +486,27 @@ class Handler:
         if self.handed_over:
             return
         rc = self.rc
-        doc = {
-            "stream": rc.stream, "index": rc.index, "name": rc.name, "pid": os.getpid(),
-            "started": self.started, "time": time.time(),
-            "listen": {"proto": rc.port_type, "bind": rc.bind, "port": rc.port, "listening": self.listening},
-            "mode": rc.mode.value, "dpi_id": rc.dpi_id, "cpu": rc.taskset,
-            "msgs_in": self.msgs_in, "bytes_in": self.bytes_in,
-            "malformed": sum(self.malformed.values()), "malformed_by_reason": dict(self.malformed),
-            "unknown_template": self.unknown_template + sum(s.tracker.unknown_template
-                                                            for s in self.sessions.values() if not s.ended),
-            "connections": self.connections, "connections_total": self.connections_total,
-            "drops": self.drops(),
-            "subreceivers": [e.snapshot() for e in self.endpoints],
-        }
-        if self.recorder is not None:
-            doc["recorder"] = self.recorder.status()
+        doc = HandlerStatus(
+            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
+            listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
+                                listening=self.listening),
+            mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset,
+            msgs_in=self.msgs_in, bytes_in=self.bytes_in,
+            malformed=sum(self.malformed.values()), malformed_by_reason=dict(self.malformed),
+            unknown_template=self.unknown_template + sum(s.tracker.unknown_template
+                                                         for s in self.sessions.values() if not s.ended),
+            connections=self.connections, connections_total=self.connections_total,
+            drops=self.drops(),
+            subreceivers=[SubreceiverStatus(**e.snapshot()) for e in self.endpoints],
+            recorder=None if self.recorder is None else self.recorder.status())
         try:
-            status_mod.write_json(self.status_path, doc)
+            rundir.write_json(self.status_path, doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic
             if not self._status_error:
                 self.log.error("status_write_failed", path=self.status_path, reason=str(exc))
             self._status_error = True
         else:
             self._status_error = False
-
-
-_RECORDING_FIELDS = ("rotate_minutes", "rotate_delay_seconds", "fw_max_queue_size", "dump_insert_processes",
-                     "dpi_id", "dump_dir", "spool_bytes")
-
-
-def _recording_settings(rc: ReceiverConfig) -> tuple:
-    """What a recorder is built from: a change of anything else leaves the current dump file alone."""
-    return tuple(getattr(rc, f) for f in _RECORDING_FIELDS)
-
-
-def next_config_path(run_dir: str, rc: ReceiverConfig) -> str:
-    return os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.next")
-
-
-def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
-    """True when the new settings need a new handler process (a new listening socket or CPU)."""
-    return (old.stream, old.index, old.port_type, old.port, old.bind, old.taskset) != \
-        (new.stream, new.index, new.port_type, new.port, new.bind, new.taskset)
 
 
 def _peer(addr) -> str:
@@ -551,15 +521,6 @@ def _set_rcvbuf(sock: socket.socket, size: int) -> None:
         sock.setsockopt(socket.SOL_SOCKET, force, size)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
-
-
-def set_process_name(name: str) -> None:
-    """What ``ps -o comm`` shows (the kernel keeps 15 characters)."""
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass
 
 
 def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:

@@ -54,7 +54,7 @@ class Session:
         between RoundRobin and All starts new output sessions (sequence numbering differs between them),
         so a collector sees a fresh transport session rather than a jump in sequence numbers.
         """
-        h, fw = self.handler, self.handler.fw.forwarding
+        h, fw = self.handler, self.handler.rc.forwarding
         old = self.dispatcher
         if fw.mode is Mode.DISABLED:
             self.dispatcher, active = h.recorder, []

@@ -166,11 +166,13 @@ def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
 def _nest_flat(data: dict) -> dict:
     """The flat form of releases before the settings groups. A supervisor restarted in place for an upgrade
     reads the running receivers from the adopt file its predecessor wrote in that form."""
-    groups = {name: {f.name: data.pop(f.name) for f in dataclasses.fields(cls) if f.name in data}
-              for name, cls in (("listen", Listen), ("forwarding", Forwarding))}
-    data["max_flows_per_file"] = data.pop("fw_max_queue_size")
-    groups["recording"] = {f.name: data.pop(f.name) for f in dataclasses.fields(Recording) if f.name in data}
-    return {**data, **groups}
+    flat = {**data, "max_flows_per_file": data["fw_max_queue_size"]}
+
+    def group(cls) -> dict:
+        return {f.name: flat[f.name] for f in dataclasses.fields(cls)}
+
+    return {"stream": flat["stream"], "index": flat["index"], "taskset": flat["taskset"], "listen": group(Listen),
+            "forwarding": group(Forwarding), "recording": group(Recording)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,18 +394,21 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     dump_dir = r.value("DUMP_DIR") or f"{DUMP_ROOT}/{stream.lower()}/" + (f"{index}/" if index else "")
     if not dump_dir.startswith("/"):
         r.fail("DUMP_DIR", "an absolute directory path")
+    # Read in this order, so that problems are listed in the order operators know.
+    rotate_minutes = r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream])
+    rotate_delay_seconds = r.integer("ROTATE_DELAY_SECONDS", 0)
+    max_flows_per_file = r.integer("FW_MAX_QUEUE_SIZE", 0)
+    queue_bytes = r.integer("QUEUE_BYTES", 64 * 1024 * 1024)
+    template_refresh = r.integer("TEMPLATE_REFRESH", 60)
+    balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
+    spool_bytes = r.integer("SPOOL_BYTES", 0)
     receiver = ReceiverConfig(
-        stream=stream, index=index, taskset=taskset,
-        listen=Listen(port_type=port_type, bind=bind, port=port),
-        forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto,
-                              queue_bytes=r.integer("QUEUE_BYTES", 64 * 1024 * 1024),
-                              template_refresh=r.integer("TEMPLATE_REFRESH", 60),
-                              balancer_auto=r.word("BALANCER_AUTO", _SWITCH, False)),
-        recording=Recording(rotate_minutes=r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream]),
-                            rotate_delay_seconds=r.integer("ROTATE_DELAY_SECONDS", 0),
-                            max_flows_per_file=r.integer("FW_MAX_QUEUE_SIZE", 0), dump_insert_processes=exports,
-                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir,
-                            spool_bytes=r.integer("SPOOL_BYTES", 0)))
+        stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
+        forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
+                              template_refresh=template_refresh, balancer_auto=balancer_auto),
+        recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
+                            max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
+                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes))
     return receiver, r
 
 

@@ -155,14 +155,14 @@ class Recorder:
         self.loop = loop
         self.rc = rc
         self.clock = clock
-        rec = rc.recording
-        self.log = log.bind(dpi_id=rec.dpi_id)
-        self.dir = rec.dump_dir
-        self.prefix = f"{rc.stream.lower()}_{rec.dpi_id}"
-        self.rotate_seconds = rec.rotate_seconds
-        self.max_flows = rec.max_flows_per_file
-        self._flow_limit = rec.max_flows_per_file or (1 << 62)
-        self.spool_limit = rec.spool_bytes
+        settings = rc.recording
+        self.log = log.bind(dpi_id=settings.dpi_id)
+        self.dir = settings.dump_dir
+        self.prefix = f"{rc.stream.lower()}_{settings.dpi_id}"
+        self.rotate_seconds = settings.rotate_seconds
+        self.max_flows = settings.max_flows_per_file
+        self._flow_limit = settings.max_flows_per_file or (1 << 62)
+        self.spool_limit = settings.spool_bytes
         if notify is None and rc.stream == "FULLFLOW":
             notify = notify_supervisor
         self._notify = notify
@@ -197,7 +197,7 @@ class Recorder:
         # completed files kept in the directory: name -> size, oldest first
         self.completed: dict[str, int] = {}
         self.spool_bytes = 0
-        self.targets = [_Target(self, ep) for ep in rec.dump_insert_processes]
+        self.targets = [_Target(self, ep) for ep in settings.dump_insert_processes]
         self._startup()
         self._schedule()
         loop.call_later(FLUSH_PERIOD, self._periodic_flush)

@@ -385,6 +385,14 @@ def test_all_problems_are_reported_at_once():
     assert pickle.loads(pickle.dumps(err.value)).problems == found
 
 
+def test_problems_of_one_receiver_are_listed_in_key_order():
+    keys = ["PORT", "PORT_TYPE", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE", "QUEUE_BYTES",
+            "TEMPLATE_REFRESH", "BALANCER_AUTO", "SPOOL_BYTES"]
+    with pytest.raises(ConfigError) as err:
+        parse({f"IPFIX_FULLFLOW_{k}[0]": "-9" for k in keys}, cpus=CPUS)
+    assert [p.split("=")[0] for p in err.value.problems] == [f"IPFIX_FULLFLOW_{k}[0]" for k in keys]
+
+
 def test_clickstream_rotating_sooner_than_fullflow_is_a_warning():
     cfg = parse({"IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "15", "IPFIX_CLICKSTREAM_PORT_TYPE[0]": "tcp"}, cpus=CPUS)
     assert cfg.warnings == (

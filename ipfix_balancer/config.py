@@ -301,6 +301,7 @@ class _Keys:
         return f"{key}={self.value(param)!r}" if self.value(param) else f"{key} (default {value})"
 
     def fail(self, param: str, expected: str, item: str | None = None, why: str | None = None) -> None:
+        """Report a problem. Returns None, so ``return self.fail(...)`` also leaves the field None."""
         where = f": item {item!r}" if item is not None else ""
         what = f": {why}; expected {expected}" if why else f": expected {expected}"
         self.problems.append(f"{self.key(param)}={self.value(param)!r}{where}{what}")

@@ -63,7 +63,9 @@ class Child:
 
 
 class Supervisor:
-    """Signals are handled in the poll loop, between turns. Stopping handlers waits for them there
+    """One handler process per receiver (see the module docstring).
+
+    Signals are handled in the poll loop, between turns. Stopping handlers waits for them there
     (``_stop_pid``, and ``reload`` through ``_stop_children``: up to DRAIN_TIMEOUT + 5 s): meanwhile
     further signals queue up and dead handlers are reaped late. That is acceptable for process control,
     which has nothing else to do, and keeps the order of events simple."""

@@ -10,7 +10,6 @@ restart in place for an upgrade) still reads.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
@@ -20,6 +19,7 @@ from . import rundir
 
 
 def _known(cls, doc: dict, **nested) -> Any:
+    """cls from the keys of doc that are its fields, with nested documents already converted."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in doc.items() if k in names and k not in nested}, **nested)
 

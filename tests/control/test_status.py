@@ -9,7 +9,6 @@ from ipfix_balancer.control.status import (ExportTargetStatus, HandlerReport, Ha
                                            RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
                                            SupervisorStatus, collect, render)
 
-
 NOW = time.time()
 
 

@@ -13,14 +13,15 @@ import click
 
 from . import config as config_mod
 from . import logs
-from . import status as status_mod
+from .control import rundir
+from .control import status as status_mod
 
 _config_option = click.option(
     "--config", "config_path", default=None, metavar="PATH",
     help=f"the .env file (default: $IPFIX_BALANCER_CONFIG or {config_mod.DEFAULT_CONFIG_PATH})")
 _run_dir_option = click.option(
     "--run-dir", default=None, metavar="DIR",
-    help=f"status and pid files (default: $IPFIX_BALANCER_RUN_DIR or {status_mod.DEFAULT_RUN_DIR})")
+    help=f"status and pid files (default: $IPFIX_BALANCER_RUN_DIR or {rundir.DEFAULT_RUN_DIR})")
 _log_format_option = click.option("--log-format", type=click.Choice(["text", "json"]), default="text",
                                   show_default=True, help="key=value lines or JSON lines on stdout")
 
@@ -53,7 +54,7 @@ def run(config_path, run_dir, log_format, adopt) -> None:
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
     log = logs.setup(log_format, stream="supervisor")
-    sys.exit(Supervisor(path, status_mod.resolve_run_dir(run_dir), log_format, log, adopt=adopt).run())
+    sys.exit(Supervisor(path, rundir.resolve_run_dir(run_dir), log_format, log, adopt=adopt).run())
 
 
 @main.command("check-config")
@@ -65,9 +66,10 @@ def check_config(config_path) -> None:
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: OK, {len(cfg.receivers)} receiver(s)")
     for rc in cfg.receivers:
-        subs = ", ".join(str(e) for e in rc.subreceivers) or "-"
+        subs = ", ".join(str(e) for e in rc.forwarding.subreceivers) or "-"
         cpu = "-" if rc.taskset is None else rc.taskset
-        click.echo(f"  {rc.name:<16} {rc.port_type}/{rc.port:<6} {rc.mode.value:<10} cpu={cpu:<3} -> {subs}")
+        click.echo(f"  {rc.name:<16} {rc.listen.port_type}/{rc.listen.port:<6} {rc.forwarding.mode.value:<10} "
+                   f"cpu={cpu:<3} -> {subs}")
 
 
 @main.command()
@@ -75,13 +77,13 @@ def check_config(config_path) -> None:
 @click.option("--json", "as_json", is_flag=True, help="machine-readable output")
 def status(run_dir, as_json) -> None:
     """Show handlers, counters and subreceiver states; exit 1 when the supervisor is not running."""
-    doc = status_mod.collect(status_mod.resolve_run_dir(run_dir))
-    click.echo(json.dumps(doc, indent=2) if as_json else status_mod.render(doc))
-    sys.exit(0 if doc["running"] else 1)
+    report = status_mod.collect(rundir.resolve_run_dir(run_dir))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else status_mod.render(report))
+    sys.exit(0 if report.running else 1)
 
 
 def _signal_supervisor(run_dir: str | None, sig: int) -> int:
-    pid = status_mod.supervisor_pid(status_mod.resolve_run_dir(run_dir))
+    pid = status_mod.supervisor_pid(rundir.resolve_run_dir(run_dir))
     if pid is None:
         click.echo("ipfix-balancer: supervisor is not running", err=True)
         sys.exit(1)
@@ -96,7 +98,7 @@ def stop(run_dir, timeout) -> None:
     """Stop the running supervisor gracefully (queues are flushed) and wait for it."""
     pid = _signal_supervisor(run_dir, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while status_mod.supervisor_pid(status_mod.resolve_run_dir(run_dir)) == pid:
+    while status_mod.supervisor_pid(rundir.resolve_run_dir(run_dir)) == pid:
         if time.monotonic() > deadline:
             click.echo(f"ipfix-balancer: supervisor {pid} still running after {timeout}s", err=True)
             sys.exit(1)
@@ -122,17 +124,17 @@ def restart(config_path, run_dir, timeout) -> None:
     """Restart in place without dropping exporters: new supervisor code and new handlers take the
     sockets over from the running ones. Refused (nothing changes) when the config is invalid."""
     _path, cfg = _load_or_exit(config_path, "restart refused, the running balancer keeps running: ")
-    run_dir = status_mod.resolve_run_dir(run_dir)
-    before = {h["pid"] for h in (status_mod.read_json(os.path.join(run_dir, status_mod.SUPERVISOR_FILE)) or {})
-              .get("handlers", [])}
+    run_dir = rundir.resolve_run_dir(run_dir)
+    supervised = status_mod.read_supervisor_status(run_dir)
+    before = {h.pid for h in supervised.handlers} if supervised is not None else set()
     pid = _signal_supervisor(run_dir, signal.SIGUSR2)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        handlers = status_mod.collect(run_dir)["handlers"]
-        fresh = [h for h in handlers if h["pid"] not in before and h["alive"] and h["listen"]["listening"]]
+        handlers = status_mod.collect(run_dir).handlers
+        fresh = [h.doc for h in handlers if h.doc.pid not in before and h.alive and h.doc.listen.listening]
         if len(fresh) >= len(cfg.receivers):
             click.echo(f"restarted in place: supervisor {pid}, handlers " + ", ".join(
-                f"{h['name']}={h['pid']}" for h in fresh))
+                f"{h.name}={h.pid}" for h in fresh))
             return
         time.sleep(0.2)
     click.echo(f"ipfix-balancer: handlers not all back after {timeout}s; see the log", err=True)
@@ -147,4 +149,4 @@ def restart(config_path, run_dir, timeout) -> None:
 def handler(receiver_json, run_dir, log_format, takeover) -> None:
     """One receiver's handler process (spawned by the supervisor)."""
     from .handler import main as handler_main
-    sys.exit(handler_main(receiver_json, status_mod.resolve_run_dir(run_dir), log_format, takeover))
+    sys.exit(handler_main(receiver_json, rundir.resolve_run_dir(run_dir), log_format, takeover))

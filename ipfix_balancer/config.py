@@ -23,6 +23,7 @@ from dotenv.parser import parse_stream
 STREAMS = ("FULLFLOW", "CLICKSTREAM", "DNSFLOW")
 DEFAULT_CONFIG_PATH = "/var/fast_ipfix_balancer/backend/.env"
 DUMP_ROOT = "/var/fast_ipfix_balancer/dump"
+AUTO_INDEX_BASE = 100  # balancer-auto recorders: index 100, 101, … of their stream
 
 # Environment variables that share the IPFIX_ prefix; they never configure a receiver.
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
@@ -82,27 +83,50 @@ class Endpoint:
 
 
 @dataclasses.dataclass(frozen=True)
+class Listen:
+    """Where the receiver listens: PORT_TYPE, BIND, PORT. Changing any of it needs a new handler process."""
+    port_type: str
+    bind: str
+    port: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Forwarding:
+    """How received messages are passed on (BALANCER and the BALANCER_* keys); changes apply in place."""
+    mode: Mode
+    subreceivers: tuple[Endpoint, ...]
+    sub_proto: str
+    queue_bytes: int
+    template_refresh: int
+    balancer_auto: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Recording:
+    """What a recorder (mode Disabled) is built from: a change here completes the current dump file."""
+    rotate_minutes: int
+    rotate_delay_seconds: int
+    max_flows_per_file: int  # FW_MAX_QUEUE_SIZE: despite the key's name, data records (flows) per dump file
+    dump_insert_processes: tuple[Endpoint, ...]
+    dpi_id: int
+    dump_dir: str
+    spool_bytes: int = 0  # completed dumps kept on disk, oldest deleted beyond; 0 = no limit
+
+    @property
+    def rotate_seconds(self) -> int:
+        """The manual: when ROTATE_DELAY_SECONDS is set, ROTATE_MINUTES is ignored."""
+        return self.rotate_delay_seconds if self.rotate_delay_seconds > 0 else self.rotate_minutes * 60
+
+
+@dataclasses.dataclass(frozen=True)
 class ReceiverConfig:
     """Everything one handler process needs; see the configuration reference for each field's key."""
     stream: str
     index: int
-    port_type: str
-    port: int
-    bind: str
-    mode: Mode
-    subreceivers: tuple[Endpoint, ...]
-    sub_proto: str
+    listen: Listen
+    forwarding: Forwarding
+    recording: Recording
     taskset: int | None
-    rotate_minutes: int
-    rotate_delay_seconds: int
-    fw_max_queue_size: int
-    dump_insert_processes: tuple[Endpoint, ...]
-    dpi_id: int
-    queue_bytes: int
-    template_refresh: int
-    dump_dir: str
-    balancer_auto: bool
-    spool_bytes: int = 0  # IPFIX_<S>_SPOOL_BYTES[i]: completed dumps kept on disk, oldest deleted beyond; 0 = no limit
 
     @property
     def name(self) -> str:
@@ -115,24 +139,40 @@ class ReceiverConfig:
         short = {"CLICKSTREAM": "click"}.get(self.stream, self.stream.lower())
         return f"ipfix-{short}{self.index or ''}"
 
-    @property
-    def rotate_seconds(self) -> int:
-        """The manual: when ROTATE_DELAY_SECONDS is set, ROTATE_MINUTES is ignored."""
-        return self.rotate_delay_seconds if self.rotate_delay_seconds > 0 else self.rotate_minutes * 60
-
     def to_json(self) -> str:
         """The supervisor passes this to the handler process, which rebuilds it with from_json."""
         data = dataclasses.asdict(self)
-        data["mode"] = self.mode.value
+        data["forwarding"]["mode"] = self.forwarding.mode.value
         return json.dumps(data)
 
     @classmethod
     def from_json(cls, s: str) -> ReceiverConfig:
         data = json.loads(s)
-        data["mode"] = Mode(data["mode"])
-        for field in ("subreceivers", "dump_insert_processes"):
-            data[field] = tuple(Endpoint(**e) for e in data[field])
-        return cls(**data)
+        if "listen" not in data:
+            data = _nest_flat(data)
+        forwarding, recording = data["forwarding"], data["recording"]
+        return cls(
+            stream=data["stream"], index=data["index"], taskset=data["taskset"], listen=Listen(**data["listen"]),
+            forwarding=Forwarding(**{**forwarding, "mode": Mode(forwarding["mode"]),
+                                     "subreceivers": _endpoints(forwarding["subreceivers"])}),
+            recording=Recording(**{**recording,
+                                   "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}))
+
+
+def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
+    return tuple(Endpoint(**e) for e in items)
+
+
+def _nest_flat(data: dict) -> dict:
+    """The flat form of releases before the settings groups. A supervisor restarted in place for an upgrade
+    reads the running receivers from the adopt file its predecessor wrote in that form."""
+    flat = {**data, "max_flows_per_file": data["fw_max_queue_size"]}
+
+    def group(cls) -> dict:
+        return {f.name: flat[f.name] for f in dataclasses.fields(cls)}
+
+    return {"stream": flat["stream"], "index": flat["index"], "taskset": flat["taskset"], "listen": group(Listen),
+            "forwarding": group(Forwarding), "recording": group(Recording)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -261,6 +301,7 @@ class _Keys:
         return f"{key}={self.value(param)!r}" if self.value(param) else f"{key} (default {value})"
 
     def fail(self, param: str, expected: str, item: str | None = None, why: str | None = None) -> None:
+        """Report a problem. Returns None, so ``return self.fail(...)`` also leaves the field None."""
         where = f": item {item!r}" if item is not None else ""
         what = f": {why}; expected {expected}" if why else f": expected {expected}"
         self.problems.append(f"{self.key(param)}={self.value(param)!r}{where}{what}")
@@ -354,44 +395,107 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     dump_dir = r.value("DUMP_DIR") or f"{DUMP_ROOT}/{stream.lower()}/" + (f"{index}/" if index else "")
     if not dump_dir.startswith("/"):
         r.fail("DUMP_DIR", "an absolute directory path")
-    return ReceiverConfig(
-        stream=stream, index=index, port_type=port_type, port=port, bind=bind, mode=mode, subreceivers=subs,
-        sub_proto=sub_proto, taskset=taskset,
-        rotate_minutes=r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream]),
-        rotate_delay_seconds=r.integer("ROTATE_DELAY_SECONDS", 0),
-        fw_max_queue_size=r.integer("FW_MAX_QUEUE_SIZE", 0), dump_insert_processes=exports,
-        dpi_id=position if dpi_id == -1 else dpi_id, queue_bytes=r.integer("QUEUE_BYTES", 64 * 1024 * 1024),
-        template_refresh=r.integer("TEMPLATE_REFRESH", 60), dump_dir=dump_dir,
-        balancer_auto=r.word("BALANCER_AUTO", _SWITCH, False), spool_bytes=r.integer("SPOOL_BYTES", 0)), r
+    # Read in this order, so that problems are listed in the order operators know.
+    rotate_minutes = r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream])
+    rotate_delay_seconds = r.integer("ROTATE_DELAY_SECONDS", 0)
+    max_flows_per_file = r.integer("FW_MAX_QUEUE_SIZE", 0)
+    queue_bytes = r.integer("QUEUE_BYTES", 64 * 1024 * 1024)
+    template_refresh = r.integer("TEMPLATE_REFRESH", 60)
+    balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
+    spool_bytes = r.integer("SPOOL_BYTES", 0)
+    receiver = ReceiverConfig(
+        stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
+        forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
+                              template_refresh=template_refresh, balancer_auto=balancer_auto),
+        recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
+                            max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
+                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes))
+    return receiver, r
 
 
 def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
     """Receivers must not share a listening socket, nor (when recording) a dump directory."""
     dirs: dict[str, str] = {}
-    for i, (a, ka) in enumerate(built):
-        for b, kb in built[i + 1:]:
+    for i, (rc_a, ka) in enumerate(built):
+        a = rc_a.listen
+        for rc_b, kb in built[i + 1:]:
+            b = rc_b.listen
             if (None not in (a.port, a.port_type, a.bind, b.bind) and (a.port_type, a.port) == (b.port_type, b.port)
                     and (a.bind == b.bind or _ip(a.bind).is_unspecified or _ip(b.bind).is_unspecified)):
                 problems.append(f"{kb.describe('PORT', b.port)}: {b.port_type} port {b.port} is already used by "
                                 f"{ka.describe('PORT', a.port)}; expected a listening port unique to each receiver")
-        if a.mode is Mode.DISABLED:
-            where = os.path.normpath(a.dump_dir)
+        if rc_a.forwarding.mode is Mode.DISABLED:
+            dump_dir = rc_a.recording.dump_dir
+            where = os.path.normpath(dump_dir)
             if where in dirs:
-                problems.append(f"{ka.describe('DUMP_DIR', a.dump_dir)}: directory already used by {dirs[where]}; "
+                problems.append(f"{ka.describe('DUMP_DIR', dump_dir)}: directory already used by {dirs[where]}; "
                                 "expected a dump directory of its own for each recording receiver")
-            dirs.setdefault(where, ka.describe("DUMP_DIR", a.dump_dir))
+            dirs.setdefault(where, ka.describe("DUMP_DIR", dump_dir))
 
 
 def _rotation_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
     """The manual: Clickstream must rotate no sooner than Fullflow, whose rotation HUPs the others."""
-    fullflow = {rc.index: rc for rc, _ in built if rc.stream == "FULLFLOW" and rc.mode is Mode.DISABLED}
+    fullflow = {rc.index: rc for rc, _ in built if rc.stream == "FULLFLOW" and rc.forwarding.mode is Mode.DISABLED}
     for rc, r in built:
         ff = fullflow.get(rc.index)
-        if rc.stream == "CLICKSTREAM" and rc.mode is Mode.DISABLED and ff and rc.rotate_seconds < ff.rotate_seconds:
-            param = "ROTATE_DELAY_SECONDS" if rc.rotate_delay_seconds > 0 else "ROTATE_MINUTES"
-            yield (f"{r.describe(param, getattr(rc, param.lower()))}: Clickstream rotates every {rc.rotate_seconds} s, "
-                   f"sooner than {ff.name} ({ff.rotate_seconds} s); expected Clickstream's rotation period >= "
-                   "Fullflow's, as the manual requires")
+        rec = rc.recording
+        if (rc.stream == "CLICKSTREAM" and rc.forwarding.mode is Mode.DISABLED and ff
+                and rec.rotate_seconds < ff.recording.rotate_seconds):
+            param = "ROTATE_DELAY_SECONDS" if rec.rotate_delay_seconds > 0 else "ROTATE_MINUTES"
+            yield (f"{r.describe(param, getattr(rec, param.lower()))}: Clickstream rotates every "
+                   f"{rec.rotate_seconds} s, sooner than {ff.name} ({ff.recording.rotate_seconds} s); expected "
+                   "Clickstream's rotation period >= Fullflow's, as the manual requires")
+
+
+def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
+    """True when the new settings need a new handler process (a new listening socket or CPU); forwarding
+    and recording settings change in place."""
+    return (old.stream, old.index, old.listen, old.taskset) != (new.stream, new.index, new.listen, new.taskset)
+
+
+def auto_receivers(config: Config) -> list[ReceiverConfig]:
+    """Recording receivers implied by BALANCER_AUTO=Enabled on RoundRobin/All receivers.
+
+    Each subreceiver on a local address (loopback, unspecified, or an address of this host) gets a recorder
+    listening there (``bind`` = that address, proto = BALANCER_SUB_PROTO) that records into
+    ``<parent dump dir>/auto-<port>/``. It inherits the parent's rotation, export, spool and DPI_ID settings;
+    it is not pinned to a CPU. Its index is 100, 101, … in its stream (skipping configured indexes), so
+    status shows it as e.g. ``fullflow[100]``. A subreceiver whose port another receiver already listens on
+    (same proto, same or wildcard address) is that receiver's business and gets no auto recorder.
+    """
+    used = {(rc.stream, rc.index) for rc in config.receivers}
+    listening = [rc.listen for rc in config.receivers]
+    next_index = dict.fromkeys(STREAMS, AUTO_INDEX_BASE)
+    out: list[ReceiverConfig] = []
+    for parent in config.receivers:
+        if not parent.forwarding.balancer_auto or parent.forwarding.mode is Mode.DISABLED:
+            continue
+        for sub in parent.forwarding.subreceivers:
+            if not _is_local(sub.host):
+                continue
+            if any(lst.port_type == sub.proto and lst.port == sub.port and
+                   (lst.bind == sub.host or _ip(lst.bind).is_unspecified or _ip(sub.host).is_unspecified)
+                   for lst in listening):
+                continue
+            index = next_index[parent.stream]
+            while (parent.stream, index) in used:
+                index += 1
+            next_index[parent.stream] = index + 1
+            used.add((parent.stream, index))
+            listen = Listen(port_type=sub.proto, bind=sub.host, port=sub.port)
+            listening.append(listen)
+            out.append(dataclasses.replace(
+                parent, index=index, listen=listen, taskset=None,
+                forwarding=dataclasses.replace(parent.forwarding, mode=Mode.DISABLED, subreceivers=(),
+                                               balancer_auto=False),
+                recording=dataclasses.replace(parent.recording, dump_dir=os.path.join(
+                    parent.recording.dump_dir, f"auto-{sub.port}", ""))))
+    return out
+
+
+def _is_local(host: str) -> bool:
+    ip = ipaddress.ip_address(host)
+    return ip.is_loopback or ip.is_unspecified or ip in _local_addresses()
 
 
 def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:

@@ -12,8 +12,11 @@ import signal
 import socket
 import time
 
-from . import status as status_mod
-from .config import Mode, ReceiverConfig
+from .config import Mode, ReceiverConfig, live_change_impossible
+from .control import rundir
+from .control.rundir import DRAIN_TIMEOUT
+from .control.signals import Wakeup, set_process_name
+from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
 from .core.framing import FramingError
 from .core.sendqueue import SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
@@ -23,7 +26,6 @@ from .net.listener import TcpListener, UdpListener, bind
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
-DRAIN_TIMEOUT = 10.0       # seconds to flush queues at stop and at session end while a collector is down
 
 
 class Handler:
@@ -32,7 +34,7 @@ class Handler:
         self.run_dir = run_dir
         self.log = log
         self.loop = Loop()
-        self.subreceivers = [SubreceiverStats(ep) for ep in rc.subreceivers]
+        self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
@@ -48,36 +50,37 @@ class Handler:
         self.stopping = False
         self._stop_deadline = 0.0
         self.exit_code = 0
-        self.status_path = os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.json")
+        self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, takeover: bool = False) -> None:
         """Listen (or take the listening socket and exporter sessions over from the running handler of
         this receiver), then offer the same handover to a successor."""
         rc = self.rc
-        addr = handover.address(self.run_dir, rc.stream, rc.index)
+        addr = rundir.handover_address(self.run_dir, rc.stream, rc.index)
         taken = handover.take(addr) if takeover else None  # the predecessor has closed its recorder by then
-        if rc.mode is Mode.DISABLED:
+        if rc.forwarding.mode is Mode.DISABLED:
             self.recorder = self._new_recorder(rc)
         if taken is None:
             if takeover:
                 self.log.warning("takeover_unavailable", reason="no running handler to take over from")
-            self._listen(bind(rc.port_type, rc.bind, rc.port))
+            self._listen(bind(rc.listen.port_type, rc.listen.bind, rc.listen.port))
         else:
             self._adopt(*taken)
         self.listening = True
         self.handover_server = handover.listen(addr)
         self.loop.watch(self.handover_server, READ, self._on_handover)
         self._install_signals()
-        if os.path.exists(next_config_path(self.run_dir, rc)):
+        if os.path.exists(rundir.next_config_path(self.run_dir, rc.stream, rc.index)):
             self._load_next_config()  # settings sent while we started (SIGUSR2 was ignored until now)
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
-        self.log.info("handler_started", listen=f"{rc.bind}/{rc.port}/{rc.port_type}", mode=rc.mode.value,
-                      subreceivers=[str(e) for e in rc.subreceivers], dpi_id=rc.dpi_id)
+        self.log.info("handler_started", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
+                      mode=rc.forwarding.mode.value, subreceivers=[str(e) for e in rc.forwarding.subreceivers],
+                      dpi_id=rc.recording.dpi_id)
 
     def _listen(self, sock: socket.socket) -> None:
-        cls = TcpListener if self.rc.port_type == "tcp" else UdpListener
+        cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
         self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed)
 
     def _new_recorder(self, rc: ReceiverConfig):
@@ -86,9 +89,9 @@ class Handler:
 
     # -- sessions ------------------------------------------------------------------------------
     def _forwarding(self) -> Forwarding:
-        rc = self.rc
-        refresh = rc.template_refresh if rc.sub_proto == "udp" else 0.0
-        return Forwarding(rc.mode, self.subreceivers, rc.queue_bytes, refresh, self.recorder)
+        fw = self.rc.forwarding
+        refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
+        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder)
 
     def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
         session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
@@ -114,7 +117,7 @@ class Handler:
     def count_malformed(self, error: FramingError, peer: str) -> None:
         self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
         self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
-                         action="session closed" if self.rc.port_type == "tcp" else "datagram dropped",
+                         action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
                          malformed_total=sum(self.malformed.values()))
 
     # -- handover (restart without dropping exporters) ------------------------------------------
@@ -160,24 +163,11 @@ class Handler:
         self.handover_server.close()
 
     def _install_signals(self) -> None:
-        """Signals only set flags; a socketpair wakes the loop so they act within one turn."""
-        rsock, wsock = socket.socketpair()
-        rsock.setblocking(False)
-        wsock.setblocking(False)
-        self._wake = (rsock, wsock)
-        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
-        self._signals: list[int] = []
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2):
-            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
-        self.loop.watch(rsock, READ, self._on_wake)
+        self._wakeup = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2))
+        self.loop.watch(self._wakeup.sock, READ, self._on_wake)
 
     def _on_wake(self, _mask) -> None:
-        try:
-            self._wake[0].recv(4096)
-        except BlockingIOError:
-            pass
-        signals, self._signals = self._signals, []
-        for sig in signals:
+        for sig in self._wakeup.take():
             if sig == signal.SIGHUP:
                 if self.recorder is not None:
                     self.recorder.rotate(reason="hup")
@@ -190,7 +180,7 @@ class Handler:
     def _load_next_config(self) -> None:
         """The supervisor wrote new settings for this receiver next to the status file (SIGUSR2)."""
         try:
-            with open(next_config_path(self.run_dir, self.rc)) as f:
+            with open(rundir.next_config_path(self.run_dir, self.rc.stream, self.rc.index)) as f:
                 rc = ReceiverConfig.from_json(f.read())
         except (OSError, ValueError, TypeError, KeyError) as exc:
             self.log.error("reconfigure_failed", reason=str(exc))
@@ -207,19 +197,19 @@ class Handler:
             return
         self.rc = rc
         kept = {s.subreceiver: s for s in self.subreceivers}
-        self.subreceivers = [kept.pop(ep, None) or SubreceiverStats(ep) for ep in rc.subreceivers]
+        self.subreceivers = [kept.pop(ep, None) or SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.retired_subreceivers.extend(kept.values())  # their outputs drain, then close
-        if self.recorder is not None and (rc.mode is not Mode.DISABLED
-                                          or _recording_settings(self.recorder.rc) != _recording_settings(rc)):
+        if self.recorder is not None and (rc.forwarding.mode is not Mode.DISABLED
+                                          or self.recorder.rc.recording != rc.recording):
             self._retire_recorder()  # completes the current file before a new recorder takes the directory
-        if rc.mode is Mode.DISABLED and self.recorder is None:
+        if rc.forwarding.mode is Mode.DISABLED and self.recorder is None:
             self.recorder = self._new_recorder(rc)
         forwarding = self._forwarding()
         for session in self.sessions:
             if session.state is Lifecycle.OPEN:
                 session.configure(forwarding)
-        self.log.info("reconfigured", mode=rc.mode.value, subreceivers=[str(e) for e in rc.subreceivers],
-                      sessions=len(self.sessions))
+        self.log.info("reconfigured", mode=rc.forwarding.mode.value,
+                      subreceivers=[str(e) for e in rc.forwarding.subreceivers], sessions=len(self.sessions))
 
     def _retire_recorder(self) -> None:
         self.recorder.close()
@@ -278,57 +268,27 @@ class Handler:
         if self.handed_over:
             return
         rc, counters = self.rc, self.counters
-        doc = {
-            "stream": rc.stream, "index": rc.index, "name": rc.name, "pid": os.getpid(),
-            "started": self.started, "time": time.time(),
-            "listen": {"proto": rc.port_type, "bind": rc.bind, "port": rc.port, "listening": self.listening},
-            "mode": rc.mode.value, "dpi_id": rc.dpi_id, "cpu": rc.taskset,
-            "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
-            "malformed": sum(self.malformed.values()), "malformed_by_reason": dict(self.malformed),
-            "unknown_template": counters.unknown_template + sum(s.tracker.unknown_template for s in self.sessions
-                                                                if s.state is Lifecycle.OPEN),
-            "connections": self.connections, "connections_total": self.connections_total,
-            "drops": self.drops(),
-            "subreceivers": [s.status() for s in self.subreceivers],
-        }
-        if self.recorder is not None:
-            doc["recorder"] = self.recorder.status()
+        doc = HandlerStatus(
+            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
+            listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
+                                listening=self.listening),
+            mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset,
+            msgs_in=counters.msgs_in, bytes_in=counters.bytes_in,
+            malformed=sum(self.malformed.values()), malformed_by_reason=dict(self.malformed),
+            unknown_template=counters.unknown_template + sum(s.tracker.unknown_template for s in self.sessions
+                                                             if s.state is Lifecycle.OPEN),
+            connections=self.connections, connections_total=self.connections_total,
+            drops=self.drops(),
+            subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
+            recorder=None if self.recorder is None else self.recorder.status())
         try:
-            status_mod.write_json(self.status_path, doc)
+            rundir.write_json(self.status_path, doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic
             if not self._status_error:
                 self.log.error("status_write_failed", path=self.status_path, reason=str(exc))
             self._status_error = True
         else:
             self._status_error = False
-
-
-_RECORDING_FIELDS = ("rotate_minutes", "rotate_delay_seconds", "fw_max_queue_size", "dump_insert_processes",
-                     "dpi_id", "dump_dir", "spool_bytes")
-
-
-def _recording_settings(rc: ReceiverConfig) -> tuple:
-    """What a recorder is built from: a change of anything else leaves the current dump file alone."""
-    return tuple(getattr(rc, f) for f in _RECORDING_FIELDS)
-
-
-def next_config_path(run_dir: str, rc: ReceiverConfig) -> str:
-    return os.path.join(run_dir, f"handler-{rc.stream.lower()}-{rc.index}.next")
-
-
-def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
-    """True when the new settings need a new handler process (a new listening socket or CPU)."""
-    return (old.stream, old.index, old.port_type, old.port, old.bind, old.taskset) != \
-        (new.stream, new.index, new.port_type, new.port, new.bind, new.taskset)
-
-
-def set_process_name(name: str) -> None:
-    """What ``ps -o comm`` shows (the kernel keeps 15 characters)."""
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass
 
 
 def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:

@@ -63,21 +63,20 @@ Crash safety
 from __future__ import annotations
 
 import calendar
-import dataclasses
 import errno
 import fcntl
-import ipaddress
 import mmap
 import os
 import re
-import signal
 import socket
 import struct
 import termios
 import time
 from typing import Callable
 
-from .config import Config, Mode, ReceiverConfig, STREAMS, _local_addresses
+from .config import ReceiverConfig
+from .control.signals import notify_supervisor
+from .control.status import ExportTargetStatus, RecorderStatus
 from .core.wire import HEADER_LEN, MAX_MESSAGE, VERSION
 from .net.loop import READ, WRITE, Loop
 
@@ -88,7 +87,6 @@ PART = ".part"
 DUMP = ".ipfix"
 PENDING = ".pending-"
 SENT = ".sent-"
-AUTO_INDEX_BASE = 100            # balancer-auto recorders: index 100, 101, … of their stream
 
 EXPORT_CHUNK = 1024 * 1024       # bytes read from a dump at a time for export
 EXPORT_TURN_BYTES = 4 * 1024 * 1024   # TCP bytes sent per loop turn per target (traffic keeps its turns)
@@ -148,20 +146,6 @@ def whole_messages(path: str) -> tuple[int, int]:
     return pos, count
 
 
-def _notify_supervisor() -> None:
-    """Tell the supervisor (our parent, process name ``ipfix-balancer``) that this Fullflow recorder rotated;
-    it relays SIGHUP to the other recorders. Nothing is sent to a parent that is not the supervisor (tests,
-    a handler started by hand): SIGUSR1 would kill most processes."""
-    ppid = os.getppid()
-    try:
-        with open(f"/proc/{ppid}/comm") as f:
-            if f.read().strip() != "ipfix-balancer":
-                return
-        os.kill(ppid, signal.SIGUSR1)
-    except OSError:
-        pass
-
-
 class Recorder:
     """The dispatcher of a recording handler: every message of every exporter session goes to the current
     dump file (see the module docstring for the rules)."""
@@ -171,15 +155,16 @@ class Recorder:
         self.loop = loop
         self.rc = rc
         self.clock = clock
-        self.log = log.bind(dpi_id=rc.dpi_id)
-        self.dir = rc.dump_dir
-        self.prefix = f"{rc.stream.lower()}_{rc.dpi_id}"
-        self.rotate_seconds = rc.rotate_seconds
-        self.max_flows = rc.fw_max_queue_size
-        self._flow_limit = rc.fw_max_queue_size or (1 << 62)
-        self.spool_limit = getattr(rc, "spool_bytes", 0)
+        settings = rc.recording
+        self.log = log.bind(dpi_id=settings.dpi_id)
+        self.dir = settings.dump_dir
+        self.prefix = f"{rc.stream.lower()}_{settings.dpi_id}"
+        self.rotate_seconds = settings.rotate_seconds
+        self.max_flows = settings.max_flows_per_file
+        self._flow_limit = settings.max_flows_per_file or (1 << 62)
+        self.spool_limit = settings.spool_bytes
         if notify is None and rc.stream == "FULLFLOW":
-            notify = _notify_supervisor
+            notify = notify_supervisor
         self._notify = notify
         # current file: the buffer holds whole messages not yet written; file_* count the file plus buffer
         self._cap = max(buffer_bytes, 2 * MAX_MESSAGE)
@@ -212,7 +197,7 @@ class Recorder:
         # completed files kept in the directory: name -> size, oldest first
         self.completed: dict[str, int] = {}
         self.spool_bytes = 0
-        self.targets = [_Target(self, ep) for ep in rc.dump_insert_processes]
+        self.targets = [_Target(self, ep) for ep in settings.dump_insert_processes]
         self._startup()
         self._schedule()
         loop.call_later(FLUSH_PERIOD, self._periodic_flush)
@@ -642,30 +627,24 @@ class Recorder:
         self._delete(name, {t.token for t in self.targets}, dump=False)
 
     # -- status ----------------------------------------------------------------------------------
-    def status(self) -> dict:
+    def status(self) -> RecorderStatus:
         now = self.clock()
         open_ = self._fd is not None
-        doc = {
-            "dpi_id": self.rc.dpi_id, "dir": self.dir,
-            "file": os.path.basename(self.part) if open_ else "",
-            "file_bytes": self._flushed + self._pos if open_ else 0, "buffered_bytes": self._pos if open_ else 0,
-            "file_msgs": self.file_msgs if open_ else 0, "file_flows": self.file_flows if open_ else 0,
-            "file_age_s": round(now - self.file_start, 1) if open_ else 0,
-            "next_rotation_s": round(max(0.0, self.due - now), 1) if self.due is not None else None,
-            "rotate_seconds": self.rotate_seconds, "max_flows": self.max_flows,
-            "rotations": self.rotations, "files_completed": self.files_completed, "last_file": self.last_file,
-            "recovered_files": self.recovered_files,
-            "spool_files": len(self.completed), "spool_bytes": self.spool_bytes, "spool_limit": self.spool_limit,
-            "evicted_files": self.evicted_files, "template_switches": self.template_switches,
-            "drops": self.drops, "error": self.error, "errors": self.errors,
-        }
-        for t in self.targets:
-            key = f"export[{t.ep}]"
-            doc[f"{key}.state"] = t.state
-            doc[f"{key}.pending"] = len(t.queue)
-            doc[f"{key}.sent"] = t.files_sent
-            doc[f"{key}.error"] = t.last_error
-        return doc
+        return RecorderStatus(
+            dpi_id=self.rc.recording.dpi_id, dir=self.dir,
+            file=os.path.basename(self.part) if open_ else "",
+            file_bytes=self._flushed + self._pos if open_ else 0, buffered_bytes=self._pos if open_ else 0,
+            file_msgs=self.file_msgs if open_ else 0, file_flows=self.file_flows if open_ else 0,
+            file_age_s=round(now - self.file_start, 1) if open_ else 0,
+            next_rotation_s=round(max(0.0, self.due - now), 1) if self.due is not None else None,
+            rotate_seconds=self.rotate_seconds, max_flows=self.max_flows,
+            rotations=self.rotations, files_completed=self.files_completed, last_file=self.last_file,
+            recovered_files=self.recovered_files,
+            spool_files=len(self.completed), spool_bytes=self.spool_bytes, spool_limit=self.spool_limit,
+            evicted_files=self.evicted_files, template_switches=self.template_switches,
+            drops=self.drops, error=self.error, errors=self.errors,
+            exports=[ExportTargetStatus(target=str(t.ep), state=t.state, pending=len(t.queue), sent=t.files_sent,
+                                        error=t.last_error) for t in self.targets])
 
 
 class _Target:
@@ -943,47 +922,3 @@ def _fsync_dir(path: str) -> None:
         pass
     finally:
         os.close(fd)
-
-
-# -- balancer auto ---------------------------------------------------------------------------------
-def _is_local(host: str) -> bool:
-    ip = ipaddress.ip_address(host)
-    return ip.is_loopback or ip.is_unspecified or ip in _local_addresses()
-
-
-def auto_receivers(config: Config) -> list[ReceiverConfig]:
-    """Recording receivers implied by BALANCER_AUTO=Enabled on RoundRobin/All receivers.
-
-    Each subreceiver on a local address (loopback, unspecified, or an address of this host) gets a recorder
-    listening there (``bind`` = that address, proto = BALANCER_SUB_PROTO) that records into
-    ``<parent dump dir>/auto-<port>/``. It inherits the parent's rotation, export, spool and DPI_ID settings;
-    it is not pinned to a CPU. Its index is 100, 101, … in its stream (skipping configured indexes), so
-    status shows it as e.g. ``fullflow[100]``. A subreceiver whose port another receiver already listens on
-    (same proto, same or wildcard address) is that receiver's business and gets no auto recorder.
-    """
-    used = {(rc.stream, rc.index) for rc in config.receivers}
-    listening = [(rc.port_type, rc.port, rc.bind) for rc in config.receivers]
-    next_index = dict.fromkeys(STREAMS, AUTO_INDEX_BASE)
-    out: list[ReceiverConfig] = []
-    for parent in config.receivers:
-        if not parent.balancer_auto or parent.mode is Mode.DISABLED:
-            continue
-        for sub in parent.subreceivers:
-            if not _is_local(sub.host):
-                continue
-            if any(proto == sub.proto and port == sub.port and
-                   (bind == sub.host or ipaddress.ip_address(bind).is_unspecified
-                    or ipaddress.ip_address(sub.host).is_unspecified)
-                   for proto, port, bind in listening):
-                continue
-            index = next_index[parent.stream]
-            while (parent.stream, index) in used:
-                index += 1
-            next_index[parent.stream] = index + 1
-            used.add((parent.stream, index))
-            listening.append((sub.proto, sub.port, sub.host))
-            out.append(dataclasses.replace(
-                parent, index=index, port_type=sub.proto, port=sub.port, bind=sub.host, mode=Mode.DISABLED,
-                subreceivers=(), taskset=None, balancer_auto=False,
-                dump_dir=os.path.join(parent.dump_dir, f"auto-{sub.port}", "")))
-    return out

@@ -8,6 +8,8 @@ SIGHUP, and relays a Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to
 SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart``: the supervisor
 re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket
 and the exporter connections over from its predecessor (``handover.py``).
+
+It imports only ``control`` (the run-directory contract) and ``config``: never data-plane code.
 """
 
 from __future__ import annotations
@@ -16,17 +18,15 @@ import contextlib
 import os
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
 
-from . import status as status_mod
-from .config import ConfigError, Config, Mode, ReceiverConfig, load
-from .handler import DRAIN_TIMEOUT, live_change_impossible, next_config_path, set_process_name
-from .recorder import auto_receivers
+from .config import ConfigError, Config, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .control import rundir
+from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, set_process_name
+from .control.status import SupervisedHandler, SupervisorStatus, supervisor_pid
 
-ADOPT_FILE = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
@@ -63,6 +63,13 @@ class Child:
 
 
 class Supervisor:
+    """One handler process per receiver (see the module docstring).
+
+    Signals are handled in the poll loop, between turns. Stopping handlers waits for them there
+    (``_stop_pid``, and ``reload`` through ``_stop_children``: up to DRAIN_TIMEOUT + 5 s): meanwhile
+    further signals queue up and dead handlers are reaped late. That is acceptable for process control,
+    which has nothing else to do, and keeps the order of events simple."""
+
     def __init__(self, config_path: str, run_dir: str, log_format: str, log, adopt: bool = False):
         self.adopt = adopt
         self.retiring: set[int] = set()  # predecessors' handlers, reaped by pid
@@ -72,7 +79,6 @@ class Supervisor:
         self.log = log
         self.children: dict[str, Child] = {}
         self.config: Config | None = None
-        self._signals: list[int] = []
         self.stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -84,65 +90,45 @@ class Supervisor:
                 self.log.error("config_invalid", config=self.config_path, problem=problem)
             self.log.error("not_started", reason=f"{len(err.problems)} configuration problem(s)")
             return 2
-        other = status_mod.supervisor_pid(self.run_dir)
+        other = supervisor_pid(self.run_dir)
         if other is not None and other != os.getpid():
             self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
                            other_pid=other)
             return 3
         os.makedirs(self.run_dir, exist_ok=True)
         predecessors = self._read_adopt_file() if self.adopt else {}
-        for path in os.listdir(self.run_dir):  # stale handler files from an earlier run would mislead status
-            if path.startswith("handler-") and not predecessors:
-                os.unlink(os.path.join(self.run_dir, path))
-        with open(os.path.join(self.run_dir, status_mod.PID_FILE), "w") as f:
+        if not predecessors:  # stale handler files from an earlier run would mislead status
+            for path in rundir.handler_files(self.run_dir):
+                os.unlink(path)
+        with open(rundir.supervisor_pid_path(self.run_dir), "w") as f:
             f.write(f"{os.getpid()}\n")
-        set_process_name("ipfix-balancer")
-        wake = self._install_signals()
+        set_process_name(SUPERVISOR_NAME)
+        wake = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, ROTATED, signal.SIGUSR2, signal.SIGCHLD))
         for warning in self.config.warnings:
             self.log.warning("config_warning", problem=warning)
         self.log.info("supervisor_started", config=self.config_path, receivers=len(self.config.receivers))
         self._start_handlers(predecessors)
         try:
             while not self.stopping:
-                select.select([wake], [], [], 0.5)
-                self._drain_wake(wake)
-                self._handle_signals()
+                select.select([wake.sock], [], [], 0.5)
+                self._handle_signals(wake.take())
                 self._reap()
         finally:
             code = self._shutdown()
             try:
-                os.unlink(os.path.join(self.run_dir, status_mod.PID_FILE))
+                os.unlink(rundir.supervisor_pid_path(self.run_dir))
             except OSError:
                 pass
         return code
 
-    def _install_signals(self) -> socket.socket:
-        rsock, wsock = socket.socketpair()
-        rsock.setblocking(False)
-        wsock.setblocking(False)
-        self._wsock = wsock
-        signal.set_wakeup_fd(wsock.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCHLD):
-            signal.signal(sig, lambda signum, _frame: self._signals.append(signum))
-        return rsock
-
-    @staticmethod
-    def _drain_wake(wake: socket.socket) -> None:
-        try:
-            while wake.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
-
-    def _handle_signals(self) -> None:
-        signals, self._signals = self._signals, []
+    def _handle_signals(self, signals: list[int]) -> None:
         for sig in signals:
             if sig in (signal.SIGTERM, signal.SIGINT):
                 self.log.info("supervisor_stopping", signal=signal.Signals(sig).name)
                 self.stopping = True
             elif sig == signal.SIGHUP:
                 self.reload()
-            elif sig == signal.SIGUSR1:
+            elif sig == ROTATED:
                 self._sync_rotation()
             elif sig == signal.SIGUSR2:
                 self._reexec()
@@ -158,16 +144,15 @@ class Supervisor:
             return
         running = {name: {"pid": c.pid, "receiver": c.rc.to_json()}
                    for name, c in self.children.items() if c.pid is not None}
-        status_mod.write_json(os.path.join(self.run_dir, ADOPT_FILE),
-                              {"handlers": running, "retiring": sorted(self.retiring)})
+        rundir.write_json(rundir.adopt_path(self.run_dir), {"handlers": running, "retiring": sorted(self.retiring)})
         self.log.info("supervisor_reexec", handlers=len(running))
         signal.set_wakeup_fd(-1)
         os.execv(sys.executable, [sys.executable, "-m", "ipfix_balancer", "run", "--config", self.config_path,
                                   "--run-dir", self.run_dir, "--log-format", self.log_format, "--adopt"])
 
     def _read_adopt_file(self) -> dict:
-        path = os.path.join(self.run_dir, ADOPT_FILE)
-        doc = status_mod.read_json(path) or {}
+        path = rundir.adopt_path(self.run_dir)
+        doc = rundir.read_json(path) or {}
         if os.path.exists(path):
             os.unlink(path)
         self.retiring.update(doc.get("retiring", []))
@@ -190,12 +175,13 @@ class Supervisor:
             self._stop_pid(pid)
 
     def _stop_pid(self, pid: int) -> None:
-        """Stop a predecessor's handler and wait for it (it holds a port a new handler may need)."""
+        """Stop a predecessor's handler and wait for it (it holds a port a new handler may need). Blocks
+        (polling every 50 ms) for up to DRAIN_TIMEOUT + 5 s; it runs only while starting."""
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
             return
-        deadline = time.monotonic() + DRAIN_TIMEOUT + 5
+        deadline = time.monotonic() + rundir.DRAIN_TIMEOUT + 5
         while time.monotonic() < deadline:
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 return
@@ -209,7 +195,7 @@ class Supervisor:
         cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--receiver", rc.to_json(),
                "--run-dir", self.run_dir, "--log-format", self.log_format] + (["--takeover"] if takeover else [])
         with contextlib.suppress(FileNotFoundError):  # settings for a predecessor: this one gets the latest
-            os.unlink(next_config_path(self.run_dir, rc))
+            os.unlink(rundir.next_config_path(self.run_dir, rc.stream, rc.index))
         child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_ignore_signals_until_ready)
         child.started = time.monotonic()
         child.restart_at = None
@@ -243,7 +229,8 @@ class Supervisor:
                 self._spawn(child)
 
     def _stop_children(self, children: list[Child], timeout: float) -> bool:
-        """SIGTERM, wait for the graceful drain, SIGKILL what is left. True when all exited cleanly."""
+        """SIGTERM, wait for the graceful drain, SIGKILL what is left. True when all exited cleanly.
+        Blocks for up to ``timeout``."""
         clean = True
         for child in children:
             child.retiring = True
@@ -266,7 +253,7 @@ class Supervisor:
         return clean
 
     def _shutdown(self) -> int:
-        clean = self._stop_children(list(self.children.values()), DRAIN_TIMEOUT + 5)
+        clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
         return 0 if clean else 1
 
@@ -274,7 +261,7 @@ class Supervisor:
     def reload(self) -> bool:
         """Re-read the config and apply it. A bad file changes nothing. A receiver whose listening socket
         and CPU stay is reconfigured in place (its exporters stay connected); otherwise its handler is
-        replaced."""
+        replaced, and the old one is waited for (up to DRAIN_TIMEOUT + 5 s) before the new one binds."""
         try:
             new = load(self.config_path)
         except ConfigError as err:
@@ -292,11 +279,12 @@ class Supervisor:
         for name in in_place:
             child = self.children[name]
             child.rc = fresh[name]  # also what a restart after a crash will use
-            status_mod.write_atomic(next_config_path(self.run_dir, child.rc), child.rc.to_json())
+            rundir.write_atomic(rundir.next_config_path(self.run_dir, child.rc.stream, child.rc.index),
+                                child.rc.to_json())
             child.proc.send_signal(signal.SIGUSR2)
         # Free the ports of removed and replaced receivers before binding them again.
         self._stop_children([self.children[n] for n in removed + replaced if n in self.children],
-                            DRAIN_TIMEOUT + 5)
+                            rundir.DRAIN_TIMEOUT + 5)
         for name in removed:
             self.children.pop(name, None)
         for name in replaced + added:
@@ -309,15 +297,14 @@ class Supervisor:
     def _sync_rotation(self) -> None:
         """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""
         for child in self.children.values():
-            if child.rc.mode is Mode.DISABLED and child.rc.stream != "FULLFLOW" and child.pid is not None:
+            if child.rc.forwarding.mode is Mode.DISABLED and child.rc.stream != "FULLFLOW" and child.pid is not None:
                 child.proc.send_signal(signal.SIGHUP)
 
     def _write_status(self) -> None:
         try:
-            status_mod.write_json(os.path.join(self.run_dir, status_mod.SUPERVISOR_FILE), {
-                "pid": os.getpid(), "config": self.config_path,
-                "handlers": [{"name": c.rc.name, "stream": c.rc.stream, "index": c.rc.index, "pid": c.pid,
-                              "restarts": c.restarts} for c in self.children.values()],
-            })
+            doc = SupervisorStatus(pid=os.getpid(), config=self.config_path, handlers=[
+                SupervisedHandler(name=c.rc.name, stream=c.rc.stream, index=c.rc.index, pid=c.pid, restarts=c.restarts)
+                for c in self.children.values()])
+            rundir.write_json(rundir.supervisor_status_path(self.run_dir), doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to stop supervising
             self.log.error("status_write_failed", run_dir=self.run_dir, reason=str(exc))

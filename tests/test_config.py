@@ -1,4 +1,5 @@
 """config.py: the manual's example, every validation message, defaults and the JSON hand-over."""
+import json
 import pickle
 import socket
 from pathlib import Path
@@ -6,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from ipfix_balancer import config
-from ipfix_balancer.config import Config, ConfigError, Endpoint, Mode, ReceiverConfig, load, parse, resolve_path
+from ipfix_balancer.config import (Config, ConfigError, Endpoint, Forwarding, Listen, Mode, ReceiverConfig, Recording,
+                                   load, parse, resolve_path)
 
 ETC = Path(__file__).resolve().parent.parent / "etc"
 CPUS = range(64)
@@ -36,15 +38,16 @@ def test_manual_example_parses_to_three_receivers():
     cfg = load(str(ETC / "manual-example.env"), cpus=CPUS)
     assert isinstance(cfg, Config) and cfg.warnings == ()
     full, click, dns = cfg.receivers
-    assert [(r.stream, r.index, r.port, r.port_type, r.mode, r.sub_proto, r.taskset) for r in cfg.receivers] == [
+    assert [(r.stream, r.index, r.listen.port, r.listen.port_type, r.forwarding.mode, r.forwarding.sub_proto,
+             r.taskset) for r in cfg.receivers] == [
         ("FULLFLOW", 0, 1500, "tcp", Mode.ROUND_ROBIN, "tcp", 61),
         ("CLICKSTREAM", 0, 1501, "tcp", Mode.ROUND_ROBIN, "tcp", 62),
         ("DNSFLOW", 0, 1101, "tcp", Mode.ROUND_ROBIN, "tcp", 63),
     ]
-    assert full.subreceivers == (Endpoint("10.19.3.21", 1500, "tcp"), Endpoint("10.19.3.23", 1600, "tcp"),
+    assert full.forwarding.subreceivers == (Endpoint("10.19.3.21", 1500, "tcp"), Endpoint("10.19.3.23", 1600, "tcp"),
                                  Endpoint("10.19.3.24", 1600, "tcp"))
-    assert click.subreceivers == (Endpoint("10.19.3.21", 1501, "tcp"), Endpoint("10.19.3.23", 1601, "tcp"))
-    assert dns.subreceivers == (Endpoint("10.19.3.21", 1101, "tcp"), Endpoint("10.19.3.23", 2101, "tcp"))
+    assert click.forwarding.subreceivers == (Endpoint("10.19.3.21", 1501, "tcp"), Endpoint("10.19.3.23", 1601, "tcp"))
+    assert dns.forwarding.subreceivers == (Endpoint("10.19.3.21", 1101, "tcp"), Endpoint("10.19.3.23", 2101, "tcp"))
     assert (full.name, full.proc_name) == ("fullflow[0]", "ipfix-fullflow")
 
 
@@ -59,10 +62,10 @@ def test_manual_example_on_a_two_cpu_host_reports_the_three_tasksets():
 
 def test_shipped_example_runs_on_any_host():
     cfg = load(str(ETC / "fast_ipfix_balancer.env"), cpus={0})
-    assert [(r.stream, r.port, r.mode, r.taskset) for r in cfg.receivers] == [
+    assert [(r.stream, r.listen.port, r.forwarding.mode, r.taskset) for r in cfg.receivers] == [
         ("FULLFLOW", 1500, Mode.ROUND_ROBIN, None), ("CLICKSTREAM", 1501, Mode.ROUND_ROBIN, None),
         ("DNSFLOW", 1101, Mode.ROUND_ROBIN, None)]
-    assert all(e.host == "127.0.0.1" for r in cfg.receivers for e in r.subreceivers)
+    assert all(e.host == "127.0.0.1" for r in cfg.receivers for e in r.forwarding.subreceivers)
 
 
 # --- defaults ------------------------------------------------------------------------------------------------
@@ -72,13 +75,16 @@ def test_defaults():
                  "IPFIX_DNSFLOW_DPI_ID[0]": "-1"}, cpus=CPUS)
     full, click, dns = cfg.receivers
     assert full == ReceiverConfig(
-        stream="FULLFLOW", index=0, port_type="tcp", port=1500, bind="0.0.0.0", mode=Mode.DISABLED,
-        subreceivers=(), sub_proto="tcp", taskset=None, rotate_minutes=10, rotate_delay_seconds=0,
-        fw_max_queue_size=0, dump_insert_processes=(), dpi_id=0, queue_bytes=67108864, template_refresh=60,
-        dump_dir="/var/fast_ipfix_balancer/dump/fullflow/", balancer_auto=False)
-    assert (click.port, click.rotate_minutes, click.rotate_seconds, click.dump_dir) == (
+        stream="FULLFLOW", index=0, taskset=None, listen=Listen(port_type="tcp", bind="0.0.0.0", port=1500),
+        forwarding=Forwarding(mode=Mode.DISABLED, subreceivers=(), sub_proto="tcp", queue_bytes=67108864,
+                              template_refresh=60, balancer_auto=False),
+        recording=Recording(rotate_minutes=10, rotate_delay_seconds=0, max_flows_per_file=0,
+                            dump_insert_processes=(), dpi_id=0, dump_dir="/var/fast_ipfix_balancer/dump/fullflow/",
+                            spool_bytes=0))
+    rec = click.recording
+    assert (click.listen.port, rec.rotate_minutes, rec.rotate_seconds, rec.dump_dir) == (
         1501, 12, 720, "/var/fast_ipfix_balancer/dump/clickstream/")
-    assert (dns.port, dns.rotate_minutes, dns.dpi_id) == (1502, 10, 0)
+    assert (dns.listen.port, dns.recording.rotate_minutes, dns.recording.dpi_id) == (1502, 10, 0)
     assert cfg.path == "<memory>" and cfg.warnings == ()
 
 
@@ -92,29 +98,29 @@ def test_index_above_zero_gets_own_dump_dir_proc_name_and_position_dpi_id():
     cfg = parse({"IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_PORT[1]": "1600",
                  "IPFIX_FULLFLOW_PORT[2]": "1700", "IPFIX_FULLFLOW_DPI_ID[2]": "7"}, cpus=CPUS)
     f0, f1, f2 = cfg.receivers
-    assert f1.dump_dir == "/var/fast_ipfix_balancer/dump/fullflow/1/"
+    assert f1.recording.dump_dir == "/var/fast_ipfix_balancer/dump/fullflow/1/"
     assert f1.proc_name == "ipfix-fullflow1"
-    assert (f0.dpi_id, f1.dpi_id, f2.dpi_id) == (0, 1, 7)
+    assert (f0.recording.dpi_id, f1.recording.dpi_id, f2.recording.dpi_id) == (0, 1, 7)
 
 
 def test_key_without_index_means_index_zero():
     rc = receiver({"IPFIX_FULLFLOW_PORT": "1600"})
-    assert (rc.index, rc.port) == (0, 1600)
+    assert (rc.index, rc.listen.port) == (0, 1600)
 
 
 def test_empty_value_means_default():
     rc = receiver({"IPFIX_FULLFLOW_PORT[0]": "", "IPFIX_FULLFLOW_BALANCER_TASKSET[0]": None})
-    assert (rc.port, rc.taskset) == (1500, None)
+    assert (rc.listen.port, rc.taskset) == (1500, None)
 
 
 def test_rotate_delay_seconds_overrides_minutes():
-    assert receiver({"IPFIX_FULLFLOW_ROTATE_DELAY_SECONDS[0]": "30"}).rotate_seconds == 30
+    assert receiver({"IPFIX_FULLFLOW_ROTATE_DELAY_SECONDS[0]": "30"}).recording.rotate_seconds == 30
 
 
 def test_other_keys_and_environment_variables_are_ignored():
     rc = receiver({"PATH": "/bin", "IPFIX_BALANCER_CONFIG": "/x.env", "IPFIX_BALANCER_RUN_DIR": "/run/x",
                    "IPFIX_FULLFLOW_PORT[0]": "1500"})
-    assert rc.port == 1500
+    assert rc.listen.port == 1500
 
 
 def test_empty_config_warns():
@@ -127,7 +133,8 @@ def test_empty_config_warns():
 @pytest.mark.parametrize("word, mode", [("roundrobin", Mode.ROUND_ROBIN), ("ALL", Mode.ALL),
                                         ("disabled", Mode.DISABLED), ("RoundRobin", Mode.ROUND_ROBIN)])
 def test_balancer_is_case_insensitive(word, mode):
-    assert receiver({"IPFIX_FULLFLOW_BALANCER[0]": word, "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920"}).mode \
+    assert receiver({"IPFIX_FULLFLOW_BALANCER[0]": word,
+                     "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920"}).forwarding.mode \
         is mode
 
 
@@ -135,16 +142,16 @@ def test_protocols_and_switches_are_case_insensitive():
     rc = receiver({"IPFIX_FULLFLOW_PORT_TYPE[0]": "UDP", "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "Udp",
                    "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920", "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "ENABLED",
                    "IPFIX_FULLFLOW_BALANCER[0]": "all"})
-    assert (rc.port_type, rc.sub_proto, rc.balancer_auto) == ("udp", "udp", True)
-    assert rc.subreceivers == (Endpoint("10.0.0.2", 9920, "udp"),)
+    assert (rc.listen.port_type, rc.forwarding.sub_proto, rc.forwarding.balancer_auto) == ("udp", "udp", True)
+    assert rc.forwarding.subreceivers == (Endpoint("10.0.0.2", 9920, "udp"),)
 
 
 def test_address_lists_allow_spaces_and_a_trailing_comma():
     rc = receiver({"IPFIX_FULLFLOW_BALANCER[0]": "All",
                    "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920, 10.0.0.3/3440 ,",
                    "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.2/9920/tcp, 10.0.0.3/3440/, 10.0.0.4/5/UDP"})
-    assert rc.subreceivers == (Endpoint("10.0.0.2", 9920, "tcp"), Endpoint("10.0.0.3", 3440, "tcp"))
-    assert rc.dump_insert_processes == (Endpoint("10.0.0.2", 9920, "tcp"), Endpoint("10.0.0.3", 3440, "tcp"),
+    assert rc.forwarding.subreceivers == (Endpoint("10.0.0.2", 9920, "tcp"), Endpoint("10.0.0.3", 3440, "tcp"))
+    assert rc.recording.dump_insert_processes == (Endpoint("10.0.0.2", 9920, "tcp"), Endpoint("10.0.0.3", 3440, "tcp"),
                                         Endpoint("10.0.0.4", 5, "udp"))
 
 
@@ -152,11 +159,11 @@ def test_ipv6_in_brackets():
     rc = receiver({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BIND[0]": "::",
                    "IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::1]/9920, [2001:DB8:0::5]/9921",
                    "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "[2001:db8::7]/3440/udp"})
-    assert rc.bind == "::"
-    assert rc.subreceivers == (Endpoint("::1", 9920, "tcp"), Endpoint("2001:db8::5", 9921, "tcp"))
-    assert [str(e) for e in rc.subreceivers] == ["[::1]/9920/tcp", "[2001:db8::5]/9921/tcp"]
-    assert rc.subreceivers[0].family == socket.AF_INET6
-    assert rc.dump_insert_processes == (Endpoint("2001:db8::7", 3440, "udp"),)
+    assert rc.listen.bind == "::"
+    assert rc.forwarding.subreceivers == (Endpoint("::1", 9920, "tcp"), Endpoint("2001:db8::5", 9921, "tcp"))
+    assert [str(e) for e in rc.forwarding.subreceivers] == ["[::1]/9920/tcp", "[2001:db8::5]/9921/tcp"]
+    assert rc.forwarding.subreceivers[0].family == socket.AF_INET6
+    assert rc.recording.dump_insert_processes == (Endpoint("2001:db8::7", 3440, "udp"),)
     assert (str(Endpoint("10.0.0.2", 9920, "tcp")), Endpoint("10.0.0.2", 9920, "tcp").family) == (
         "10.0.0.2/9920/tcp", socket.AF_INET)
 
@@ -321,9 +328,9 @@ def test_bad_word_lists_the_allowed_values(param, value, allowed):
 
 
 def test_spool_bytes_defaults_to_no_limit_and_is_validated():
-    assert receiver({"IPFIX_FULLFLOW_PORT[0]": "1500"}).spool_bytes == 0
+    assert receiver({"IPFIX_FULLFLOW_PORT[0]": "1500"}).recording.spool_bytes == 0
     rc = receiver({"IPFIX_FULLFLOW_SPOOL_BYTES[0]": "1073741824"})
-    assert rc.spool_bytes == 1 << 30 and ReceiverConfig.from_json(rc.to_json()) == rc
+    assert rc.recording.spool_bytes == 1 << 30 and ReceiverConfig.from_json(rc.to_json()) == rc
     assert one_problem({"IPFIX_FULLFLOW_SPOOL_BYTES[0]": "-1"}) == (
         "IPFIX_FULLFLOW_SPOOL_BYTES[0]='-1': expected an integer >= 0 (bytes of completed dump files kept; "
         "0 = no limit)")
@@ -378,6 +385,14 @@ def test_all_problems_are_reported_at_once():
     assert pickle.loads(pickle.dumps(err.value)).problems == found
 
 
+def test_problems_of_one_receiver_are_listed_in_key_order():
+    keys = ["PORT", "PORT_TYPE", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE", "QUEUE_BYTES",
+            "TEMPLATE_REFRESH", "BALANCER_AUTO", "SPOOL_BYTES"]
+    with pytest.raises(ConfigError) as err:
+        parse({f"IPFIX_FULLFLOW_{k}[0]": "-9" for k in keys}, cpus=CPUS)
+    assert [p.split("=")[0] for p in err.value.problems] == [f"IPFIX_FULLFLOW_{k}[0]" for k in keys]
+
+
 def test_clickstream_rotating_sooner_than_fullflow_is_a_warning():
     cfg = parse({"IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "15", "IPFIX_CLICKSTREAM_PORT_TYPE[0]": "tcp"}, cpus=CPUS)
     assert cfg.warnings == (
@@ -398,9 +413,10 @@ def test_json_round_trip():
             "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}),):
         back = ReceiverConfig.from_json(rc.to_json())
         assert back == rc
-        assert isinstance(back.subreceivers, tuple) and isinstance(back.dump_insert_processes, tuple)
-        assert all(isinstance(e, Endpoint) for e in back.subreceivers + back.dump_insert_processes)
-        assert back.mode is rc.mode
+        endpoints = (back.forwarding.subreceivers, back.recording.dump_insert_processes)
+        assert all(isinstance(group, tuple) for group in endpoints)
+        assert all(isinstance(e, Endpoint) for group in endpoints for e in group)
+        assert back.forwarding.mode is rc.forwarding.mode
 
 
 def test_load_missing_file_names_the_path(tmp_path):
@@ -428,7 +444,7 @@ def test_load_does_not_interpolate_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("SOME_DIR", "/elsewhere")
     path = tmp_path / "x.env"
     path.write_text("IPFIX_FULLFLOW_DUMP_DIR[0]=/d/${SOME_DIR}\n")
-    assert load(str(path), cpus=CPUS).receivers[0].dump_dir == "/d/${SOME_DIR}"
+    assert load(str(path), cpus=CPUS).receivers[0].recording.dump_dir == "/d/${SOME_DIR}"
 
 
 def test_resolve_path_precedence(monkeypatch):
@@ -437,3 +453,92 @@ def test_resolve_path_precedence(monkeypatch):
     monkeypatch.setenv("IPFIX_BALANCER_CONFIG", "/env.env")
     assert resolve_path(None) == "/env.env"
     assert resolve_path("/cli.env") == "/cli.env"
+
+
+# --- which change needs a new handler ---------------------------------------------------------------------
+
+BASE = {"IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin",
+        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920"}
+
+
+@pytest.mark.parametrize("change", [{"IPFIX_FULLFLOW_PORT[0]": "1600"}, {"IPFIX_FULLFLOW_PORT_TYPE[0]": "udp"},
+                                    {"IPFIX_FULLFLOW_BIND[0]": "127.0.0.1"}, {"IPFIX_FULLFLOW_TASKSET[0]": "1"}])
+def test_listen_or_cpu_change_needs_a_new_handler(change):
+    assert config.live_change_impossible(receiver(BASE), receiver({**BASE, **change}))
+
+
+@pytest.mark.parametrize("change", [{"IPFIX_FULLFLOW_BALANCER[0]": "All"}, {"IPFIX_FULLFLOW_QUEUE_BYTES[0]": "65536"},
+                                    {"IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.3/9920"},
+                                    {"IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "1"}, {"IPFIX_FULLFLOW_DPI_ID[0]": "5"}])
+def test_forwarding_and_recording_change_in_place(change):
+    old, new = receiver(BASE), receiver({**BASE, **change})
+    assert old != new and not config.live_change_impossible(old, new)
+
+
+def test_recording_settings_change_only_with_recording_keys():
+    old = receiver(BASE)
+    assert receiver({**BASE, "IPFIX_FULLFLOW_BALANCER[0]": "All"}).recording == old.recording
+    for key, value in [("FW_MAX_QUEUE_SIZE", "10"), ("SPOOL_BYTES", "1"), ("DUMP_DIR", "/d"),
+                       ("DUMP_INSERT_PROCESSES", "10.0.0.9/9/tcp"), ("ROTATE_DELAY_SECONDS", "5")]:
+        assert receiver({**BASE, f"IPFIX_FULLFLOW_{key}[0]": value}).recording != old.recording, key
+
+
+def test_json_is_nested_by_settings_group():
+    doc = json.loads(receiver(BASE).to_json())
+    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording"}
+    assert doc["listen"] == {"port_type": "tcp", "bind": "0.0.0.0", "port": 1500}
+    assert doc["forwarding"]["mode"] == "RoundRobin" and doc["recording"]["max_flows_per_file"] == 0
+
+
+def test_from_json_reads_the_flat_form_of_earlier_releases():
+    # what a supervisor before the settings groups wrote into supervisor.adopt.json
+    flat = {"stream": "FULLFLOW", "index": 0, "port_type": "tcp", "port": 1500, "bind": "0.0.0.0",
+            "mode": "RoundRobin", "subreceivers": [{"host": "10.0.0.2", "port": 9920, "proto": "tcp"}],
+            "sub_proto": "tcp", "taskset": None, "rotate_minutes": 10, "rotate_delay_seconds": 0,
+            "fw_max_queue_size": 0, "dump_insert_processes": [], "dpi_id": 0, "queue_bytes": 67108864,
+            "template_refresh": 60, "dump_dir": "/var/fast_ipfix_balancer/dump/fullflow/", "balancer_auto": False,
+            "spool_bytes": 0}
+    assert ReceiverConfig.from_json(json.dumps(flat)) == receiver(BASE)
+
+
+# --- balancer auto -----------------------------------------------------------------------------------------
+
+def auto_config(**extra):
+    values = {
+        "IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin",
+        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600,10.255.255.1/1601,127.0.0.2/1602,127.0.0.1/1603",
+        "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled", "IPFIX_FULLFLOW_DUMP_DIR[0]": "/d/ff",
+        "IPFIX_FULLFLOW_ROTATE_DELAY_SECONDS[0]": "30", "IPFIX_FULLFLOW_DPI_ID[0]": "4",
+        "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.9/9/tcp",
+        "IPFIX_FULLFLOW_PORT[100]": "1700", "IPFIX_FULLFLOW_DUMP_DIR[100]": "/d/other",
+    }
+    values.update(extra)
+    return parse(values, cpus=range(4))
+
+
+def test_auto_receivers_for_local_subreceivers(monkeypatch):
+    monkeypatch.setattr(config, "_local_addresses", lambda: set())
+    cfg = auto_config(**{"IPFIX_FULLFLOW_PORT[1]": "1603", "IPFIX_FULLFLOW_BIND[1]": "0.0.0.0"})
+    autos = config.auto_receivers(cfg)
+    # 10.255.255.1 is not local; 1603 is already a configured receiver's port; index 100 is taken
+    assert [(a.name, a.listen) for a in autos] == [
+        ("fullflow[101]", Listen("tcp", "127.0.0.1", 1600)), ("fullflow[102]", Listen("tcp", "127.0.0.2", 1602))]
+    a = autos[0]
+    fw, rec = a.forwarding, a.recording
+    assert (fw.mode, fw.subreceivers, fw.balancer_auto, a.taskset) == (Mode.DISABLED, (), False, None)
+    assert (rec.dump_dir, rec.rotate_seconds, rec.dpi_id) == ("/d/ff/auto-1600/", 30, 4)
+    assert rec.dump_insert_processes == (Endpoint("10.0.0.9", 9, "tcp"),)
+
+
+def test_auto_receivers_use_sub_proto_and_host_addresses(monkeypatch):
+    import ipaddress
+    monkeypatch.setattr(config, "_local_addresses", lambda: {ipaddress.ip_address("10.255.255.1")})
+    cfg = auto_config(**{"IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "udp"})
+    assert [a.listen for a in config.auto_receivers(cfg)] == [
+        Listen("udp", "127.0.0.1", 1600), Listen("udp", "10.255.255.1", 1601), Listen("udp", "127.0.0.2", 1602),
+        Listen("udp", "127.0.0.1", 1603)]
+
+
+def test_no_auto_receivers_unless_enabled_on_a_balancing_receiver():
+    assert config.auto_receivers(auto_config(**{"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Disabled"})) == []
+    assert config.auto_receivers(parse({"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}, cpus=range(4))) == []

@@ -1,5 +1,5 @@
 """recorder.py: rotation decisions on a fake clock, flow-count rotation, file naming, templates at the head of
-every file, .part recovery, export bookkeeping, spool eviction, disk errors and balancer-auto receivers.
+every file, .part recovery, export bookkeeping, spool eviction and disk errors.
 
 Files are checked with an independent decoder (ipfixkit: struct framing, scapy records) and, where installed,
 libfixbuf's ipfixDump.
@@ -18,10 +18,10 @@ import ipfixkit
 from ipfixkit import (FULLFLOW_FIELDS, TcpSink, UdpSink, decode_records, extract_serials, free_port,
                       header, make_stream, split_messages)
 from ipfix_balancer import recorder as recorder_mod
-from ipfix_balancer.config import Endpoint, Mode, parse
-from ipfix_balancer.net.loop import Loop
-from ipfix_balancer.recorder import Recorder, auto_receivers, dump_name, parse_stamp, stamp, target_token
+from ipfix_balancer.config import Endpoint, parse
 from ipfix_balancer.core.templates import TemplateTracker
+from ipfix_balancer.net.loop import Loop
+from ipfix_balancer.recorder import Recorder, dump_name, parse_stamp, stamp, target_token
 
 T0 = 1_700_000_000.0   # 2023-11-14T22:13:20Z
 IPFIXDUMP = shutil.which("ipfixDump")
@@ -128,12 +128,12 @@ def test_names_are_utc_sortable_and_carry_stream_and_dpi_id():
 def test_part_name_then_final_name_with_dpi_id(make, tmp_path):
     rec, clock, _, _ = make(DPI_ID=7)
     Exporter(rec).send(make_stream(3, 5))
-    assert rec.status()["file"] == "fullflow_7_20231114T221320Z.part"
+    assert rec.status().file == "fullflow_7_20231114T221320Z.part"
     assert os.listdir(tmp_path / "dump") == ["fullflow_7_20231114T221320Z.part"]
     clock.advance(90)
     rec.rotate("hup")
     assert dumps(tmp_path / "dump") == ["fullflow_7_20231114T221320Z_20231114T221450Z.ipfix"]
-    assert rec.status()["last_file"] == "fullflow_7_20231114T221320Z_20231114T221450Z.ipfix"
+    assert rec.status().last_file == "fullflow_7_20231114T221320Z_20231114T221450Z.ipfix"
 
 
 def test_same_second_names_get_a_sortable_suffix(make, tmp_path):
@@ -153,7 +153,7 @@ def test_time_rotation_decision_on_a_fake_clock(make, tmp_path):
     exporter = Exporter(rec)
     exporter.send(make_stream(2, 5))
     clock.advance(599.9)
-    assert rec.poll_time() is False and rec.status()["next_rotation_s"] == pytest.approx(0.1)
+    assert rec.poll_time() is False and rec.status().next_rotation_s == pytest.approx(0.1)
     clock.advance(0.1)
     assert rec.poll_time() is True
     assert dumps(tmp_path / "dump") == ["fullflow_0_20231114T221320Z_20231114T222320Z.ipfix"]
@@ -203,7 +203,7 @@ def test_clock_stepped_back_rotates_instead_of_waiting(make):
 
 def test_no_time_rotation_when_both_periods_are_zero(make):
     rec, clock, _, _ = make(ROTATE_MINUTES=0, FW_MAX_QUEUE_SIZE=5)
-    assert rec.due is None and rec.status()["next_rotation_s"] is None
+    assert rec.due is None and rec.status().next_rotation_s is None
     clock.advance(10 ** 6)
     assert rec.poll_time() is False
 
@@ -222,7 +222,7 @@ def test_flow_count_rotation_exact_multiple(make, tmp_path):
     names = dumps(tmp_path / "dump")
     assert [len(extract_serials(read_messages(tmp_path / "dump" / n))) for n in names] == [100, 100]
     assert [e["reason"] for e in log.named("dump_completed")] == ["flows", "flows"]
-    assert rec.status()["file_flows"] == 50
+    assert rec.status().file_flows == 50
 
 
 def test_non_fullflow_recorder_does_not_notify_by_default(tmp_path):
@@ -373,7 +373,7 @@ def test_leftover_part_is_cut_to_whole_messages_and_renamed(make, tmp_path):
     assert read_messages(dump / dumps(dump)[0]) == stream
     (event,) = log.named("dump_recovered")
     assert event["cut_bytes"] == 37 and event["messages"] == 6
-    assert rec.status()["recovered_files"] == 1 and not [n for n in os.listdir(dump) if n.endswith(".part")]
+    assert rec.status().recovered_files == 1 and not [n for n in os.listdir(dump) if n.endswith(".part")]
 
 
 def test_leftover_parts_of_other_dpi_ids_and_suffixes_are_recovered(make, tmp_path):
@@ -403,7 +403,7 @@ def test_a_part_that_appears_is_never_overwritten(make, tmp_path):
     squatter.write_bytes(b"precious")
     Exporter(rec).send(make_stream(1, 1))
     assert squatter.read_bytes() == b"precious"
-    assert rec.status()["file"] == "fullflow_0_20231114T221320Z.1.part"
+    assert rec.status().file == "fullflow_0_20231114T221320Z.1.part"
     rec.close()
     assert dumps(tmp_path / "dump") == ["fullflow_0_20231114T221320Z_20231114T221320Z.ipfix"]
 
@@ -412,10 +412,10 @@ def test_periodic_flush_puts_whole_messages_in_the_part(make, tmp_path):
     rec, _, _, _ = make()
     stream = make_stream(10, 10)
     Exporter(rec).send(stream)
-    assert rec.status()["buffered_bytes"] == 2 * len(stream[0]) + sum(map(len, stream[1:]))  # head + stream
+    assert rec.status().buffered_bytes == 2 * len(stream[0]) + sum(map(len, stream[1:]))  # head + stream
     rec._periodic_flush()
     (part,) = os.listdir(tmp_path / "dump")
-    assert read_messages(tmp_path / "dump" / part)[1:] == stream and rec.status()["buffered_bytes"] == 0
+    assert read_messages(tmp_path / "dump" / part)[1:] == stream and rec.status().buffered_bytes == 0
 
 
 def test_full_buffer_is_written_in_whole_messages(tmp_path):
@@ -439,12 +439,12 @@ def test_unusable_directory_counts_drops_and_recovers_at_rotation(make, tmp_path
     stream = make_stream(5, 2)
     Exporter(rec).send(stream)
     st = rec.status()
-    assert rec.drops == 6 and st["drops"] == 6 and "Not a directory" in st["error"]
+    assert rec.drops == 6 and st.drops == 6 and "Not a directory" in st.error
     assert len(log.named("dump_open_failed")) == 1   # not once per message
     blocker.unlink()
     rec.rotate("time")
     Exporter(rec).send(stream)
-    assert rec.status()["error"] == "" and log.named("dump_writable_again")
+    assert rec.status().error == "" and log.named("dump_writable_again")
     rec.close()
     assert len(dumps(blocker / "dump")) == 1
 
@@ -466,7 +466,7 @@ def test_disk_full_cuts_back_to_whole_messages_and_keeps_accepting(make, tmp_pat
     rec._flush()                               # fails: 5 buffered messages lost, file completed
     exporter.send(stream[16:])                 # no file until the next rotation: counted
     assert rec.drops == 5 + 5
-    assert "No space left on device" in rec.status()["error"] and log.named("dump_write_failed")
+    assert "No space left on device" in rec.status().error and log.named("dump_write_failed")
     (name,) = dumps(tmp_path / "dump")
     assert read_messages(tmp_path / "dump" / name)[1:] == stream[:11]   # the partial write was cut off
     monkeypatch.setattr(recorder_mod.os, "write", real_write)
@@ -474,7 +474,7 @@ def test_disk_full_cuts_back_to_whole_messages_and_keeps_accepting(make, tmp_pat
     exporter.send(make_stream(1, 10, first_serial=200, first_seq=200)[1:])
     rec.close()
     assert len(dumps(tmp_path / "dump")) == 2
-    assert rec.status()["error"] == ""
+    assert rec.status().error == ""
 
 
 # --------------------------------------------------------------------------- #
@@ -524,7 +524,7 @@ def test_down_target_keeps_files_pending_across_a_restart(make, tmp_path):
     Exporter(rec).send(stream[4:])   # a new session (its template message first)
     rec.rotate("hup")
     run_loop(loop, lambda: rec.targets[0].state == "down")
-    assert rec.status()[f"export[{target}].pending"] == 2 and log.named("export_failed")
+    assert [(t.target, t.pending) for t in rec.status().exports] == [(target, 2)] and log.named("export_failed")
     assert len(markers(tmp_path / "dump")) == 2
     rec.close()
     # a new run finds the pending markers; the target is up now
@@ -590,7 +590,7 @@ def test_spool_limit_evicts_oldest_undelivered_first(make, tmp_path):
     (evicted,) = log.named("dump_evicted")
     assert evicted["file"] == names[0] and evicted["not_delivered_to"] == [target]
     assert rec.targets[0].queue == dumps(tmp_path / "dump")
-    assert rec.status()["spool_bytes"] == 3 * size and not any(names[0] in m for m in markers(tmp_path / "dump"))
+    assert rec.status().spool_bytes == 3 * size and not any(names[0] in m for m in markers(tmp_path / "dump"))
 
 
 def test_without_targets_and_limit_files_stay(make, tmp_path):
@@ -600,63 +600,10 @@ def test_without_targets_and_limit_files_stay(make, tmp_path):
     assert len(dumps(tmp_path / "dump")) == 20 and rec.evicted_files == 0
 
 
-def test_status_is_flat_scalars(make):
-    rec, _, _, _ = make(DUMP_INSERT_PROCESSES="127.0.0.1/9/tcp")
+def test_status_has_one_entry_per_export_target(make):
+    rec, _, _, _ = make(DUMP_INSERT_PROCESSES="127.0.0.1/9/tcp,127.0.0.1/10/udp")
     Exporter(rec).send(make_stream(2, 3))
     st = rec.status()
-    assert all(v is None or isinstance(v, (int, float, str)) for v in st.values())
-    assert st["dpi_id"] == 0 and st["file_msgs"] == 3 and st["file_flows"] == 6
-    assert st["export[127.0.0.1/9/tcp].pending"] == 0 and "export[127.0.0.1/9/tcp].state" in st
-
-
-# --------------------------------------------------------------------------- #
-# balancer auto
-# --------------------------------------------------------------------------- #
-
-def auto_config(**extra):
-    values = {
-        "IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin",
-        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600,10.255.255.1/1601,127.0.0.2/1602,127.0.0.1/1603",
-        "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled", "IPFIX_FULLFLOW_DUMP_DIR[0]": "/d/ff",
-        "IPFIX_FULLFLOW_ROTATE_DELAY_SECONDS[0]": "30", "IPFIX_FULLFLOW_DPI_ID[0]": "4",
-        "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.9/9/tcp",
-        "IPFIX_FULLFLOW_PORT[100]": "1700", "IPFIX_FULLFLOW_DUMP_DIR[100]": "/d/other",
-    }
-    values.update(extra)
-    return parse(values, cpus=range(4))
-
-
-def test_auto_receivers_for_local_subreceivers(monkeypatch):
-    monkeypatch.setattr(recorder_mod, "_local_addresses", lambda: set())
-    cfg = auto_config(**{"IPFIX_FULLFLOW_PORT[1]": "1603", "IPFIX_FULLFLOW_BIND[1]": "0.0.0.0"})
-    autos = auto_receivers(cfg)
-    # 10.255.255.1 is not local; 1603 is already a configured receiver's port; index 100 is taken
-    assert [(a.name, a.bind, a.port, a.port_type) for a in autos] == [
-        ("fullflow[101]", "127.0.0.1", 1600, "tcp"), ("fullflow[102]", "127.0.0.2", 1602, "tcp")]
-    a = autos[0]
-    assert (a.mode, a.subreceivers, a.balancer_auto, a.taskset) == (Mode.DISABLED, (), False, None)
-    assert (a.dump_dir, a.rotate_seconds, a.dpi_id) == ("/d/ff/auto-1600/", 30, 4)
-    assert a.dump_insert_processes == (Endpoint("10.0.0.9", 9, "tcp"),)
-
-
-def test_auto_receivers_use_sub_proto_and_host_addresses(monkeypatch):
-    import ipaddress
-    monkeypatch.setattr(recorder_mod, "_local_addresses", lambda: {ipaddress.ip_address("10.255.255.1")})
-    cfg = auto_config(**{"IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "udp"})
-    assert [(a.bind, a.port, a.port_type) for a in auto_receivers(cfg)] == [
-        ("127.0.0.1", 1600, "udp"), ("10.255.255.1", 1601, "udp"), ("127.0.0.2", 1602, "udp"),
-        ("127.0.0.1", 1603, "udp")]
-
-
-def test_no_auto_receivers_unless_enabled_on_a_balancing_receiver():
-    assert auto_receivers(auto_config(**{"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Disabled"})) == []
-    assert auto_receivers(parse({"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}, cpus=range(4))) == []
-
-
-def test_supervisor_runs_configured_plus_auto_receivers(monkeypatch):
-    from ipfix_balancer import supervisor
-    monkeypatch.setattr(recorder_mod, "_local_addresses", lambda: set())
-    cfg = auto_config()
-    names = [rc.name for rc in supervisor.receivers(cfg)]
-    assert names == ["fullflow[0]", "fullflow[100]", "fullflow[101]", "fullflow[102]", "fullflow[103]"][:len(names)]
-    assert len(set(names)) == len(names) and "fullflow[101]" in names
+    assert st.dpi_id == 0 and st.file_msgs == 3 and st.file_flows == 6
+    assert [(t.target, t.pending, t.sent) for t in st.exports] == [("127.0.0.1/9/tcp", 0, 0),
+                                                                   ("127.0.0.1/10/udp", 0, 0)]

@@ -11,19 +11,12 @@ the kernel keeps buffering what the exporters send, and the new handler reads on
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import socket
 import struct
 
 _LENGTH = struct.Struct("!I")
 _FDS_PER_MESSAGE = 250  # the kernel takes at most 253 descriptors in one SCM_RIGHTS message
-
-
-def address(run_dir: str, stream: str, index: int) -> str:
-    """Abstract namespace: no file to go stale, no 108-byte path limit to hit with a deep run dir."""
-    digest = hashlib.sha1(run_dir.encode()).hexdigest()[:16]
-    return f"\0fast_ipfix_balancer/{digest}/{stream.lower()}/{index}"
 
 
 def listen(addr: str) -> socket.socket:

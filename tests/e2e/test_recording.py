@@ -161,15 +161,17 @@ def test_export_to_tcp_targets_one_down_during_rotation(balancer, tmp_path):
             wait_until(lambda: recorder_status(b)["file"] == "" and recorder_status(b)["files_completed"] >= 2,
                        "all data in completed dumps", b)
         files = recorder_status(b)["files_completed"]
-        key_up, key_late = f"export[{up.endpoint}]", f"export[{late.endpoint}]"
-        wait_until(lambda: recorder_status(b)[f"{key_up}.sent"] == files, "export to the live target", b)
-        st = recorder_status(b)
-        assert st[f"{key_late}.pending"] == files and st[f"{key_late}.state"] in ("down", "connecting")
+        def export(sink) -> dict:
+            (target,) = [t for t in recorder_status(b)["exports"] if t["target"] == sink.endpoint]
+            return target
+
+        wait_until(lambda: export(up)["sent"] == files, "export to the live target", b)
+        st = export(late)
+        assert st["pending"] == files and st["state"] in ("down", "connecting")
         assert len(dumps(dump)) == files   # kept until every target has them
         assert len(list(dump.glob("*.pending-*"))) == files
         late.up()
-        wait_until(lambda: recorder_status(b)[f"{key_late}.pending"] == 0, "export to the late target", b,
-                   timeout=40)
+        wait_until(lambda: export(late)["pending"] == 0, "export to the late target", b, timeout=40)
         wait_until(lambda: not dumps(dump), "delivered dumps deleted", b)
         for sink in (up, late):
             assert sink.connection_count == files

@@ -1,0 +1,62 @@
+"""Signals between the processes, and how each process receives them.
+
+Both the supervisor and the handlers handle signals the same way: a handler only records the signal,
+and a socketpair registered with ``signal.set_wakeup_fd`` wakes the process's select (the supervisor's
+poll, the handler's loop), so the signal is acted on within one turn, outside the signal handler.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from collections.abc import Iterable
+
+SUPERVISOR_NAME = "ipfix-balancer"  # the supervisor's process name; handlers check it before signalling
+ROTATED = signal.SIGUSR1            # recorder -> supervisor: the Fullflow recorder rotated
+
+
+class Wakeup:
+    """Records the given signals and makes ``sock`` readable when one arrives."""
+
+    def __init__(self, signals: Iterable[int]):
+        self.sock, self._wsock = socket.socketpair()  # _wsock is kept: closing it would end the wake-ups
+        self.sock.setblocking(False)
+        self._wsock.setblocking(False)
+        self._pending: list[int] = []
+        signal.set_wakeup_fd(self._wsock.fileno(), warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, lambda signum, _frame: self._pending.append(signum))
+
+    def take(self) -> list[int]:
+        """The signals received since the last call, oldest first; empties the wake-up socket."""
+        try:
+            while self.sock.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+        signals, self._pending = self._pending, []
+        return signals
+
+
+def set_process_name(name: str) -> None:
+    """What ``ps -o comm`` shows (the kernel keeps 15 characters)."""
+    try:
+        with open("/proc/self/comm", "w") as f:
+            f.write(name[:15])
+    except OSError:
+        pass
+
+
+def notify_supervisor() -> None:
+    """Tell the supervisor (our parent) that this Fullflow recorder rotated; it relays SIGHUP to the other
+    recorders. Nothing is sent to a parent that is not the supervisor (tests, a handler started by hand):
+    SIGUSR1 would kill most processes."""
+    ppid = os.getppid()
+    try:
+        with open(f"/proc/{ppid}/comm") as f:
+            if f.read().strip() != SUPERVISOR_NAME:
+                return
+        os.kill(ppid, ROTATED)
+    except OSError:
+        pass

@@ -1,0 +1,292 @@
+"""Status documents: what each process publishes in the run directory, and ``ipfix-balancer status``.
+
+The supervisor and every handler rewrite their document as JSON (see ``rundir``); ``collect`` reads them
+back, adds what it observes of each handler process, and ``render`` prints the operator's table. The
+dataclasses are the contract: their fields are the JSON keys, and ``to_dict``/``from_dict`` the only
+translation. ``from_dict`` takes known keys only, so a document written by another release (during a
+restart in place for an upgrade) still reads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any
+
+import psutil
+
+from . import rundir
+
+
+def _known(cls, doc: dict, **nested) -> Any:
+    """cls from the keys of doc that are its fields, with nested documents already converted."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in doc.items() if k in names and k not in nested}, **nested)
+
+
+@dataclasses.dataclass
+class SubreceiverStatus:
+    """Counters for one subreceiver, summed over every output session to it."""
+    endpoint: str
+    state: str  # up | down | idle (no exporter session open)
+    sessions: int
+    msgs_out: int
+    bytes_out: int
+    drops: int
+    queued_bytes: int
+    last_error: str = ""
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> SubreceiverStatus:
+        return _known(cls, doc)
+
+
+@dataclasses.dataclass
+class ExportTargetStatus:
+    """One DUMP_INSERT_PROCESSES target of a recorder."""
+    target: str
+    state: str  # idle | connecting | sending | draining | down | closed
+    pending: int  # dumps not yet delivered
+    sent: int
+    error: str = ""
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> ExportTargetStatus:
+        return _known(cls, doc)
+
+
+@dataclasses.dataclass
+class RecorderStatus:
+    """A recording handler's current file, rotation, spool and export targets."""
+    dpi_id: int
+    dir: str
+    file: str
+    file_bytes: int
+    buffered_bytes: int
+    file_msgs: int
+    file_flows: int
+    file_age_s: float
+    next_rotation_s: float | None
+    rotate_seconds: int
+    max_flows: int
+    rotations: int
+    files_completed: int
+    last_file: str
+    recovered_files: int
+    spool_files: int
+    spool_bytes: int
+    spool_limit: int
+    evicted_files: int
+    template_switches: int
+    drops: int
+    error: str
+    errors: int
+    exports: list[ExportTargetStatus] = dataclasses.field(default_factory=list)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> RecorderStatus:
+        return _known(cls, doc, exports=[ExportTargetStatus.from_dict(t) for t in doc.get("exports", [])])
+
+
+@dataclasses.dataclass
+class ListenStatus:
+    proto: str
+    bind: str
+    port: int
+    listening: bool
+
+
+@dataclasses.dataclass
+class HandlerStatus:
+    """The document a handler publishes every second."""
+    stream: str
+    index: int
+    name: str
+    pid: int
+    started: float
+    time: float
+    listen: ListenStatus
+    mode: str
+    dpi_id: int
+    cpu: int | None
+    msgs_in: int
+    bytes_in: int
+    malformed: int
+    malformed_by_reason: dict[str, int]
+    unknown_template: int
+    connections: int
+    connections_total: int
+    drops: int
+    subreceivers: list[SubreceiverStatus]
+    recorder: RecorderStatus | None = None  # recording handlers only
+
+    def to_dict(self) -> dict:
+        doc = dataclasses.asdict(self)
+        if self.recorder is None:
+            del doc["recorder"]
+        return doc
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> HandlerStatus:
+        recorder = doc.get("recorder")
+        return _known(cls, doc, listen=_known(ListenStatus, doc["listen"]),
+                      subreceivers=[SubreceiverStatus.from_dict(s) for s in doc.get("subreceivers", [])],
+                      recorder=None if recorder is None else RecorderStatus.from_dict(recorder))
+
+
+@dataclasses.dataclass
+class SupervisedHandler:
+    name: str
+    stream: str
+    index: int
+    pid: int | None  # None while waiting for a restart
+    restarts: int
+
+
+@dataclasses.dataclass
+class SupervisorStatus:
+    """The document the supervisor rewrites whenever it starts a handler or reloads."""
+    pid: int
+    config: str
+    handlers: list[SupervisedHandler]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, doc: dict) -> SupervisorStatus:
+        return _known(cls, doc, handlers=[_known(SupervisedHandler, h) for h in doc.get("handlers", [])])
+
+
+def read_supervisor_status(run_dir: str) -> SupervisorStatus | None:
+    doc = rundir.read_json(rundir.supervisor_status_path(run_dir))
+    try:
+        return None if doc is None else SupervisorStatus.from_dict(doc)
+    except (TypeError, KeyError):
+        return None
+
+
+def supervisor_pid(run_dir: str) -> int | None:
+    """The running supervisor's pid, or None (no pid file, or its process is gone)."""
+    try:
+        with open(rundir.supervisor_pid_path(run_dir)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return None
+    return pid if psutil.pid_exists(pid) else None
+
+
+# -- ipfix-balancer status -------------------------------------------------------------------------
+@dataclasses.dataclass
+class HandlerReport:
+    """A handler's own document plus what ``status`` observes of its process (None: could not tell)."""
+    doc: HandlerStatus
+    alive: bool
+    uptime: float
+    psr: int | None = None
+    cpu_percent: float | None = None
+    rss: int | None = None
+
+    def to_dict(self) -> dict:
+        observed = {"psr": self.psr, "cpu_percent": self.cpu_percent, "rss": self.rss}
+        return {**self.doc.to_dict(), "alive": self.alive, **{k: v for k, v in observed.items() if v is not None},
+                "uptime": self.uptime}
+
+
+@dataclasses.dataclass
+class StatusReport:
+    """Everything ``status`` shows (``--json`` prints ``to_dict()``)."""
+    running: bool
+    supervisor_pid: int | None
+    config: str | None
+    run_dir: str
+    handlers: list[HandlerReport]
+
+    def to_dict(self) -> dict:
+        return {"running": self.running, "supervisor_pid": self.supervisor_pid, "config": self.config,
+                "run_dir": self.run_dir, "handlers": [h.to_dict() for h in self.handlers]}
+
+
+def collect(run_dir: str) -> StatusReport:
+    """Supervisor facts, and each handler's document plus process facts."""
+    pid = supervisor_pid(run_dir)
+    sup = read_supervisor_status(run_dir)
+    handlers = []
+    for path in rundir.handler_status_paths(run_dir):
+        try:
+            doc = HandlerStatus.from_dict(rundir.read_json(path) or {})
+        except (TypeError, KeyError, AttributeError):  # empty, or not a handler document
+            continue
+        handlers.append(_observe(doc))
+    return StatusReport(running=pid is not None, supervisor_pid=pid, config=None if sup is None else sup.config,
+                        run_dir=run_dir, handlers=handlers)
+
+
+def _observe(doc: HandlerStatus) -> HandlerReport:
+    report = HandlerReport(doc, alive=False, uptime=time.time() - doc.started)
+    try:
+        proc = psutil.Process(doc.pid)
+        with proc.oneshot():
+            report.psr = proc.cpu_num()
+            report.cpu_percent = proc.cpu_percent(interval=0.1)
+            report.rss = proc.memory_info().rss
+        report.alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        pass
+    return report
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "K", "M", "G"):
+        if n < 1024:
+            return f"{n:.0f}{unit}"
+        n /= 1024
+    return f"{n:.0f}T"
+
+
+# Shown on the recorder's summary line (or its own lines); every other field goes on the detail line.
+_RECORDER_SUMMARY = {"dpi_id", "file", "file_bytes", "file_flows", "file_msgs", "next_rotation_s",
+                     "files_completed", "spool_files", "spool_bytes", "error", "exports"}
+
+
+def _render_recorder(rec: RecorderStatus) -> list[str]:
+    """A recording handler: current file, rotation, spool, an error if any, then one line per export target."""
+    nxt = rec.next_rotation_s
+    line = (f"    recorder: dpi_id={rec.dpi_id} file={rec.file or '-'} bytes={_size(rec.file_bytes)} "
+            f"flows={rec.file_flows} msgs={rec.file_msgs} next_rotation={'-' if nxt is None else f'{nxt:.0f}s'} "
+            f"completed={rec.files_completed} spool={rec.spool_files} files/{_size(rec.spool_bytes)}")
+    rest = " ".join(f"{f.name}={getattr(rec, f.name)}" for f in dataclasses.fields(rec)
+                    if f.name not in _RECORDER_SUMMARY)
+    lines = [line, f"      {rest}"]
+    if rec.error:
+        lines.append(f"      ERROR: {rec.error}")
+    for t in rec.exports:
+        lines.append(f"    => export {t.target:<26}{t.state:<11} pending={t.pending} sent={t.sent}"
+                     + (f" error={t.error!r}" if t.error else ""))
+    return lines
+
+
+def render(report: StatusReport) -> str:
+    """A table an operator reads at a glance: one block per handler, one line per subreceiver."""
+    running = f"running, pid {report.supervisor_pid}" if report.running else "NOT RUNNING"
+    lines = [f"supervisor: {running}   config: {report.config or '-'}   run dir: {report.run_dir}"]
+    head = f"{'HANDLER':<16}{'PID':>8}{'CPU':>5}{'%CPU':>6}{'RSS':>7}  {'LISTEN':<10}{'MODE':<11}" \
+           f"{'MSGS IN':>11}{'DROPS':>8}{'MALFORMED':>10}{'CONN':>5}  UPTIME"
+    lines.append(head)
+    for h in report.handlers:
+        d = h.doc
+        state = "" if h.alive else "  (not running)"
+        psr = "-" if h.psr is None else h.psr
+        lines.append(
+            f"{d.name:<16}{d.pid:>8}{psr:>5}{h.cpu_percent or 0:>6.1f}{_size(h.rss or 0):>7}  "
+            f"{d.listen.proto + '/' + str(d.listen.port):<10}{d.mode:<11}"
+            f"{d.msgs_in:>11}{d.drops:>8}{d.malformed:>10}{d.connections:>5}  {int(h.uptime)}s{state}")
+        for sub in d.subreceivers:
+            lines.append(f"    -> {sub.endpoint:<28}{sub.state:<6} msgs_out={sub.msgs_out} "
+                         f"bytes_out={sub.bytes_out} drops={sub.drops} queued={_size(sub.queued_bytes)}"
+                         + (f" error={sub.last_error!r}" if sub.last_error else ""))
+        if d.recorder is not None:
+            lines.extend(_render_recorder(d.recorder))
+    if not report.handlers:
+        lines.append("(no handler status files)")
+    return "\n".join(lines)

@@ -206,7 +206,7 @@ class Handler:
         addr = handover.address(self.run_dir, rc.stream, rc.index)
         taken = handover.take(addr) if takeover else None  # the predecessor has closed its recorder by then
         if rc.mode is Mode.DISABLED:
-            from .recorder import Recorder  # recording pulls in file handling only where it is used
+            from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
             self.recorder = Recorder(self.loop, rc, self.log)
         if taken is None:
             if takeover:
@@ -365,7 +365,7 @@ class Handler:
             self.retired_drops += old_recorder.drops
             self.recorder = None
         if rc.mode is Mode.DISABLED and self.recorder is None:
-            from .recorder import Recorder
+            from .recording.recorder import Recorder
             self.recorder = Recorder(self.loop, rc, self.log)
         for session in list(self.sessions.values()):
             if not session.ended:
@@ -433,8 +433,6 @@ class Handler:
         for key, value in list(self.sessions.items()):
             if value is session:
                 del self.sessions[key]
-        if self.recorder is not None:
-            self.recorder.session_closed(session)
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:

@@ -24,7 +24,7 @@ import time
 from . import status as status_mod
 from .config import ConfigError, Config, Mode, ReceiverConfig, load
 from .handler import DRAIN_TIMEOUT, live_change_impossible, next_config_path, set_process_name
-from .recorder import auto_receivers
+from .recording.recorder import auto_receivers
 
 ADOPT_FILE = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
 RESTART_FIRST = 1.0

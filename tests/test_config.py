@@ -351,7 +351,7 @@ def test_subreceiver_equal_to_own_listening_socket_would_loop():
 
 def test_loop_detection_uses_local_interfaces_and_bind(monkeypatch):
     import ipaddress
-    monkeypatch.setattr(config, "_local_addresses", lambda: {ipaddress.ip_address("192.0.2.7")})
+    monkeypatch.setattr(config, "local_addresses", lambda: {ipaddress.ip_address("192.0.2.7")})
     sub = {"IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin"}
     assert "would loop" in one_problem({**sub, "IPFIX_FULLFLOW_BALANCER_SUB[0]": "192.0.2.7/1500"})
     assert "would loop" in one_problem({"IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "192.0.2.7/1500/"})

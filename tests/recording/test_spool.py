@@ -8,6 +8,7 @@ from ipfixkit import TcpSink, free_port, make_stream
 from recordkit import T0, Exporter, Log, dumps, markers, read_messages, run_loop, write_part
 from ipfix_balancer.loop import Loop
 from ipfix_balancer.recording.export import target_token
+from ipfix_balancer.recording.spool import Spool, whole_messages
 
 
 # --------------------------------------------------------------------------- #
@@ -107,3 +108,69 @@ def test_without_targets_and_limit_files_stay(make, tmp_path):
     Exporter(rec).send(make_stream(20, 10))
     rec.close()
     assert len(dumps(tmp_path / "dump")) == 20 and rec.spool.evicted_files == 0
+
+
+# --------------------------------------------------------------------------- #
+# on their own: whole_messages, the export callbacks
+# --------------------------------------------------------------------------- #
+
+def test_whole_messages_stops_at_a_cut_or_a_bad_header(tmp_path):
+    stream = make_stream(3, 10)
+    size = sum(map(len, stream))
+    path = tmp_path / "f"
+    cases = [(b"".join(stream), (size, 4)), (b"".join(stream) + stream[1][:20], (size, 4)),
+             (b"".join(stream) + b"\x00\x09" + stream[1][2:], (size, 4)), (b"", (0, 0)), (stream[0][:15], (0, 0)),
+             (b"not ipfix at all, no", (0, 0))]
+    for data, expected in cases:
+        path.write_bytes(data)
+        assert whole_messages(str(path)) == expected
+
+
+class FakeTarget:
+    """What the spool uses of an ExportTarget."""
+
+    def __init__(self, token):
+        self.token = self.ep = token
+        self.queue = []
+
+    def add(self, name):
+        self.queue.append(name)
+
+    def drop(self, name):
+        if name in self.queue:
+            self.queue.remove(name)
+
+
+def completed_spool(tmp_path, *tokens, limit=0):
+    dump = tmp_path / "dump"
+    dump.mkdir()
+    (dump / "fullflow_0_20231114T221320Z.part").write_bytes(b"".join(make_stream(1, 1)))
+    targets = [FakeTarget(t) for t in tokens]
+    spool = Spool(str(dump), targets, Log(), limit)
+    name = spool.complete(str(dump / "fullflow_0_20231114T221320Z.part"), "fullflow_0_20231114T221320Z", T0, 10)
+    return spool, targets, dump, name
+
+
+def test_delivered_renames_the_marker_and_deletes_once_every_target_has_it(tmp_path):
+    spool, (a, b), dump, name = completed_spool(tmp_path, "a", "b")
+    assert name == "fullflow_0_20231114T221320Z_20231114T221320Z.ipfix" and spool.last_file == name
+    assert a.queue == b.queue == [name] and markers(dump) == [f"{name}.pending-a", f"{name}.pending-b"]
+    a.queue.remove(name)          # what ExportTarget does before on_delivered
+    spool.delivered(a, name)
+    assert markers(dump) == [f"{name}.pending-b", f"{name}.sent-a"] and dumps(dump) == [name]
+    b.queue.remove(name)
+    spool.delivered(b, name)
+    assert os.listdir(dump) == [] and spool.completed == {} and spool.bytes == 0
+
+
+def test_vanished_is_forgotten_everywhere(tmp_path):
+    spool, (a, b), dump, name = completed_spool(tmp_path, "a", "b")
+    os.unlink(dump / name)
+    spool.vanished(name)
+    assert a.queue == b.queue == [] and os.listdir(dump) == [] and spool.completed == {}
+    assert spool.log.named("dump_missing") == [{"file": name, "action": "not exported: the file is gone"}]
+
+
+def test_limit_evicts_from_the_targets_too(tmp_path):
+    spool, (a,), dump, name = completed_spool(tmp_path, "a", limit=5)
+    assert a.queue == [] and os.listdir(dump) == [] and spool.evicted_files == 1

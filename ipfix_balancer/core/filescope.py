@@ -21,12 +21,12 @@ class Head(NamedTuple):
     """What goes before a message: ``messages`` (template messages, in order), and whether the sender's
     templates replace another session's for this ODID (``switched``), logged once per ODID and file
     (``first_switch``)."""
-    messages: list
+    messages: tuple = ()
     switched: bool = False
     first_switch: bool = False
 
 
-NOTHING = Head([])
+NOTHING = Head()
 
 
 class FileScope:
@@ -82,11 +82,11 @@ class FileScope:
         return Head(messages, switched=True, first_switch=first)
 
 
-def head_messages(msg, odid: int, snapshot) -> list:
+def head_messages(msg, odid: int, snapshot) -> tuple:
     """The snapshot's template messages of ``odid``, with the sequence number and export time of ``msg``
     (template records do not count in the sequence, RFC 7011 §3.1: a decoder sees no gap)."""
     if not len(snapshot):
-        return []
+        return ()
     export_time, seq = TIME_SEQUENCE.unpack_from(msg, EXPORT_TIME)
     key = U32.pack(odid)
-    return [m for m in snapshot.messages(lambda _odid: seq, export_time) if m[ODID:ODID + 4] == key]
+    return tuple(m for m in snapshot.messages(lambda _odid: seq, export_time) if m[ODID:ODID + 4] == key)

@@ -12,7 +12,7 @@ from typing import Callable
 from ..config import Config, Mode, ReceiverConfig, STREAMS, local_addresses
 from ..core.filescope import FileScope
 from ..loop import Loop
-from .dumpfile import BUFFER_BYTES, PART_RE, DumpWriter, WriteFailed, stamp
+from .dumpfile import BUFFER_BYTES, PART, PART_RE, DumpWriter, WriteFailed, stamp
 from .export import ExportTarget
 from .spool import Spool
 
@@ -151,7 +151,7 @@ class Recorder:
         try:
             path = self._writer.open(base)
         except OSError as exc:
-            self._disk_error("dump_open_failed", exc, os.path.join(self.dir, base + ".part"))
+            self._disk_error("dump_open_failed", exc, os.path.join(self.dir, base + PART))
             return False
         if self._broken is not None or self.error:
             self.log.info("dump_writable_again", file=os.path.basename(path), previous_error=self.error)

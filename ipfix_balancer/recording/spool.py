@@ -9,10 +9,13 @@ import errno
 import mmap
 import os
 import re
+from typing import TYPE_CHECKING
 
 from ..core.wire import HEADER_LEN, walk
 from .dumpfile import DUMP, PART, PART_RE, fsync_dir, parse_stamp, stamp, unlink
-from .export import ExportTarget
+
+if TYPE_CHECKING:  # the spool uses a target's token, ep, queue, add and drop
+    from .export import ExportTarget
 
 PENDING = ".pending-"
 SENT = ".sent-"

@@ -91,6 +91,7 @@ class Recorder:
             t.kick()
 
     def _target(self, ep) -> ExportTarget:
+        """An export target whose outcomes reach the spool (markers, deletion) and the drop count."""
         def delivered(name: str) -> None:
             self.spool.delivered(target, name)
 

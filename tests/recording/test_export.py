@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from ipfixkit import TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, split_messages
+from ipfixkit import FULLFLOW_FIELDS, TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, split_messages
 from recordkit import Exporter, Log, dumps, markers, run_loop
 from ipfix_balancer.config import Endpoint
 from ipfix_balancer.loop import Loop
@@ -43,6 +43,23 @@ def test_udp_export_sends_one_datagram_per_message(make, tmp_path):
         run_loop(loop, lambda: rec.targets[0].files_sent == 1)
         assert sink.wait_messages(32, timeout=5)
         assert sink.datagrams == stream[:1] + stream   # the head template, then the stream as received
+
+def test_udp_export_counts_a_message_too_large_for_a_datagram_as_a_drop(make, tmp_path):
+    loop = Loop()
+    with UdpSink() as sink:
+        rec, _, _, _ = make(loop=loop, DUMP_INSERT_PROCESSES=sink.endpoint)
+        stream = make_stream(2, 10)
+        short = tuple(f for f in FULLFLOW_FIELDS if f.name in ("sourceIPv4Address", "octetDeltaCount"))
+        big = make_stream(1, 5459, template_id=300, fields=short, first_serial=100)   # 12-byte records
+        assert 65507 < len(big[1]) <= 65535
+        Exporter(rec).send(stream[:2] + big + stream[2:])
+        rec.rotate("hup")
+        run_loop(loop, lambda: rec.targets[0].files_sent == 1)
+        assert rec.drops == 1 and rec.status()["drops"] == 1 and rec.targets[0].skipped == 1
+        assert sink.wait_messages(6, timeout=5)   # heads, the stream, big's template message: all but big[1]
+        got = sink.datagrams
+        assert big[1] not in got and big[0] in got and [m for m in got if m in stream] == stream[:1] + stream
+
 
 def test_down_target_keeps_files_pending_across_a_restart(make, tmp_path):
     port = free_port()

@@ -495,7 +495,7 @@ def auto_receivers(config: Config) -> list[ReceiverConfig]:
 
 def _is_local(host: str) -> bool:
     ip = ipaddress.ip_address(host)
-    return ip.is_loopback or ip.is_unspecified or ip in _local_addresses()
+    return ip.is_loopback or ip.is_unspecified or ip in local_addresses()
 
 
 def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
@@ -507,10 +507,10 @@ def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
         return dst == listen
     # 0.0.0.0 accepts IPv4 only; :: is dual-stack on Linux.
     return (listen.version == 6 or dst.version == 4) and (
-        dst.is_loopback or dst.is_unspecified or dst in _local_addresses())
+        dst.is_loopback or dst.is_unspecified or dst in local_addresses())
 
 
-def _local_addresses() -> set:
+def local_addresses() -> set:
     """This host's interface addresses (read only when a subreceiver's port matches, which is rare)."""
     return {ip for addrs in psutil.net_if_addrs().values() for a in addrs
             if a.family in (socket.AF_INET, socket.AF_INET6) and (ip := _ip(a.address)) is not None}

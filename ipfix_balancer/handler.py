@@ -84,7 +84,7 @@ class Handler:
         self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed)
 
     def _new_recorder(self, rc: ReceiverConfig):
-        from .recorder import Recorder  # recording pulls in file handling only where it is used
+        from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
         return Recorder(self.loop, rc, self.log)
 
     # -- sessions ------------------------------------------------------------------------------

@@ -358,7 +358,7 @@ def test_subreceiver_equal_to_own_listening_socket_would_loop():
 
 def test_loop_detection_uses_local_interfaces_and_bind(monkeypatch):
     import ipaddress
-    monkeypatch.setattr(config, "_local_addresses", lambda: {ipaddress.ip_address("192.0.2.7")})
+    monkeypatch.setattr(config, "local_addresses", lambda: {ipaddress.ip_address("192.0.2.7")})
     sub = {"IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin"}
     assert "would loop" in one_problem({**sub, "IPFIX_FULLFLOW_BALANCER_SUB[0]": "192.0.2.7/1500"})
     assert "would loop" in one_problem({"IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "192.0.2.7/1500/"})
@@ -517,7 +517,7 @@ def auto_config(**extra):
 
 
 def test_auto_receivers_for_local_subreceivers(monkeypatch):
-    monkeypatch.setattr(config, "_local_addresses", lambda: set())
+    monkeypatch.setattr(config, "local_addresses", lambda: set())
     cfg = auto_config(**{"IPFIX_FULLFLOW_PORT[1]": "1603", "IPFIX_FULLFLOW_BIND[1]": "0.0.0.0"})
     autos = config.auto_receivers(cfg)
     # 10.255.255.1 is not local; 1603 is already a configured receiver's port; index 100 is taken
@@ -532,7 +532,7 @@ def test_auto_receivers_for_local_subreceivers(monkeypatch):
 
 def test_auto_receivers_use_sub_proto_and_host_addresses(monkeypatch):
     import ipaddress
-    monkeypatch.setattr(config, "_local_addresses", lambda: {ipaddress.ip_address("10.255.255.1")})
+    monkeypatch.setattr(config, "local_addresses", lambda: {ipaddress.ip_address("10.255.255.1")})
     cfg = auto_config(**{"IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "udp"})
     assert [a.listen for a in config.auto_receivers(cfg)] == [
         Listen("udp", "127.0.0.1", 1600), Listen("udp", "10.255.255.1", 1601), Listen("udp", "127.0.0.2", 1602),

@@ -38,7 +38,7 @@ def test_importing_the_supervisor_loads_no_data_plane_module():
 
 
 def test_supervisor_runs_configured_plus_auto_receivers(monkeypatch):
-    monkeypatch.setattr(config, "_local_addresses", lambda: set())
+    monkeypatch.setattr(config, "local_addresses", lambda: set())
     cfg = config.parse({
         "IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin",
         "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600,10.255.255.1/1601", "IPFIX_FULLFLOW_BALANCER_AUTO[0]":

@@ -102,7 +102,7 @@ class SendQueue:
         self._ends: list[int] = []  # bytes left to write up to the end of each committed message
         self._entries: list = []    # the committed entries, parallel to _ends
         self._seq: dict[int, int] = {}      # rewrite_seq: next sequence number per ODID on this connection
-        self._last: dict[int, Entry] = {}   # byte-identical: the last entry committed per ODID
+        self._last: dict[int, Entry] = {}   # byte-identical UDP: the last datagram committed per ODID
         # True while the queue still holds every message of the session since it had no templates: then the
         # first connection learns the templates from those messages, and a replay would only duplicate them.
         self._complete = not len(current_snapshot())
@@ -226,7 +226,11 @@ class SendQueue:
 
     def next_datagram(self) -> list:
         """The buffers of one message (one datagram), committed."""
-        return self._commit(1)
+        bufs = self._commit(1)
+        if bufs and not self.rewrite_seq:  # for the template refresh, which only UDP outputs have
+            entry = self._entries[0]
+            self._last[entry[ODID]] = entry
+        return bufs
 
     def _commit(self, room: int) -> list:
         """Commit queued entries while fewer than ``room`` buffers are committed. This is the one place
@@ -252,12 +256,10 @@ class SendQueue:
                 total += len(msg)
                 ends.append(total)
         else:
-            last = self._last
             while pending and len(bufs) < room:
                 entry = popleft()
                 entries.append(entry)
                 msg = entry[MSG]
-                last[entry[ODID]] = entry
                 bufs.append(msg)
                 total += len(msg)
                 ends.append(total)

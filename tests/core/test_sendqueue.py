@@ -63,6 +63,15 @@ def write(queue: SendQueue, budget: int | None = None) -> bytes:
     return taken
 
 
+def datagrams(queue: SendQueue) -> list[bytes]:
+    """Send everything queued as datagrams, one message each."""
+    out = []
+    while bufs := queue.next_datagram():
+        out.append(b"".join(bytes(b) for b in bufs))
+        queue.written(len(out[-1]))
+    return out
+
+
 def messages(stream: bytes) -> list[bytes]:
     out = []
     walk(stream, 0, len(stream), lambda m: out.append(bytes(m)))
@@ -176,12 +185,12 @@ def test_byte_identical_mode_keeps_the_exporters_numbers_and_refresh_follows_the
     queue, _ = make_queue(rewrite_seq=False, snapshot=tracker.snapshot)
     queue.enqueue((data_message(1), ODID, 2, tracker.snapshot))
     queue.connection_up(0)
-    template, data = messages(write(queue))
+    template, data = datagrams(queue)
     assert struct.unpack_from("!I", template, 8)[0] == 999  # the templates carry the next message's number
     assert struct.unpack_from("!I", data, 8)[0] == 999
     queue.refresh_templates(5)
-    refresh = messages(write(queue))
-    assert struct.unpack_from("!I", refresh[0], 8)[0] == 1001  # the exporter's 999 + 2 records
+    (refresh,) = datagrams(queue)
+    assert struct.unpack_from("!I", refresh, 8)[0] == 1001  # the exporter's 999 + 2 records
 
 
 def test_template_messages_are_never_rewritten_in_place():
@@ -198,13 +207,9 @@ def test_template_messages_are_never_rewritten_in_place():
 
 def test_datagrams_one_message_each_with_the_same_rewrite():
     queue, stats = three_queued()
-    seqs = []
-    while bufs := queue.next_datagram():
-        data = b"".join(bytes(b) for b in bufs)
-        assert len(data) == 40
-        seqs.append(struct.unpack_from("!I", data, 8)[0])
-        queue.written(len(data))
-    assert seqs == [0, 2, 4] and stats.msgs_out == 3
+    sent = datagrams(queue)
+    assert [len(d) for d in sent] == [40] * 3
+    assert [struct.unpack_from("!I", d, 8)[0] for d in sent] == [0, 2, 4] and stats.msgs_out == 3
 
 
 def test_close_counts_what_was_left_and_is_final():

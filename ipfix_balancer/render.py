@@ -66,6 +66,7 @@ def _environment() -> jinja2.Environment:
     env.filters["basename"] = os.path.basename
     env.filters["roff"] = roff
     env.filters["roff_opts"] = roff_opts
+    env.filters["hyphens"] = lambda text: roff(text).replace("-", "\\-")
     return env
 
 

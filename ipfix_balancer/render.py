@@ -90,23 +90,29 @@ def env() -> str:
 
 
 def _commands() -> list[dict]:
-    """The visible click commands of ``ipfix-balancer``, each with its help and its options' help."""
+    """The visible click commands of ``ipfix-balancer`` (subcommands of groups as "group sub"), each with its
+    help and its options' help."""
     import click
 
     from .cli import main
-    out = []
-    group_ctx = click.Context(main, info_name=PROG)
-    for name in main.list_commands(group_ctx):
-        cmd = main.get_command(group_ctx, name)
-        if cmd is None or cmd.hidden:
-            continue
-        ctx = click.Context(cmd, info_name=name, parent=group_ctx)
-        options = [rec for p in cmd.get_params(ctx) if (rec := p.get_help_record(ctx)) is not None]
-        args = " ".join(p.make_metavar(ctx) if _takes_ctx(p) else p.make_metavar()  # click < 8.2 vs >= 8.2
-                        for p in cmd.get_params(ctx) if isinstance(p, click.Argument))
-        out.append({"name": name, "help": _paragraphs(cmd.help or ""), "options": options,
-                    "args": args, "short": cmd.get_short_help_str(limit=200)})
-    return out
+
+    def walk(group: click.Group, group_ctx: click.Context, prefix: str) -> list[dict]:
+        out = []
+        for name in group.list_commands(group_ctx):
+            cmd = group.get_command(group_ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            ctx = click.Context(cmd, info_name=name, parent=group_ctx)
+            options = [rec for p in cmd.get_params(ctx) if (rec := p.get_help_record(ctx)) is not None]
+            args = " ".join(p.make_metavar(ctx) if _takes_ctx(p) else p.make_metavar()  # click >= 8.2 vs older
+                            for p in cmd.get_params(ctx) if isinstance(p, click.Argument))
+            out.append({"name": prefix + name, "help": _paragraphs(cmd.help or ""), "options": options,
+                        "args": args})
+            if isinstance(cmd, click.Group):
+                out += walk(cmd, ctx, f"{prefix}{name} ")
+        return out
+
+    return walk(main, click.Context(main, info_name=PROG), "")
 
 
 def _paragraphs(text: str) -> str:

@@ -406,9 +406,8 @@ def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
 
 
 def _local_addresses() -> set:
-    """This host's (this network namespace's) interface addresses, asked of the kernel over netlink
-    (read only when a subreceiver's port matches, which is rare)."""
-    from pyroute2 import IPRoute
+    """This host's interface addresses (read only when a subreceiver's port matches, which is rare)."""
+    from pyroute2 import IPRoute   # netlink: the kernel's own list, for this network namespace
     with IPRoute() as ipr:
         return {ip for msg in ipr.get_addr()
                 if (ip := _ip(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS") or "")) is not None}

@@ -47,11 +47,19 @@ def test_readme_command_1_uses_the_venv_and_no_shared_tmp():
 
 
 def _copy_repo(dest: Path) -> None:
-    files = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
-                           capture_output=True, check=True).stdout.decode().split("\0")
-    for f in filter(None, files):
+    """The checkout as a new user has it: tracked and new files (a plain copy outside git), no .venv or run dir."""
+    skip = (".venv/", "run/", "dist/", "build/", ".git/")
+    res = subprocess.run(["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+                         capture_output=True)
+    if res.returncode == 0:
+        files = [f for f in res.stdout.decode().split("\0") if f]
+    else:
+        files = [str(p.relative_to(REPO)) for p in REPO.rglob("*") if p.is_file() or p.is_symlink()]
+        files = [f for f in files if "__pycache__" not in f and ".egg-info" not in f and "/.pytest_cache" not in f
+                 and not f.startswith((".pytest_cache/", ".hypothesis/"))]
+    for f in files:
         src = REPO / f
-        if not src.exists() or f.startswith((".venv/", "run/", "dist/")):
+        if not src.exists() or f.startswith(skip):
             continue
         (dest / f).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(src, dest / f, follow_symlinks=False)

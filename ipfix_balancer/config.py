@@ -16,7 +16,6 @@ import re
 import socket
 from collections.abc import Collection, Mapping
 
-import psutil
 from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
@@ -512,8 +511,10 @@ def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
 
 def local_addresses() -> set:
     """This host's interface addresses (read only when a subreceiver's port matches, which is rare)."""
-    return {ip for addrs in psutil.net_if_addrs().values() for a in addrs
-            if a.family in (socket.AF_INET, socket.AF_INET6) and (ip := _ip(a.address)) is not None}
+    from pyroute2 import IPRoute   # netlink: the kernel's own list, for this network namespace
+    with IPRoute() as ipr:
+        return {ip for msg in ipr.get_addr()
+                if (ip := _ip(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS") or "")) is not None}
 
 
 def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:

@@ -29,6 +29,9 @@ APPDIR = "/opt/fast_ipfix_balancer"
 UNIT = "fast_ipfix_balancer.service"
 CONFIG = "/var/fast_ipfix_balancer/backend/.env"
 SCRIPTS = ("ipfix-balancer-stop", "ipfix-balancer-restart", "ipfix-balancer-status")
+PYTHON = "/usr/bin/python3.11"   # the distribution's interpreter the venv is built from and links to
+MANPAGE = "/usr/share/man/man8/ipfix-balancer.8"
+COMPLETION = "/usr/share/bash-completion/completions/ipfix-balancer"
 
 pytestmark = pytest.mark.skipif(
     shutil.which("rpmbuild") is None,
@@ -161,11 +164,98 @@ def test_rpm_file_list(rpm_file):
         assert any(f.startswith(f"{site}/{dep}/") for f in files), f"dependency {dep} not in the venv"
     assert any(f.endswith(".pyc") and "/ipfix_balancer/__pycache__/" in f for f in files), "no bytecode"
     # Nothing outside the product's own places (no stray /usr/lib/python3*, no build paths).
-    allowed = (APPDIR, "/usr/bin/ipfix-balancer", "/usr/lib/systemd/system/", "/var/fast_ipfix_balancer")
+    allowed = (APPDIR, "/usr/bin/ipfix-balancer", "/usr/lib/systemd/system/", "/var/fast_ipfix_balancer", MANPAGE,
+               COMPLETION)
     stray = [f for f in files if f and not f.startswith(allowed)]
     assert not stray, stray
     # The venv is not vendoring pip or test tooling.
     assert not any(f"{site}/pip/" in f or f"{site}/pytest/" in f for f in files)
+
+
+def test_rpm_requires_the_distribution_python(rpm_file):
+    """The venv links to /usr/bin/python3.11: the package must pull that interpreter in (yum resolves the
+    file dependency to the distribution's python3.11 package), and nothing from the build host."""
+    requires = [r.strip() for r in _rpm_q(rpm_file, "--requires").splitlines()]
+    assert PYTHON in requires, requires
+    assert "python(abi) = 3.11" in requires, requires
+    assert not [r for r in requires if ".pyenv" in r or r.startswith(("/root", "/home", APPDIR))], requires
+
+
+def test_venv_links_to_the_distribution_python(rpm_file, root):
+    venv = root / APPDIR.lstrip("/")
+    cfg = dict(line.split(" = ", 1) for line in (venv / "pyvenv.cfg").read_text().splitlines() if " = " in line)
+    assert cfg["home"] == str(Path(PYTHON).parent), cfg
+    assert cfg.get("executable", PYTHON) == PYTHON, cfg
+    assert cfg["version"].startswith("3.11."), cfg
+    assert cfg["include-system-site-packages"] == "false", cfg
+    # bin/python -> python3.11 -> /usr/bin/python3.11: follow the links inside the payload, the last one
+    # leaves it for the target's own interpreter.
+    link, hops = venv / "bin" / "python", 0
+    while link.is_symlink() and str(link).startswith(str(venv)) and hops < 10:
+        target = os.readlink(link)
+        link, hops = (Path(target) if os.path.isabs(target) else link.parent / target), hops + 1
+    assert str(link) == PYTHON, f"{venv}/bin/python ends at {link}"
+    rows = _rpm_q(rpm_file, "--qf", "[%{FILENAMES}\t%{FILELINKTOS}\n]").splitlines()
+    links = dict(r.split("\t") for r in rows)
+    assert links[f"{APPDIR}/bin/python3.11"] == PYTHON, links[f"{APPDIR}/bin/python3.11"]
+
+
+def test_venv_holds_exactly_the_locked_dependencies(root):
+    """The RPM installs requirements.lock with --require-hashes: the venv has those versions and nothing else
+    (no pip, setuptools or test tools)."""
+    locked = dict(re.findall(r"^([A-Za-z0-9_.-]+)==(\S+)", (REPO / "requirements.lock").read_text(), re.M))
+    locked = {_norm(k): v for k, v in locked.items()}
+    site = root / APPDIR.lstrip("/") / "lib" / "python3.11" / "site-packages"
+    installed = {}
+    for d in site.glob("*.dist-info"):
+        meta = (d / "METADATA").read_text(errors="replace")
+        name = re.search(r"^Name: (.+)$", meta, re.M).group(1).strip()
+        installed[_norm(name)] = re.search(r"^Version: (.+)$", meta, re.M).group(1).strip()
+    setup_version = re.search(r"^version\s*=\s*(\S+)", (REPO / "setup.cfg").read_text(), re.M).group(1)
+    assert installed == {**locked, "fast-ipfix-balancer": setup_version}
+
+
+def _norm(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def test_build_refuses_an_interpreter_that_is_not_the_distributions(tmp_path):
+    """A pyenv/virtualenv/other-version interpreter would give a package that installs and cannot start."""
+    import sys
+    res = _run([str(REPO / "scripts" / "build-rpm"), "-o", str(tmp_path), "--python", sys.executable], cwd=REPO)
+    assert res.returncode != 0
+    assert "refusing to build" in res.stderr and "not /usr" in res.stderr, res.stderr
+    assert not list(tmp_path.glob("*.rpm"))
+    res = _run([str(REPO / "scripts" / "build-rpm"), "-o", str(tmp_path), "--python", "/usr/bin/python3.99"], cwd=REPO)
+    assert res.returncode != 0 and "not found" in res.stderr, res.stderr
+    # The spec itself checks too (plain rpmbuild -bb), with the same words.
+    spec = (REPO / "rpm" / "fast_ipfix_balancer.spec").read_text()
+    assert "cannot build this package" in spec and 'sys.base_prefix != "/usr"' in spec
+
+
+def test_man_page_and_completion(rpm_file, root, tmp_path):
+    files = _rpm_q(rpm_file, "-l").splitlines()
+    assert any(f in (MANPAGE, MANPAGE + ".gz") for f in files), files
+    assert COMPLETION in files
+    man = next(p for p in (root / MANPAGE.lstrip("/"), root / (MANPAGE + ".gz").lstrip("/")) if p.exists())
+    text = man.read_text() if man.suffix == ".8" else __import__("gzip").decompress(man.read_bytes()).decode()
+    assert text.startswith(".\\\"") and ".TH IPFIX\\-BALANCER 8 " in text
+    # Every visible click command is documented, with its options (the page is generated from them).
+    for command in ("run", "check\\-config", "status", "stop", "reload", "restart"):
+        assert f".SS {command}\n" in text, command
+    assert "\\fB\\-\\-config\\fR" in text and "/var/fast_ipfix_balancer/backend/.env" in text
+    if shutil.which("groff"):
+        res = _run(["groff", "-man", "-Tutf8", "-ww", str(man)])
+        assert res.returncode == 0 and res.stderr == "", res.stderr
+    # Bash completion: click's script, asking the installed command itself.
+    script = root / COMPLETION.lstrip("/")
+    probe = (f"source '{script}'; COMP_WORDS=(ipfix-balancer check); COMP_CWORD=1; "
+             "_ipfix_balancer_completion ipfix-balancer; printf '%s\\n' \"${COMPREPLY[@]}\"; "
+             "COMP_WORDS=(ipfix-balancer run --log-format ''); COMP_CWORD=3; COMPREPLY=(); "
+             "_ipfix_balancer_completion ipfix-balancer; printf '%s\\n' \"${COMPREPLY[@]}\"")
+    res = _run(["bash", "-c", probe], env=_product_env(root), cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.split() == ["check-config", "text", "json"], res.stdout + res.stderr
 
 
 def test_rpm_modes_and_links(rpm_file):

@@ -1,0 +1,180 @@
+"""Render the files the product ships from Jinja2 templates (``ipfix_balancer/skel/``).
+
+    python -m ipfix_balancer.render NAME... [-o DIR]      NAME: unit, env, man, completion (or all)
+
+- ``unit``: the systemd unit ``fast_ipfix_balancer.service`` (paths from the constants below);
+- ``env``: the shipped configuration, the manual's example with its collectors on loopback (``STREAMS``);
+- ``man``: the man page ``ipfix-balancer.8``, generated from the click commands of :mod:`ipfix_balancer.cli`
+  (so every command and option the CLI has is documented, with its own help text);
+- ``completion``: bash completion for ``ipfix-balancer``, click's own completion script.
+
+The RPM build renders all four with the venv it ships (``-o DIR``) and installs them; ``etc/`` in the
+repository holds the rendered unit and ``.env`` (a test checks they are what the templates give). One
+NAME without ``-o`` prints the file to stdout. Build-time only: nothing here runs in the balancer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import sys
+
+import jinja2
+
+from .config import DEFAULT_CONFIG_PATH, DUMP_ROOT
+
+UNIT = "fast_ipfix_balancer.service"
+PROG = "ipfix-balancer"
+PATHS = {
+    "config_path": DEFAULT_CONFIG_PATH,
+    "run_dir": "/run/fast_ipfix_balancer",
+    "dump_root": DUMP_ROOT,
+    "bindir": "/usr/bin",
+    "unitdir": "/usr/lib/systemd/system",
+    "appdir": "/opt/fast_ipfix_balancer",
+    "unit": UNIT,
+    "syslog_identifier": "IPFIXcol2-balancer",
+}
+
+# The manual's "Example of Configuration File" (etc/manual-example.env): ports, modes and CPUs as there,
+# its collectors (10.19.3.x) replaced by loopback ports so the shipped file runs on any machine.
+STREAMS = (
+    {"key": "FULLFLOW", "title": "Fullflow", "port_type": "tcp", "port": 1500, "mode": "RoundRobin",
+     "subs": ("127.0.0.1/9901", "127.0.0.1/9902", "127.0.0.1/9903"), "sub_proto": "tcp", "cpu": 61,
+     "port_note": "; unique per receiver"},
+    {"key": "CLICKSTREAM", "title": "Clickstream", "port_type": "tcp", "port": 1501, "mode": "RoundRobin",
+     "subs": ("127.0.0.1/9911", "127.0.0.1/9912"), "sub_proto": "tcp", "cpu": 62, "port_note": ""},
+    {"key": "DNSFLOW", "title": "DNS flow", "port_type": "tcp", "port": 1101, "mode": "RoundRobin",
+     "subs": ("127.0.0.1/9921", "127.0.0.1/9922"), "sub_proto": "tcp", "cpu": 63,
+     "port_note": " (the manual uses 1101; the default would be 1502)"},
+)
+NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four", 5: "five"}
+
+FILES = {   # NAME -> file name in the output directory
+    "unit": UNIT,
+    "env": "fast_ipfix_balancer.env",
+    "man": f"{PROG}.8",
+    "completion": PROG,
+}
+
+
+def _environment() -> jinja2.Environment:
+    env = jinja2.Environment(loader=jinja2.PackageLoader("ipfix_balancer", "skel"), undefined=jinja2.StrictUndefined,
+                             keep_trailing_newline=True, autoescape=False)
+    env.filters["basename"] = os.path.basename
+    env.filters["roff"] = roff
+    env.filters["roff_opts"] = roff_opts
+    env.filters["hyphens"] = lambda text: roff(text).replace("-", "\\-")
+    return env
+
+
+def roff(text: str) -> str:
+    """Plain text -> roff body text: backslashes escaped, no line starting with a control character."""
+    text = text.replace("\\", "\\e")
+    return "\n".join(("\\&" + line) if line.startswith((".", "'")) else line for line in text.splitlines())
+
+
+def roff_opts(text: str) -> str:
+    """An option synopsis ('-c, --config PATH') with real hyphens and bold option names."""
+    return re.sub(r"(?<![\w-])(--?[\w-]+)", lambda m: "\\fB" + m.group(1).replace("-", "\\-") + "\\fR", roff(text))
+
+
+def unit() -> str:
+    return _environment().get_template(f"{UNIT}.j2").render(**PATHS)
+
+
+def env() -> str:
+    return _environment().get_template("fast_ipfix_balancer.env.j2").render(streams=STREAMS, numbers=NUMBERS, **PATHS)
+
+
+def _commands() -> list[dict]:
+    """The visible click commands of ``ipfix-balancer`` (subcommands of groups as "group sub"), each with its
+    help and its options' help."""
+    import click
+
+    from .cli import main
+
+    def walk(group: click.Group, group_ctx: click.Context, prefix: str) -> list[dict]:
+        out = []
+        for name in group.list_commands(group_ctx):
+            cmd = group.get_command(group_ctx, name)
+            if cmd is None or cmd.hidden:
+                continue
+            ctx = click.Context(cmd, info_name=name, parent=group_ctx)
+            options = [rec for p in cmd.get_params(ctx) if (rec := p.get_help_record(ctx)) is not None]
+            args = " ".join(p.make_metavar(ctx) if _takes_ctx(p) else p.make_metavar()  # click >= 8.2 vs older
+                            for p in cmd.get_params(ctx) if isinstance(p, click.Argument))
+            out.append({"name": prefix + name, "help": _paragraphs(cmd.help or ""), "options": options,
+                        "args": args})
+            if isinstance(cmd, click.Group):
+                out += walk(cmd, ctx, f"{prefix}{name} ")
+        return out
+
+    return walk(main, click.Context(main, info_name=PROG), "")
+
+
+def _paragraphs(text: str) -> str:
+    """A docstring's paragraphs, each on one line (roff fills them), blank lines between."""
+    import click
+    return "\n\n".join(" ".join(p.split()) for p in re.split(r"\n\s*\n", click.unstyle(text).strip()) if p.strip())
+
+
+def _takes_ctx(param) -> bool:
+    import inspect
+    return "ctx" in inspect.signature(param.make_metavar).parameters
+
+
+def man(date: str | None = None) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        ver = version("fast_ipfix_balancer")
+    except PackageNotFoundError:
+        ver = "unknown"
+    if date is None:   # reproducible builds: SOURCE_DATE_EPOCH when set
+        epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) or None
+        stamp = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc) if epoch else \
+            datetime.datetime.now(datetime.timezone.utc)
+        date = stamp.strftime("%Y-%m-%d")
+    return _environment().get_template(f"{PROG}.8.j2").render(
+        prog=PROG, version=ver, date=date, commands=_commands(), **PATHS)
+
+
+def completion() -> str:
+    """click's bash completion script for ``ipfix-balancer`` (what ``_IPFIX_BALANCER_COMPLETE=bash_source``
+    prints): completion asks the installed command itself, so new commands complete without a new script."""
+    from click.shell_completion import BashComplete
+
+    from .cli import main
+    source = BashComplete(main, {}, PROG, "_IPFIX_BALANCER_COMPLETE").source()
+    return source if source.endswith("\n") else source + "\n"
+
+
+RENDER = {"unit": unit, "env": env, "man": man, "completion": completion}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m ipfix_balancer.render", description=__doc__.split("\n\n")[0])
+    parser.add_argument("names", nargs="+", choices=[*RENDER, "all"], metavar="NAME",
+                        help="unit, env, man, completion or all")
+    parser.add_argument("-o", "--out-dir", help=f"write each file there ({', '.join(FILES.values())})")
+    args = parser.parse_args(argv)
+    names = list(RENDER) if "all" in args.names else list(dict.fromkeys(args.names))
+    if args.out_dir is None:
+        if len(names) != 1:
+            parser.error("more than one NAME needs --out-dir")
+        sys.stdout.write(RENDER[names[0]]())
+        return 0
+    os.makedirs(args.out_dir, exist_ok=True)
+    for name in names:
+        path = os.path.join(args.out_dir, FILES[name])
+        with open(path, "w") as f:
+            f.write(RENDER[name]())
+        print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

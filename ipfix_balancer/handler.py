@@ -15,6 +15,7 @@ import time
 from .config import Mode, ReceiverConfig, live_change_impossible
 from .control import rundir
 from .control.rundir import DRAIN_TIMEOUT
+from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
 from .core.framing import FramingError
@@ -26,6 +27,12 @@ from .net.listener import TcpListener, UdpListener, bind
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
+EXIT_CANNOT_LISTEN = 75  # EX_TEMPFAIL: the port may be free later, the supervisor retries with backoff
+
+
+class ListenError(Exception):
+    """The receiver's socket cannot be bound: an operator's problem (port in use, address not here), said
+    in one line, not a crash."""
 
 
 class Handler:
@@ -64,7 +71,12 @@ class Handler:
         if taken is None:
             if takeover:
                 self.log.warning("takeover_unavailable", reason="no running handler to take over from")
-            self._listen(bind(rc.listen.port_type, rc.listen.bind, rc.listen.port))
+            lst = rc.listen
+            try:
+                sock = bind(lst.port_type, lst.bind, lst.port)
+            except OSError as exc:
+                raise ListenError(listen_failure(lst.port_type, lst.bind, lst.port, exc)) from None
+            self._listen(sock)
         else:
             self._adopt(*taken)
         self.listening = True
@@ -303,6 +315,9 @@ def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = Fal
     handler = Handler(rc, run_dir, log)
     try:
         return handler.run(takeover)
+    except ListenError as exc:
+        log.error("listen_failed", reason=str(exc), exit_code=EXIT_CANNOT_LISTEN)
+        return EXIT_CANNOT_LISTEN
     except Exception:
         # An internal error must be loud and restartable: one traceback, non-zero exit.
         log.exception("handler_crashed")

@@ -17,7 +17,7 @@ from .control import rundir
 from .control.rundir import DRAIN_TIMEOUT
 from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
-from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
+from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
 from .core.sendqueue import SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
@@ -50,6 +50,7 @@ class Handler:
         self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
         self.retired_subreceivers: list[SubreceiverStats] = []  # removed by a reconfiguration
         self.started = time.time()
+        self.rates = PeriodRates()
         self.listener: TcpListener | UdpListener | None = None
         self.listening = False
         self.handed_over = False
@@ -280,6 +281,11 @@ class Handler:
         if self.handed_over:
             return
         rc, counters = self.rc, self.counters
+        cpu = os.times()
+        outs = self.subreceivers + self.retired_subreceivers
+        rates = self.rates.update(time.monotonic(), {
+            "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
+            "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
@@ -292,7 +298,8 @@ class Handler:
             connections=self.connections, connections_total=self.connections_total,
             drops=self.drops(),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
-            recorder=None if self.recorder is None else self.recorder.status())
+            recorder=None if self.recorder is None else self.recorder.status(),
+            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)
         try:
             rundir.write_json(self.status_path, doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic

@@ -26,6 +26,8 @@ AUTO_INDEX_BASE = 100  # balancer-auto recorders: index 100, 101, … of their s
 
 # Environment variables that share the IPFIX_ prefix; they never configure a receiver.
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
+# Global .env keys (not per receiver): key -> param, parsed with the receivers' checks.
+_GLOBALS = {"IPFIX_BALANCER_METRICS": "METRICS", "IPFIX_BALANCER_HANG_SECONDS": "HANG_SECONDS"}
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
@@ -50,6 +52,7 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "TEMPLATE_REFRESH": (1, None, "an integer >= 1 (seconds)"),
     "BALANCER_TASKSET": (0, None, "a CPU number >= 0"),
     "SPOOL_BYTES": (0, None, "an integer >= 0 (bytes of completed dump files kept; 0 = no limit)"),
+    "HANG_SECONDS": (2, None, "an integer >= 2 (seconds without a status heartbeat before a handler is replaced)"),
 }
 
 
@@ -179,6 +182,8 @@ class Config:
     path: str
     receivers: tuple[ReceiverConfig, ...]
     warnings: tuple[str, ...]
+    metrics: Endpoint | None = None  # IPFIX_BALANCER_METRICS: where GET /metrics and /healthz are served
+    hang_seconds: int = 15  # IPFIX_BALANCER_HANG_SECONDS
 
 
 class ConfigError(Exception):
@@ -243,19 +248,30 @@ def parse(values: Mapping[str, str | None], path: str = "<memory>",
         built.append(_build(_Keys(stream, index, keys, problems), position[stream], cpus))
         position[stream] += 1
     _check_shared(built, problems)
+    settings = _global_settings(values, problems)
     if problems:
         raise ConfigError(problems)
     warnings = list(_rotation_warnings(built))
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
-    return Config(path, tuple(rc for rc, _ in built), tuple(warnings))
+    return Config(path, tuple(rc for rc, _ in built), tuple(warnings), **settings)
+
+
+def _global_settings(values: Mapping[str, str | None], problems: list[str]) -> dict:
+    """IPFIX_BALANCER_<PARAM> keys: the same checks and messages as a receiver's keys."""
+    g = _Keys("BALANCER", 0, {p: (k, (values[k] or "").strip()) for k, p in _GLOBALS.items() if k in values},
+              problems)
+    metrics = g.endpoints("METRICS", "tcp")
+    if len(metrics) > 1:
+        g.fail("METRICS", "one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)")
+    return {"metrics": metrics[0] if metrics else None, "hang_seconds": g.integer("HANG_SECONDS", 15)}
 
 
 def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
     """Sort IPFIX_ keys by receiver: {(stream, index): {param: (key as written, value)}}."""
     receivers: dict[tuple[str, int], dict[str, tuple[str, str]]] = {}
     for key, value in values.items():
-        if key in _ENV_ONLY or not key.upper().startswith("IPFIX_"):
+        if key in _ENV_ONLY or key in _GLOBALS or not key.upper().startswith("IPFIX_"):
             continue
         value = (value or "").strip()  # a key without '=' reads as None: treat as empty
         m = _KEY_RE.fullmatch(key)
@@ -277,7 +293,7 @@ def _unknown_key(key: str, value: str) -> str:
     if base in _ALL_KEYS:
         hint = "the index must be a number, e.g. [0]"
     else:
-        close = difflib.get_close_matches(base.upper(), _ALL_KEYS, n=1)
+        close = difflib.get_close_matches(base.upper(), _ALL_KEYS + list(_GLOBALS), n=1)
         hint = f"did you mean {close[0]}{bracket}{rest}?" if close else f"PARAM is one of {', '.join(_PARAMS)}"
     return f"{key}={value!r}: unknown key; expected IPFIX_<{'|'.join(STREAMS)}>_<PARAM>[<i>] ({hint})"
 

@@ -66,6 +66,7 @@ def test_shipped_example_runs_on_any_host():
         ("FULLFLOW", 1500, Mode.ROUND_ROBIN, None), ("CLICKSTREAM", 1501, Mode.ROUND_ROBIN, None),
         ("DNSFLOW", 1101, Mode.ROUND_ROBIN, None)]
     assert all(e.host == "127.0.0.1" for r in cfg.receivers for e in r.forwarding.subreceivers)
+    assert cfg.metrics == Endpoint("127.0.0.1", 9464, "tcp")
 
 
 # --- defaults ------------------------------------------------------------------------------------------------
@@ -542,3 +543,19 @@ def test_auto_receivers_use_sub_proto_and_host_addresses(monkeypatch):
 def test_no_auto_receivers_unless_enabled_on_a_balancing_receiver():
     assert config.auto_receivers(auto_config(**{"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Disabled"})) == []
     assert config.auto_receivers(parse({"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}, cpus=range(4))) == []
+
+
+def test_global_keys_metrics_and_hang_seconds():
+    assert (config.parse({}).metrics, config.parse({}).hang_seconds) == (None, 15)
+    cfg = config.parse({"IPFIX_BALANCER_METRICS": "[::1]/9464", "IPFIX_BALANCER_HANG_SECONDS": "30"})
+    assert (cfg.metrics, cfg.hang_seconds) == (Endpoint("::1", 9464, "tcp"), 30)
+    assert config.parse({"IPFIX_BALANCER_METRICS": ""}).metrics is None
+    with pytest.raises(ConfigError) as err:
+        config.parse({"IPFIX_BALANCER_METRICS": "127.0.0.1/1,127.0.0.1/2", "IPFIX_BALANCER_HANG_SECONDS": "0",
+                      "IPFIX_BALANCER_METRIC": "127.0.0.1/9464"})
+    assert err.value.problems == [
+        "IPFIX_BALANCER_METRIC='127.0.0.1/9464': unknown key; expected IPFIX_<FULLFLOW|CLICKSTREAM|DNSFLOW>_<PARAM>[<i>]"
+        " (did you mean IPFIX_BALANCER_METRICS?)",
+        "IPFIX_BALANCER_METRICS='127.0.0.1/1,127.0.0.1/2': expected one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)",
+        "IPFIX_BALANCER_HANG_SECONDS='0': expected an integer >= 2 (seconds without a status heartbeat before a handler "
+        "is replaced)"]

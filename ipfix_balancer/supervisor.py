@@ -24,6 +24,10 @@ import time
 
 from .config import ConfigError, Config, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
 from .control import rundir
+from .control.health import Watch
+from .control.metrics import MetricsServer
+from .control.ports import listen_failure
+from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, set_process_name
 from .control.status import SupervisedHandler, SupervisorStatus, supervisor_pid
 
@@ -80,6 +84,11 @@ class Supervisor:
         self.children: dict[str, Child] = {}
         self.config: Config | None = None
         self.stopping = False
+        self.watch: Watch | None = None  # heartbeats, readiness, counters for metrics (control/health.py)
+        self.notify = Notifier()
+        self.ready_sent = False
+        self.metrics: MetricsServer | None = None
+        self.metrics_at = None  # the endpoint self.metrics was asked for
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -103,17 +112,27 @@ class Supervisor:
         with open(rundir.supervisor_pid_path(self.run_dir), "w") as f:
             f.write(f"{os.getpid()}\n")
         set_process_name(SUPERVISOR_NAME)
+        self.watch = Watch(self.run_dir, self.config.hang_seconds)
+        restarts = self.watch.load() if self.adopt else {}
         wake = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, ROTATED, signal.SIGUSR2, signal.SIGCHLD))
         for warning in self.config.warnings:
             self.log.warning("config_warning", problem=warning)
         self.log.info("supervisor_started", config=self.config_path, receivers=len(self.config.receivers))
         self._start_handlers(predecessors)
+        for name, n in restarts.items():  # restarts before a restart in place still count
+            if name in self.children:
+                self.children[name].restarts = n
+        self._serve_metrics()
         try:
             while not self.stopping:
                 select.select([wake.sock], [], [], 0.5)
                 self._handle_signals(wake.take())
                 self._reap()
+                self._watch_handlers()
         finally:
+            self.notify.send("STOPPING=1")
+            if self.metrics is not None:
+                self.metrics.close()
             code = self._shutdown()
             try:
                 os.unlink(rundir.supervisor_pid_path(self.run_dir))
@@ -127,7 +146,9 @@ class Supervisor:
                 self.log.info("supervisor_stopping", signal=signal.Signals(sig).name)
                 self.stopping = True
             elif sig == signal.SIGHUP:
+                self.notify.reloading()
                 self.reload()
+                self.notify.ready(self.watch.summary())
             elif sig == ROTATED:
                 self._sync_rotation()
             elif sig == signal.SIGUSR2:
@@ -145,6 +166,7 @@ class Supervisor:
         running = {name: {"pid": c.pid, "receiver": c.rc.to_json()}
                    for name, c in self.children.items() if c.pid is not None}
         rundir.write_json(rundir.adopt_path(self.run_dir), {"handlers": running, "retiring": sorted(self.retiring)})
+        self.watch.save({name: c.restarts for name, c in self.children.items()})
         self.log.info("supervisor_reexec", handlers=len(running))
         signal.set_wakeup_fd(-1)
         os.execv(sys.executable, [sys.executable, "-m", "ipfix_balancer", "run", "--config", self.config_path,
@@ -287,12 +309,53 @@ class Supervisor:
                             rundir.DRAIN_TIMEOUT + 5)
         for name in removed:
             self.children.pop(name, None)
+            self.watch.carry.forget(name)
         for name in replaced + added:
             self._spawn(Child(fresh[name]))
         self.config = new
+        self.watch.hang_seconds = new.hang_seconds
+        self._serve_metrics()
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
         return True
+
+    # -- liveness and metrics ------------------------------------------------------------------
+    def _watch_handlers(self) -> None:
+        """Replace hung handlers, tell systemd (READY=1 once all listen, STATUS=, WATCHDOG=1 while healthy)."""
+        now = time.monotonic()
+        hung = self.watch.turn(self.children.values(), now)
+        for child, silent in hung:
+            # SIGKILL: a stopped or hung process handles no SIGTERM; _reap restarts it with the usual backoff
+            self.log.error("handler_hung", handler=child.rc.name, handler_pid=child.pid, silent_s=round(silent, 1),
+                           reason=f"no status heartbeat for {silent:.0f}s (HANG_SECONDS={self.watch.hang_seconds}); "
+                                  "killed, to be restarted")
+            child.proc.kill()
+        summary = self.watch.summary()
+        if not self.ready_sent and self.watch.ready():
+            self.ready_sent = True
+            self.notify.ready(summary)
+        self.notify.status(summary)
+        if not hung:
+            self.notify.watchdog(now)
+
+    def _serve_metrics(self) -> None:
+        """(Re)start the metrics server when IPFIX_BALANCER_METRICS changed. A failure is logged, never
+        fatal: metrics must not be the reason traffic is not forwarded."""
+        want = self.config.metrics
+        if want == self.metrics_at:
+            return
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.metrics_at = want
+        if want is None:
+            return
+        try:
+            self.metrics = MetricsServer(want.host, want.port, want.family, lambda: self.watch.snapshot)
+        except OSError as exc:
+            self.log.error("metrics_failed", reason=listen_failure("tcp", want.host, want.port, exc))
+            return
+        self.log.info("metrics_serving", url=f"http://{str(want).rsplit('/', 1)[0].replace('/', ':')}/metrics")
 
     def _sync_rotation(self) -> None:
         """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""

@@ -17,6 +17,7 @@ DRAIN_TIMEOUT = 10.0  # seconds a handler flushes queues at stop and at session 
 _SUPERVISOR_PID = "supervisor.pid"
 _SUPERVISOR_STATUS = "supervisor.json"
 _SUPERVISOR_ADOPT = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
+_SUPERVISOR_CARRY = "supervisor.carry.json"  # counters and restarts a re-executed supervisor continues
 _HANDLER_PREFIX = "handler-"
 
 
@@ -35,6 +36,10 @@ def supervisor_status_path(run_dir: str) -> str:
 
 def adopt_path(run_dir: str) -> str:
     return os.path.join(run_dir, _SUPERVISOR_ADOPT)
+
+
+def supervisor_carry_path(run_dir: str) -> str:
+    return os.path.join(run_dir, _SUPERVISOR_CARRY)
 
 
 def _handler_stem(run_dir: str, stream: str, index: int) -> str:

@@ -1,12 +1,17 @@
 """Liveness as operators and systemd see it: a port held by another process, a hung (SIGSTOPped) handler,
 and the sd_notify messages the supervisor sends to systemd."""
 
+import contextlib
+import json
 import os
+import signal
 import socket
+import urllib.error
+import urllib.request
 
 import psutil
 
-from ipfixkit import TcpSink, free_port
+from ipfixkit import TcpSink, free_port, run_cli, wait_until
 
 
 def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_off(balancer):
@@ -33,3 +38,89 @@ def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_o
         bal.wait_status("fullflow[0]", lambda s: s["listen"]["listening"], timeout=30)
         assert "Traceback" not in bal.log_text()
         assert not [line for line in bal.logs() if line.get("event") == "handler_crashed"]
+
+
+def _get(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode()
+
+
+def test_a_stopped_handler_turns_stale_then_is_replaced_and_logged(balancer):
+    port, metrics = free_port(), free_port()
+    with TcpSink() as sink:
+        bal = balancer(f"""
+            IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}
+            IPFIX_BALANCER_HANG_SECONDS=8
+            IPFIX_FULLFLOW_PORT[0]={port}
+            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
+            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
+            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
+            """)
+        bal.wait_ready()
+        healthz = f"http://127.0.0.1:{metrics}/healthz"
+        wait_until(lambda: _get(healthz)[0] == 200, "healthz 200", bal)
+        hung = bal.handler_pid("fullflow[0]")
+        os.kill(hung, signal.SIGSTOP)
+        try:
+            def stale():
+                doc = json.loads(run_cli("status", "--json", "--run-dir", str(bal.run_dir)).stdout)
+                return doc["handlers"][0]["stale"] and doc
+            doc = wait_until(stale, "status --json: stale", bal, timeout=8)
+            assert doc["handlers"][0]["pid"] == hung and doc["handlers"][0]["alive"] is True
+            assert "STALE: no status for" in run_cli("status", "--run-dir", str(bal.run_dir)).stdout
+            code, text = _get(healthz)
+            assert code == 503 and f"fullflow[0] pid {hung} STALE" in text
+            line = bal.wait_log("handler_hung", timeout=20)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(hung, signal.SIGCONT)
+        assert line["handler_pid"] == hung and line["silent_s"] > 8
+        assert line["reason"].startswith("no status heartbeat for") and "HANG_SECONDS=8" in line["reason"]
+        new = bal.wait_status("fullflow[0]", lambda s: s["pid"] != hung and s["listen"]["listening"], timeout=20)
+        assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
+        wait_until(lambda: _get(healthz)[0] == 200, "healthz 200 again", bal)
+        assert bal.supervisor()["handlers"][0] == {"name": "fullflow[0]", "stream": "FULLFLOW", "index": 0,
+                                                   "pid": new["pid"], "restarts": 1}
+
+
+def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, tmp_path):
+    port = free_port()
+    path = str(tmp_path / "notify")
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    systemd.bind(path)
+    systemd.settimeout(10)
+    got: list[str] = []
+
+    def receive(until) -> str:
+        """Datagrams until one has a line for which until(line); returns that line."""
+        while True:
+            msg = systemd.recv(4096).decode()
+            got.append(msg)
+            for line in msg.split("\n"):
+                if until(line):
+                    return line
+
+    with TcpSink() as sink, systemd:
+        bal = balancer(f"""
+            IPFIX_FULLFLOW_PORT[0]={port}
+            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
+            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
+            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
+            IPFIX_CLICKSTREAM_PORT[0]={free_port()}
+            IPFIX_CLICKSTREAM_BIND[0]=127.0.0.1
+            """, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+        receive(lambda line: line == "READY=1")
+        assert bal._not_ready() is None          # READY=1 only once every handler listens
+        assert got[-1].split("\n")[1].startswith("STATUS=2/2 handlers healthy, 0 restarts;")
+        for _ in range(3):                        # every 1 s: half of WATCHDOG_USEC
+            receive(lambda line: line == "WATCHDOG=1")
+        bal.reload()
+        assert receive(lambda line: line.startswith("RELOADING=1") or line == "READY=1") == "RELOADING=1"
+        receive(lambda line: line == "READY=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for msg in got for line in msg.split("\n"))
+        bal.send_signal(signal.SIGTERM)
+        receive(lambda line: line == "STOPPING=1")
+        assert bal.wait_exit() == 0

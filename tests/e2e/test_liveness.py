@@ -11,7 +11,7 @@ import urllib.request
 
 import psutil
 
-from ipfixkit import TcpSink, free_port, run_cli, wait_until
+from ipfixkit import REPO_ROOT, TcpSink, free_port, run_cli, wait_until
 
 
 def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_off(balancer):
@@ -124,3 +124,8 @@ def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, tmp_path)
         bal.send_signal(signal.SIGTERM)
         receive(lambda line: line == "STOPPING=1")
         assert bal.wait_exit() == 0
+
+
+def test_the_unit_is_type_notify_with_a_watchdog():
+    unit = (REPO_ROOT / "etc" / "systemd" / "fast_ipfix_balancer.service").read_text().splitlines()
+    assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=60"} <= set(unit)

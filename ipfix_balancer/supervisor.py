@@ -355,7 +355,8 @@ class Supervisor:
         except OSError as exc:
             self.log.error("metrics_failed", reason=listen_failure("tcp", want.host, want.port, exc))
             return
-        self.log.info("metrics_serving", url=f"http://{str(want).rsplit('/', 1)[0].replace('/', ':')}/metrics")
+        host = f"[{want.host}]" if ":" in want.host else want.host
+        self.log.info("metrics_serving", url=f"http://{host}:{want.port}/metrics")
 
     def _sync_rotation(self) -> None:
         """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""

@@ -52,7 +52,7 @@ class CounterCarry:
         c = self.handlers.get(name)
         if c is None:
             return {}
-        return {k: c.offset.get(k, 0) + c.last.get(k, 0) for k in c.offset.keys() | c.last.keys()}
+        return {k: c.offset.get(k, 0) + c.last.get(k, 0) for k in sorted(c.offset.keys() | c.last.keys())}
 
     def forget(self, name: str) -> None:
         self.handlers.pop(name, None)

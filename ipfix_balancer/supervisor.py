@@ -34,6 +34,7 @@ from .control.status import SupervisedHandler, SupervisorStatus, supervisor_pid
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
+READY_DEADLINE = 30.0  # READY=1 at the latest this long after the start (systemd's start timeout is 90 s)
 
 
 def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
@@ -87,6 +88,7 @@ class Supervisor:
         self.watch: Watch | None = None  # heartbeats, readiness, counters for metrics (control/health.py)
         self.notify = Notifier()
         self.ready_sent = False
+        self.started_at = time.monotonic()
         self.metrics: MetricsServer | None = None
         self.metrics_at = None  # the endpoint self.metrics was asked for
 
@@ -331,7 +333,12 @@ class Supervisor:
                                   "killed, to be restarted")
             child.proc.kill()
         summary = self.watch.summary()
-        if not self.ready_sent and self.watch.ready():
+        waiting = self.watch.not_listening()
+        if not self.ready_sent and (not waiting or now - self.started_at > READY_DEADLINE):
+            # One receiver that cannot listen (port in use) must not fail the start of the others: after the
+            # deadline systemd gets READY=1 anyway, and the operator the names.
+            if waiting:
+                self.log.error("not_all_listening", handlers=waiting, after_s=READY_DEADLINE)
             self.ready_sent = True
             self.notify.ready(summary)
         self.notify.status(summary)

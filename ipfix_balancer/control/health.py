@@ -104,9 +104,9 @@ class Watch:
         self.snapshot = Snapshot(wall, self.hang_seconds, tuple(views))
         return hung
 
-    def ready(self) -> bool:
-        """Every handler's current process has written a document and listens."""
-        return all(h.doc is not None and h.doc.listen.listening for h in self.snapshot.handlers)
+    def not_listening(self) -> list[str]:
+        """The handlers whose current process has not yet written a document saying it listens."""
+        return [h.name for h in self.snapshot.handlers if h.doc is None or not h.doc.listen.listening]
 
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
@@ -114,8 +114,9 @@ class Watch:
         fresh = sum(1 for h in views if h.fresh(self.snapshot.taken))
         msgs = sum(h.doc.msgs_in for h in views if h.doc is not None)
         drops = sum(h.doc.drops for h in views if h.doc is not None)
+        waiting = self.not_listening()
         return (f"{fresh}/{len(views)} handlers healthy, {sum(h.restarts for h in views)} restarts; "
-                f"{msgs} messages in, {drops} dropped")
+                f"{msgs} messages in, {drops} dropped" + ("; not listening: " + ", ".join(waiting) if waiting else ""))
 
     def _document(self, stream: str, index: int) -> HandlerStatus | None:
         doc = rundir.read_json(rundir.handler_status_path(self.run_dir, stream, index))

@@ -10,11 +10,42 @@ import urllib.error
 import urllib.request
 
 import psutil
+import pytest
 
 from ipfixkit import REPO_ROOT, TcpSink, free_port, run_cli, wait_until
 
 
-def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_off(balancer):
+class FakeSystemd:
+    """A unix datagram socket standing in for systemd's notify socket; keeps every message it got."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(path)
+        self.sock.settimeout(20)
+        self.got: list[str] = []
+
+    def receive(self, until) -> str:
+        """Messages until one has a line for which until(line); returns that line."""
+        while True:
+            msg = self.sock.recv(4096).decode()
+            self.got.append(msg)
+            for line in msg.split("\n"):
+                if until(line):
+                    return line
+
+    def lines(self) -> list[str]:
+        return [line for msg in self.got for line in msg.split("\n")]
+
+
+@pytest.fixture
+def systemd(tmp_path):
+    fake = FakeSystemd(str(tmp_path / "notify"))
+    with fake.sock:
+        yield fake
+
+
+def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_off(balancer, systemd):
     port = free_port()
     holder = socket.socket()
     holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -26,7 +57,7 @@ def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_o
             IPFIX_FULLFLOW_BIND[0]=127.0.0.1
             IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
             IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
-            """)
+            """, env={"NOTIFY_SOCKET": systemd.path})
         failed = bal.wait_log("listen_failed", timeout=20)
         assert failed["reason"] == (f"cannot listen on tcp 127.0.0.1:{port}: address already in use by "
                                     f"pid {os.getpid()} ({psutil.Process().name()})")
@@ -34,7 +65,10 @@ def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_o
                 for n in (0, 1)]
         assert [d["exit_code"] for d in died] == [75, 75]
         assert [d["restart_in"] for d in died] == [1.0, 2.0]   # backoff, not a tight loop
+        systemd.receive(lambda line: line.startswith("STATUS=") and line.endswith("; not listening: fullflow[0]"))
+        assert "READY=1" not in systemd.lines()     # not before every handler listens
         holder.close()
+        systemd.receive(lambda line: line == "READY=1")
         bal.wait_status("fullflow[0]", lambda s: s["listen"]["listening"], timeout=30)
         assert "Traceback" not in bal.log_text()
         assert not [line for line in bal.logs() if line.get("event") == "handler_crashed"]
@@ -86,24 +120,10 @@ def test_a_stopped_handler_turns_stale_then_is_replaced_and_logged(balancer):
                                                    "pid": new["pid"], "restarts": 1}
 
 
-def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, tmp_path):
+def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, systemd):
     port = free_port()
-    path = str(tmp_path / "notify")
-    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    systemd.bind(path)
-    systemd.settimeout(10)
-    got: list[str] = []
-
-    def receive(until) -> str:
-        """Datagrams until one has a line for which until(line); returns that line."""
-        while True:
-            msg = systemd.recv(4096).decode()
-            got.append(msg)
-            for line in msg.split("\n"):
-                if until(line):
-                    return line
-
-    with TcpSink() as sink, systemd:
+    receive = systemd.receive
+    with TcpSink() as sink:
         bal = balancer(f"""
             IPFIX_FULLFLOW_PORT[0]={port}
             IPFIX_FULLFLOW_BIND[0]=127.0.0.1
@@ -111,16 +131,16 @@ def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, tmp_path)
             IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
             IPFIX_CLICKSTREAM_PORT[0]={free_port()}
             IPFIX_CLICKSTREAM_BIND[0]=127.0.0.1
-            """, env={"NOTIFY_SOCKET": path, "WATCHDOG_USEC": "2000000"})
+            """, env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "2000000"})
         receive(lambda line: line == "READY=1")
         assert bal._not_ready() is None          # READY=1 only once every handler listens
-        assert got[-1].split("\n")[1].startswith("STATUS=2/2 handlers healthy, 0 restarts;")
+        assert systemd.got[-1].split("\n")[1].startswith("STATUS=2/2 handlers healthy, 0 restarts;")
         for _ in range(3):                        # every 1 s: half of WATCHDOG_USEC
             receive(lambda line: line == "WATCHDOG=1")
         bal.reload()
         assert receive(lambda line: line.startswith("RELOADING=1") or line == "READY=1") == "RELOADING=1"
         receive(lambda line: line == "READY=1")
-        assert any(line.startswith("MONOTONIC_USEC=") for msg in got for line in msg.split("\n"))
+        assert any(line.startswith("MONOTONIC_USEC=") for line in systemd.lines())
         bal.send_signal(signal.SIGTERM)
         receive(lambda line: line == "STOPPING=1")
         assert bal.wait_exit() == 0

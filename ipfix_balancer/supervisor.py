@@ -9,6 +9,10 @@ SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart
 re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket
 and the exporter connections over from its predecessor (``handover.py``).
 
+Each turn of its loop it also reads the handlers' status documents (``control.health``): a handler whose
+heartbeat stopped is replaced, systemd hears READY/STATUS/WATCHDOG (``control.sdnotify``), and the metrics
+thread (``control.metrics``) serves what was read.
+
 It imports only ``control`` (the run-directory contract) and ``config``: never data-plane code.
 """
 

@@ -48,6 +48,10 @@ def test_metrics_match_what_the_exporter_sent_and_never_go_backwards(balancer):
             assert m["ipfix_balancer_queue_bytes", sub[s]] == 0
         assert m["ipfix_balancer_handler_restarts_total", ff] == 0 and m["ipfix_balancer_handler_up", ff] == 1
         assert m["ipfix_balancer_exporter_sessions", ff] == 0
+        tcp_send(port, [b"\x00\x09\x00\x10" + bytes(12)])   # NetFlow v9, not IPFIX: counted, session closed
+        malformed = ("ipfix_balancer_malformed_total", tuple(sorted(ff + (("reason", "bad_version"),))))
+        m = wait_until(lambda: (s := scrape(metrics)).get(malformed) == 1 and s, "malformed by reason", bal)
+        assert m[received] == len(first)
         with urllib.request.urlopen(f"http://127.0.0.1:{metrics}/healthz", timeout=10) as r:
             assert r.status == 200 and r.read() == f"fullflow[0] pid {bal.handler_pid('fullflow[0]')} ok\n".encode()
 

@@ -12,7 +12,7 @@ import urllib.request
 import psutil
 import pytest
 
-from ipfixkit import REPO_ROOT, TcpSink, free_port, run_cli, wait_until
+from ipfixkit import REPO_ROOT, TcpSink, forwarding_env, free_port, run_cli, wait_until
 
 
 class FakeSystemd:
@@ -52,12 +52,7 @@ def test_port_in_use_is_one_plain_line_naming_the_holder_and_the_handler_backs_o
     holder.bind(("127.0.0.1", port))
     holder.listen()
     with TcpSink() as sink:
-        bal = balancer(f"""
-            IPFIX_FULLFLOW_PORT[0]={port}
-            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
-            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
-            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
-            """, env={"NOTIFY_SOCKET": systemd.path})
+        bal = balancer(forwarding_env(port, [sink]), env={"NOTIFY_SOCKET": systemd.path})
         failed = bal.wait_log("listen_failed", timeout=20)
         assert failed["reason"] == (f"cannot listen on tcp 127.0.0.1:{port}: address already in use by "
                                     f"pid {os.getpid()} ({psutil.Process().name()})")
@@ -85,14 +80,8 @@ def _get(url: str) -> tuple[int, str]:
 def test_a_stopped_handler_turns_stale_then_is_replaced_and_logged(balancer):
     port, metrics = free_port(), free_port()
     with TcpSink() as sink:
-        bal = balancer(f"""
-            IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}
-            IPFIX_BALANCER_HANG_SECONDS=8
-            IPFIX_FULLFLOW_PORT[0]={port}
-            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
-            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
-            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
-            """)
+        bal = balancer(forwarding_env(port, [sink], extra=f"IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}\n"
+                                                          "IPFIX_BALANCER_HANG_SECONDS=8\n"))
         bal.wait_ready()
         healthz = f"http://127.0.0.1:{metrics}/healthz"
         wait_until(lambda: _get(healthz)[0] == 200, "healthz 200", bal)
@@ -124,14 +113,9 @@ def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, systemd):
     port = free_port()
     receive = systemd.receive
     with TcpSink() as sink:
-        bal = balancer(f"""
-            IPFIX_FULLFLOW_PORT[0]={port}
-            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
-            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
-            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}
-            IPFIX_CLICKSTREAM_PORT[0]={free_port()}
-            IPFIX_CLICKSTREAM_BIND[0]=127.0.0.1
-            """, env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "2000000"})
+        bal = balancer(forwarding_env(port, [sink], extra=f"IPFIX_CLICKSTREAM_PORT[0]={free_port()}\n"
+                                                          "IPFIX_CLICKSTREAM_BIND[0]=127.0.0.1\n"),
+                       env={"NOTIFY_SOCKET": systemd.path, "WATCHDOG_USEC": "2000000"})
         receive(lambda line: line == "READY=1")
         assert bal._not_ready() is None          # READY=1 only once every handler listens
         assert systemd.got[-1].split("\n")[1].startswith("STATUS=2/2 handlers healthy, 0 restarts;")

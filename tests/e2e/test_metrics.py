@@ -7,7 +7,7 @@ import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from ipfixkit import TcpSink, free_port, make_stream, run_cli, tcp_send, wait_until
+from ipfixkit import TcpSink, forwarding_env, free_port, make_stream, run_cli, tcp_send, wait_until
 
 
 def scrape(port: int) -> dict[tuple, float]:
@@ -21,13 +21,7 @@ def scrape(port: int) -> dict[tuple, float]:
 def test_metrics_match_what_the_exporter_sent_and_never_go_backwards(balancer):
     port, metrics = free_port(), free_port()
     with TcpSink() as a, TcpSink() as b:
-        bal = balancer(f"""
-            IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}
-            IPFIX_FULLFLOW_PORT[0]={port}
-            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
-            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
-            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{a.port},127.0.0.1/{b.port}
-            """)
+        bal = balancer(forwarding_env(port, [a, b], extra=f"IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}\n"))
         bal.wait_ready()
         ff = (("receiver", "0"), ("stream", "fullflow"))
         sub = {s: ff + (("subreceiver", f"127.0.0.1/{s.port}/tcp"),) for s in (a, b)}

@@ -3,18 +3,13 @@
 import json
 import threading
 
-from ipfixkit import TcpExporter, TcpSink, free_port, make_stream, run_cli, wait_until
+from ipfixkit import TcpExporter, TcpSink, forwarding_env, free_port, make_stream, run_cli, wait_until
 
 
 def test_status_shows_cpu_and_rates_of_a_busy_handler(balancer):
     port = free_port()
     with TcpSink() as a, TcpSink() as b:
-        bal = balancer(f"""
-            IPFIX_FULLFLOW_PORT[0]={port}
-            IPFIX_FULLFLOW_BIND[0]=127.0.0.1
-            IPFIX_FULLFLOW_BALANCER[0]=RoundRobin
-            IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{a.port},127.0.0.1/{b.port}
-            """)
+        bal = balancer(forwarding_env(port, [a, b]))
         bal.wait_ready()
         batch = make_stream(2000, target_size=1400)[1:]
         stop, sent = threading.Event(), []

@@ -128,6 +128,8 @@ class Supervisor:
         for name, n in restarts.items():  # restarts before a restart in place still count
             if name in self.children:
                 self.children[name].restarts = n
+        if restarts:
+            self._write_status()
         self._serve_metrics()
         try:
             while not self.stopping:

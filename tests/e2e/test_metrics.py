@@ -67,6 +67,6 @@ def test_metrics_match_what_the_exporter_sent_and_never_go_backwards(balancer):
         third = make_stream(5, target_size=200)
         tcp_send(port, third)
         m = wait_until(lambda: (s := scrape(metrics)).get(received) == total + len(third) and s, "after restart", bal)
-        assert m["ipfix_balancer_handler_restarts_total", ff] == 1
+        assert m["ipfix_balancer_handler_restarts_total", ff] == 1 == bal.supervisor()["handlers"][0]["restarts"]
         assert m["ipfix_balancer_messages_sent_total", sub[a]] + m["ipfix_balancer_messages_sent_total", sub[b]] \
             >= total + len(third)

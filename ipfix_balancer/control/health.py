@@ -16,7 +16,7 @@ import time
 
 from . import rundir
 from .metrics import HandlerView, Sample, Snapshot, counter_samples
-from .status import HandlerStatus
+from .status import read_handler_document
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ class Watch:
         for child in children:
             rc, doc = child.rc, None
             if child.pid is not None:
-                doc = self._document(rc.stream, rc.index)
+                doc = read_handler_document(rundir.handler_status_path(self.run_dir, rc.stream, rc.index))
                 doc = doc if doc is not None and doc.pid == child.pid else None
                 silent = wall - doc.time if doc is not None else now - child.started
                 if silent > self.hang_seconds:
@@ -117,13 +117,6 @@ class Watch:
         waiting = self.not_listening()
         return (f"{fresh}/{len(views)} handlers healthy, {sum(h.restarts for h in views)} restarts; "
                 f"{msgs} messages in, {drops} dropped" + ("; not listening: " + ", ".join(waiting) if waiting else ""))
-
-    def _document(self, stream: str, index: int) -> HandlerStatus | None:
-        doc = rundir.read_json(rundir.handler_status_path(self.run_dir, stream, index))
-        try:
-            return None if doc is None else HandlerStatus.from_dict(doc)
-        except (TypeError, KeyError, AttributeError):
-            return None
 
     def save(self, restarts: dict[str, int]) -> None:
         rundir.write_json(rundir.supervisor_carry_path(self.run_dir),

@@ -248,15 +248,17 @@ def collect(run_dir: str) -> StatusReport:
                         run_dir=run_dir, handlers=handlers)
 
 
+def read_handler_document(path: str) -> HandlerStatus | None:
+    """The handler document at path; None when missing, empty or not a handler document."""
+    try:
+        return HandlerStatus.from_dict(rundir.read_json(path) or {})
+    except (TypeError, KeyError, AttributeError):
+        return None
+
+
 def read_handler_documents(run_dir: str) -> list[HandlerStatus]:
     """Every handler's latest document, sorted by file name; unreadable ones are left out."""
-    docs = []
-    for path in rundir.handler_status_paths(run_dir):
-        try:
-            docs.append(HandlerStatus.from_dict(rundir.read_json(path) or {}))
-        except (TypeError, KeyError, AttributeError):  # empty, or not a handler document
-            continue
-    return docs
+    return [doc for path in rundir.handler_status_paths(run_dir) if (doc := read_handler_document(path)) is not None]
 
 
 def is_stale(doc: HandlerStatus, now: float) -> bool:

@@ -29,7 +29,7 @@ _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
-           "SPOOL_BYTES")
+           "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]+)\])?")
@@ -50,6 +50,9 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "TEMPLATE_REFRESH": (1, None, "an integer >= 1 (seconds)"),
     "BALANCER_TASKSET": (0, None, "a CPU number >= 0"),
     "SPOOL_BYTES": (0, None, "an integer >= 0 (bytes of completed dump files kept; 0 = no limit)"),
+    "TEMPLATES_MAX": (1, 65280, "an integer 1..65280 (templates per exporter session and ODID)"),
+    "ODIDS_MAX": (1, None, "an integer >= 1 (ODIDs with templates per exporter session)"),
+    "TEMPLATE_BYTES_MAX": (65536, None, "an integer >= 65536 (bytes of templates per exporter session)"),
 }
 
 
@@ -118,6 +121,14 @@ class Recording:
 
 
 @dataclasses.dataclass(frozen=True)
+class TemplateLimits:
+    """Template state one exporter session may hold (README "Hostile input"); applies in place on reload."""
+    templates_max: int = 4096               # per (session, ODID)
+    odids_max: int = 256                    # ODIDs with templates, per session
+    template_bytes_max: int = 1024 * 1024   # record bytes + 64 per template, per session
+
+
+@dataclasses.dataclass(frozen=True)
 class ReceiverConfig:
     """Everything one handler process needs; see the configuration reference for each field's key."""
     stream: str
@@ -126,6 +137,7 @@ class ReceiverConfig:
     forwarding: Forwarding
     recording: Recording
     taskset: int | None
+    template_limits: TemplateLimits = TemplateLimits()
 
     @property
     def name(self) -> str:
@@ -155,7 +167,8 @@ class ReceiverConfig:
             forwarding=Forwarding(**{**forwarding, "mode": Mode(forwarding["mode"]),
                                      "subreceivers": _endpoints(forwarding["subreceivers"])}),
             recording=Recording(**{**recording,
-                                   "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}))
+                                   "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}),
+            template_limits=TemplateLimits(**data.get("template_limits", {})))
 
 
 def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
@@ -402,13 +415,17 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     template_refresh = r.integer("TEMPLATE_REFRESH", 60)
     balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
     spool_bytes = r.integer("SPOOL_BYTES", 0)
+    limits = TemplateLimits(r.integer("TEMPLATES_MAX", TemplateLimits.templates_max),
+                            r.integer("ODIDS_MAX", TemplateLimits.odids_max),
+                            r.integer("TEMPLATE_BYTES_MAX", TemplateLimits.template_bytes_max))
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
                               template_refresh=template_refresh, balancer_auto=balancer_auto),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
-                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes))
+                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes),
+        template_limits=limits)
     return receiver, r
 
 

@@ -20,6 +20,7 @@ from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
 from .core.framing import FramingError
 from .core.sendqueue import SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
+from .core.templates import TemplateLimit
 from .net import handover
 from .net.connection import OutputConnection
 from .net.listener import TcpListener, UdpListener, bind
@@ -91,10 +92,11 @@ class Handler:
     def _forwarding(self) -> Forwarding:
         fw = self.rc.forwarding
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
-        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder)
+        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder, self.rc.template_limits)
 
     def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
-        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
+        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates,
+                                  self._session_refused)
         session.configure(self._forwarding())
         self.sessions.add(session)
         self.connections_total += 1
@@ -114,11 +116,21 @@ class Handler:
     def connections(self) -> int:
         return sum(1 for s in self.sessions if s.state is Lifecycle.OPEN)
 
-    def count_malformed(self, error: FramingError, peer: str) -> None:
+    def count_malformed(self, error: FramingError, peer: str, event: str = "malformed_ipfix", action: str = "",
+                        log: bool = True) -> None:
         self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
-        self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
-                         action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
-                         malformed_total=sum(self.malformed.values()))
+        if log:
+            self.log.warning(event, peer=peer, reason=error.reason, detail=error.detail,
+                             action=action or ("session closed" if self.rc.listen.port_type == "tcp"
+                                               else "datagram dropped"),
+                             malformed_total=sum(self.malformed.values()))
+
+    def _session_refused(self, session: ExporterSession, error: FramingError, first: bool) -> None:
+        """A message of ``session`` was refused: counted each time, logged once per session and reason."""
+        if isinstance(error, TemplateLimit):
+            self.count_malformed(error, session.peer, "template_limit", log=first)
+        else:
+            self.count_malformed(error, session.peer, action="message dropped, session continues", log=first)
 
     # -- handover (restart without dropping exporters) ------------------------------------------
     def _adopt(self, state: dict, fds: list[int]) -> None:

@@ -483,9 +483,28 @@ def test_recording_settings_change_only_with_recording_keys():
         assert receiver({**BASE, f"IPFIX_FULLFLOW_{key}[0]": value}).recording != old.recording, key
 
 
+def test_template_limits_keys_defaults_and_bounds():
+    from ipfix_balancer.config import TemplateLimits
+    assert receiver(BASE).template_limits == TemplateLimits(4096, 256, 1024 * 1024)
+    limits = receiver({**BASE, "IPFIX_FULLFLOW_TEMPLATES_MAX[0]": "10", "IPFIX_FULLFLOW_ODIDS_MAX[0]": "2",
+                       "IPFIX_FULLFLOW_TEMPLATE_BYTES_MAX[0]": "70000"}).template_limits
+    assert limits == TemplateLimits(10, 2, 70000)
+    assert ReceiverConfig.from_json(receiver({**BASE, "IPFIX_FULLFLOW_ODIDS_MAX[0]": "2"}).to_json()
+                                    ).template_limits.odids_max == 2
+    with pytest.raises(ConfigError) as info:
+        parse({**BASE, "IPFIX_FULLFLOW_TEMPLATES_MAX[0]": "65281", "IPFIX_FULLFLOW_ODIDS_MAX[0]": "0",
+               "IPFIX_FULLFLOW_TEMPLATE_BYTES_MAX[0]": "100"}, cpus=range(4))
+    assert info.value.problems == [
+        "IPFIX_FULLFLOW_TEMPLATES_MAX[0]='65281': expected an integer 1..65280 (templates per exporter session and "
+        "ODID)",
+        "IPFIX_FULLFLOW_ODIDS_MAX[0]='0': expected an integer >= 1 (ODIDs with templates per exporter session)",
+        "IPFIX_FULLFLOW_TEMPLATE_BYTES_MAX[0]='100': expected an integer >= 65536 (bytes of templates per exporter "
+        "session)"]
+
+
 def test_json_is_nested_by_settings_group():
     doc = json.loads(receiver(BASE).to_json())
-    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording"}
+    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording", "template_limits"}
     assert doc["listen"] == {"port_type": "tcp", "bind": "0.0.0.0", "port": 1500}
     assert doc["forwarding"]["mode"] == "RoundRobin" and doc["recording"]["max_flows_per_file"] == 0
 

@@ -116,21 +116,25 @@ class Handler:
     def connections(self) -> int:
         return sum(1 for s in self.sessions if s.state is Lifecycle.OPEN)
 
-    def count_malformed(self, error: FramingError, peer: str, event: str = "malformed_ipfix", action: str = "",
-                        log: bool = True) -> None:
+    def count_malformed(self, error: FramingError, peer: str) -> None:
         self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
-        if log:
-            self.log.warning(event, peer=peer, reason=error.reason, detail=error.detail,
-                             action=action or ("session closed" if self.rc.listen.port_type == "tcp"
-                                               else "datagram dropped"),
-                             malformed_total=sum(self.malformed.values()))
+        self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
+                         action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
+                         malformed_total=sum(self.malformed.values()))
 
     def _session_refused(self, session: ExporterSession, error: FramingError, first: bool) -> None:
-        """A message of ``session`` was refused: counted each time, logged once per session and reason."""
+        """A message of ``session`` was refused: counted each time, logged once per session and reason (a
+        session repeating itself must not flood the log)."""
+        self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
+        if not first:
+            return
         if isinstance(error, TemplateLimit):
-            self.count_malformed(error, session.peer, "template_limit", log=first)
+            event, action = "template_limit", ("session closed" if self.rc.listen.port_type == "tcp"
+                                               else "datagram dropped")
         else:
-            self.count_malformed(error, session.peer, action="message dropped, session continues", log=first)
+            event, action = "malformed_ipfix", "message dropped, session continues"
+        self.log.warning(event, peer=session.peer, reason=error.reason, detail=error.detail, action=action,
+                         malformed_total=sum(self.malformed.values()), logged="once per session and reason")
 
     # -- handover (restart without dropping exporters) ------------------------------------------
     def _adopt(self, state: dict, fds: list[int]) -> None:

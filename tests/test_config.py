@@ -307,7 +307,7 @@ def test_taskset_defaults_to_this_hosts_cpus(monkeypatch):
     ("ROTATE_MINUTES", "-1", "an integer >= 0 (minutes)"),
     ("ROTATE_DELAY_SECONDS", "-5", "an integer >= 0 (seconds; 0 = use ROTATE_MINUTES)"),
     ("FW_MAX_QUEUE_SIZE", "-1", "an integer >= 0 (flows; 0 = off)"),
-    ("DPI_ID", "-2", "an integer >= -1 (-1 = the receiver's position in its stream)"),
+    ("DPI_ID", "-2", "an integer -1..4294967295 (-1 = the receiver's position in its stream)"),
     ("QUEUE_BYTES", "65535", "an integer >= 65536 (bytes)"),
     ("TEMPLATE_REFRESH", "0", "an integer >= 1 (seconds)"),
 ])
@@ -561,3 +561,86 @@ def test_auto_receivers_use_sub_proto_and_host_addresses(monkeypatch):
 def test_no_auto_receivers_unless_enabled_on_a_balancing_receiver():
     assert config.auto_receivers(auto_config(**{"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Disabled"})) == []
     assert config.auto_receivers(parse({"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}, cpus=range(4))) == []
+
+
+# --- hostile and odd files (issue 11 item 9) ---------------------------------------------------------------
+
+def test_a_number_of_5000_digits_is_a_problem_quoted_short(tmp_path):
+    path = tmp_path / "big.env"
+    path.write_text(f"IPFIX_FULLFLOW_QUEUE_BYTES[0]={'9' * 5000}\nIPFIX_FULLFLOW_PORT[{'1' * 5000}]=1\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    index, queue = err.value.problems
+    assert queue == (f"IPFIX_FULLFLOW_QUEUE_BYTES[0]={'9' * 100!r}... (5000 characters): 5000 digits; expected an "
+                     "integer >= 65536 (bytes)")
+    assert index.startswith(f"IPFIX_FULLFLOW_PORT[{'1' * 80}... (5021 characters)='1': unknown key;")
+    assert "the index must be a number of at most 9 digits" in index
+    assert max(len(p) for p in err.value.problems) < 400
+
+
+def test_any_exception_while_checking_is_a_config_error(tmp_path, monkeypatch):
+    def boom(*_args):
+        raise RecursionError("deep")
+    monkeypatch.setattr(config, "parse", boom)
+    path = tmp_path / "x.env"
+    path.write_text("IPFIX_FULLFLOW_PORT[0]=1500\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    assert err.value.problems == [f"{path}: cannot check the configuration (RecursionError: 'deep'); expected a "
+                                  "valid .env file"]
+
+
+def test_a_line_without_equals_is_refused_and_dotenv_stays_silent(tmp_path, capfd, caplog):
+    path = tmp_path / "x.env"
+    path.write_text("IPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_BALANCER\nOTHER\n'unterminated=\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    assert err.value.problems == [f"{path}:{n}: {text!r}: cannot parse this line; expected KEY=value"
+                                  for n, text in ((2, "IPFIX_FULLFLOW_BALANCER"), (3, "OTHER"),
+                                                  (4, "'unterminated="))]
+    out, errout = capfd.readouterr()
+    assert (out, errout, caplog.records) == ("", "", [])  # python-dotenv's own warnings never show
+
+
+def test_subreceiver_as_ipv4_mapped_ipv6_own_socket_would_loop():
+    assert "would loop" in one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BIND[0]": "127.0.0.1",
+                                        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::ffff:127.0.0.1]/1500"})
+    assert "would loop" in one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All",
+                                        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::ffff:127.0.0.1]/1500"})
+
+
+def test_receivers_forwarding_to_each_other_in_a_circle():
+    values = {"IPFIX_FULLFLOW_BIND[0]": "127.0.0.1", "IPFIX_FULLFLOW_BALANCER[0]": "All",
+              "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600",
+              "IPFIX_FULLFLOW_PORT[1]": "1600", "IPFIX_FULLFLOW_BIND[1]": "127.0.0.1",
+              "IPFIX_FULLFLOW_BALANCER[1]": "RoundRobin", "IPFIX_FULLFLOW_BALANCER_SUB[1]": "10.0.0.9/1,127.0.0.1/1500"}
+    assert one_problem(values) == (
+        "IPFIX_FULLFLOW_BALANCER_SUB[0]='127.0.0.1/1600': the receivers forward to each other in a circle "
+        "(fullflow[0] -> fullflow[1] -> fullflow[0]); expected subreceivers that do not lead back to this receiver")
+    # a chain is fine: fullflow[1] records what fullflow[0] forwards
+    parse({**values, "IPFIX_FULLFLOW_BALANCER[1]": "Disabled", "IPFIX_FULLFLOW_BALANCER_SUB[1]": ""}, cpus=CPUS)
+
+
+def test_broadcast_subreceivers_and_export_targets_are_refused(monkeypatch):
+    import ipaddress
+    monkeypatch.setattr(config, "local_broadcasts", lambda: {ipaddress.ip_address("192.0.2.255")})
+    for key, item in (("BALANCER_SUB", "255.255.255.255/9995"), ("BALANCER_SUB", "192.0.2.255/9995"),
+                      ("DUMP_INSERT_PROCESSES", "192.0.2.255/9995/udp")):
+        msg = one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", f"IPFIX_FULLFLOW_{key}[0]": item,
+                           **({} if key == "BALANCER_SUB" else {"IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/1"})})
+        assert "is a broadcast address" in msg and item.split("/")[0] in msg
+    receiver({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "192.0.3.255/9995"})
+
+
+def test_values_that_could_only_fail_at_run_time(tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert one_problem({"IPFIX_FULLFLOW_DPI_ID[0]": "1" * 300}).endswith(
+        "300 digits; expected an integer -1..4294967295 (-1 = the receiver's position in its stream)")
+    assert one_problem({"IPFIX_FULLFLOW_DPI_ID[0]": "4294967296"}).startswith("IPFIX_FULLFLOW_DPI_ID[0]='4294967296'")
+    long = one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": f"{tmp_path}/{'x' * 300}/"})
+    assert f"component {'x' * 100!r}... (300 characters) is 300 bytes, the file system allows 255" in long
+    for where in (f"{tmp_path}/afile", f"{tmp_path}/afile/sub/"):
+        assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": where}) == (
+            f"IPFIX_FULLFLOW_DUMP_DIR[0]={where!r}: {str(tmp_path / 'afile')!r} exists and is not a directory; "
+            "expected a directory path the recorder can create")
+    assert receiver({"IPFIX_FULLFLOW_DUMP_DIR[0]": f"{tmp_path}/new/dir/"}).recording.dump_dir

@@ -622,3 +622,15 @@ def test_template_bytes_max_per_session():
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=1))  # shrinking is always fine
     inspect(t, message(ipfix_set(2, trec(257, [field(8, 4)])), odid=1))
     assert len(t.snapshot) == 4
+
+
+def test_changes_within_one_message_apply_in_order():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(258, [field(8, 4)])),
+                       ipfix_set(3, otrec(600, [field(149, 4)], []))))
+    msg = message(ipfix_set(2, trec(257, [field(8, 8)]), withdraw(2)), ipfix_set(256, b"1234"),
+                  ipfix_set(2, trec(259, [field(8, 2)])), ipfix_set(259, b"12" * 5), ipfix_set(600, b"abcd"),
+                  ipfix_set(2, withdraw(259)), ipfix_set(259, b"12"))
+    assert inspect(t, msg)[:2] == (1, 6)  # 256 and the last 259 unknown (withdrawn before), 5 + 1 counted
+    assert t.unknown_template == 2
+    assert snapshot_contents(t.snapshot) == {1: {600: (3, otrec(600, [field(149, 4)], []))}}

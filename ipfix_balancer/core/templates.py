@@ -86,7 +86,10 @@ class _Store:
         self._dead: set = set()       # of those, released out of order
         self._compact_at = 64         # compact ``retired`` when it grows past this
 
-    def publish(self) -> Snapshot:
+    def publish(self, odid: int) -> Snapshot:
+        """The current version, after a change to ``odid``'s templates."""
+        self.changed[odid] = self.version
+        self._views.pop(odid, None)
         self._live.append(self.version)
         return Snapshot(self, self.version, self.count)
 
@@ -463,9 +466,7 @@ class TemplateTracker:
         store.odids += (count > 0) - (before > 0)
         store.count += count - before
         store.nbytes = nbytes
-        store.changed[odid] = version
-        store._views.pop(odid, None)
-        self.snapshot = store.publish()
+        self.snapshot = store.publish(odid)
 
 
 class _Pending:

@@ -70,12 +70,14 @@ class _Store:
     the oldest live snapshot.
     """
 
-    __slots__ = ("version", "domains", "changed", "retired", "count", "nbytes", "odids", "_views", "_live",
-                 "_dead", "_compact_at")
+    __slots__ = ("version", "domains", "kinds", "changed", "retired", "count", "nbytes", "odids", "_views",
+                 "_live", "_dead", "_compact_at")
 
     def __init__(self) -> None:
         self.version = 0
         self.domains: dict[int, dict[int, tuple[int, bytes, int]]] = {}
+        # odid -> set id -> its template ids: a withdraw-all visits only the templates it withdraws
+        self.kinds: dict[int, dict[int, set[int]]] = {}
         self.changed: dict[int, int] = {}   # odid -> version of its last change
         self.retired: deque = deque()
         self.count = 0       # current templates
@@ -123,6 +125,7 @@ class _Store:
             odid = retired.popleft()[2]
             if not domains.get(odid) and changed.get(odid, floor + 1) <= floor:
                 domains.pop(odid, None)  # emptied, and no snapshot from before that is left
+                self.kinds.pop(odid, None)
                 del changed[odid]
                 self._views.pop(odid, None)
 
@@ -382,7 +385,7 @@ class TemplateTracker:
             elif set_id == TEMPLATE_SET or set_id == OPTIONS_TEMPLATE_SET:
                 if tsets is None:
                     tsets = []
-                    pending = _Pending(self._store.domains.get(odid) if self._store else None)
+                    pending = _Pending(self._store, odid)
                 tsets.append((pos, nxt))
                 _template_set(msg, pos + 4, nxt, set_id, pending)
             # set ids 4..255 are reserved: skipped
@@ -445,6 +448,8 @@ class TemplateTracker:
         version = store.version = store.version + 1
         if domain is None:
             domain = store.domains[odid] = {}
+            store.kinds[odid] = {TEMPLATE_SET: set(), OPTIONS_TEMPLATE_SET: set()}
+        kinds = store.kinds[odid]
         layouts = self._layouts.get(odid)
         if layouts is None:
             layouts = self._layouts[odid] = {}
@@ -452,11 +457,13 @@ class TemplateTracker:
         for tid, new, old in changes:
             if old is not None:
                 retire((version, old[2], odid, tid, old[0], old[1]))
+                kinds[old[0]].discard(tid)
             if new is None:
                 del domain[tid]
                 layouts.pop(tid, None)
                 continue
             domain[tid] = (new[0], new[1], version)
+            kinds[new[0]].add(tid)
             if new[2] is None:
                 layouts.pop(tid, None)  # empty records: data sets count as unknown template
             else:
@@ -476,10 +483,11 @@ class _Pending:
     withdraw-all this message carries (it applies to every stored template of that kind not redefined after).
     """
 
-    __slots__ = ("domain", "defs", "cleared", "_since_clear")
+    __slots__ = ("domain", "kinds", "defs", "cleared", "_since_clear")
 
-    def __init__(self, domain):
-        self.domain = domain  # the ODID's stored templates, or None
+    def __init__(self, store: _Store | None, odid: int):
+        self.domain = store.domains.get(odid) if store else None  # the ODID's stored templates, or None
+        self.kinds = store.kinds.get(odid) if store else None     # and their ids per set id
         self.defs: dict[int, tuple | None] = {}
         self.cleared: set[int] = set()
         self._since_clear: dict[int, list[int]] = {TEMPLATE_SET: [], OPTIONS_TEMPLATE_SET: []}
@@ -511,9 +519,10 @@ class _Pending:
     def final(self) -> list:
         """(template id, (set id, record, layout) or None) for every template this message touches."""
         out = list(self.defs.items())
-        if self.cleared and self.domain:
+        if self.cleared and self.kinds:
             defs = self.defs
-            out += [(tid, None) for tid, rec in self.domain.items() if rec[0] in self.cleared and tid not in defs]
+            for kind in self.cleared:
+                out += [(tid, None) for tid in self.kinds[kind] if tid not in defs]
         return out
 
 

@@ -616,12 +616,14 @@ def _unusable_dir(path: str) -> str | None:
     if not os.path.isdir(existing):
         return f"{_q(existing)} exists and is not a directory"
     try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
     except (OSError, ValueError):
-        name_max = 255
+        name_max, path_max = 255, 4096
     long = [part for part in path.split("/") if len(part.encode()) > name_max]
     if long:
         return f"component {_q(long[0])} is {len(long[0].encode())} bytes, the file system allows {name_max}"
+    if len(path.encode()) + name_max >= path_max:  # room for a dump file's name (and an auto-<port>/ below)
+        return f"it is {len(path.encode())} bytes long, so its files' paths could exceed {path_max} bytes"
     return None
 
 

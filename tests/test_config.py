@@ -643,4 +643,8 @@ def test_values_that_could_only_fail_at_run_time(tmp_path):
         assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": where}) == (
             f"IPFIX_FULLFLOW_DUMP_DIR[0]={where!r}: {str(tmp_path / 'afile')!r} exists and is not a directory; "
             "expected a directory path the recorder can create")
+    deep = f"{tmp_path}/" + "d" * 200 + "/" + "/".join(["e" * 250] * 16)
+    assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": deep}).endswith(
+        f"it is {len(deep)} bytes long, so its files' paths could exceed 4096 bytes; expected a directory path the "
+        "recorder can create")
     assert receiver({"IPFIX_FULLFLOW_DUMP_DIR[0]": f"{tmp_path}/new/dir/"}).recording.dump_dir

@@ -21,6 +21,7 @@ from .control.status import HandlerStatus, ListenStatus, PeriodRates, Subreceive
 from .core.framing import FramingError
 from .core.sendqueue import SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
+from .core.templates import TemplateLimit
 from .net import handover
 from .net.connection import OutputConnection
 from .net.listener import TcpListener, UdpListener, bind
@@ -104,10 +105,11 @@ class Handler:
     def _forwarding(self) -> Forwarding:
         fw = self.rc.forwarding
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
-        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder)
+        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder, self.rc.template_limits)
 
     def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
-        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
+        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates,
+                                  self._session_refused)
         session.configure(self._forwarding())
         self.sessions.add(session)
         self.connections_total += 1
@@ -132,6 +134,20 @@ class Handler:
         self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
                          action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
                          malformed_total=sum(self.malformed.values()))
+
+    def _session_refused(self, session: ExporterSession, error: FramingError, first: bool) -> None:
+        """A message of ``session`` was refused: counted each time, logged once per session and reason (a
+        session repeating itself must not flood the log)."""
+        self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
+        if not first:
+            return
+        if isinstance(error, TemplateLimit):
+            event, action = "template_limit", ("session closed" if self.rc.listen.port_type == "tcp"
+                                               else "datagram dropped")
+        else:
+            event, action = "malformed_ipfix", "message dropped, session continues"
+        self.log.warning(event, peer=session.peer, reason=error.reason, detail=error.detail, action=action,
+                         malformed_total=sum(self.malformed.values()), logged="once per session and reason")
 
     # -- handover (restart without dropping exporters) ------------------------------------------
     def _adopt(self, state: dict, fds: list[int]) -> None:

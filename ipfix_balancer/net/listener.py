@@ -88,7 +88,10 @@ class TcpExporter:
         if n:
             messages, error = self.framer.feed(n)
             if messages:
-                self.session.deliver(messages)
+                refused = self.session.deliver(messages)  # over a template limit: counted and logged already
+                if refused is not None:
+                    self.close(reason=str(refused))
+                    return 0
             if error is None:
                 return n
         if isinstance(error, FramingError):

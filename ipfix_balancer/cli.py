@@ -107,13 +107,21 @@ def stop(run_dir, timeout) -> None:
 
 
 @main.command()
-@_config_option
 @_run_dir_option
-def reload(config_path, run_dir) -> None:
-    """Validate the config, then ask the running supervisor to apply it (SIGHUP)."""
-    _load_or_exit(config_path, "reload refused, the running configuration stays: ")
-    pid = _signal_supervisor(run_dir, signal.SIGHUP)
-    click.echo(f"reload requested from supervisor {pid}")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for the supervisor's outcome")
+def reload(run_dir, timeout) -> None:
+    """Validate the file the running supervisor reads, ask it to apply it (SIGHUP) and print what it did:
+    settings applied in place, handlers replaced, started or stopped. Exit 1 when refused (nothing changed)."""
+    from .control import reload as reload_mod
+    try:
+        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout)
+    except (reload_mod.NotRunning, TimeoutError) as exc:
+        click.echo(f"ipfix-balancer: {exc}", err=True)
+        sys.exit(1)
+    refused = outcome.result == reload_mod.REFUSED
+    for line in outcome.lines():
+        click.echo(line, err=refused)
+    sys.exit(1 if refused else 0)
 
 
 @main.command()

@@ -23,6 +23,7 @@ import sys
 import time
 
 from .config import ConfigError, Config, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .control import reload as reload_outcome
 from .control import rundir
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, set_process_name
 from .control.status import SupervisedHandler, SupervisorStatus, supervisor_pid
@@ -262,11 +263,16 @@ class Supervisor:
         """Re-read the config and apply it. A bad file changes nothing. A receiver whose listening socket
         and CPU stay is reconfigured in place (its exporters stay connected); otherwise its handler is
         replaced, and the old one is waited for (up to DRAIN_TIMEOUT + 5 s) before the new one binds."""
+        previous = reload_outcome.read_outcome(self.run_dir)  # numbering continues across a restart in place
+        outcome = reload_outcome.Outcome(generation=1 + (previous.generation if previous else 0),
+                                         result=reload_outcome.APPLIED, config=self.config_path)
         try:
             new = load(self.config_path)
         except ConfigError as err:
             for problem in err.problems:
                 self.log.error("reload_refused", config=self.config_path, problem=problem)
+            outcome.result, outcome.problems = reload_outcome.REFUSED, err.problems
+            self._write_reload_outcome(outcome)
             return False
         old = {rc.name: rc for rc in receivers(self.config)}
         fresh = {rc.name: rc for rc in receivers(new)}
@@ -292,7 +298,16 @@ class Supervisor:
         self.config = new
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
+        outcome.reconfigured, outcome.restarted, outcome.added, outcome.removed = in_place, replaced, added, removed
+        self._write_reload_outcome(outcome)
         return True
+
+    def _write_reload_outcome(self, outcome: reload_outcome.Outcome) -> None:
+        """For ``ipfix-balancer reload`` and the console, which wait for it after their SIGHUP."""
+        try:
+            reload_outcome.write_outcome(self.run_dir, outcome)
+        except OSError as exc:
+            self.log.error("reload_outcome_write_failed", run_dir=self.run_dir, reason=str(exc))
 
     def _sync_rotation(self) -> None:
         """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""

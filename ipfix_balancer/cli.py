@@ -53,8 +53,10 @@ def run(config_path, run_dir, log_format, adopt) -> None:
     """Run the supervisor and one handler per receiver (foreground; systemd runs this)."""
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
+    run_dir = rundir.resolve_run_dir(run_dir)
+    os.environ[logs.RING_ENV] = rundir.log_ring_path(run_dir)  # for the console's Logs page; children inherit it
     log = logs.setup(log_format, stream="supervisor")
-    sys.exit(Supervisor(path, rundir.resolve_run_dir(run_dir), log_format, log, adopt=adopt).run())
+    sys.exit(Supervisor(path, run_dir, log_format, log, adopt=adopt).run())
 
 
 @main.command("check-config")
@@ -158,3 +160,15 @@ def handler(receiver_json, run_dir, log_format, takeover) -> None:
     """One receiver's handler process (spawned by the supervisor)."""
     from .handler import main as handler_main
     sys.exit(handler_main(receiver_json, rundir.resolve_run_dir(run_dir), log_format, takeover))
+
+
+@main.command(hidden=True)
+@click.option("--settings", "settings_json", required=True, help="config.Console as JSON")
+@_config_option
+@_run_dir_option
+@_log_format_option
+def console(settings_json, config_path, run_dir, log_format) -> None:
+    """The web console process (spawned by the supervisor)."""
+    from .console.main import main as console_main
+    log = logs.setup(log_format, stream="console")
+    sys.exit(console_main(settings_json, config_mod.resolve_path(config_path), rundir.resolve_run_dir(run_dir), log))

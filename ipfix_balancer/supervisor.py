@@ -22,7 +22,7 @@ import subprocess
 import sys
 import time
 
-from .config import ConfigError, Config, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
 from .control import reload as reload_outcome
 from .control import rundir
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, set_process_name
@@ -62,6 +62,23 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
+    @property
+    def name(self) -> str:
+        return self.rc.name
+
+
+class ConsoleChild(Child):
+    """The web console process (IPFIX_BALANCER_CONSOLE): restarted like a handler; it never sees traffic,
+    and the supervisor's loop never serves a web request."""
+
+    def __init__(self, settings: Console):
+        super().__init__(None)
+        self.settings = settings
+
+    @property
+    def name(self) -> str:
+        return "console"
+
 
 class Supervisor:
     """One handler process per receiver (see the module docstring).
@@ -79,6 +96,7 @@ class Supervisor:
         self.log_format = log_format
         self.log = log
         self.children: dict[str, Child] = {}
+        self.console: ConsoleChild | None = None
         self.config: Config | None = None
         self.stopping = False
 
@@ -109,6 +127,7 @@ class Supervisor:
             self.log.warning("config_warning", problem=warning)
         self.log.info("supervisor_started", config=self.config_path, receivers=len(self.config.receivers))
         self._start_handlers(predecessors)
+        self._set_console(self.config.console)
         try:
             while not self.stopping:
                 select.select([wake.sock], [], [], 0.5)
@@ -143,6 +162,7 @@ class Supervisor:
             for problem in err.problems:
                 self.log.error("restart_refused", config=self.config_path, problem=problem)
             return
+        self._set_console(None)  # it holds its port: the new supervisor starts its own
         running = {name: {"pid": c.pid, "receiver": c.rc.to_json()}
                    for name, c in self.children.items() if c.pid is not None}
         rundir.write_json(rundir.adopt_path(self.run_dir), {"handlers": running, "retiring": sorted(self.retiring)})
@@ -204,6 +224,30 @@ class Supervisor:
         self.log.info("handler_spawned", handler=rc.name, handler_pid=child.proc.pid, cpu=rc.taskset)
         self._write_status()
 
+    def _set_console(self, settings: Console | None) -> None:
+        """Start, stop or replace the console process when its settings differ from the running one's."""
+        if self.console is not None and self.console.settings == settings:
+            return
+        if self.console is not None:
+            self._stop_children([self.console], 5.0)
+            self.console = None
+        if settings is not None:
+            self.console = ConsoleChild(settings)
+            self._spawn_console()
+
+    def _spawn_console(self) -> None:
+        child = self.console
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipfix_balancer", "console", "--settings", child.settings.to_json(), "--config",
+             self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format], stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        child.restart_at = None
+        self.log.info("console_spawned", console_pid=child.proc.pid, host=child.settings.host,
+                      port=child.settings.port)
+
+    def _children(self) -> list[Child]:
+        return list(self.children.values()) + ([self.console] if self.console is not None else [])
+
     def _reap(self) -> None:
         for pid in list(self.retiring):
             try:
@@ -213,7 +257,7 @@ class Supervisor:
             if done:
                 self.retiring.discard(pid)
         now = time.monotonic()
-        for child in list(self.children.values()):
+        for child in self._children():
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
                 child.proc = None
@@ -222,12 +266,15 @@ class Supervisor:
                 if now - child.started > STABLE_AFTER:
                     child.backoff = RESTART_FIRST
                 child.restart_at = now + child.backoff
-                self.log.error("handler_died", handler=child.rc.name, exit_code=code,
+                self.log.error("handler_died", handler=child.name, exit_code=code,
                                restart_in=child.backoff, restarts=child.restarts)
                 child.backoff = min(child.backoff * 2, RESTART_CAP)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
-                self._spawn(child)
+                if child is self.console:
+                    self._spawn_console()
+                else:
+                    self._spawn(child)
 
     def _stop_children(self, children: list[Child], timeout: float) -> bool:
         """SIGTERM, wait for the graceful drain, SIGKILL what is left. True when all exited cleanly.
@@ -244,17 +291,17 @@ class Supervisor:
             try:
                 code = child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.log.error("handler_kill", handler=child.rc.name, reason="did not stop in time")
+                self.log.error("handler_kill", handler=child.name, reason="did not stop in time")
                 child.proc.kill()
                 code = child.proc.wait()
             if code != 0:
                 clean = False
-                self.log.error("handler_exit", handler=child.rc.name, exit_code=code)
+                self.log.error("handler_exit", handler=child.name, exit_code=code)
             child.proc = None
         return clean
 
     def _shutdown(self) -> int:
-        clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
+        clean = self._stop_children(self._children(), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
         return 0 if clean else 1
 
@@ -296,6 +343,7 @@ class Supervisor:
         for name in replaced + added:
             self._spawn(Child(fresh[name]))
         self.config = new
+        self._set_console(new.console)
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
         outcome.reconfigured, outcome.restarted, outcome.added, outcome.removed = in_place, replaced, added, removed

@@ -301,7 +301,8 @@ class Supervisor:
         return clean
 
     def _shutdown(self) -> int:
-        clean = self._stop_children(self._children(), rundir.DRAIN_TIMEOUT + 5)
+        self._set_console(None)  # first: no edits while handlers stop; its exit status says nothing about traffic
+        clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
         return 0 if clean else 1
 

@@ -1,0 +1,49 @@
+"""The console runs in its own process, which the supervisor restarts when it dies and stops with itself."""
+import signal
+import urllib.error
+import urllib.request
+
+import psutil
+
+from ipfixkit import free_port, wait_until
+
+
+def console_pids(bal) -> list[int]:
+    pids = []
+    for p in psutil.Process(bal.pid).children():
+        try:
+            if "console" in p.cmdline() and p.status() != psutil.STATUS_ZOMBIE:
+                pids.append(p.pid)
+        except psutil.Error:  # gone, or a zombie not reaped yet
+            pass
+    return pids
+
+
+def answers(port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/login", timeout=2) as r:
+            return r.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def test_console_process_is_restarted_when_it_dies_and_stopped_with_the_supervisor(balancer, tmp_path):
+    port, console = free_port(), free_port()
+    bal = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+                   f"IPFIX_BALANCER_CONSOLE=127.0.0.1/{console}\n"
+                   f"IPFIX_BALANCER_CONSOLE_TOKEN_FILE={tmp_path / 'token'}\n")
+    bal.wait_ready()
+    handler = bal.handler_pid("fullflow[0]")
+    wait_until(lambda: answers(console), "the console to answer", bal)
+    [first] = console_pids(bal)
+    assert first not in {h["pid"] for h in bal.supervisor()["handlers"]}  # not a handler, not the supervisor
+    psutil.Process(first).send_signal(signal.SIGKILL)
+    wait_until(lambda: (pids := console_pids(bal)) and pids != [first] and answers(console),
+               "a new console process", bal, timeout=30)
+    assert bal.handler_pid("fullflow[0]") == handler
+    bal.wait_log(lambda line: line.get("event") == "handler_died" and line.get("handler") == "console")
+
+    bal.write_config(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n")  # console off
+    bal.reload()
+    wait_until(lambda: not console_pids(bal) and not answers(console), "the console to stop", bal)
+    assert bal.stop() == 0

@@ -52,7 +52,7 @@ class Session:
     seen: float = dataclasses.field(default_factory=time.monotonic)
 
 
-class Console:
+class ConsoleState:
     """The state of one console process: its token, sessions and the last counters seen (for rates)."""
 
     def __init__(self, settings: config_mod.Console, config_path: str, run_dir: str, token: str, log):
@@ -140,7 +140,7 @@ def _guarded(handler, method: str):
     """Wrap an endpoint: no session or not logged in -> the login page; POST without the session's CSRF
     token -> 403. The endpoint gets (console, request, session id, session[, form])."""
     async def endpoint(request: Request) -> Response:
-        console: Console = request.app.state.console
+        console: ConsoleState = request.app.state.console
         found = console.session(request)
         if found is None or not found[1].authenticated:
             return RedirectResponse("/login", status_code=303)
@@ -156,16 +156,17 @@ def _guarded(handler, method: str):
 
 # -- login -------------------------------------------------------------------------------------------
 async def login_page(request: Request) -> Response:
-    console: Console = request.app.state.console
+    console: ConsoleState = request.app.state.console
     found = console.session(request)
     if found is not None and found[1].authenticated:
         return RedirectResponse("/receivers", status_code=303)
     sid, session = found or console.new_session(authenticated=False)
-    return console.set_cookie(console.render(request, "login.html", session), sid)
+    return console.set_cookie(console.render(request, "login.html", session,
+                                             token_file=console.settings.token_file), sid)
 
 
 async def login(request: Request) -> Response:
-    console: Console = request.app.state.console
+    console: ConsoleState = request.app.state.console
     found = console.session(request)
     form = await request.form()
     if found is None or not hmac.compare_digest(str(form.get("csrf", "")), found[1].csrf):
@@ -174,37 +175,39 @@ async def login(request: Request) -> Response:
     if not hmac.compare_digest(given.encode(), console.token.encode()):
         console.log.warning("console_login_failed", client=request.client.host if request.client else "")
         await asyncio.sleep(WRONG_TOKEN_DELAY)
-        return console.render(request, "login.html", found[1], status_code=401, error="Wrong token.")
+        return console.render(request, "login.html", found[1], status_code=401, error="Wrong token.",
+                              token_file=console.settings.token_file)
     console.sessions.pop(found[0], None)  # a new session id at login: a planted cookie gains nothing
     sid, _session = console.new_session(authenticated=True)
     console.log.info("console_login", client=request.client.host if request.client else "")
     return console.set_cookie(RedirectResponse("/receivers", status_code=303), sid)
 
 
-async def logout(console: Console, request: Request, session: Session, form) -> Response:
+async def logout(console: ConsoleState, request: Request, session: Session, form) -> Response:
     console.sessions.pop(request.cookies.get(COOKIE, ""), None)
     return RedirectResponse("/login", status_code=303)
 
 
 # -- receivers ---------------------------------------------------------------------------------------
-async def receivers(console: Console, request: Request, session: Session, message: list[str] | None = None,
+async def _table(console: ConsoleState) -> dict:
+    """The receiver table's rows, and the digest of the file they come from (for Delete)."""
+    text = envfile.read(console.config_path)
+    report = await run_in_threadpool(status_mod.collect, console.run_dir)
+    return {"rows": console.receiver_rows(envfile.EnvFile(text).receivers(), report), "digest": envfile.digest(text)}
+
+
+async def receivers(console: ConsoleState, request: Request, session: Session, message: list[str] | None = None,
                     problems: list[str] | None = None) -> Response:
-    text = envfile.read(console.config_path)
-    report = await run_in_threadpool(status_mod.collect, console.run_dir)
-    rows = console.receiver_rows(envfile.EnvFile(text).receivers(), report)
-    return console.render(request, "receivers.html", session, rows=rows, message=message or [],
-                          problems=problems or [], digest=envfile.digest(text), config_path=console.config_path)
+    return console.render(request, "receivers.html", session, message=message or [], problems=problems or [],
+                          config_path=console.config_path, **await _table(console))
 
 
-async def receivers_table(console: Console, request: Request, session: Session) -> Response:
+async def receivers_table(console: ConsoleState, request: Request, session: Session) -> Response:
     """The table alone, for the page's refresh."""
-    text = envfile.read(console.config_path)
-    report = await run_in_threadpool(status_mod.collect, console.run_dir)
-    rows = console.receiver_rows(envfile.EnvFile(text).receivers(), report)
-    return console.render(request, "receivers_table.html", session, rows=rows, digest=envfile.digest(text))
+    return console.render(request, "receivers_table.html", session, **await _table(console))
 
 
-def _form(console: Console, request: Request, session: Session, *, stream: str, index: int | None,
+def _form(console: ConsoleState, request: Request, session: Session, *, stream: str, index: int | None,
           values: dict, digest: str, status_code: int = 200, errors: dict | None = None,
           problems: list[str] | None = None) -> Response:
     return console.render(request, "form.html", session, status_code=status_code, stream=stream, index=index,
@@ -213,13 +216,13 @@ def _form(console: Console, request: Request, session: Session, *, stream: str, 
                           more_open=any(f.param in (errors or {}) for f in fields.MORE))
 
 
-async def new_receiver(console: Console, request: Request, session: Session) -> Response:
+async def new_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
     text = envfile.read(console.config_path)
     return _form(console, request, session, stream="FULLFLOW", index=None, values=fields.form_values({}),
                  digest=envfile.digest(text))
 
 
-async def edit_receiver(console: Console, request: Request, session: Session) -> Response:
+async def edit_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
     stream, index = request.path_params["stream"], request.path_params["index"]
     text = envfile.read(console.config_path)
     written = envfile.EnvFile(text).receivers().get((stream, index))
@@ -229,7 +232,7 @@ async def edit_receiver(console: Console, request: Request, session: Session) ->
                  digest=envfile.digest(text))
 
 
-async def apply_receiver(console: Console, request: Request, session: Session, form) -> Response:
+async def apply_receiver(console: ConsoleState, request: Request, session: Session, form) -> Response:
     """Validate the edited file with check-config's checker, write it atomically, reload, show the outcome."""
     text = envfile.read(console.config_path)
     env = envfile.EnvFile(text)
@@ -267,7 +270,7 @@ async def apply_receiver(console: Console, request: Request, session: Session, f
     return await _write_and_reload(console, request, session, text, new_text)
 
 
-async def delete_receiver(console: Console, request: Request, session: Session, form) -> Response:
+async def delete_receiver(console: ConsoleState, request: Request, session: Session, form) -> Response:
     stream, index = request.path_params["stream"], request.path_params["index"]
     text = envfile.read(console.config_path)
     if not hmac.compare_digest(str(form.get("digest", "")), envfile.digest(text)):
@@ -282,7 +285,7 @@ async def delete_receiver(console: Console, request: Request, session: Session, 
     return await _write_and_reload(console, request, session, text, env.text())
 
 
-async def _write_and_reload(console: Console, request: Request, session: Session, old: str, new: str) -> Response:
+async def _write_and_reload(console: ConsoleState, request: Request, session: Session, old: str, new: str) -> Response:
     if new != old:
         envfile.write_atomic(console.config_path, new, old)
         console.log.info("console_config_written", config=console.config_path)
@@ -296,7 +299,7 @@ async def _write_and_reload(console: Console, request: Request, session: Session
 
 
 # -- logs, status --------------------------------------------------------------------------------
-async def logs_page(console: Console, request: Request, session: Session) -> Response:
+async def logs_page(console: ConsoleState, request: Request, session: Session) -> Response:
     stream, level = request.query_params.get("stream", ""), request.query_params.get("level", "")
     lines = await run_in_threadpool(console.log_lines, stream, level)
     name = "logs_table.html" if request.query_params.get("part") == "table" else "logs.html"
@@ -304,17 +307,17 @@ async def logs_page(console: Console, request: Request, session: Session) -> Res
                           streams=["supervisor", "console", *envfile.TITLES])
 
 
-async def status_page(console: Console, request: Request, session: Session) -> Response:
+async def status_page(console: ConsoleState, request: Request, session: Session) -> Response:
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
     name = "status_table.html" if request.query_params.get("part") == "table" else "status.html"
     return console.render(request, name, session, table=status_mod.render(report))
 
 
-async def home(console: Console, request: Request, session: Session) -> Response:
+async def home(console: ConsoleState, request: Request, session: Session) -> Response:
     return RedirectResponse("/receivers", status_code=303)
 
 
-def make_app(console: Console) -> Starlette:
+def make_app(console: ConsoleState) -> Starlette:
     def get(path, handler):
         return Route(path, _guarded(handler, "GET"), methods=["GET"])
 

@@ -27,14 +27,14 @@ def ensure_token(path: str) -> str:
 def main(settings_json: str, config_path: str, run_dir: str, log) -> int:
     import uvicorn
 
-    from .app import Console, make_app
+    from .app import ConsoleState, make_app
     settings = config_mod.Console.from_json(settings_json)
     try:
         token = ensure_token(settings.token_file)
     except (OSError, ValueError) as exc:
         log.error("console_not_started", token_file=settings.token_file, reason=str(exc))
         return 1
-    app = make_app(Console(settings, config_path, run_dir, token, log))
+    app = make_app(ConsoleState(settings, config_path, run_dir, token, log))
     log.info("console_started", host=settings.host, port=settings.port, tls=bool(settings.tls_cert),
              token_file=settings.token_file)
     uvicorn.run(app, host=settings.host, port=settings.port, ssl_certfile=settings.tls_cert or None,

@@ -3,7 +3,9 @@
 It spawns one ``ipfix-balancer handler`` process per receiver (the receiver's config is handed over as
 JSON, so a handler never re-reads a file that may have changed since it was validated), restarts a
 handler that dies (with backoff), passes SIGTERM/SIGINT on for a graceful stop, re-reads the config on
-SIGHUP, and relays a Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders.
+SIGHUP (numbering each reload and writing its outcome for ``ipfix-balancer reload``), and relays a
+Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders. When configured, it also
+runs the web console's process (``console/``) and restarts it like a handler.
 
 SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart``: the supervisor
 re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket

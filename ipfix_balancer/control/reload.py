@@ -44,8 +44,9 @@ class Outcome:
 
 def read_outcome(run_dir: str) -> Outcome | None:
     doc = rundir.read_json(rundir.reload_outcome_path(run_dir))
-    try:
-        return None if doc is None else Outcome(**doc)
+    names = {f.name for f in dataclasses.fields(Outcome)}
+    try:  # known keys only: the document may come from another release (restart in place for an upgrade)
+        return None if doc is None else Outcome(**{k: v for k, v in doc.items() if k in names})
     except TypeError:
         return None
 

@@ -83,8 +83,9 @@ class EnvFile:
         if positions:  # edits above kept every piece in its place, so the positions still hold
             at = max(positions.values()) + 1
         else:
-            if self.pieces and not self.pieces[-1][0].endswith("\n"):
-                self.pieces[-1][0] += "\n"
+            text = self.text()
+            if text and not text.endswith("\n"):
+                self.pieces.append(["\n", None])
             added.insert(0, [f"\n# {TITLES[stream]} receiver [{index}] (added in the console)\n", None])
             at = len(self.pieces)
         self.pieces[at:at] = added

@@ -1,0 +1,68 @@
+"""The console app without a browser or a balancer (Starlette's TestClient): CSRF, and what Apply writes."""
+import re
+
+import pytest
+from starlette.testclient import TestClient
+
+from ipfix_balancer.config import Console
+from ipfix_balancer.console.app import ConsoleState, make_app
+
+pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # still supported
+ENV = "# keep me\nIPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_BALANCER[0]=All\nIPFIX_FULLFLOW_BALANCER_SUB[0]=10.0.0.1/1\n"
+
+
+class Log:
+    def info(self, *a, **kw):
+        pass
+
+    warning = info
+
+
+@pytest.fixture
+def client(tmp_path):
+    path = tmp_path / ".env"
+    path.write_text(ENV)
+    (tmp_path / "run").mkdir()
+    state = ConsoleState(Console("127.0.0.1", 1, "", "", str(tmp_path / "token")), str(path), str(tmp_path / "run"),
+                         "secret", Log())
+    with TestClient(make_app(state), base_url="http://127.0.0.1") as c:
+        page = c.get("/login")
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text).group(1)
+        assert c.post("/login", data={"csrf": csrf, "token": "secret"}, follow_redirects=False).status_code == 303
+        c.path = path
+        yield c
+
+
+def form_of(page: str) -> dict[str, str]:
+    return dict(re.findall(r'name="(\w+)" value="([^"]*)"', page))
+
+
+def test_a_post_without_the_sessions_csrf_token_is_refused_and_writes_nothing(client):
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    for csrf in ("", "forged"):
+        answer = client.post("/receivers/apply", data={**edit, "csrf": csrf, "stream": "FULLFLOW", "PORT": "2000"})
+        assert answer.status_code == 403
+    assert client.post("/receivers/FULLFLOW/0/delete", data={"digest": edit["digest"]}).status_code == 403
+    assert client.path.read_text() == ENV
+
+
+def test_changing_the_receiver_type_moves_its_keys_to_the_new_stream(client):
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "DNSFLOW", "PORT_TYPE": "tcp",
+                                                   "BALANCER": "All", "BALANCER_SUB_PROTO": "tcp",
+                                                   "BALANCER_AUTO": "Disabled"})
+    assert "written, but not applied: supervisor is not running" in answer.text  # no balancer in this test
+    assert client.path.read_text() == (
+        "# keep me\n\n# DNS flow receiver [0] (added in the console)\nIPFIX_DNSFLOW_PORT_TYPE[0]=tcp\n"
+        "IPFIX_DNSFLOW_PORT[0]=1500\nIPFIX_DNSFLOW_BALANCER[0]=All\nIPFIX_DNSFLOW_BALANCER_SUB[0]=10.0.0.1/1\n"
+        "IPFIX_DNSFLOW_BALANCER_SUB_PROTO[0]=tcp\nIPFIX_DNSFLOW_BALANCER_AUTO[0]=Disabled\n")
+
+
+def test_a_problem_of_a_more_field_opens_more_and_names_the_field(client):
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "BALANCER": "All",
+                                                   "QUEUE_BYTES": "12"})
+    assert answer.status_code == 422
+    assert "<details open>" in answer.text
+    assert "Queue bytes: IPFIX_FULLFLOW_QUEUE_BYTES[0]=&#39;12&#39;: expected an integer &gt;= 65536" in answer.text
+    assert client.path.read_text() == ENV

@@ -1,13 +1,16 @@
 """The console app without a browser or a balancer (Starlette's TestClient): CSRF, and what Apply writes."""
 import re
+import warnings
 
 import pytest
-from starlette.testclient import TestClient
+
+with warnings.catch_warnings():  # starlette prefers httpx2 now; httpx is still supported
+    warnings.simplefilter("ignore")
+    from starlette.testclient import TestClient
 
 from ipfix_balancer.config import Console
 from ipfix_balancer.console.app import ConsoleState, make_app
 
-pytestmark = pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient`")  # still supported
 ENV = "# keep me\nIPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_BALANCER[0]=All\nIPFIX_FULLFLOW_BALANCER_SUB[0]=10.0.0.1/1\n"
 
 

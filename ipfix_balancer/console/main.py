@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import socket
 
 from .. import config as config_mod
 
@@ -34,10 +35,19 @@ def main(settings_json: str, config_path: str, run_dir: str, log) -> int:
     except (OSError, ValueError) as exc:
         log.error("console_not_started", token_file=settings.token_file, reason=str(exc))
         return 1
+    # Bound here, not by uvicorn: a port in use is then one plain log line (and the supervisor's backoff).
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((settings.host, settings.port))
+    except OSError as exc:
+        log.error("console_not_started", reason=f"cannot listen on {settings.host}/{settings.port}: {exc.strerror}")
+        return 1
     app = make_app(ConsoleState(settings, config_path, run_dir, token, log))
     log.info("console_started", host=settings.host, port=settings.port, tls=bool(settings.tls_cert),
              token_file=settings.token_file)
-    uvicorn.run(app, host=settings.host, port=settings.port, ssl_certfile=settings.tls_cert or None,
-                ssl_keyfile=settings.tls_key or None, log_config=None, access_log=False, server_header=False,
-                proxy_headers=False, timeout_graceful_shutdown=2)
+    server = uvicorn.Server(uvicorn.Config(
+        app, ssl_certfile=settings.tls_cert or None, ssl_keyfile=settings.tls_key or None, log_config=None,
+        access_log=False, server_header=False, proxy_headers=False, timeout_graceful_shutdown=2))
+    server.run(sockets=[sock])
     return 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hmac
-import json
 import os
 import secrets
 import time
@@ -29,14 +28,15 @@ from .. import config as config_mod
 from ..control import reload as reload_mod
 from ..control import rundir
 from ..control import status as status_mod
-from . import envfile, fields
+from . import envfile, fields, logsource
 
 HERE = os.path.dirname(__file__)
 COOKIE = "ipfix_console"
 SESSION_IDLE = 8 * 3600.0  # seconds without a request before a session ends
 MAX_SESSIONS = 64  # the oldest is dropped beyond: memory stays bounded whatever a client does
 WRONG_TOKEN_DELAY = 1.0  # seconds before answering a wrong token: guessing stays slow
-LOG_LINES = 500
+LOG_LINES = 500  # shown
+LOG_SCAN = 5000  # read from the journal, before filtering
 LEVELS = ("debug", "info", "warning", "error", "critical")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -109,23 +109,12 @@ class ConsoleState:
             rows.append(row)
         return rows
 
-    def log_lines(self, stream: str, level: str) -> list[dict]:
-        """The newest LOG_LINES lines of the log ring matching the filters, newest first."""
-        ring = rundir.log_ring_path(self.run_dir)
-        lines: list[str] = []
-        for path in (ring + ".1", ring):
-            try:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    lines.extend(f.read().splitlines())
-            except OSError:
-                pass
+    def log_lines(self, stream: str, level: str) -> tuple[str, list[dict]]:
+        """(source, the newest LOG_LINES lines matching the filters, newest first)."""
+        source, lines = logsource.recent(rundir.log_ring_path(self.run_dir), LOG_SCAN)
         least = LEVELS.index(level) if level in LEVELS else 0
         out = []
-        for line in reversed(lines):
-            try:
-                doc = json.loads(line)
-            except ValueError:
-                continue
+        for doc in reversed(lines):
             if stream and str(doc.get("stream", "")).lower() != stream.lower():
                 continue
             if (LEVELS.index(doc["level"]) if doc.get("level") in LEVELS else 0) < least:
@@ -133,7 +122,7 @@ class ConsoleState:
             out.append(doc)
             if len(out) >= LOG_LINES:
                 break
-        return out
+        return source, out
 
 
 def _guarded(handler, method: str):
@@ -301,9 +290,10 @@ async def _write_and_reload(console: ConsoleState, request: Request, session: Se
 # -- logs, status --------------------------------------------------------------------------------
 async def logs_page(console: ConsoleState, request: Request, session: Session) -> Response:
     stream, level = request.query_params.get("stream", ""), request.query_params.get("level", "")
-    lines = await run_in_threadpool(console.log_lines, stream, level)
+    source, lines = await run_in_threadpool(console.log_lines, stream, level)
     name = "logs_table.html" if request.query_params.get("part") == "table" else "logs.html"
-    return console.render(request, name, session, lines=lines, stream=stream, level=level, levels=LEVELS,
+    return console.render(request, name, session, lines=lines, source=source, stream=stream, level=level,
+                          levels=LEVELS,
                           streams=["supervisor", "console", *envfile.TITLES])
 
 

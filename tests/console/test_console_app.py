@@ -1,4 +1,6 @@
 """The console app without a browser or a balancer (Starlette's TestClient): CSRF, and what Apply writes."""
+import json
+import os
 import re
 import warnings
 
@@ -9,6 +11,7 @@ with warnings.catch_warnings():  # starlette prefers httpx2 now; httpx is still 
     from starlette.testclient import TestClient
 
 from ipfix_balancer.config import Console
+from ipfix_balancer.console import logsource
 from ipfix_balancer.console.app import ConsoleState, make_app
 
 ENV = "# keep me\nIPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_BALANCER[0]=All\nIPFIX_FULLFLOW_BALANCER_SUB[0]=10.0.0.1/1\n"
@@ -69,3 +72,45 @@ def test_a_problem_of_a_more_field_opens_more_and_names_the_field(client):
     assert "<details open>" in answer.text
     assert "Queue bytes: IPFIX_FULLFLOW_QUEUE_BYTES[0]=&#39;12&#39;: expected an integer &gt;= 65536" in answer.text
     assert client.path.read_text() == ENV
+
+
+JOURNAL = [  # what journalctl --output=json gives for logs.py's text lines under systemd, and a traceback line
+    {"MESSAGE": "level='info' event='handler_started' stream='FULLFLOW' receiver=0 pid=7 "
+                "subreceivers=['127.0.0.1/9901/tcp', '127.0.0.1/9902/tcp'] dpi_id=0",
+     "PRIORITY": "6", "__REALTIME_TIMESTAMP": "1700000000000000"},
+    {"MESSAGE": "Traceback (most recent call last):", "PRIORITY": "3", "__REALTIME_TIMESTAMP": "1700000001000000"},
+]
+
+
+def test_under_systemd_the_logs_page_reads_the_services_journal(client, tmp_path, monkeypatch):
+    fake = tmp_path / "bin" / "journalctl"
+    fake.parent.mkdir()
+    (tmp_path / "journal.json").write_text("".join(json.dumps(line) + "\n" for line in JOURNAL))
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path / 'args'}\ncat {tmp_path / 'journal.json'}\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}:{os.environ['PATH']}")
+    monkeypatch.setenv("INVOCATION_ID", "0123abcd")
+    monkeypatch.setattr(logsource, "stdout_is_journal", lambda: True)
+    page = client.get("/logs").text
+    assert "from the journal" in page
+    assert (tmp_path / "args").read_text().split()[0] == "_SYSTEMD_INVOCATION_ID=0123abcd"
+    events = re.findall(r'<td class="event">([^<]*)</td>', page)
+    assert events == ["Traceback (most recent call last):", "handler_started"]  # newest first
+    assert "subreceivers=[&#39;127.0.0.1/9901/tcp&#39;, &#39;127.0.0.1/9902/tcp&#39;]" in page
+    assert "2023-11-14 22:13:20" in page
+    errors = client.get("/logs?level=error").text
+    assert re.findall(r'<td class="event">([^<]*)</td>', errors) == ["Traceback (most recent call last):"]
+
+    monkeypatch.undo()  # not under systemd: the log ring in the run dir
+    (client.path.parent / "run" / "log.jsonl").write_text(json.dumps({"level": "info", "event": "from_ring"}) + "\n")
+    assert re.findall(r'<td class="event">([^<]*)</td>', client.get("/logs").text) == ["from_ring"]
+
+
+def test_the_journal_counts_only_when_journal_stream_names_our_stdout(monkeypatch):
+    st = os.fstat(1)
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino}")
+    assert logsource.stdout_is_journal()
+    monkeypatch.setenv("JOURNAL_STREAM", f"{st.st_dev}:{st.st_ino + 1}")  # inherited, output elsewhere
+    assert not logsource.stdout_is_journal()
+    monkeypatch.delenv("JOURNAL_STREAM")
+    assert not logsource.stdout_is_journal()

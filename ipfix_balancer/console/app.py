@@ -198,8 +198,11 @@ async def receivers_table(console: ConsoleState, request: Request, session: Sess
 
 def _form(console: ConsoleState, request: Request, session: Session, *, stream: str, index: int | None,
           values: dict, digest: str, status_code: int = 200, errors: dict | None = None,
-          problems: list[str] | None = None) -> Response:
+          problems: list[str] | None = None, original_stream: str | None = None) -> Response:
+    """The receiver form; ``original_stream``/``index`` name the receiver being edited (index None: a new one),
+    ``stream`` is the Receiver type selected."""
     return console.render(request, "form.html", session, status_code=status_code, stream=stream, index=index,
+                          original_stream=original_stream or stream,
                           values=values, digest=digest, manual=fields.MANUAL, more=fields.MORE,
                           streams=fields.stream_choices(), errors=errors or {}, problems=problems or [],
                           more_open=any(f.param in (errors or {}) for f in fields.MORE))
@@ -233,11 +236,12 @@ async def apply_receiver(console: ConsoleState, request: Request, session: Sessi
     index = int(original) if str(original).isdigit() else None
     written = env.receivers().get((original_stream, index)) if index is not None else None
     values = fields.submitted(form, written if original_stream == stream else None)
-    shown = {**values, **{f.param: str(form.get(f.param, "")) for f in fields.FIELDS}}
+    shown = {f.param: str(form.get(f.param, "")) for f in fields.FIELDS}
+    edited = index
 
-    def again(status_code: int, **kw) -> Response:
-        return _form(console, request, session, stream=stream, index=index, values=shown,
-                     digest=str(form.get("digest", "")), status_code=status_code, **kw)
+    def again(status_code: int, **kw) -> Response:  # the form as submitted, for the same receiver
+        return _form(console, request, session, stream=stream, index=edited, original_stream=original_stream,
+                     values=shown, digest=str(form.get("digest", "")), status_code=status_code, **kw)
 
     if not hmac.compare_digest(str(form.get("digest", "")), envfile.digest(text)):
         return again(409, problems=[f"{console.config_path} changed on disk since this form was loaded; nothing "

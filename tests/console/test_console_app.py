@@ -114,3 +114,16 @@ def test_the_journal_counts_only_when_journal_stream_names_our_stdout(monkeypatc
     assert not logsource.stdout_is_journal()
     monkeypatch.delenv("JOURNAL_STREAM")
     assert not logsource.stdout_is_journal()
+
+
+def test_a_refused_type_change_keeps_the_form_on_the_receiver_being_edited(client):
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "CLICKSTREAM", "BALANCER": "All",
+                                                   "PORT": "x"})
+    assert answer.status_code == 422 and "Port: IPFIX_CLICKSTREAM_PORT[0]=&#39;x&#39;" in answer.text
+    again = form_of(answer.text)
+    assert (again["original_stream"], again["index"]) == ("FULLFLOW", "0")
+    answer = client.post("/receivers/apply", data={**again, "stream": "CLICKSTREAM", "BALANCER": "All",
+                                                   "PORT": "1501"})
+    assert "IPFIX_CLICKSTREAM_PORT[0]=1501\n" in client.path.read_text()
+    assert "FULLFLOW" not in client.path.read_text()

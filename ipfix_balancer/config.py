@@ -325,6 +325,11 @@ def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
     return receivers
 
 
+def receiver_params() -> tuple[str, ...]:
+    """Every per-receiver PARAM, aliases left out."""
+    return tuple(p for p in _PARAMS if p not in _ALIASES)
+
+
 def receiver_key(key: str) -> tuple[str, int, str] | None:
     """(stream, index, param) named by a receiver key as written (aliases resolved), or None."""
     m = _KEY_RE.fullmatch(key)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..config import receiver_key
+from ..config import receiver_key, receiver_params
 from .envfile import TITLES
 
 STREAM = "stream"  # the form's name of "Receiver type": it is the STREAM part of every key, not a param
@@ -42,7 +42,7 @@ MANUAL = (
     Field("Balancer auto", "BALANCER_AUTO", ("Disabled", "Enabled")),
 )
 # Settings the manual's form lacks: the collapsed "More" section.
-MORE = (
+_MORE = (
     Field("Bind address", "BIND", placeholder="0.0.0.0"),
     Field("CPU (taskset)", "BALANCER_TASKSET", placeholder="not pinned"),
     Field("Queue bytes", "QUEUE_BYTES", placeholder="67108864"),
@@ -50,6 +50,9 @@ MORE = (
     Field("Dump directory", "DUMP_DIR", placeholder="/var/fast_ipfix_balancer/dump/<stream>/"),
     Field("Spool bytes", "SPOOL_BYTES", placeholder="0: no limit"),
 )
+# A parameter added to config.py later gets a plain text field, so the form never lacks a setting.
+MORE = _MORE + tuple(Field(p.replace("_", " ").capitalize(), p, placeholder="default")
+                     for p in receiver_params() if p not in {f.param for f in MANUAL + _MORE})
 FIELDS = MANUAL + MORE
 RECEIVER_TYPE_LABEL = "Receiver type"
 _LEADING_KEY = re.compile(r"(IPFIX_[A-Z_]+(?:\[[0-9]+\])?)[ =:]")

@@ -86,3 +86,11 @@ def test_write_atomic_keeps_mode_and_the_previous_version(tmp_path):
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     assert sorted(p.name for p in tmp_path.iterdir()) == [".env", ".env.previous"]  # no temporary left
     assert envfile.digest("a") != envfile.digest("b")
+
+
+def test_the_form_has_a_field_for_every_receiver_param_and_the_manuals_labels():
+    from ipfix_balancer.console import fields
+    assert {f.param for f in fields.FIELDS} == set(config.receiver_params())
+    assert [f.label for f in fields.MANUAL] == [
+        "Port type", "Port", "Rotate in minutes", "Rotate in seconds", "Rotate by flows", "Export", "DPI ID",
+        "Balancer", "Balancer subreceivers", "Balancer subreceivers type", "Balancer auto"]

@@ -72,6 +72,11 @@ def check_config(config_path) -> None:
         cpu = "-" if rc.taskset is None else rc.taskset
         click.echo(f"  {rc.name:<16} {rc.listen.port_type}/{rc.listen.port:<6} {rc.forwarding.mode.value:<10} "
                    f"cpu={cpu:<3} -> {subs}")
+    if cfg.console is not None:
+        c = cfg.console
+        host = f"[{c.host}]" if ":" in c.host else c.host
+        click.echo(f"  console          {'https' if c.tls_cert else 'http'}://{host}:{c.port}/ "
+                   f"(token in {c.token_file})")
 
 
 @main.command()

@@ -40,3 +40,12 @@ def test_non_loopback_console_with_tls_files(tmp_path):
     c = parse(f"IPFIX_BALANCER_CONSOLE=0.0.0.0/8443\nIPFIX_BALANCER_CONSOLE_TLS_CERT={cert}\n"
               f"IPFIX_BALANCER_CONSOLE_TLS_KEY={key}\n").console
     assert (c.host, c.tls_cert, c.tls_key) == ("0.0.0.0", str(cert), str(key))
+
+
+def test_check_config_names_the_consoles_address_and_token_file(tmp_path):
+    from ipfixkit import run_cli
+    env = tmp_path / ".env"
+    env.write_text("IPFIX_FULLFLOW_PORT=1500\nIPFIX_BALANCER_CONSOLE=[::1]/8480\n")
+    done = run_cli("check-config", "--config", env)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == f"  console          http://[::1]:8480/ (token in {tmp_path}/console.token)"

@@ -12,6 +12,8 @@ import os
 import signal
 import time
 
+import psutil
+
 from ..config import ConfigError, load
 from . import rundir
 from .status import read_supervisor_status, supervisor_pid
@@ -62,9 +64,15 @@ class NotRunning(Exception):
 def running_config(run_dir: str) -> str:
     """The .env the running supervisor reads: what a reload applies, whatever the requester's default."""
     sup = read_supervisor_status(run_dir)
-    if supervisor_pid(run_dir) is None or sup is None:
+    pid = supervisor_pid(run_dir)
+    if pid is None or sup is None:
         raise NotRunning(f"supervisor is not running (run dir {run_dir})")
-    return sup.config
+    if os.path.isabs(sup.config):
+        return sup.config
+    try:  # `run --config x.env` from some directory: relative to the supervisor's, not ours
+        return os.path.join(psutil.Process(pid).cwd(), sup.config)
+    except psutil.Error:
+        return sup.config
 
 
 def request(run_dir: str, timeout: float = 60.0) -> Outcome:

@@ -91,8 +91,14 @@ class ConsoleState:
                                                headers=SECURITY_HEADERS)
 
     # -- data ------------------------------------------------------------------------------------
-    def receiver_rows(self, written: dict, report: status_mod.StatusReport) -> list[dict]:
-        """One row per receiver of the file, joined with its handler's live state."""
+    def receiver_rows(self, text: str, report: status_mod.StatusReport) -> list[dict]:
+        """One row per receiver of the file (its effective settings when the file is valid, else as
+        written), joined with its handler's live state."""
+        try:
+            effective = {(rc.stream, rc.index): rc for rc in config_mod.load_text(text, self.config_path).receivers}
+        except config_mod.ConfigError:
+            effective = {}
+        written = envfile.EnvFile(text).receivers()
         live = {(h.doc.stream, h.doc.index): h for h in report.handlers}
         now = time.monotonic()
         rows = []
@@ -100,7 +106,7 @@ class ConsoleState:
             shown = fields.form_values(values)
             h = live.get((stream, index))
             row = {"stream": stream, "title": envfile.TITLES[stream], "index": index, "settings": shown,
-                   "handler": h, "rate": None}
+                   "rc": effective.get((stream, index)), "handler": h, "rate": None}
             if h is not None:
                 last = self.samples.get(h.doc.name)
                 if last is not None and now > last[0] and h.doc.msgs_in >= last[1]:
@@ -182,7 +188,7 @@ async def _table(console: ConsoleState) -> dict:
     """The receiver table's rows, and the digest of the file they come from (for Delete)."""
     text = envfile.read(console.config_path)
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
-    return {"rows": console.receiver_rows(envfile.EnvFile(text).receivers(), report), "digest": envfile.digest(text)}
+    return {"rows": console.receiver_rows(text, report), "digest": envfile.digest(text)}
 
 
 async def receivers(console: ConsoleState, request: Request, session: Session, message: list[str] | None = None,

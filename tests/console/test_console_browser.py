@@ -221,13 +221,14 @@ def test_refusals_edit_delete_logs_and_status(console):
     assert b"# an operator's edit in a shell\n" in path.read_bytes() and b"NOT_OURS=kept" in path.read_bytes()
 
     console.page.get_by_role("link", name="Logs").click()
+    console.page.wait_for_url("**/logs")
     assert console.page.get_by_role("heading").inner_text() == "IPFIX-balancer Logs"
     events = console.page.locator("td.event")
     assert "handler_started" in events.all_inner_texts()
     console.shot("logs")
     console.page.get_by_label("Level").select_option("error")
     console.page.get_by_role("button", name="Filter").click()
-    console.page.wait_for_load_state()
+    console.page.wait_for_url("**level=error")
     assert "handler_started" not in console.page.locator("td.event").all_inner_texts()
 
     console.page.get_by_role("link", name="Status").click()

@@ -32,7 +32,7 @@ def answers(port: int) -> bool:
         return False
 
 
-def test_console_process_is_restarted_when_it_dies_and_stopped_with_the_supervisor(balancer, tmp_path):
+def test_console_process_is_restarted_when_it_dies_or_the_supervisor_restarts_and_stops_when_turned_off(balancer, tmp_path):
     port, console = free_port(), free_port()
     bal = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
                    f"IPFIX_BALANCER_CONSOLE=127.0.0.1/{console}\n"
@@ -47,6 +47,11 @@ def test_console_process_is_restarted_when_it_dies_and_stopped_with_the_supervis
                "a new console process", bal, timeout=30)
     assert bal.handler_pid("fullflow[0]") == handler
     bal.wait_log(lambda line: line.get("event") == "handler_died" and line.get("handler") == "console")
+
+    [second] = console_pids(bal)  # a restart in place frees the console's port for the new supervisor's console
+    bal.send_signal(signal.SIGUSR2)
+    wait_until(lambda: (pids := console_pids(bal)) and pids != [second] and answers(console),
+               "the console after a restart in place", bal, timeout=30)
 
     bal.write_config(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n")  # console off
     bal.reload()

@@ -53,8 +53,10 @@ def run(config_path, run_dir, log_format, adopt) -> None:
     """Run the supervisor and one handler per receiver (foreground; systemd runs this)."""
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
+    run_dir = rundir.resolve_run_dir(run_dir)
+    os.environ[logs.RING_ENV] = rundir.log_ring_path(run_dir)  # for the console's Logs page; children inherit it
     log = logs.setup(log_format, stream="supervisor")
-    sys.exit(Supervisor(path, rundir.resolve_run_dir(run_dir), log_format, log, adopt=adopt).run())
+    sys.exit(Supervisor(path, run_dir, log_format, log, adopt=adopt).run())
 
 
 @main.command("check-config")
@@ -70,6 +72,11 @@ def check_config(config_path) -> None:
         cpu = "-" if rc.taskset is None else rc.taskset
         click.echo(f"  {rc.name:<16} {rc.listen.port_type}/{rc.listen.port:<6} {rc.forwarding.mode.value:<10} "
                    f"cpu={cpu:<3} -> {subs}")
+    if cfg.console is not None:
+        c = cfg.console
+        host = f"[{c.host}]" if ":" in c.host else c.host
+        click.echo(f"  console          {'https' if c.tls_cert else 'http'}://{host}:{c.port}/ "
+                   f"(token in {c.token_file})")
 
 
 @main.command()
@@ -107,13 +114,21 @@ def stop(run_dir, timeout) -> None:
 
 
 @main.command()
-@_config_option
 @_run_dir_option
-def reload(config_path, run_dir) -> None:
-    """Validate the config, then ask the running supervisor to apply it (SIGHUP)."""
-    _load_or_exit(config_path, "reload refused, the running configuration stays: ")
-    pid = _signal_supervisor(run_dir, signal.SIGHUP)
-    click.echo(f"reload requested from supervisor {pid}")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for the supervisor's outcome")
+def reload(run_dir, timeout) -> None:
+    """Validate the file the running supervisor reads, ask it to apply it (SIGHUP) and print what it did:
+    settings applied in place, handlers replaced, started or stopped. Exit 1 when refused (nothing changed)."""
+    from .control import reload as reload_mod
+    try:
+        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout)
+    except (reload_mod.NotRunning, TimeoutError) as exc:
+        click.echo(f"ipfix-balancer: {exc}", err=True)
+        sys.exit(1)
+    refused = outcome.result == reload_mod.REFUSED
+    for line in outcome.lines():
+        click.echo(line, err=refused)
+    sys.exit(1 if refused else 0)
 
 
 @main.command()
@@ -150,3 +165,15 @@ def handler(receiver_json, run_dir, log_format, takeover) -> None:
     """One receiver's handler process (spawned by the supervisor)."""
     from .handler import main as handler_main
     sys.exit(handler_main(receiver_json, rundir.resolve_run_dir(run_dir), log_format, takeover))
+
+
+@main.command(hidden=True)
+@click.option("--settings", "settings_json", required=True, help="config.Console as JSON")
+@_config_option
+@_run_dir_option
+@_log_format_option
+def console(settings_json, config_path, run_dir, log_format) -> None:
+    """The web console process (spawned by the supervisor)."""
+    from .console.main import main as console_main
+    log = logs.setup(log_format, stream="console")
+    sys.exit(console_main(settings_json, config_mod.resolve_path(config_path), rundir.resolve_run_dir(run_dir), log))

@@ -27,6 +27,10 @@ AUTO_INDEX_BASE = 100  # balancer-auto recorders: index 100, 101, … of their s
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
 # Global .env keys (not per receiver): key -> param, parsed with the receivers' checks.
 _GLOBALS = {"IPFIX_BALANCER_METRICS": "METRICS", "IPFIX_BALANCER_HANG_SECONDS": "HANG_SECONDS"}
+# Global keys of the web console (console/): one per balancer, not per receiver.
+_CONSOLE_KEYS = ("IPFIX_BALANCER_CONSOLE", "IPFIX_BALANCER_CONSOLE_TLS_CERT", "IPFIX_BALANCER_CONSOLE_TLS_KEY",
+                 "IPFIX_BALANCER_CONSOLE_TOKEN_FILE")
+CONSOLE_TOKEN_NAME = "console.token"  # default token file: next to the .env
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
@@ -190,12 +194,31 @@ def _nest_flat(data: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Console:
+    """IPFIX_BALANCER_CONSOLE*: where the web console listens (TLS files required off loopback) and the
+    file holding its login token."""
+    host: str
+    port: int
+    tls_cert: str
+    tls_key: str
+    token_file: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str) -> Console:
+        return cls(**json.loads(s))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     path: str
     receivers: tuple[ReceiverConfig, ...]
     warnings: tuple[str, ...]
     metrics: Endpoint | None = None  # IPFIX_BALANCER_METRICS: where GET /metrics and /healthz are served
     hang_seconds: int = 15  # IPFIX_BALANCER_HANG_SECONDS
+    console: Console | None = None  # None: IPFIX_BALANCER_CONSOLE empty, no console
 
 
 class ConfigError(Exception):
@@ -223,6 +246,11 @@ def load(path: str, cpus: Collection[int] | None = None) -> Config:
         reason = getattr(e, "strerror", None) or e
         raise ConfigError([f"{path}: cannot read the configuration file ({reason}); expected a readable "
                            ".env file (choose it with --config or $IPFIX_BALANCER_CONFIG)"]) from None
+    return load_text(text, path, cpus)
+
+
+def load_text(text: str, path: str, cpus: Collection[int] | None = None) -> Config:
+    """Validate .env text as if read from path (the console checks an edit before writing it)."""
     try:
         # dotenv's own parser, not dotenv_values: that one also logs its parse warnings, and the operator
         # should read one message per problem, ours (what dotenv_values would return, with interpolate=False)
@@ -272,12 +300,13 @@ def parse(values: Mapping[str, str | None], path: str = "<memory>",
     _check_shared(built, problems)
     settings = _global_settings(values, problems)
     _check_cycles(built, problems)
+    console = _console(values, path, problems)
     if problems:
         raise ConfigError(problems)
     warnings = list(_rotation_warnings(built))
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
-    return Config(path, tuple(rc for rc, _ in built), tuple(warnings), **settings)
+    return Config(path, tuple(rc for rc, _ in built), tuple(warnings), console=console, **settings)
 
 
 def _global_settings(values: Mapping[str, str | None], problems: list[str]) -> dict:
@@ -290,11 +319,35 @@ def _global_settings(values: Mapping[str, str | None], problems: list[str]) -> d
     return {"metrics": metrics[0] if metrics else None, "hang_seconds": g.integer("HANG_SECONDS", 15)}
 
 
+def _console(values: Mapping[str, str | None], path: str, problems: list[str]) -> Console | None:
+    """IPFIX_BALANCER_CONSOLE=host/port (empty: off). Off loopback only with TLS: the token and the whole
+    configuration would otherwise cross the network in clear."""
+    address, cert, key, token = ((values.get(k) or "").strip() for k in _CONSOLE_KEYS)
+    if not address:
+        return None
+    m = _ITEM_RE.fullmatch(address)
+    ip = None if m is None or m["proto"] is not None else _ip(m["host"] if m["v6"] is None else m["v6"])
+    port = None if m is None else _int(m["port"])
+    if ip is None or port is None or not 1 <= port <= 65535:
+        problems.append(f"IPFIX_BALANCER_CONSOLE={address!r}: expected host/port with an IP address, e.g. "
+                        "127.0.0.1/8480 or [::1]/8480 (empty: no console)")
+        return None
+    for name, value in zip(_CONSOLE_KEYS[1:3], (cert, key)):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{name}={value!r}: expected a readable PEM file")
+    if not ip.is_loopback and not (cert and key):
+        problems.append(f"IPFIX_BALANCER_CONSOLE={address!r}: {ip} is not a loopback address; expected "
+                        "IPFIX_BALANCER_CONSOLE_TLS_CERT and IPFIX_BALANCER_CONSOLE_TLS_KEY to be set too "
+                        "(or a loopback address, reached through an SSH tunnel)")
+    token = token or os.path.join(os.path.dirname(os.path.abspath(path)), CONSOLE_TOKEN_NAME)
+    return Console(host=str(ip), port=port, tls_cert=cert, tls_key=key, token_file=token)
+
+
 def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
     """Sort IPFIX_ keys by receiver: {(stream, index): {param: (key as written, value)}}."""
     receivers: dict[tuple[str, int], dict[str, tuple[str, str]]] = {}
     for key, value in values.items():
-        if key in _ENV_ONLY or key in _GLOBALS or not key.upper().startswith("IPFIX_"):
+        if key in _ENV_ONLY or key in _GLOBALS or key in _CONSOLE_KEYS or not key.upper().startswith("IPFIX_"):
             continue
         value = (value or "").strip()  # a key without '=' reads as None: treat as empty
         m = _KEY_RE.fullmatch(key)
@@ -309,6 +362,17 @@ def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
             problems.append(f"{key}={_q(value)}: conflicts with {keys[param][0]}={_q(keys[param][1])}, which sets "
                             "the same parameter; expected only one of them")
     return receivers
+
+
+def receiver_params() -> tuple[str, ...]:
+    """Every per-receiver PARAM, aliases left out."""
+    return tuple(p for p in _PARAMS if p not in _ALIASES)
+
+
+def receiver_key(key: str) -> tuple[str, int, str] | None:
+    """(stream, index, param) named by a receiver key as written (aliases resolved), or None."""
+    m = _KEY_RE.fullmatch(key)
+    return None if m is None else (m["stream"], int(m["index"] or 0), _ALIASES.get(m["param"], m["param"]))
 
 
 def _unknown_key(key: str, value: str) -> str:

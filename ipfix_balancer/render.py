@@ -36,6 +36,7 @@ PATHS = {
     "appdir": "/opt/fast_ipfix_balancer",
     "unit": UNIT,
     "syslog_identifier": "IPFIXcol2-balancer",
+    "console": "127.0.0.1/8480",  # the web console, loopback only (README "Console")
 }
 
 # The manual's "Example of Configuration File" (etc/manual-example.env): ports, modes and CPUs as there,
@@ -64,6 +65,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("ipfix_balancer", "skel"), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["basename"] = os.path.basename
+    env.filters["dirname"] = os.path.dirname
     env.filters["roff"] = roff
     env.filters["roff_opts"] = roff_opts
     env.filters["hyphens"] = lambda text: roff(text).replace("-", "\\-")

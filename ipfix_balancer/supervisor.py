@@ -3,7 +3,9 @@
 It spawns one ``ipfix-balancer handler`` process per receiver (the receiver's config is handed over as
 JSON, so a handler never re-reads a file that may have changed since it was validated), restarts a
 handler that dies (with backoff), passes SIGTERM/SIGINT on for a graceful stop, re-reads the config on
-SIGHUP, and relays a Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders.
+SIGHUP (numbering each reload and writing its outcome for ``ipfix-balancer reload``), and relays a
+Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders. When configured, it also
+runs the web console's process (``console/``) and restarts it like a handler.
 
 SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart``: the supervisor
 re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket
@@ -26,7 +28,8 @@ import subprocess
 import sys
 import time
 
-from .config import ConfigError, Config, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .control import reload as reload_outcome
 from .control import rundir
 from .control.health import Watch
 from .control.metrics import MetricsServer
@@ -70,6 +73,23 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
+    @property
+    def name(self) -> str:
+        return self.rc.name
+
+
+class ConsoleChild(Child):
+    """The web console process (IPFIX_BALANCER_CONSOLE): restarted like a handler; it never sees traffic,
+    and the supervisor's loop never serves a web request."""
+
+    def __init__(self, settings: Console):
+        super().__init__(None)
+        self.settings = settings
+
+    @property
+    def name(self) -> str:
+        return "console"
+
 
 class Supervisor:
     """One handler process per receiver (see the module docstring).
@@ -87,6 +107,7 @@ class Supervisor:
         self.log_format = log_format
         self.log = log
         self.children: dict[str, Child] = {}
+        self.console: ConsoleChild | None = None
         self.config: Config | None = None
         self.stopping = False
         self.watch: Watch | None = None  # heartbeats, readiness, counters for metrics (control/health.py)
@@ -131,6 +152,7 @@ class Supervisor:
         if restarts:
             self._write_status()
         self._serve_metrics()
+        self._set_console(self.config.console)
         try:
             while not self.stopping:
                 select.select([wake.sock], [], [], 0.5)
@@ -171,6 +193,7 @@ class Supervisor:
             for problem in err.problems:
                 self.log.error("restart_refused", config=self.config_path, problem=problem)
             return
+        self._set_console(None)  # it holds its port: the new supervisor starts its own
         running = {name: {"pid": c.pid, "receiver": c.rc.to_json()}
                    for name, c in self.children.items() if c.pid is not None}
         rundir.write_json(rundir.adopt_path(self.run_dir), {"handlers": running, "retiring": sorted(self.retiring)})
@@ -233,6 +256,30 @@ class Supervisor:
         self.log.info("handler_spawned", handler=rc.name, handler_pid=child.proc.pid, cpu=rc.taskset)
         self._write_status()
 
+    def _set_console(self, settings: Console | None) -> None:
+        """Start, stop or replace the console process when its settings differ from the running one's."""
+        if self.console is not None and self.console.settings == settings:
+            return
+        if self.console is not None:
+            self._stop_children([self.console], 5.0)
+            self.console = None
+        if settings is not None:
+            self.console = ConsoleChild(settings)
+            self._spawn_console()
+
+    def _spawn_console(self) -> None:
+        child = self.console
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipfix_balancer", "console", "--settings", child.settings.to_json(), "--config",
+             self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format], stdin=subprocess.DEVNULL)
+        child.started = time.monotonic()
+        child.restart_at = None
+        self.log.info("console_spawned", console_pid=child.proc.pid, host=child.settings.host,
+                      port=child.settings.port)
+
+    def _children(self) -> list[Child]:
+        return list(self.children.values()) + ([self.console] if self.console is not None else [])
+
     def _reap(self) -> None:
         for pid in list(self.retiring):
             try:
@@ -242,7 +289,7 @@ class Supervisor:
             if done:
                 self.retiring.discard(pid)
         now = time.monotonic()
-        for child in list(self.children.values()):
+        for child in self._children():
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
                 child.proc = None
@@ -251,12 +298,15 @@ class Supervisor:
                 if now - child.started > STABLE_AFTER:
                     child.backoff = RESTART_FIRST
                 child.restart_at = now + child.backoff
-                self.log.error("handler_died", handler=child.rc.name, exit_code=code,
+                self.log.error("handler_died", handler=child.name, exit_code=code,
                                restart_in=child.backoff, restarts=child.restarts)
                 child.backoff = min(child.backoff * 2, RESTART_CAP)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
-                self._spawn(child)
+                if child is self.console:
+                    self._spawn_console()
+                else:
+                    self._spawn(child)
 
     def _stop_children(self, children: list[Child], timeout: float) -> bool:
         """SIGTERM, wait for the graceful drain, SIGKILL what is left. True when all exited cleanly.
@@ -273,16 +323,17 @@ class Supervisor:
             try:
                 code = child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.log.error("handler_kill", handler=child.rc.name, reason="did not stop in time")
+                self.log.error("handler_kill", handler=child.name, reason="did not stop in time")
                 child.proc.kill()
                 code = child.proc.wait()
             if code != 0:
                 clean = False
-                self.log.error("handler_exit", handler=child.rc.name, exit_code=code)
+                self.log.error("handler_exit", handler=child.name, exit_code=code)
             child.proc = None
         return clean
 
     def _shutdown(self) -> int:
+        self._set_console(None)  # first: no edits while handlers stop; its exit status says nothing about traffic
         clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
         return 0 if clean else 1
@@ -292,11 +343,16 @@ class Supervisor:
         """Re-read the config and apply it. A bad file changes nothing. A receiver whose listening socket
         and CPU stay is reconfigured in place (its exporters stay connected); otherwise its handler is
         replaced, and the old one is waited for (up to DRAIN_TIMEOUT + 5 s) before the new one binds."""
+        previous = reload_outcome.read_outcome(self.run_dir)  # numbering continues across a restart in place
+        outcome = reload_outcome.Outcome(generation=1 + (previous.generation if previous else 0),
+                                         result=reload_outcome.APPLIED, config=self.config_path)
         try:
             new = load(self.config_path)
         except ConfigError as err:
             for problem in err.problems:
                 self.log.error("reload_refused", config=self.config_path, problem=problem)
+            outcome.result, outcome.problems = reload_outcome.REFUSED, err.problems
+            self._write_reload_outcome(outcome)
             return False
         old = {rc.name: rc for rc in receivers(self.config)}
         fresh = {rc.name: rc for rc in receivers(new)}
@@ -323,8 +379,11 @@ class Supervisor:
         self.config = new
         self.watch.hang_seconds = new.hang_seconds
         self._serve_metrics()
+        self._set_console(new.console)
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
+        outcome.reconfigured, outcome.restarted, outcome.added, outcome.removed = in_place, replaced, added, removed
+        self._write_reload_outcome(outcome)
         return True
 
     # -- liveness and metrics ------------------------------------------------------------------
@@ -370,6 +429,12 @@ class Supervisor:
             return
         host = f"[{want.host}]" if ":" in want.host else want.host
         self.log.info("metrics_serving", url=f"http://{host}:{want.port}/metrics")
+    def _write_reload_outcome(self, outcome: reload_outcome.Outcome) -> None:
+        """For ``ipfix-balancer reload`` and the console, which wait for it after their SIGHUP."""
+        try:
+            reload_outcome.write_outcome(self.run_dir, outcome)
+        except OSError as exc:
+            self.log.error("reload_outcome_write_failed", run_dir=self.run_dir, reason=str(exc))
 
     def _sync_rotation(self) -> None:
         """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""

@@ -157,6 +157,7 @@ def test_the_manuals_three_cases_in_the_form_start_receivers_without_touching_th
             outcome = console.page.get_by_role("status").inner_text()
             assert "handlers started:" in outcome, console.page.content()
 
+        console.bal.wait_ready()  # the outcome says a handler was started, not that it listens yet
         stream = make_stream(40, records_per_message=2)
         for port in ports.values():
             with TcpExporter(port) as exporter:

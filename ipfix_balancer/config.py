@@ -29,7 +29,7 @@ _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
-           "SPOOL_BYTES")
+           "SPOOL_BYTES", "STALL_SECONDS")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]+)\])?")
@@ -50,6 +50,7 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "TEMPLATE_REFRESH": (1, None, "an integer >= 1 (seconds)"),
     "BALANCER_TASKSET": (0, None, "a CPU number >= 0"),
     "SPOOL_BYTES": (0, None, "an integer >= 0 (bytes of completed dump files kept; 0 = no limit)"),
+    "STALL_SECONDS": (1, None, "an integer >= 1 (seconds a TCP subreceiver may take nothing before it is stalled)"),
 }
 
 
@@ -98,6 +99,7 @@ class Forwarding:
     queue_bytes: int
     template_refresh: int
     balancer_auto: bool
+    stall_seconds: int = 5  # a TCP subreceiver that acknowledges nothing this long is stalled
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,7 +170,7 @@ def _nest_flat(data: dict) -> dict:
     flat = {**data, "max_flows_per_file": data["fw_max_queue_size"]}
 
     def group(cls) -> dict:
-        return {f.name: flat[f.name] for f in dataclasses.fields(cls)}
+        return {f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat}  # newer keys: defaults
 
     return {"stream": flat["stream"], "index": flat["index"], "taskset": flat["taskset"], "listen": group(Listen),
             "forwarding": group(Forwarding), "recording": group(Recording)}
@@ -245,7 +247,7 @@ def parse(values: Mapping[str, str | None], path: str = "<memory>",
     _check_shared(built, problems)
     if problems:
         raise ConfigError(problems)
-    warnings = list(_rotation_warnings(built))
+    warnings = list(_rotation_warnings(built)) + list(_datagram_warnings(built))
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
     return Config(path, tuple(rc for rc, _ in built), tuple(warnings))
@@ -402,10 +404,12 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     template_refresh = r.integer("TEMPLATE_REFRESH", 60)
     balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
     spool_bytes = r.integer("SPOOL_BYTES", 0)
+    stall_seconds = r.integer("STALL_SECONDS", 5)
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
-                              template_refresh=template_refresh, balancer_auto=balancer_auto),
+                              template_refresh=template_refresh, balancer_auto=balancer_auto,
+                              stall_seconds=stall_seconds),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
                             dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes))
@@ -444,6 +448,16 @@ def _rotation_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
             yield (f"{r.describe(param, getattr(rec, param.lower()))}: Clickstream rotates every "
                    f"{rec.rotate_seconds} s, sooner than {ff.name} ({ff.recording.rotate_seconds} s); expected "
                    "Clickstream's rotation period >= Fullflow's, as the manual requires")
+
+
+def _datagram_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
+    """TCP carries IPFIX messages of up to 65,535 bytes; a UDP datagram at most 65,507 bytes of payload."""
+    for rc, r in built:
+        fw = rc.forwarding
+        if rc.listen.port_type == "tcp" and fw.sub_proto == "udp" and fw.mode in (Mode.ROUND_ROBIN, Mode.ALL):
+            yield (f"{r.describe('BALANCER_SUB_PROTO', 'tcp')}: {rc.name} receives TCP and forwards UDP; "
+                   "exporters must keep messages under 65,507 bytes (larger ones cannot be sent as one datagram "
+                   "and are dropped, counted as oversize)")
 
 
 def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:

@@ -91,7 +91,8 @@ class Handler:
     def _forwarding(self) -> Forwarding:
         fw = self.rc.forwarding
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
-        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder)
+        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder,
+                          stall_seconds=fw.stall_seconds if fw.sub_proto == "tcp" else 0)
 
     def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
         session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
@@ -244,15 +245,16 @@ class Handler:
         return self.exit_code
 
     def _finish(self) -> None:
+        """Close what is left (counted); exit non-zero when anything was lost over the handler's life."""
         lost_before = self.drops()
         for session in list(self.sessions):
             for queue in list(session.queues):
                 queue.close()
         if self.recorder is not None:
             self.recorder.close()
-        lost = self.drops() - lost_before
-        if lost:
-            self.log.error("handler_stopped_with_loss", unsent_messages=lost, drain_timeout=DRAIN_TIMEOUT)
+        if self.drops():
+            self.log.error("handler_stopped_with_loss", unsent_messages=self.drops() - lost_before,
+                           drain_timeout=DRAIN_TIMEOUT, drops=self.drops(), drops_by_reason=self.drops_by_reason()[0])
             self.exit_code = 1
         self.write_status()
         self.log.info("handler_stopped", msgs_in=self.counters.msgs_in, drops=self.drops())
@@ -264,10 +266,24 @@ class Handler:
             total += self.recorder.drops
         return total
 
+    def drops_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Messages and records lost, per reason, over every subreceiver (a recorder's drops: ``recorder``)."""
+        msgs: dict[str, int] = {}
+        records: dict[str, int] = {}
+        for stats in self.subreceivers + self.retired_subreceivers:
+            for total, part in ((msgs, stats.drops_by_reason), (records, stats.drop_records_by_reason)):
+                for reason, n in part.items():
+                    total[reason] = total.get(reason, 0) + n
+        recorder = self.retired_drops + (self.recorder.drops if self.recorder is not None else 0)
+        if recorder:
+            msgs["recorder"] = recorder
+        return msgs, records
+
     def write_status(self) -> None:
         if self.handed_over:
             return
         rc, counters = self.rc, self.counters
+        by_reason = self.drops_by_reason()
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
@@ -278,7 +294,8 @@ class Handler:
             unknown_template=counters.unknown_template + sum(s.tracker.unknown_template for s in self.sessions
                                                              if s.state is Lifecycle.OPEN),
             connections=self.connections, connections_total=self.connections_total,
-            drops=self.drops(),
+            drops=self.drops(), drop_records=sum(by_reason[1].values()),
+            drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status())
         try:

@@ -31,7 +31,7 @@ class Lifecycle(enum.Enum):
     GONE = "gone"          # every output closed
 
 
-#: ``make_output(stats, limit=, rewrite_seq=, refresh=, current_snapshot=, on_down=, on_closed=)``: a
+#: ``make_output(stats, limit=, rewrite_seq=, refresh=, stall=, current_snapshot=, on_down=, on_closed=)``: a
 #: SendQueue whose transport is already attached (and connecting)
 OutputFactory = Callable[..., SendQueue]
 
@@ -39,15 +39,16 @@ OutputFactory = Callable[..., SendQueue]
 class Forwarding:
     """What a session is told to do: the settings its dispatcher and queues are built from."""
 
-    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder")
+    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder", "stall_seconds")
 
     def __init__(self, mode: Mode, subreceivers: list[SubreceiverStats], queue_bytes: int,
-                 template_refresh: float, recorder: Dispatcher | None = None):
+                 template_refresh: float, recorder: Dispatcher | None = None, stall_seconds: float = 0.0):
         self.mode = mode
         self.subreceivers = subreceivers
         self.queue_bytes = queue_bytes
         self.template_refresh = template_refresh  # 0: no periodic re-send (TCP subreceivers)
         self.recorder = recorder
+        self.stall_seconds = stall_seconds  # 0: no stall detection
 
 
 class ExporterSession:
@@ -87,10 +88,12 @@ class ExporterSession:
                 queue = reusable.pop(stats.subreceiver, None)
                 if queue is None:
                     queue = self.make_output(stats, limit=fw.queue_bytes, rewrite_seq=cls.rewrite_seq,
-                                             refresh=fw.template_refresh, current_snapshot=self._snapshot,
+                                             refresh=fw.template_refresh, stall=fw.stall_seconds,
+                                             current_snapshot=self._snapshot,
                                              on_down=dispatcher.on_down, on_closed=self._queue_closed)
                 else:
                     queue.on_down, queue.limit, queue.refresh = dispatcher.on_down, fw.queue_bytes, fw.template_refresh
+                    queue.stall = fw.stall_seconds
                 active.append(queue)
         retired = [q for q in self.queues if q not in active]
         for queue in retired:

@@ -3,22 +3,39 @@
 It owns the socket, the connect/backoff cycle and the refresh and close timers, and drives a
 ``core.sendqueue.SendQueue``: ``next_iovec`` -> ``sendmsg`` -> ``written``; any error -> ``connection_lost``.
 Every failure goes through ``_fail``, once per state change in the log.
+
+A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush and tells
+the queue how far the collector acknowledged; while bytes wait, a timer checks that the acknowledged offset
+advances, and marks the output stalled when it has not for the queue's ``stall`` seconds. A UDP output that
+failed comes back tentatively: it is up again (and its backoff reset) only when a check of the socket's
+error finds no refusal after a datagram went out.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 
-from ..core.sendqueue import SendQueue, State
+from ..core.sendqueue import OVERSIZE, SendQueue, State
 from .loop import READ, WRITE, Loop
 
 SNDBUF = 4 * 1024 * 1024
 BACKOFF_FIRST = 0.2
 BACKOFF_CAP = 5.0
 CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep trying to deliver its queue
+PROGRESS_CHECK = 0.5  # seconds between checks of a TCP output's acknowledged offset while bytes wait
+UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
+_INT = struct.Struct("i")
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, unsent or unacknowledged (SIOCOUTQ); still valid after a reset."""
+    return _INT.unpack(fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 class OutputConnection:
@@ -33,7 +50,11 @@ class OutputConnection:
         self._backoff = BACKOFF_FIRST
         self._timer = None          # reconnect, or the close deadline
         self._refresh_timer = None  # UDP template refresh
+        self._check_timer = None    # TCP progress check, or UDP refusal check
+        self._progress = 0.0        # monotonic time the acknowledged offset last advanced
+        self._oversize_logged = False
         self._tcp = queue.subreceiver.proto == "tcp"
+        queue.track_acks = self._tcp
         queue.transport = self
         self._connect()
 
@@ -47,13 +68,15 @@ class OutputConnection:
         if self.queue.state is State.UP:
             self.flush()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         self._cancel_timer()
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
+        if abort and self.sock is not None:  # RST: the kernel must not deliver what was counted as lost
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         self._release()
 
     # -- connecting ----------------------------------------------------------------------------
@@ -88,9 +111,14 @@ class OutputConnection:
         self._up()
 
     def _up(self) -> None:
-        self._backoff = BACKOFF_FIRST
-        if self.queue.connection_up(int(time.time())):
+        # A UDP socket connects whatever the peer does: after a failure, it must show it works first.
+        tentative = not self._tcp and bool(self.queue.stats.last_error)
+        if self.queue.connection_up(int(time.time()), tentative):
             self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
+        if tentative:
+            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
+        else:
+            self._backoff = BACKOFF_FIRST
         if self._tcp:
             self.loop.watch(self.sock, READ, self._on_event)
         elif self.queue.refresh and self._refresh_timer is None:
@@ -101,15 +129,36 @@ class OutputConnection:
         self.queue.refresh_templates(int(time.time()))
         self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
 
-    def _fail(self, exc: BaseException) -> None:
-        """The connection is gone: the queue takes back what was not written, and we retry with backoff."""
-        self._release()
+    def _confirm_udp(self) -> None:
+        """A returning UDP output: a refusal of what went out shows as the socket's error by now."""
+        self._check_timer = None
         queue = self.queue
+        if self.sock is None or queue.state is not State.UP:
+            return
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, os.strerror(err)))
+        elif not queue.sent_total:  # nothing went out yet: nothing to judge by
+            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
+        else:
+            self._backoff = BACKOFF_FIRST
+            if queue.confirm():
+                self.log.info("subreceiver_up", subreceiver=str(queue.subreceiver))
+
+    def _fail(self, exc: BaseException) -> None:
+        """The connection is gone: the queue takes back what may not have arrived, and we retry with
+        backoff."""
+        queue = self.queue
+        if self._tcp and self.sock is not None:
+            self._acknowledge()  # the last word on what the collector's TCP received (valid after a reset)
+        elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+            queue.refused()
+        self._release()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        lost, news = queue.connection_lost(reason)
+        resent, news = queue.connection_lost(reason)
         if news:  # once per state change, not per retry
             self.log.warning("subreceiver_down", subreceiver=str(queue.subreceiver), reason=reason,
-                             lost_in_flight=lost, queued=len(queue.pending), retry_in=self._backoff)
+                             resent=resent, queued=len(queue.pending), retry_in=self._backoff)
         if queue.closing and not queue.pending:
             queue.close()
             return
@@ -128,6 +177,9 @@ class OutputConnection:
                            unsent_messages=unsent)
 
     def _release(self) -> None:
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+            self._check_timer = None
         if self.sock is not None:
             self.loop.unwatch(self.sock)
             self.sock.close()
@@ -152,6 +204,9 @@ class OutputConnection:
                 self._fail(ConnectionResetError("closed by subreceiver"))
                 return
         if mask & WRITE:
+            if self.queue.state is State.STALLED:  # room in the send buffer: the collector took data
+                self._acknowledge()
+                self._resume()
             self.flush()
 
     # -- sending -------------------------------------------------------------------------------
@@ -174,6 +229,50 @@ class OutputConnection:
     def _flush_stream(self) -> None:
         if self._write(self.queue.next_iovec, READ | WRITE):
             self.loop.watch(self.sock, READ, self._on_event)  # all sent: watch for the collector closing
+        if self._acknowledge() and self._check_timer is None:  # bytes wait for the collector: watch progress
+            self._progress = time.monotonic()
+            self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
+
+    def _acknowledge(self) -> int:
+        """Tell the queue how far the collector's TCP acknowledged; returns the bytes still unacknowledged.
+        The offset advanced means the collector takes data: a stall timer restarts from now."""
+        queue = self.queue
+        waiting = unsent_bytes(self.sock)
+        acked = queue.sent_total - waiting
+        if acked > queue.acked:
+            self._progress = time.monotonic()
+            queue.acknowledged(acked)
+        return waiting
+
+    def _check_progress(self) -> None:
+        """While bytes wait: no progress for ``stall`` seconds makes the output stalled; progress on a
+        stalled output makes it up again."""
+        self._check_timer = None
+        queue = self.queue
+        if self.sock is None or queue.state not in (State.UP, State.STALLED):
+            return
+        before = self._progress
+        waiting = self._acknowledge()
+        if queue.state is State.STALLED:
+            if self._progress != before or not waiting:
+                self._resume()
+                self.flush()
+        elif queue.stall and waiting and time.monotonic() - self._progress >= queue.stall:
+            self._stall(waiting)
+        if waiting or queue.state is State.STALLED:
+            self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
+
+    def _stall(self, waiting: int) -> None:
+        queue = self.queue
+        if queue.stalled(f"stalled: nothing acknowledged for {queue.stall:g} s"):
+            self.log.warning("subreceiver_stalled", subreceiver=str(queue.subreceiver), unacked_bytes=waiting,
+                             queued=len(queue.pending), stall_seconds=queue.stall)
+        if queue.on_down is not None:
+            queue.on_down(queue)
+
+    def _resume(self) -> None:
+        if self.queue.confirm():
+            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver), reason="took data again")
 
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send
@@ -190,7 +289,22 @@ class OutputConnection:
                 sent = sock.sendmsg(bufs)
             except BlockingIOError:
                 sent = 0
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE or self._tcp:
+                    raise
+                self._oversize(sum(len(b) for b in bufs))
+                continue
             if not written(sent):
                 self.loop.watch(sock, blocked_events, self._on_event)
                 return False
         return True
+
+    def _oversize(self, size: int) -> None:
+        """A message no UDP datagram can carry (TCP in, UDP out): dropped and counted, never retried."""
+        queue = self.queue
+        queue.drop_committed(OVERSIZE)
+        if not self._oversize_logged:  # once per output session
+            self._oversize_logged = True
+            self.log.error("message_oversize", subreceiver=str(queue.subreceiver), size=size,
+                           action="dropped for this UDP subreceiver; exporters must keep messages under "
+                                  "65,507 bytes")

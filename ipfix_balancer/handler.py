@@ -51,6 +51,8 @@ class Handler:
         self._stop_deadline = 0.0
         self.exit_code = 0
         self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
+        self._odid_templates: dict[int, tuple[str, dict]] = {}  # odid -> (peer, templates) last announced
+        self._odid_conflicts: set[int] = set()  # ODIDs logged as shared with conflicting templates
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, takeover: bool = False) -> None:
@@ -97,9 +99,26 @@ class Handler:
     def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
         session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
         session.configure(self._forwarding())
+        session.on_templates = self._templates_announced
         self.sessions.add(session)
         self.connections_total += 1
         return session
+
+    def _templates_announced(self, session: ExporterSession, odid: int) -> None:
+        """Collectors that scope templates by (source address, ODID), as nfcapd and nfacctd do, see every
+        exporter behind the balancer as one: two sessions defining one template id of one ODID differently
+        garble each other there. Logged once per ODID (the recorder handles its own files)."""
+        if self.rc.forwarding.mode is Mode.DISABLED:
+            return
+        mine = session.tracker.snapshot.domain(odid) or {}
+        peer, theirs = self._odid_templates.get(odid, (session.peer, mine))
+        self._odid_templates[odid] = (session.peer, mine)
+        if (peer != session.peer and odid not in self._odid_conflicts
+                and any(theirs.get(tid, record) != record for tid, record in mine.items())):
+            self._odid_conflicts.add(odid)
+            self.log.warning("odid_shared_with_other_templates", odid=odid, sessions=[peer, session.peer],
+                             remedy="give each exporter its own ODID: collectors that key templates by source "
+                                    "address and ODID cannot tell these sessions apart")
 
     def _make_output(self, stats: SubreceiverStats, **settings) -> SendQueue:
         queue = SendQueue(stats, **settings)

@@ -65,6 +65,7 @@ class ExporterSession:
         self.state = Lifecycle.OPEN
         self.dispatcher: Dispatcher | None = None
         self.last_seen = 0.0  # UDP: when the last datagram came (the listener's clock)
+        self.on_templates: Callable[[ExporterSession, int], None] | None = None  # after a template message
 
     def configure(self, fw: Forwarding) -> None:
         """(Re)build the dispatcher from ``fw``, keeping what can be kept.
@@ -125,6 +126,8 @@ class ExporterSession:
                 batch, batch_size = [], 0
             snapshot = tracker.snapshot
             dispatcher.dispatch(msg, odid, nrec, tmpl, snapshot)
+            if self.on_templates is not None:
+                self.on_templates(self, odid)
         if batch:
             many(batch, batch_size)
         counters = self.counters

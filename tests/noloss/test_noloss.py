@@ -13,8 +13,8 @@ import time
 
 import pytest
 
-from ipfixkit import (MAX_MESSAGE_LENGTH, TcpExporter, TcpSink, UdpSink, data_message, extract_serials, free_port,
-                      make_stream, split_messages, udp_send, wait_until)
+from ipfixkit import (FULLFLOW_FIELDS, MAX_MESSAGE_LENGTH, TcpExporter, TcpSink, UdpSink, data_message, extract_serials, free_port,
+                      make_stream, split_messages, template_message, udp_send, wait_until)
 from ipfix_balancer import config
 
 HANDLER = "fullflow[0]"
@@ -232,3 +232,23 @@ def test_a_udp_collector_down_then_back_backs_off_logs_once_and_counts_the_refus
     assert events.count("subreceiver_down") == 1 and events.count("subreceiver_up") == 1
     assert retries == [0.2]
     assert bal.stop(timeout=30) == 1, "refused datagrams are loss: the handler exits non-zero"
+
+
+def test_two_sessions_sharing_an_odid_with_other_templates_are_logged_once(balancer):
+    """Collectors that scope templates by (source address, ODID) cannot tell them apart behind the balancer."""
+    port = free_port()
+    with TcpSink() as a:
+        bal = balancer(env(port, [f"127.0.0.1/{a.port}"], "All"))
+        bal.wait_ready()
+        first = make_stream(2, odid=0)
+        other = [template_message(0, 0, fields=FULLFLOW_FIELDS[:-1])]
+        with TcpExporter(port) as x, TcpExporter(port) as y, TcpExporter(port) as z:
+            x.send(first)
+            bal.wait_status(HANDLER, lambda s: s["msgs_in"] == 3)
+            y.send(first)  # same templates: no conflict
+            bal.wait_status(HANDLER, lambda s: s["msgs_in"] == 6)
+            z.send(other * 2)
+            bal.wait_status(HANDLER, lambda s: s["msgs_in"] == 8)
+            line = bal.wait_log("odid_shared_with_other_templates")
+            assert line["odid"] == 0 and line["sessions"][1].endswith(str(z.local_port))
+        assert [entry["event"] for entry in bal.logs()].count("odid_shared_with_other_templates") == 1

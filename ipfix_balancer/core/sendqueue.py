@@ -139,7 +139,7 @@ class SendQueue:
         self.sent_total = 0   # bytes the kernel took
         self.acked = 0        # bytes the collector's TCP acknowledged
         self._unacked: deque = deque()  # (base offset, ends from base, entries): one per write, unacknowledged
-        self._tentative = False  # up, but not yet shown to work (a UDP output that failed before)
+        self.tentative = False  # up, but not yet shown to work (a UDP output that failed before)
         # True while the queue still holds every message of the session since it had no templates: then the
         # first connection learns the templates from those messages, and a replay would only duplicate them.
         self._complete = not len(current_snapshot())
@@ -207,13 +207,13 @@ class SendQueue:
         if not self._complete:
             self._replay_templates(now)
         self._complete = False  # whatever follows an earlier connection: a later one needs the replay
-        self._tentative = tentative
+        self.tentative = tentative
         return False if tentative else self.confirm()
 
     def confirm(self) -> bool:
         """The collector takes data (again): True when it was failing or stalled before (news)."""
         self.state = State.UP
-        self._tentative = False
+        self.tentative = False
         recovered = bool(self.stats.last_error)
         self.stats.last_error = ""
         return recovered
@@ -236,7 +236,7 @@ class SendQueue:
         self.pending.extendleft(reversed(back + entries))  # committed ones are still counted in pending_bytes
         self.bufs, self._ends, self._entries = [], [], []
         self.stats.resent += resent
-        news = (self.state in (State.UP, State.STALLED) and not self._tentative) or not self.stats.last_error
+        news = (self.state in (State.UP, State.STALLED) and not self.tentative) or not self.stats.last_error
         self.stats.last_error = reason
         self.state = State.DOWN
         self.armed = False

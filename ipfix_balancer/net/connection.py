@@ -7,8 +7,8 @@ Every failure goes through ``_fail``, once per state change in the log.
 A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush and tells
 the queue how far the collector acknowledged; while bytes wait, a timer checks that the acknowledged offset
 advances, and marks the output stalled when it has not for the queue's ``stall`` seconds. A UDP output that
-failed comes back tentatively: it is up again (and its backoff reset) only when a check of the socket's
-error finds no refusal after a datagram went out.
+failed comes back tentatively: it sends one datagram, and is up again (its backoff reset, the rest of its
+queue sent) only when a check of the socket's error finds no refusal of it.
 """
 
 from __future__ import annotations
@@ -144,6 +144,7 @@ class OutputConnection:
             self._backoff = BACKOFF_FIRST
             if queue.confirm():
                 self.log.info("subreceiver_up", subreceiver=str(queue.subreceiver))
+            self.flush()
 
     def _fail(self, exc: BaseException) -> None:
         """The connection is gone: the queue takes back what may not have arrived, and we retry with
@@ -277,8 +278,13 @@ class OutputConnection:
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send
         refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch."""
-        if self._write(self.queue.next_datagram, WRITE):
+        if self._write(self._probe if self.queue.tentative else self.queue.next_datagram, WRITE):
             self.loop.unwatch(self.sock)
+
+    def _probe(self) -> list:
+        """A returning UDP output sends one datagram until the refusal check: a collector still down costs
+        that one (counted), not a burst nobody could count."""
+        return [] if self.queue.sent_total else self.queue.next_datagram()
 
     def _write(self, take, blocked_events: int) -> bool:
         """Send what ``take`` commits until the queue is empty (True) or the kernel is full (False: watch

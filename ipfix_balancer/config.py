@@ -29,7 +29,7 @@ _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
-           "SPOOL_BYTES", "STALL_SECONDS")
+           "SPOOL_BYTES", "STALL_SECONDS", "BALANCER_SUB_SOURCE")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]+)\])?")
@@ -64,6 +64,7 @@ class Mode(enum.Enum):
 _MODES = {m.value: m for m in Mode}
 _PROTOS = {"tcp": "tcp", "udp": "udp"}
 _SWITCH = {"Enabled": True, "Disabled": False}
+_SOURCES = {"balancer": "balancer", "exporter": "exporter"}  # BALANCER_SUB_SOURCE: whose address datagrams carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +101,7 @@ class Forwarding:
     template_refresh: int
     balancer_auto: bool
     stall_seconds: int = 5  # a TCP subreceiver that acknowledges nothing this long is stalled
+    sub_source: str = "balancer"  # "exporter": UDP datagrams carry the exporter's address and port (raw socket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -405,15 +407,42 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
     spool_bytes = r.integer("SPOOL_BYTES", 0)
     stall_seconds = r.integer("STALL_SECONDS", 5)
+    sub_source = r.word("BALANCER_SUB_SOURCE", _SOURCES, "balancer")
+    if sub_source == "exporter":
+        _check_source_preservation(r, sub_proto, bind, subs)
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
                               template_refresh=template_refresh, balancer_auto=balancer_auto,
-                              stall_seconds=stall_seconds),
+                              stall_seconds=stall_seconds, sub_source=sub_source),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
                             dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes))
     return receiver, r
+
+
+def _check_source_preservation(r: _Keys, sub_proto: str | None, bind: str | None, subs) -> None:
+    """Sending with the exporter's address takes raw IPv4 sockets: UDP subreceivers, IPv4 on both sides,
+    and CAP_NET_RAW (checked here, so the operator learns it before anything listens)."""
+    expected = "balancer, or exporter with UDP IPv4 subreceivers, an IPv4 BIND and CAP_NET_RAW"
+    if sub_proto != "udp":
+        r.fail("BALANCER_SUB_SOURCE", expected, why=f"{r.describe('BALANCER_SUB_PROTO', 'tcp')}: a TCP "
+               "connection cannot carry another host's address")
+    if (bind is not None and ":" in bind) or any(":" in e.host for e in subs):
+        r.fail("BALANCER_SUB_SOURCE", expected, why="IPv6 is not supported for source preservation")
+    if not has_cap_net_raw():
+        r.fail("BALANCER_SUB_SOURCE", expected, why="this process lacks CAP_NET_RAW (run as root, or grant it: "
+               "AmbientCapabilities=CAP_NET_RAW in the service unit)")
+
+
+def has_cap_net_raw() -> bool:
+    """CAP_NET_RAW (bit 13) in this process's effective capabilities."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> 13 & 1)
 
 
 def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
@@ -463,7 +492,8 @@ def _datagram_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
 def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
     """True when the new settings need a new handler process (a new listening socket or CPU); forwarding
     and recording settings change in place."""
-    return (old.stream, old.index, old.listen, old.taskset) != (new.stream, new.index, new.listen, new.taskset)
+    return ((old.stream, old.index, old.listen, old.taskset, old.forwarding.sub_source)
+            != (new.stream, new.index, new.listen, new.taskset, new.forwarding.sub_source))
 
 
 def auto_receivers(config: Config) -> list[ReceiverConfig]:

@@ -7,6 +7,7 @@ process: handover to a successor, signals, live reconfiguration, stop and drain,
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -96,8 +97,11 @@ class Handler:
         return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder,
                           stall_seconds=fw.stall_seconds if fw.sub_proto == "tcp" else 0)
 
-    def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
-        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
+    def _open_session(self, key, peer: str, templates=()) -> ExporterSession:
+        make_output = self._make_output
+        if self.rc.forwarding.sub_source == "exporter":  # UDP key: the exporter's address; TCP: its socket
+            make_output = functools.partial(make_output, source=key if isinstance(key, tuple) else key.getpeername())
+        session = ExporterSession(peer, self.counters, make_output, self._session_gone, templates)
         session.configure(self._forwarding())
         session.on_templates = self._templates_announced
         self.sessions.add(session)
@@ -120,9 +124,9 @@ class Handler:
                              remedy="give each exporter its own ODID: collectors that key templates by source "
                                     "address and ODID cannot tell these sessions apart")
 
-    def _make_output(self, stats: SubreceiverStats, **settings) -> SendQueue:
+    def _make_output(self, stats: SubreceiverStats, source: tuple | None = None, **settings) -> SendQueue:
         queue = SendQueue(stats, **settings)
-        OutputConnection(self.loop, queue, self.log)
+        OutputConnection(self.loop, queue, self.log, source)
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:

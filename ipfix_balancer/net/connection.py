@@ -31,6 +31,9 @@ CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep try
 PROGRESS_CHECK = 0.5  # seconds between checks of a TCP output's acknowledged offset while bytes wait
 UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
 _INT = struct.Struct("i")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_HEADERS = _IPV4.size + _UDP.size
 
 
 def unsent_bytes(sock: socket.socket) -> int:
@@ -41,11 +44,13 @@ def unsent_bytes(sock: socket.socket) -> int:
 class OutputConnection:
     """Implements ``core.sendqueue.Transport`` for one queue."""
 
-    def __init__(self, loop: Loop, queue: SendQueue, log):
+    def __init__(self, loop: Loop, queue: SendQueue, log, source: tuple | None = None):
         self.loop = loop
         self.queue = queue
         self.log = log
+        self.source = source  # (IPv4 address, port) UDP datagrams claim to come from (BALANCER_SUB_SOURCE)
         self.sock: socket.socket | None = None
+        self._send = None  # sendmsg of the socket, or of the raw socket with our headers
         self.closed = False
         self._backoff = BACKOFF_FIRST
         self._timer = None          # reconnect, or the close deadline
@@ -83,13 +88,20 @@ class OutputConnection:
     def _connect(self) -> None:
         self._timer = None
         sub = self.queue.subreceiver
-        sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        if self.source is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # we write the headers
+        else:
+            sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self.sock = sock
+        self._send = sock.sendmsg
         if not self._tcp:
             try:
-                sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
+                if self.source is not None:
+                    self._send = self._raw_sender(sock, sub)
+                else:
+                    sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
             except OSError as exc:
                 self._fail(exc)
                 return
@@ -128,6 +140,20 @@ class OutputConnection:
     def _refresh_tick(self) -> None:
         self.queue.refresh_templates(int(time.time()))
         self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
+
+    def _raw_sender(self, sock: socket.socket, sub):
+        """sendmsg for a raw socket: IPv4 and UDP headers with the exporter's address and port. The kernel
+        fills the IP length, id and checksum; UDP checksum 0 means none (RFC 768). A datagram beyond the
+        path MTU fails with EMSGSIZE (no fragmentation with our own headers): counted as oversize."""
+        ip = _IPV4.pack(0x45, 0, 0, 0, 0, 64, socket.IPPROTO_UDP, 0, socket.inet_aton(self.source[0]),
+                        socket.inet_aton(sub.host))
+        sport, dport, dest = self.source[1], sub.port, (sub.host, 0)
+        sendmsg, pack = sock.sendmsg, _UDP.pack
+
+        def send(bufs: list) -> int:
+            size = sum([len(b) for b in bufs])
+            return sendmsg([ip, pack(sport, dport, _UDP.size + size, 0), *bufs], (), 0, dest) - _HEADERS
+        return send
 
     def _confirm_udp(self) -> None:
         """A returning UDP output: a refusal of what went out shows as the socket's error by now."""
@@ -289,10 +315,10 @@ class OutputConnection:
     def _write(self, take, blocked_events: int) -> bool:
         """Send what ``take`` commits until the queue is empty (True) or the kernel is full (False: watch
         for ``blocked_events``, the write resumes on the next event)."""
-        sock, written = self.sock, self.queue.written
+        sock, send, written = self.sock, self._send, self.queue.written
         while bufs := take():
             try:
-                sent = sock.sendmsg(bufs)
+                sent = send(bufs)
             except BlockingIOError:
                 sent = 0
             except OSError as exc:

@@ -109,6 +109,7 @@ class SendQueue:
 
     def __init__(self, stats: SubreceiverStats, *, limit: int, rewrite_seq: bool,
                  current_snapshot: Callable[[], Snapshot], refresh: float = 0.0, stall: float = 0.0,
+                 move_stalled: bool = False,
                  on_down: Callable[[SendQueue], None] | None = None,
                  on_closed: Callable[[SendQueue], None] | None = None):
         self.stats = stats
@@ -118,6 +119,7 @@ class SendQueue:
         self.current_snapshot = current_snapshot  # the session's templates now
         self.refresh = refresh                    # seconds between template re-sends (UDP); 0 = never
         self.stall = stall                        # seconds without progress before STALLED (TCP); 0 = never
+        self.move_stalled = move_stalled          # a stalled connection is given up, its messages moved
         self.on_down = on_down                    # dispatcher hook: move unsent entries elsewhere
         self.on_closed = on_closed                # session hook: called once, when CLOSED
         self.transport: Transport | None = None
@@ -278,7 +280,7 @@ class SendQueue:
                 i += 1
             self.bufs, self._ends, self._entries = bufs[:i], ends[:keep], entries[:keep]
             self.pending.extendleft(reversed(back))  # still counted in pending_bytes
-        news = self.state is State.UP
+        news = self.state is State.UP and not self.tentative
         self.state = State.STALLED
         self.stats.last_error = reason
         return news
@@ -415,11 +417,12 @@ class SendQueue:
 
     def close(self) -> int:
         """Final: whatever is still queued or committed is counted as dropped (``stalled`` when the
-        collector was connected but not taking it, else ``connection_lost``); on a stalled connection also
-        what was written and not acknowledged, and the transport resets it. Returns that count."""
+        collector was connected but not taking it, else ``connection_lost``). On a stalled connection, or
+        one not yet shown to work, also what was written and not acknowledged, and the transport resets it
+        (else the kernel still delivers that after we close). Returns that count."""
         if self.state is State.CLOSED:
             return 0
-        stalled = self.state is State.STALLED
+        stalled = self.state is State.STALLED or (self.state is State.UP and self.tentative)
         lost = list(self.pending) + self._entries + (self._take_unacked() if stalled else [])
         if lost:
             self.stats.drop(STALLED if self.state in (State.UP, State.STALLED) else CONNECTION_LOST, lost)

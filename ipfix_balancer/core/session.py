@@ -31,8 +31,8 @@ class Lifecycle(enum.Enum):
     GONE = "gone"          # every output closed
 
 
-#: ``make_output(stats, limit=, rewrite_seq=, refresh=, stall=, current_snapshot=, on_down=, on_closed=)``: a
-#: SendQueue whose transport is already attached (and connecting)
+#: ``make_output(stats, limit=, rewrite_seq=, move_stalled=, refresh=, stall=, current_snapshot=, on_down=,
+#: on_closed=)``: a SendQueue whose transport is already attached (and connecting)
 OutputFactory = Callable[..., SendQueue]
 
 
@@ -89,6 +89,7 @@ class ExporterSession:
                 queue = reusable.pop(stats.subreceiver, None)
                 if queue is None:
                     queue = self.make_output(stats, limit=fw.queue_bytes, rewrite_seq=cls.rewrite_seq,
+                                             move_stalled=cls.move_stalled,
                                              refresh=fw.template_refresh, stall=fw.stall_seconds,
                                              current_snapshot=self._snapshot,
                                              on_down=dispatcher.on_down, on_closed=self._queue_closed)

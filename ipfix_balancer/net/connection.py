@@ -27,6 +27,7 @@ from .loop import READ, WRITE, Loop
 SNDBUF = 4 * 1024 * 1024
 BACKOFF_FIRST = 0.2
 BACKOFF_CAP = 5.0
+STALL_BACKOFF_CAP = 60.0  # a collector that stalled again: each retry costs what its kernel takes unread
 CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep trying to deliver its queue
 PROGRESS_CHECK = 0.5  # seconds between checks of a TCP output's acknowledged offset while bytes wait
 UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
@@ -57,6 +58,8 @@ class OutputConnection:
         self._refresh_timer = None  # UDP template refresh
         self._check_timer = None    # TCP progress check, or UDP refusal check
         self._progress = 0.0        # monotonic time the acknowledged offset last advanced
+        self._up_at = 0.0           # monotonic time the connection came up
+        self._stalled_before = False  # RoundRobin reset this collector's connection for a stall
         self._oversize_logged = False
         self._tcp = queue.subreceiver.proto == "tcp"
         queue.track_acks = self._tcp
@@ -80,8 +83,8 @@ class OutputConnection:
         self._cancel_timer()
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
-        if abort and self.sock is not None:  # RST: the kernel must not deliver what was counted as lost
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if abort:  # the kernel must not deliver what was counted as lost
+            self._reset()
         self._release()
 
     # -- connecting ----------------------------------------------------------------------------
@@ -123,8 +126,10 @@ class OutputConnection:
         self._up()
 
     def _up(self) -> None:
-        # A UDP socket connects whatever the peer does: after a failure, it must show it works first.
-        tentative = not self._tcp and bool(self.queue.stats.last_error)
+        # A UDP socket connects whatever the peer does, and a hung collector's kernel accepts connections:
+        # after such a failure the output must show it works first.
+        tentative = self._stalled_before or (not self._tcp and bool(self.queue.stats.last_error))
+        self._up_at = time.monotonic()
         if self.queue.connection_up(int(time.time()), tentative):
             self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
         if tentative:
@@ -172,18 +177,28 @@ class OutputConnection:
                 self.log.info("subreceiver_up", subreceiver=str(queue.subreceiver))
             self.flush()
 
-    def _fail(self, exc: BaseException) -> None:
+    def _fail(self, exc: BaseException, stalled: bool = False) -> None:
         """The connection is gone: the queue takes back what may not have arrived, and we retry with
-        backoff."""
+        backoff. ``stalled``: we give it up ourselves (logged as the stall), with a reset, so that the
+        kernel does not deliver what goes elsewhere; it shows as stalled until the retry."""
         queue = self.queue
         if self._tcp and self.sock is not None:
             self._acknowledge()  # the last word on what the collector's TCP received (valid after a reset)
         elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
             queue.refused()
+        if stalled:
+            self._reset()
+            self._backoff = max(self._backoff, queue.stall)
         self._release()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         resent, news = queue.connection_lost(reason)
-        if news:  # once per state change, not per retry
+        if stalled:
+            queue.state = State.STALLED
+            if queue.closing and queue.on_down is not None:  # its exporter left: now or never (counted)
+                queue.on_down(queue)
+                queue.close()
+                return
+        elif news:  # once per state change, not per retry
             self.log.warning("subreceiver_down", subreceiver=str(queue.subreceiver), reason=reason,
                              resent=resent, queued=len(queue.pending), retry_in=self._backoff)
         if queue.closing and not queue.pending:
@@ -191,7 +206,7 @@ class OutputConnection:
             return
         self._cancel_timer()
         self._timer = self.loop.call_later(self._backoff, self._connect)
-        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+        self._backoff = min(self._backoff * 2, STALL_BACKOFF_CAP if self._stalled_before else BACKOFF_CAP)
         if queue.on_down is not None:
             queue.on_down(queue)
 
@@ -202,6 +217,11 @@ class OutputConnection:
         if unsent:
             self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.queue.subreceiver),
                            unsent_messages=unsent)
+
+    def _reset(self) -> None:
+        """Close with RST: the kernel discards what it still holds for the collector."""
+        if self.sock is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def _release(self) -> None:
         if self._check_timer is not None:
@@ -284,22 +304,37 @@ class OutputConnection:
             if self._progress != before or not waiting:
                 self._resume()
                 self.flush()
+            elif queue.move_stalled and time.monotonic() - self._progress >= 2 * queue.stall:
+                # Still stalled: RoundRobin gives the connection up (reset, so the kernel delivers none of
+                # it) and moves everything not acknowledged to the live subreceivers. What the collector's
+                # kernel acknowledged and its process did not read is lost with it.
+                self._stalled_before = True
+                self._fail(ConnectionAbortedError(queue.stats.last_error), stalled=True)
+                return
         elif queue.stall and waiting and time.monotonic() - self._progress >= queue.stall:
             self._stall(waiting)
+        elif queue.tentative and time.monotonic() - self._up_at >= queue.stall:
+            self._resume()  # connected this long without a stall: it reads again
         if waiting or queue.state is State.STALLED:
             self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
 
     def _stall(self, waiting: int) -> None:
+        """The connection stays, in case the collector reads again soon: RoundRobin moves its queue to the
+        live subreceivers at once (and, after another ``stall`` seconds, what it had not acknowledged);
+        All keeps its bounded queue."""
         queue = self.queue
         if queue.stalled(f"stalled: nothing acknowledged for {queue.stall:g} s"):
             self.log.warning("subreceiver_stalled", subreceiver=str(queue.subreceiver), unacked_bytes=waiting,
-                             queued=len(queue.pending), stall_seconds=queue.stall)
+                             queued=len(queue.pending), stall_seconds=queue.stall,
+                             action="moved to the live subreceivers" if queue.move_stalled else "kept, bounded")
         if queue.on_down is not None:
             queue.on_down(queue)
 
     def _resume(self) -> None:
+        self._backoff = BACKOFF_FIRST
+        self._stalled_before = False
         if self.queue.confirm():
-            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver), reason="took data again")
+            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver), reason="takes data again")
 
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send

@@ -44,8 +44,9 @@ def at_most_a_receive_buffer(rpm: int, size: int) -> int:
 @pytest.mark.parametrize("mode", ["RoundRobin", "All"])
 def test_a_hung_collector_is_stalled_and_loses_nothing_it_did_not_count(balancer, mode):
     """a accepts and never reads. It is shown stalled within STALL_SECONDS + 1 s of taking nothing.
-    RoundRobin: a gets no new data, b gets all the rest; All: a's bounded queue drops its oldest, counted
-    as ``stalled``. When a reads again it is up, and every record is at a or b, once, or counted."""
+    RoundRobin: a's connection is reset and everything it had not acknowledged goes to b, which gets all
+    the rest; All: a keeps its connection, its bounded queue drops its oldest, counted as ``stalled``. When a
+    reads again it is up, and every record is at a or b once, counted, or was in a's receive buffer."""
     port = free_port()
     with TcpSink(rcvbuf=RCVBUF) as a, TcpSink() as b:
         bal = balancer(env(port, [f"127.0.0.1/{a.port}", f"127.0.0.1/{b.port}"], mode, extra="IPFIX_FULLFLOW_QUEUE_BYTES[0]=262144\n"))
@@ -77,10 +78,12 @@ def test_a_hung_collector_is_stalled_and_loses_nothing_it_did_not_count(balancer
         got_a = serials(a.messages())
         drops = sub(st, 0)
         assert [line["event"] for line in bal.logs()].count("subreceiver_stalled") == 1, "logged once"
-        if mode == "RoundRobin":
+        if mode == "RoundRobin":  # its connection was reset: only what its kernel took unread is gone
             together = got_a + got_b
             assert len(together) == len(set(together)), "nothing twice"
-            assert sorted(together) == list(range(3000 * rpm)) and st["drops"] == 0
+            missing = 3000 * rpm - len(together)
+            assert missing <= at_most_a_receive_buffer(rpm, 1000) and st["drops"] == 0, missing
+            assert sub(st, 0)["resent"] > 0
         else:
             assert len(got_a) == len(set(got_a))
             missing = 3000 * rpm - len(got_a)

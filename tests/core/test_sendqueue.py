@@ -416,3 +416,17 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
     # what is neither delivered nor still held was counted as dropped, exactly
     gone = set(sent_ids) - set(delivered) - set(still)
     assert len(gone) == stats.drops
+
+
+def test_close_of_an_output_not_yet_shown_to_work_counts_the_unacknowledged_and_resets():
+    """After a stall, a new connection to the same collector is tentative: closing it must not leave
+    unacknowledged messages to a kernel that may never deliver them, uncounted."""
+    queue, stats = make_queue(track_acks=True)
+    queue.connection_up(0, tentative=True)
+    for i in range(2):
+        queue.enqueue(entry(i))
+    write(queue)
+    assert queue.close() == 2 and stats.drops_by_reason == {"stalled": 2} and queue.transport.aborted
+    confirmed, stats = three_queued(track_acks=True)
+    write(confirmed)
+    assert confirmed.close() == 0 and not confirmed.transport.aborted, "a working connection delivers on close"

@@ -132,10 +132,10 @@ class OutputConnection:
         self._up_at = time.monotonic()
         if self.queue.connection_up(int(time.time()), tentative):
             self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
-        if tentative:
-            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
-        else:
+        if not tentative:
             self._backoff = BACKOFF_FIRST
+        elif not self._tcp:  # (TCP: the progress checks confirm it)
+            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
         if self._tcp:
             self.loop.watch(self.sock, READ, self._on_event)
         elif self.queue.refresh and self._refresh_timer is None:

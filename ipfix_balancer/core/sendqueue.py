@@ -141,7 +141,7 @@ class SendQueue:
         self.sent_total = 0   # bytes the kernel took
         self.acked = 0        # bytes the collector's TCP acknowledged
         self._unacked: deque = deque()  # (base offset, ends from base, entries): one per write, unacknowledged
-        self.tentative = False  # up, but not yet shown to work (a UDP output that failed before)
+        self.tentative = False  # up, not yet shown to work: a UDP output that failed, a TCP one that stalled
         # True while the queue still holds every message of the session since it had no templates: then the
         # first connection learns the templates from those messages, and a replay would only duplicate them.
         self._complete = not len(current_snapshot())
@@ -205,7 +205,6 @@ class SendQueue:
         session may still fail as before (UDP gives no handshake); ``confirm`` when it has shown to work."""
         self.state = State.UP
         self._seq.clear()
-        self.sent_total = self.acked = 0
         if not self._complete:
             self._replay_templates(now)
         self._complete = False  # whatever follows an earlier connection: a later one needs the replay
@@ -238,6 +237,7 @@ class SendQueue:
         self.pending.extendleft(reversed(back + entries))  # committed ones are still counted in pending_bytes
         self.bufs, self._ends, self._entries = [], [], []
         self.stats.resent += resent
+        self.sent_total = self.acked = 0  # the next connection's stream starts at zero
         news = (self.state in (State.UP, State.STALLED) and not self.tentative) or not self.stats.last_error
         self.stats.last_error = reason
         self.state = State.DOWN

@@ -34,7 +34,8 @@ CONSOLE_TOKEN_NAME = "console.token"  # default token file: next to the .env
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
-           "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX")
+           "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX", "STALL_SECONDS",
+           "BALANCER_SUB_SOURCE")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]{1,9})\])?")
@@ -59,6 +60,7 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "TEMPLATES_MAX": (1, 65280, "an integer 1..65280 (templates per exporter session and ODID)"),
     "ODIDS_MAX": (1, None, "an integer >= 1 (ODIDs with templates per exporter session)"),
     "TEMPLATE_BYTES_MAX": (65536, None, "an integer >= 65536 (bytes of templates per exporter session)"),
+    "STALL_SECONDS": (1, None, "an integer >= 1 (seconds a TCP subreceiver may take nothing before it is stalled)"),
 }
 
 
@@ -72,6 +74,7 @@ class Mode(enum.Enum):
 _MODES = {m.value: m for m in Mode}
 _PROTOS = {"tcp": "tcp", "udp": "udp"}
 _SWITCH = {"Enabled": True, "Disabled": False}
+_SOURCES = {"balancer": "balancer", "exporter": "exporter"}  # BALANCER_SUB_SOURCE: whose address datagrams carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +110,8 @@ class Forwarding:
     queue_bytes: int
     template_refresh: int
     balancer_auto: bool
+    stall_seconds: int = 5  # a TCP subreceiver that acknowledges nothing this long is stalled
+    sub_source: str = "balancer"  # "exporter": UDP datagrams carry the exporter's address and port (raw socket)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,7 +192,7 @@ def _nest_flat(data: dict) -> dict:
     flat = {**data, "max_flows_per_file": data["fw_max_queue_size"]}
 
     def group(cls) -> dict:
-        return {f.name: flat[f.name] for f in dataclasses.fields(cls)}
+        return {f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat}  # newer keys: defaults
 
     return {"stream": flat["stream"], "index": flat["index"], "taskset": flat["taskset"], "listen": group(Listen),
             "forwarding": group(Forwarding), "recording": group(Recording)}
@@ -303,7 +308,7 @@ def parse(values: Mapping[str, str | None], path: str = "<memory>",
     console = _console(values, path, problems)
     if problems:
         raise ConfigError(problems)
-    warnings = list(_rotation_warnings(built))
+    warnings = list(_rotation_warnings(built)) + list(_datagram_warnings(built))
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
     return Config(path, tuple(rc for rc, _ in built), tuple(warnings), console=console, **settings)
@@ -515,15 +520,44 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     limits = TemplateLimits(r.integer("TEMPLATES_MAX", TemplateLimits.templates_max),
                             r.integer("ODIDS_MAX", TemplateLimits.odids_max),
                             r.integer("TEMPLATE_BYTES_MAX", TemplateLimits.template_bytes_max))
+    stall_seconds = r.integer("STALL_SECONDS", 5)
+    sub_source = r.word("BALANCER_SUB_SOURCE", _SOURCES, "balancer")
+    if sub_source == "exporter":
+        _check_source_preservation(r, sub_proto, bind, subs)
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
-                              template_refresh=template_refresh, balancer_auto=balancer_auto),
+                              template_refresh=template_refresh, balancer_auto=balancer_auto,
+                              stall_seconds=stall_seconds, sub_source=sub_source),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
                             dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes),
         template_limits=limits)
     return receiver, r
+
+
+def _check_source_preservation(r: _Keys, sub_proto: str | None, bind: str | None, subs) -> None:
+    """Sending with the exporter's address takes raw IPv4 sockets: UDP subreceivers, IPv4 on both sides,
+    and CAP_NET_RAW (checked here, so the operator learns it before anything listens)."""
+    expected = "balancer, or exporter with UDP IPv4 subreceivers, an IPv4 BIND and CAP_NET_RAW"
+    if sub_proto != "udp":
+        r.fail("BALANCER_SUB_SOURCE", expected, why=f"{r.describe('BALANCER_SUB_PROTO', 'tcp')}: a TCP "
+               "connection cannot carry another host's address")
+    if (bind is not None and ":" in bind) or any(":" in e.host for e in subs):
+        r.fail("BALANCER_SUB_SOURCE", expected, why="IPv6 is not supported for source preservation")
+    if not has_cap_net_raw():
+        r.fail("BALANCER_SUB_SOURCE", expected, why="this process lacks CAP_NET_RAW (run as root, or grant it: "
+               "AmbientCapabilities=CAP_NET_RAW in the service unit)")
+
+
+def has_cap_net_raw() -> bool:
+    """CAP_NET_RAW (bit 13) in this process's effective capabilities."""
+    try:
+        with open("/proc/self/status") as f:
+            caps = next(line for line in f if line.startswith("CapEff:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caps.split()[1], 16) >> 13 & 1)
 
 
 def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
@@ -597,10 +631,21 @@ def _rotation_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
                    "Clickstream's rotation period >= Fullflow's, as the manual requires")
 
 
+def _datagram_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
+    """TCP carries IPFIX messages of up to 65,535 bytes; a UDP datagram at most 65,507 bytes of payload."""
+    for rc, r in built:
+        fw = rc.forwarding
+        if rc.listen.port_type == "tcp" and fw.sub_proto == "udp" and fw.mode in (Mode.ROUND_ROBIN, Mode.ALL):
+            yield (f"{r.describe('BALANCER_SUB_PROTO', 'tcp')}: {rc.name} receives TCP and forwards UDP; "
+                   "exporters must keep messages under 65,507 bytes (larger ones cannot be sent as one datagram "
+                   "and are dropped, counted as oversize)")
+
+
 def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
     """True when the new settings need a new handler process (a new listening socket or CPU); forwarding
     and recording settings change in place."""
-    return (old.stream, old.index, old.listen, old.taskset) != (new.stream, new.index, new.listen, new.taskset)
+    return ((old.stream, old.index, old.listen, old.taskset, old.forwarding.sub_source)
+            != (new.stream, new.index, new.listen, new.taskset, new.forwarding.sub_source))
 
 
 def auto_receivers(config: Config) -> list[ReceiverConfig]:

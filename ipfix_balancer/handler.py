@@ -7,6 +7,7 @@ process: handover to a successor, signals, live reconfiguration, stop and drain,
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import socket
@@ -60,6 +61,8 @@ class Handler:
         self._stop_deadline = 0.0
         self.exit_code = 0
         self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
+        self._odid_templates: dict[int, tuple[str, dict]] = {}  # odid -> (peer, templates) last announced
+        self._odid_conflicts: set[int] = set()  # ODIDs logged as shared with conflicting templates
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, takeover: bool = False) -> None:
@@ -105,19 +108,41 @@ class Handler:
     def _forwarding(self) -> Forwarding:
         fw = self.rc.forwarding
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
-        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder, self.rc.template_limits)
+        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder,
+                          stall_seconds=fw.stall_seconds if fw.sub_proto == "tcp" else 0,
+                          template_limits=self.rc.template_limits)
 
-    def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
-        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates,
+    def _open_session(self, key, peer: str, templates=()) -> ExporterSession:
+        make_output = self._make_output
+        if self.rc.forwarding.sub_source == "exporter":  # UDP key: the exporter's address; TCP: its socket
+            make_output = functools.partial(make_output, source=key if isinstance(key, tuple) else key.getpeername())
+        session = ExporterSession(peer, self.counters, make_output, self._session_gone, templates,
                                   self._session_refused)
         session.configure(self._forwarding())
+        session.on_templates = self._templates_announced
         self.sessions.add(session)
         self.connections_total += 1
         return session
 
-    def _make_output(self, stats: SubreceiverStats, **settings) -> SendQueue:
+    def _templates_announced(self, session: ExporterSession, odid: int) -> None:
+        """Collectors that scope templates by (source address, ODID), as nfcapd and nfacctd do, see every
+        exporter behind the balancer as one: two sessions defining one template id of one ODID differently
+        garble each other there. Logged once per ODID (the recorder handles its own files)."""
+        if self.rc.forwarding.mode is Mode.DISABLED:
+            return
+        mine = session.tracker.snapshot.domain(odid) or {}
+        peer, theirs = self._odid_templates.get(odid, (session.peer, mine))
+        self._odid_templates[odid] = (session.peer, mine)
+        if (peer != session.peer and odid not in self._odid_conflicts
+                and any(theirs.get(tid, record) != record for tid, record in mine.items())):
+            self._odid_conflicts.add(odid)
+            self.log.warning("odid_shared_with_other_templates", odid=odid, sessions=[peer, session.peer],
+                             remedy="give each exporter its own ODID: collectors that key templates by source "
+                                    "address and ODID cannot tell these sessions apart")
+
+    def _make_output(self, stats: SubreceiverStats, source: tuple | None = None, **settings) -> SendQueue:
         queue = SendQueue(stats, **settings)
-        OutputConnection(self.loop, queue, self.log)
+        OutputConnection(self.loop, queue, self.log, source)
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:
@@ -273,15 +298,16 @@ class Handler:
         return self.exit_code
 
     def _finish(self) -> None:
+        """Close what is left (counted); exit non-zero when anything was lost over the handler's life."""
         lost_before = self.drops()
         for session in list(self.sessions):
             for queue in list(session.queues):
                 queue.close()
         if self.recorder is not None:
             self.recorder.close()
-        lost = self.drops() - lost_before
-        if lost:
-            self.log.error("handler_stopped_with_loss", unsent_messages=lost, drain_timeout=DRAIN_TIMEOUT)
+        if self.drops():
+            self.log.error("handler_stopped_with_loss", unsent_messages=self.drops() - lost_before,
+                           drain_timeout=DRAIN_TIMEOUT, drops=self.drops(), drops_by_reason=self.drops_by_reason()[0])
             self.exit_code = 1
         self.write_status()
         self.log.info("handler_stopped", msgs_in=self.counters.msgs_in, drops=self.drops())
@@ -293,6 +319,19 @@ class Handler:
             total += self.recorder.drops
         return total
 
+    def drops_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Messages and records lost, per reason, over every subreceiver (a recorder's drops: ``recorder``)."""
+        msgs: dict[str, int] = {}
+        records: dict[str, int] = {}
+        for stats in self.subreceivers + self.retired_subreceivers:
+            for total, part in ((msgs, stats.drops_by_reason), (records, stats.drop_records_by_reason)):
+                for reason, n in part.items():
+                    total[reason] = total.get(reason, 0) + n
+        recorder = self.retired_drops + (self.recorder.drops if self.recorder is not None else 0)
+        if recorder:
+            msgs["recorder"] = recorder
+        return msgs, records
+
     def write_status(self) -> None:
         if self.handed_over:
             return
@@ -302,6 +341,7 @@ class Handler:
         rates = self.rates.update(time.monotonic(), {
             "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
             "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
+        by_reason = self.drops_by_reason()
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
@@ -312,7 +352,8 @@ class Handler:
             unknown_template=counters.unknown_template + sum(s.tracker.unknown_template for s in self.sessions
                                                              if s.state is Lifecycle.OPEN),
             connections=self.connections, connections_total=self.connections_total,
-            drops=self.drops(),
+            drops=self.drops(), drop_records=sum(by_reason[1].values()),
+            drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)

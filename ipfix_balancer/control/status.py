@@ -28,14 +28,18 @@ def _known(cls, doc: dict, **nested) -> Any:
 class SubreceiverStatus:
     """Counters for one subreceiver, summed over every output session to it."""
     endpoint: str
-    state: str  # up | down | idle (no exporter session open)
+    state: str  # up | stalled | down | idle (no exporter session open)
     sessions: int
     msgs_out: int
     bytes_out: int
-    drops: int
+    drops: int  # messages lost: the sum of drops_by_reason
     queued_bytes: int
     last_error: str = ""
+    drop_records: int = 0
     drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    resent: int = 0  # written but not acknowledged when a connection failed: sent again
+    unacked_bytes: int = 0  # written, not yet acknowledged by the collector's TCP
 
     @classmethod
     def from_dict(cls, doc: dict) -> SubreceiverStatus:
@@ -123,6 +127,9 @@ class HandlerStatus:
     period: float = 1.0  # seconds between two documents: the heartbeat
     cpu_percent: float = 0.0  # over the last period (100 = one core)
     rates: dict[str, float] = dataclasses.field(default_factory=dict)  # RATES per second over the last period
+    drop_records: int = 0
+    drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -309,6 +316,12 @@ def _render_recorder(rec: RecorderStatus) -> list[str]:
     return lines
 
 
+def _reasons(sub: SubreceiverStatus) -> str:
+    """`` (reason=messages/records ...)`` after a drop count, so no loss reads as an unexplained number."""
+    parts = [f"{r}={n}/{sub.drop_records_by_reason.get(r, 0)}" for r, n in sorted(sub.drops_by_reason.items())]
+    return f" ({' '.join(parts)} msgs/records)" if parts else ""
+
+
 def render(report: StatusReport) -> str:
     """A table an operator reads at a glance: one block per handler, one line per subreceiver."""
     running = f"running, pid {report.supervisor_pid}" if report.running else "NOT RUNNING"
@@ -330,10 +343,9 @@ def render(report: StatusReport) -> str:
             f"{rate['bytes_in'] / 1e6:>8.1f}{rate['bytes_out'] / 1e6:>9.1f}{d.drops:>8}{d.malformed:>10}"
             f"{d.connections:>5}{'-' if h.restarts is None else h.restarts:>9}  {int(h.uptime)}s{state}")
         for sub in d.subreceivers:
-            reasons = " ".join(f"{k}={v}" for k, v in sorted(sub.drops_by_reason.items()))
             lines.append(f"    -> {sub.endpoint:<28}{sub.state:<8} msgs_out={sub.msgs_out} "
-                         f"bytes_out={sub.bytes_out} drops={sub.drops}" + (f" ({reasons})" if reasons else "")
-                         + f" queued={_size(sub.queued_bytes)}"
+                         f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
+                         + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
         if d.recorder is not None:
             lines.extend(_render_recorder(d.recorder))

@@ -29,6 +29,7 @@ class Replicate:
     loses its oldest messages (counted) instead of stalling the exporter or the other collectors."""
 
     rewrite_seq = False  # copies are complete: the exporter's sequence numbers stay true
+    move_stalled = False  # a stalled collector keeps its connection and its bounded queue
 
     def __init__(self, queues: list[SendQueue]):
         self.queues = queues
@@ -50,6 +51,7 @@ class RoundRobin:
     """Each data message to the next *available* output (connected, with room in its queue)."""
 
     rewrite_seq = True  # each collector sees only some messages: renumber so it sees no false gaps
+    move_stalled = True  # a stalled collector's messages go to the live ones
 
     def __init__(self, queues: list[SendQueue]):
         self.queues = queues

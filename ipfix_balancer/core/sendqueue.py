@@ -9,7 +9,11 @@ another subreceiver when a connection fails, and lets the sequence number be rew
 The queue decides; a transport (``net.connection.OutputConnection``) does. The transport asks for buffers
 (``next_iovec``), writes them, and reports what the kernel took (``written``); it reports a new connection
 (``connection_up``) and a lost one (``connection_lost``). A message handed to the kernel is *committed* to
-that connection; a message still queued is not. Every count of loss lives here.
+that connection; a message still queued is not. Every count of loss lives here, by reason (``DROP_REASONS``).
+
+A TCP transport also reports, once per flush, how far the collector's TCP has acknowledged the stream
+(``acknowledged``): a message written but not yet acknowledged is kept, and goes back to the queue when the
+connection fails, so a collector's death costs only what its own kernel acknowledged and it never read.
 """
 
 from __future__ import annotations
@@ -29,10 +33,16 @@ _ENTRY_IOV = 3          # buffers one entry may take (a shared template message:
 _SEQ_MASK = 0xFFFFFFFF
 
 
+#: why a message was not delivered (status and logs show drops per reason, in messages and records)
+QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED = DROP_REASONS = (
+    "queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused")
+
+
 class State(enum.Enum):
     DOWN = "down"              # no connection; retrying with backoff
     CONNECTING = "connecting"
     UP = "up"
+    STALLED = "stalled"        # connected, but the collector has taken nothing for STALL_SECONDS
     CLOSED = "closed"          # final: the queue is empty and nothing will be sent
 
 
@@ -48,30 +58,49 @@ class Transport(Protocol):
     def close_when_drained(self) -> None:
         """Deliver what is queued (bounded in time), then close."""
 
-    def close(self) -> None:
-        """Release the connection now (the queue counts what it still held)."""
+    def close(self, abort: bool = False) -> None:
+        """Release the connection now (the queue counts what it still held); ``abort``: reset it, so the
+        kernel discards what it still held too (it was counted as lost)."""
 
 
 class SubreceiverStats:
     """Counters for one subreceiver, summed over every output (exporter session) to it."""
 
-    __slots__ = ("subreceiver", "msgs_out", "bytes_out", "drops", "queues", "last_error")
+    __slots__ = ("subreceiver", "msgs_out", "bytes_out", "drops", "queues", "last_error", "drop_records",
+                 "drops_by_reason", "drop_records_by_reason", "resent")
 
     def __init__(self, subreceiver):
         self.subreceiver = subreceiver
         self.msgs_out = 0
         self.bytes_out = 0
-        self.drops = 0
+        self.drops = 0          # messages lost: the sum of drops_by_reason
+        self.drop_records = 0   # the data records in them
+        self.drops_by_reason: dict[str, int] = {}
+        self.drop_records_by_reason: dict[str, int] = {}
+        self.resent = 0         # written whole, not acknowledged when the connection failed: sent again
         self.queues: set[SendQueue] = set()
         self.last_error = ""
 
+    def drop(self, reason: str, entries) -> None:
+        """Count ``entries`` as lost for ``reason`` (one of DROP_REASONS)."""
+        msgs, records = len(entries), sum([e[NREC] for e in entries])
+        self.drops += msgs
+        self.drop_records += records
+        self.drops_by_reason[reason] = self.drops_by_reason.get(reason, 0) + msgs
+        self.drop_records_by_reason[reason] = self.drop_records_by_reason.get(reason, 0) + records
+
     def status(self) -> dict:
         states = {q.state for q in self.queues}
-        state = State.UP if State.UP in states else (State.DOWN if states - {State.CLOSED} else None)
+        # A stalled connection is what an operator must see, even when other sessions to it are up.
+        state = next((s for s in (State.STALLED, State.UP) if s in states),
+                     State.DOWN if states - {State.CLOSED} else None)
         return {"endpoint": str(self.subreceiver), "state": state.value if state else "idle",
                 "sessions": len(self.queues), "msgs_out": self.msgs_out, "bytes_out": self.bytes_out,
                 "drops": self.drops, "queued_bytes": sum(q.pending_bytes for q in self.queues),
-                "last_error": self.last_error}
+                "last_error": self.last_error, "drop_records": self.drop_records,
+                "drops_by_reason": dict(self.drops_by_reason),
+                "drop_records_by_reason": dict(self.drop_records_by_reason), "resent": self.resent,
+                "unacked_bytes": sum(q.sent_total - q.acked for q in self.queues if q.track_acks)}
 
 
 class SendQueue:
@@ -79,7 +108,8 @@ class SendQueue:
     connection's data records per ODID (RoundRobin); without it messages go out byte-identical (All)."""
 
     def __init__(self, stats: SubreceiverStats, *, limit: int, rewrite_seq: bool,
-                 current_snapshot: Callable[[], Snapshot], refresh: float = 0.0,
+                 current_snapshot: Callable[[], Snapshot], refresh: float = 0.0, stall: float = 0.0,
+                 move_stalled: bool = False,
                  on_down: Callable[[SendQueue], None] | None = None,
                  on_closed: Callable[[SendQueue], None] | None = None):
         self.stats = stats
@@ -88,6 +118,8 @@ class SendQueue:
         self.rewrite_seq = rewrite_seq
         self.current_snapshot = current_snapshot  # the session's templates now
         self.refresh = refresh                    # seconds between template re-sends (UDP); 0 = never
+        self.stall = stall                        # seconds without progress before STALLED (TCP); 0 = never
+        self.move_stalled = move_stalled          # a stalled connection is given up, its messages moved
         self.on_down = on_down                    # dispatcher hook: move unsent entries elsewhere
         self.on_closed = on_closed                # session hook: called once, when CLOSED
         self.transport: Transport | None = None
@@ -103,6 +135,13 @@ class SendQueue:
         self._entries: list = []    # the committed entries, parallel to _ends
         self._seq: dict[int, int] = {}      # rewrite_seq: next sequence number per ODID on this connection
         self._last: dict[int, Entry] = {}   # byte-identical UDP: the last datagram committed per ODID
+        self._last_written: Entry | None = None  # the newest message the kernel took (a refused datagram)
+        # Acknowledgement tracking (set by a TCP transport): offsets in this connection's byte stream.
+        self.track_acks = False
+        self.sent_total = 0   # bytes the kernel took
+        self.acked = 0        # bytes the collector's TCP acknowledged
+        self._unacked: deque = deque()  # (base offset, ends from base, entries): one per write, unacknowledged
+        self.tentative = False  # up, not yet shown to work: a UDP output that failed, a TCP one that stalled
         # True while the queue still holds every message of the session since it had no templates: then the
         # first connection learns the templates from those messages, and a replay would only duplicate them.
         self._complete = not len(current_snapshot())
@@ -138,9 +177,11 @@ class SendQueue:
 
     def _make_room(self, size: int) -> None:
         pending = self.pending
+        reason = STALLED if self.state is State.STALLED else QUEUE_FULL
         while pending and self.pending_bytes + size > self.limit:
-            self.pending_bytes -= len(pending.popleft()[MSG])
-            self.stats.drops += 1
+            entry = pending.popleft()
+            self.pending_bytes -= len(entry[MSG])
+            self.stats.drop(reason, (entry,))
             self._complete = False
 
     def take_pending(self) -> list:
@@ -157,37 +198,104 @@ class SendQueue:
         return not self.pending and not self._entries
 
     # -- connection events ---------------------------------------------------------------------
-    def connection_up(self, now: int) -> bool:
+    def connection_up(self, now: int, tentative: bool = False) -> bool:
         """A new transport session: its sequence numbers start at zero, and it first gets the templates
         valid for the next queued message (``now``: export time of the template messages). Returns True
-        when the subreceiver was failing before (the caller logs the recovery once)."""
+        when the subreceiver was failing before (the caller logs the recovery once). ``tentative``: the
+        session may still fail as before (UDP gives no handshake); ``confirm`` when it has shown to work."""
         self.state = State.UP
         self._seq.clear()
         if not self._complete:
             self._replay_templates(now)
         self._complete = False  # whatever follows an earlier connection: a later one needs the replay
+        self.tentative = tentative
+        return False if tentative else self.confirm()
+
+    def confirm(self) -> bool:
+        """The collector takes data (again): True when it was failing or stalled before (news)."""
+        self.state = State.UP
+        self.tentative = False
         recovered = bool(self.stats.last_error)
         self.stats.last_error = ""
         return recovered
 
     def connection_lost(self, reason: str) -> tuple[int, bool]:
-        """The connection failed: committed messages not written at all go back to the queue (a dispatcher
-        may move them elsewhere); one cut in the middle is lost and counted. Returns (messages lost, True
-        when this is news: the subreceiver was up, or had no error yet, so the caller logs it once)."""
+        """The connection failed: every message the collector may not have whole goes back to the queue, in
+        order (a dispatcher may move them elsewhere): written but not acknowledged (``resent``), cut in the
+        middle (a collector drops a partial message with its connection), committed but not written.
+        Returns (messages queued again that had been written whole, True when this is news: the subreceiver
+        was up, or had no error yet, so the caller logs it once)."""
         entries, ends = self._entries, self._ends
-        lost = 0
+        back = self._take_unacked()
+        resent = len(back)
+        returned = sum([len(e[MSG]) for e in back])
         if entries and len(entries[0][MSG]) > ends[0]:  # the head message was partly written
-            lost = 1
-            self.pending_bytes -= ends[0]  # its unwritten rest
+            back.append(entries[0])
+            returned += len(entries[0][MSG]) - ends[0]  # its unwritten rest is still counted
             entries = entries[1:]
-        self.pending.extendleft(reversed(entries))  # still counted in pending_bytes
+        self.pending_bytes += returned
+        self.pending.extendleft(reversed(back + entries))  # committed ones are still counted in pending_bytes
         self.bufs, self._ends, self._entries = [], [], []
-        self.stats.drops += lost
-        news = self.state is State.UP or not self.stats.last_error
+        self.stats.resent += resent
+        self.sent_total = self.acked = 0  # the next connection's stream starts at zero
+        news = (self.state in (State.UP, State.STALLED) and not self.tentative) or not self.stats.last_error
         self.stats.last_error = reason
         self.state = State.DOWN
         self.armed = False
-        return lost, news
+        return resent, news
+
+    def acknowledged(self, upto: int) -> None:
+        """The collector's TCP acknowledged this connection's stream up to byte ``upto``: forget the
+        messages that end by then (once per flush; a write batch at a time)."""
+        self.acked = upto
+        unacked = self._unacked
+        while unacked and unacked[0][0] + unacked[0][1][-1] <= upto:
+            unacked.popleft()
+
+    def _take_unacked(self) -> list:
+        """The written messages not acknowledged whole, oldest first; the record of them is cleared."""
+        out: list = []
+        acked = self.acked
+        for base, ends, entries in self._unacked:
+            out += entries[bisect.bisect_right(ends, acked - base):]
+        self._unacked.clear()
+        return out
+
+    def stalled(self, reason: str) -> bool:
+        """The collector has taken nothing for ``stall`` seconds while data waits. Committed messages not
+        yet started go back to the queue (their sequence numbers are taken back), so a dispatcher can move
+        them; a message cut in the middle stays, its rest must follow on this connection. Returns True when
+        this is news (logged once)."""
+        entries, ends = self._entries, self._ends
+        keep = 1 if entries and len(entries[0][MSG]) > ends[0] else 0
+        back = entries[keep:]
+        if back:
+            if self.rewrite_seq:
+                seq = self._seq
+                for entry in back:
+                    seq[entry[ODID]] = (seq[entry[ODID]] - entry[NREC]) & _SEQ_MASK
+            bufs, left, i = self.bufs, ends[0] if keep else 0, 0
+            while left > 0:  # the buffers that make up the rest of the head message
+                left -= len(bufs[i])
+                i += 1
+            self.bufs, self._ends, self._entries = bufs[:i], ends[:keep], entries[:keep]
+            self.pending.extendleft(reversed(back))  # still counted in pending_bytes
+        news = self.state is State.UP and not self.tentative
+        self.state = State.STALLED
+        self.stats.last_error = reason
+        return news
+
+    def refused(self) -> None:
+        """A UDP collector refused (ICMP port unreachable): the datagram that drew it was lost."""
+        if self._last_written is not None:
+            self.stats.drop(REFUSED, (self._last_written,))
+            self._last_written = None
+
+    def drop_committed(self, reason: str) -> None:
+        """The committed datagram can never be sent (too big): count it, go on with the next."""
+        self.pending_bytes -= self._ends[-1]
+        self.stats.drop(reason, self._entries)
+        self.bufs, self._ends, self._entries = [], [], []
 
     def _replay_templates(self, now: int, snapshot: Snapshot | None = None) -> None:
         """Put the templates valid for the next queued message in front of it, so the collector can decode
@@ -267,17 +375,24 @@ class SendQueue:
 
     def written(self, sent: int) -> bool:
         """The kernel took ``sent`` bytes of ``bufs``: account them. True when all committed bytes went."""
-        ends, stats = self._ends, self.stats
+        ends, stats, entries = self._ends, self.stats, self._entries
         stats.bytes_out += sent
         self.pending_bytes -= sent
+        base = self.sent_total
+        self.sent_total = base + sent
         if sent == ends[-1]:
             stats.msgs_out += len(ends)
+            self._last_written = entries[-1]
+            if self.track_acks:
+                self._unacked.append((base, ends, entries))
             self.bufs, self._ends, self._entries = [], [], []
             return True
         done = bisect.bisect_right(ends, sent)
         stats.msgs_out += done
+        if done and self.track_acks:
+            self._unacked.append((base, ends[:done], entries[:done]))
         self._ends = [e - sent for e in ends[done:]]
-        del self._entries[:done]
+        del entries[:done]
         bufs = self.bufs
         i = 0
         while sent:  # drop whole buffers sent, slice the one cut in the middle
@@ -301,18 +416,24 @@ class SendQueue:
             self.transport.close_when_drained()
 
     def close(self) -> int:
-        """Final: whatever is still queued or committed is counted as dropped. Returns that count."""
+        """Final: whatever is still queued or committed is counted as dropped (``stalled`` when the
+        collector was connected but not taking it, else ``connection_lost``). On a stalled connection, or
+        one not yet shown to work, also what was written and not acknowledged, and the transport resets it
+        (else the kernel still delivers that after we close). Returns that count."""
         if self.state is State.CLOSED:
             return 0
-        unsent = len(self.pending) + len(self._entries)
-        self.stats.drops += unsent
+        stalled = self.state is State.STALLED or (self.state is State.UP and self.tentative)
+        lost = list(self.pending) + self._entries + (self._take_unacked() if stalled else [])
+        if lost:
+            self.stats.drop(STALLED if self.state in (State.UP, State.STALLED) else CONNECTION_LOST, lost)
         self.pending.clear()
         self.pending_bytes = 0
         self.bufs, self._ends, self._entries = [], [], []
+        self._unacked.clear()
         self.state = State.CLOSED
         self.stats.queues.discard(self)
         if self.transport is not None:
-            self.transport.close()
+            self.transport.close(abort=stalled)
         if self.on_closed is not None:
             self.on_closed(self)
-        return unsent
+        return len(lost)

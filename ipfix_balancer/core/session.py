@@ -32,8 +32,8 @@ class Lifecycle(enum.Enum):
     GONE = "gone"          # every output closed
 
 
-#: ``make_output(stats, limit=, rewrite_seq=, refresh=, current_snapshot=, on_down=, on_closed=)``: a
-#: SendQueue whose transport is already attached (and connecting)
+#: ``make_output(stats, limit=, rewrite_seq=, move_stalled=, refresh=, stall=, current_snapshot=, on_down=,
+#: on_closed=)``: a SendQueue whose transport is already attached (and connecting)
 OutputFactory = Callable[..., SendQueue]
 #: ``on_refused(session, error, first)``: a message was refused (MalformedSet: dropped; TemplateLimit: the
 #: session is over a limit); ``first`` is True the first time this session is refused for that reason
@@ -43,16 +43,18 @@ RefusalReport = Callable[["ExporterSession", FramingError, bool], None]
 class Forwarding:
     """What a session is told to do: the settings its dispatcher and queues are built from."""
 
-    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder", "template_limits")
+    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder", "stall_seconds",
+                 "template_limits")
 
     def __init__(self, mode: Mode, subreceivers: list[SubreceiverStats], queue_bytes: int,
-                 template_refresh: float, recorder: Dispatcher | None = None,
+                 template_refresh: float, recorder: Dispatcher | None = None, stall_seconds: float = 0.0,
                  template_limits: TemplateLimits = TemplateLimits()):
         self.mode = mode
         self.subreceivers = subreceivers
         self.queue_bytes = queue_bytes
         self.template_refresh = template_refresh  # 0: no periodic re-send (TCP subreceivers)
         self.recorder = recorder
+        self.stall_seconds = stall_seconds  # 0: no stall detection
         self.template_limits = template_limits
 
 
@@ -72,6 +74,7 @@ class ExporterSession:
         self.state = Lifecycle.OPEN
         self.dispatcher: Dispatcher | None = None
         self.last_seen = 0.0  # UDP: when the last datagram came (the listener's clock)
+        self.on_templates: Callable[[ExporterSession, int], None] | None = None  # after a template message
 
     def configure(self, fw: Forwarding) -> None:
         """(Re)build the dispatcher from ``fw``, keeping what can be kept.
@@ -96,10 +99,13 @@ class ExporterSession:
                 queue = reusable.pop(stats.subreceiver, None)
                 if queue is None:
                     queue = self.make_output(stats, limit=fw.queue_bytes, rewrite_seq=cls.rewrite_seq,
-                                             refresh=fw.template_refresh, current_snapshot=self._snapshot,
+                                             move_stalled=cls.move_stalled,
+                                             refresh=fw.template_refresh, stall=fw.stall_seconds,
+                                             current_snapshot=self._snapshot,
                                              on_down=dispatcher.on_down, on_closed=self._queue_closed)
                 else:
                     queue.on_down, queue.limit, queue.refresh = dispatcher.on_down, fw.queue_bytes, fw.template_refresh
+                    queue.stall = fw.stall_seconds
                 active.append(queue)
         retired = [q for q in self.queues if q not in active]
         for queue in retired:
@@ -143,6 +149,8 @@ class ExporterSession:
                 batch, batch_size = [], 0
             snapshot = tracker.snapshot
             dispatcher.dispatch(msg, odid, nrec, tmpl, snapshot)
+            if self.on_templates is not None:
+                self.on_templates(self, odid)
         if batch:
             many(batch, batch_size)
         counters = self.counters

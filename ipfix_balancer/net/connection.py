@@ -3,37 +3,66 @@
 It owns the socket, the connect/backoff cycle and the refresh and close timers, and drives a
 ``core.sendqueue.SendQueue``: ``next_iovec`` -> ``sendmsg`` -> ``written``; any error -> ``connection_lost``.
 Every failure goes through ``_fail``, once per state change in the log.
+
+A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush and tells
+the queue how far the collector acknowledged; while bytes wait, a timer checks that the acknowledged offset
+advances, and marks the output stalled when it has not for the queue's ``stall`` seconds. A UDP output that
+failed comes back tentatively: it sends one datagram, and is up again (its backoff reset, the rest of its
+queue sent) only when a check of the socket's error finds no refusal of it.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import socket
+import struct
+import termios
 import time
 
-from ..core.sendqueue import SendQueue, State
+from ..core.sendqueue import OVERSIZE, SendQueue, State
 from .loop import READ, WRITE, Loop
 
 SNDBUF = 4 * 1024 * 1024
 BACKOFF_FIRST = 0.2
 BACKOFF_CAP = 5.0
+STALL_BACKOFF_CAP = 60.0  # a collector that stalled again: each retry costs what its kernel takes unread
 CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep trying to deliver its queue
+PROGRESS_CHECK = 0.5  # seconds between checks of a TCP output's acknowledged offset while bytes wait
+UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
+_INT = struct.Struct("i")
+_IPV4 = struct.Struct("!BBHHHBBH4s4s")
+_UDP = struct.Struct("!HHHH")
+_HEADERS = _IPV4.size + _UDP.size
+
+
+def unsent_bytes(sock: socket.socket) -> int:
+    """Bytes in the socket's send queue, unsent or unacknowledged (SIOCOUTQ); still valid after a reset."""
+    return _INT.unpack(fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
 
 
 class OutputConnection:
     """Implements ``core.sendqueue.Transport`` for one queue."""
 
-    def __init__(self, loop: Loop, queue: SendQueue, log):
+    def __init__(self, loop: Loop, queue: SendQueue, log, source: tuple | None = None):
         self.loop = loop
         self.queue = queue
         self.log = log
+        self.source = source  # (IPv4 address, port) UDP datagrams claim to come from (BALANCER_SUB_SOURCE)
         self.sock: socket.socket | None = None
+        self._send = None  # sendmsg of the socket, or of the raw socket with our headers
         self.closed = False
         self._backoff = BACKOFF_FIRST
         self._timer = None          # reconnect, or the close deadline
         self._refresh_timer = None  # UDP template refresh
+        self._check_timer = None    # TCP progress check, or UDP refusal check
+        self._progress = 0.0        # monotonic time the acknowledged offset last advanced
+        self._up_at = 0.0           # monotonic time the connection came up
+        self._stalled_before = False  # RoundRobin reset this collector's connection for a stall
+        self._oversize_logged = False
         self._tcp = queue.subreceiver.proto == "tcp"
+        queue.track_acks = self._tcp
         queue.transport = self
         self._connect()
 
@@ -47,26 +76,35 @@ class OutputConnection:
         if self.queue.state is State.UP:
             self.flush()
 
-    def close(self) -> None:
+    def close(self, abort: bool = False) -> None:
         if self.closed:
             return
         self.closed = True
         self._cancel_timer()
         if self._refresh_timer is not None:
             self._refresh_timer.cancel()
+        if abort:  # the kernel must not deliver what was counted as lost
+            self._reset()
         self._release()
 
     # -- connecting ----------------------------------------------------------------------------
     def _connect(self) -> None:
         self._timer = None
         sub = self.queue.subreceiver
-        sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        if self.source is not None:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # we write the headers
+        else:
+            sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self.sock = sock
+        self._send = sock.sendmsg
         if not self._tcp:
             try:
-                sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
+                if self.source is not None:
+                    self._send = self._raw_sender(sock, sub)
+                else:
+                    sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
             except OSError as exc:
                 self._fail(exc)
                 return
@@ -88,9 +126,16 @@ class OutputConnection:
         self._up()
 
     def _up(self) -> None:
-        self._backoff = BACKOFF_FIRST
-        if self.queue.connection_up(int(time.time())):
+        # A UDP socket connects whatever the peer does, and a hung collector's kernel accepts connections:
+        # after such a failure the output must show it works first.
+        tentative = self._stalled_before or (not self._tcp and bool(self.queue.stats.last_error))
+        self._up_at = time.monotonic()
+        if self.queue.connection_up(int(time.time()), tentative):
             self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
+        if not tentative:
+            self._backoff = BACKOFF_FIRST
+        elif not self._tcp:  # (TCP: the progress checks confirm it)
+            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
         if self._tcp:
             self.loop.watch(self.sock, READ, self._on_event)
         elif self.queue.refresh and self._refresh_timer is None:
@@ -101,21 +146,67 @@ class OutputConnection:
         self.queue.refresh_templates(int(time.time()))
         self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
 
-    def _fail(self, exc: BaseException) -> None:
-        """The connection is gone: the queue takes back what was not written, and we retry with backoff."""
-        self._release()
+    def _raw_sender(self, sock: socket.socket, sub):
+        """sendmsg for a raw socket: IPv4 and UDP headers with the exporter's address and port. The kernel
+        fills the IP length, id and checksum; UDP checksum 0 means none (RFC 768). A datagram beyond the
+        path MTU fails with EMSGSIZE (no fragmentation with our own headers): counted as oversize."""
+        ip = _IPV4.pack(0x45, 0, 0, 0, 0, 64, socket.IPPROTO_UDP, 0, socket.inet_aton(self.source[0]),
+                        socket.inet_aton(sub.host))
+        sport, dport, dest = self.source[1], sub.port, (sub.host, 0)
+        sendmsg, pack = sock.sendmsg, _UDP.pack
+
+        def send(bufs: list) -> int:
+            size = sum([len(b) for b in bufs])
+            return sendmsg([ip, pack(sport, dport, _UDP.size + size, 0), *bufs], (), 0, dest) - _HEADERS
+        return send
+
+    def _confirm_udp(self) -> None:
+        """A returning UDP output: a refusal of what went out shows as the socket's error by now."""
+        self._check_timer = None
         queue = self.queue
+        if self.sock is None or queue.state is not State.UP:
+            return
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        if err:
+            self._fail(OSError(err, os.strerror(err)))
+        elif not queue.sent_total:  # nothing went out yet: nothing to judge by
+            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
+        else:
+            self._backoff = BACKOFF_FIRST
+            if queue.confirm():
+                self.log.info("subreceiver_up", subreceiver=str(queue.subreceiver))
+            self.flush()
+
+    def _fail(self, exc: BaseException, stalled: bool = False) -> None:
+        """The connection is gone: the queue takes back what may not have arrived, and we retry with
+        backoff. ``stalled``: we give it up ourselves (logged as the stall), with a reset, so that the
+        kernel does not deliver what goes elsewhere; it shows as stalled until the retry."""
+        queue = self.queue
+        if self._tcp and self.sock is not None:
+            self._acknowledge()  # the last word on what the collector's TCP received (valid after a reset)
+        elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+            queue.refused()
+        if stalled:
+            self._reset()
+            self._backoff = max(self._backoff, queue.stall)
+        self._release()
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        lost, news = queue.connection_lost(reason)
-        if news:  # once per state change, not per retry
+        resent, news = queue.connection_lost(reason)
+        if stalled:
+            queue.state = State.STALLED
+            if queue.closing and queue.on_down is not None:  # its exporter left: now or never (counted)
+                queue.on_down(queue)
+                queue.close()
+                return
+        elif news:  # once per state change, not per retry
             self.log.warning("subreceiver_down", subreceiver=str(queue.subreceiver), reason=reason,
-                             lost_in_flight=lost, queued=len(queue.pending), retry_in=self._backoff)
+                             resent=resent, queued=len(queue.pending), retry_in=self._backoff)
         if queue.closing and not queue.pending:
             queue.close()
             return
         self._cancel_timer()
         self._timer = self.loop.call_later(self._backoff, self._connect)
-        self._backoff = min(self._backoff * 2, BACKOFF_CAP)
+        self._backoff = min(self._backoff * 2, STALL_BACKOFF_CAP if self._stalled_before else BACKOFF_CAP)
         if queue.on_down is not None:
             queue.on_down(queue)
 
@@ -127,7 +218,15 @@ class OutputConnection:
             self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.queue.subreceiver),
                            unsent_messages=unsent)
 
+    def _reset(self) -> None:
+        """Close with RST: the kernel discards what it still holds for the collector."""
+        if self.sock is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
     def _release(self) -> None:
+        if self._check_timer is not None:
+            self._check_timer.cancel()
+            self._check_timer = None
         if self.sock is not None:
             self.loop.unwatch(self.sock)
             self.sock.close()
@@ -152,6 +251,9 @@ class OutputConnection:
                 self._fail(ConnectionResetError("closed by subreceiver"))
                 return
         if mask & WRITE:
+            if self.queue.state is State.STALLED:  # room in the send buffer: the collector took data
+                self._acknowledge()
+                self._resume()
             self.flush()
 
     # -- sending -------------------------------------------------------------------------------
@@ -174,23 +276,102 @@ class OutputConnection:
     def _flush_stream(self) -> None:
         if self._write(self.queue.next_iovec, READ | WRITE):
             self.loop.watch(self.sock, READ, self._on_event)  # all sent: watch for the collector closing
+        if self._acknowledge() and self._check_timer is None:  # bytes wait for the collector: watch progress
+            self._progress = time.monotonic()
+            self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
+
+    def _acknowledge(self) -> int:
+        """Tell the queue how far the collector's TCP acknowledged; returns the bytes still unacknowledged.
+        The offset advanced means the collector takes data: a stall timer restarts from now."""
+        queue = self.queue
+        waiting = unsent_bytes(self.sock)
+        acked = queue.sent_total - waiting
+        if acked > queue.acked:
+            self._progress = time.monotonic()
+            queue.acknowledged(acked)
+        return waiting
+
+    def _check_progress(self) -> None:
+        """While bytes wait: no progress for ``stall`` seconds makes the output stalled; progress on a
+        stalled output makes it up again."""
+        self._check_timer = None
+        queue = self.queue
+        if self.sock is None or queue.state not in (State.UP, State.STALLED):
+            return
+        before = self._progress
+        waiting = self._acknowledge()
+        if queue.state is State.STALLED:
+            if self._progress != before or not waiting:
+                self._resume()
+                self.flush()
+            elif queue.move_stalled and time.monotonic() - self._progress >= 2 * queue.stall:
+                # Still stalled: RoundRobin gives the connection up (reset, so the kernel delivers none of
+                # it) and moves everything not acknowledged to the live subreceivers. What the collector's
+                # kernel acknowledged and its process did not read is lost with it.
+                self._stalled_before = True
+                self._fail(ConnectionAbortedError(queue.stats.last_error), stalled=True)
+                return
+        elif queue.stall and waiting and time.monotonic() - self._progress >= queue.stall:
+            self._stall(waiting)
+        elif queue.tentative and time.monotonic() - self._up_at >= queue.stall:
+            self._resume()  # connected this long without a stall: it reads again
+        if waiting or queue.state is State.STALLED:
+            self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
+
+    def _stall(self, waiting: int) -> None:
+        """The connection stays, in case the collector reads again soon: RoundRobin moves its queue to the
+        live subreceivers at once (and, after another ``stall`` seconds, what it had not acknowledged);
+        All keeps its bounded queue."""
+        queue = self.queue
+        if queue.stalled(f"stalled: nothing acknowledged for {queue.stall:g} s"):
+            self.log.warning("subreceiver_stalled", subreceiver=str(queue.subreceiver), unacked_bytes=waiting,
+                             queued=len(queue.pending), stall_seconds=queue.stall,
+                             action="moved to the live subreceivers" if queue.move_stalled else "kept, bounded")
+        if queue.on_down is not None:
+            queue.on_down(queue)
+
+    def _resume(self) -> None:
+        self._backoff = BACKOFF_FIRST
+        self._stalled_before = False
+        if self.queue.confirm():
+            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver), reason="takes data again")
 
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send
         refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch."""
-        if self._write(self.queue.next_datagram, WRITE):
+        if self._write(self._probe if self.queue.tentative else self.queue.next_datagram, WRITE):
             self.loop.unwatch(self.sock)
+
+    def _probe(self) -> list:
+        """A returning UDP output sends one datagram until the refusal check: a collector still down costs
+        that one (counted), not a burst nobody could count."""
+        return [] if self.queue.sent_total else self.queue.next_datagram()
 
     def _write(self, take, blocked_events: int) -> bool:
         """Send what ``take`` commits until the queue is empty (True) or the kernel is full (False: watch
         for ``blocked_events``, the write resumes on the next event)."""
-        sock, written = self.sock, self.queue.written
+        sock, send, written = self.sock, self._send, self.queue.written
         while bufs := take():
             try:
-                sent = sock.sendmsg(bufs)
+                sent = send(bufs)
             except BlockingIOError:
                 sent = 0
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE or self._tcp:
+                    raise
+                self._oversize(sum(len(b) for b in bufs))
+                continue
             if not written(sent):
                 self.loop.watch(sock, blocked_events, self._on_event)
                 return False
         return True
+
+    def _oversize(self, size: int) -> None:
+        """A message no UDP datagram can carry (TCP in, UDP out): dropped and counted, never retried."""
+        queue = self.queue
+        queue.drop_committed(OVERSIZE)
+        if not self._oversize_logged:  # once per output session
+            self._oversize_logged = True
+            self.log.error("message_oversize", subreceiver=str(queue.subreceiver), size=size,
+                           action="dropped for this UDP subreceiver; exporters must keep messages under "
+                                  "65,507 bytes")

@@ -30,8 +30,9 @@ def handler(pid=4242, **kw) -> HandlerStatus:
         listen=ListenStatus("tcp", "0.0.0.0", 1500, True), mode="RoundRobin", dpi_id=0, cpu=None, msgs_in=1000,
         bytes_in=1_400_000, malformed=1, malformed_by_reason={"bad version": 1}, unknown_template=0,
         connections=2, connections_total=3, drops=7,
-        subreceivers=[SubreceiverStatus("10.0.0.2/9920/tcp", "up", 2, 993, 1_390_000, 7, 0,
-                                        drops_by_reason={"queue_full": 5, "connection_lost": 2}),
+        subreceivers=[SubreceiverStatus("10.0.0.2/9920/tcp", "up", 2, 993, 1_390_000, 7, 0, drop_records=20,
+                                        drops_by_reason={"queue_full": 5, "stalled": 2}, resent=4,
+                                        drop_records_by_reason={"queue_full": 15, "stalled": 5}),
                       SubreceiverStatus("10.0.0.3/9920/tcp", "down", 2, 0, 0, 0, 3000, "Connection refused")])
     return dataclasses.replace(doc, **kw)
 
@@ -58,7 +59,9 @@ def test_json_keys_operators_and_scripts_read():
     assert "recorder" not in doc   # forwarding handlers have none
     assert doc["listen"] == {"proto": "tcp", "bind": "0.0.0.0", "port": 1500, "listening": True}
     assert set(doc["subreceivers"][0]) == {"endpoint", "state", "sessions", "msgs_out", "bytes_out", "drops",
-                                           "queued_bytes", "last_error", "drops_by_reason"}
+                                           "queued_bytes", "last_error", "drop_records", "drops_by_reason",
+                                           "drop_records_by_reason", "resent", "unacked_bytes"}
+    assert {"drops", "drop_records", "drops_by_reason", "drop_records_by_reason"} <= set(doc)
 
 
 def test_documents_of_another_release_read_with_the_keys_both_know():
@@ -92,8 +95,8 @@ def test_render_table_with_nested_export_targets():
         " MALFORMED CONN RESTARTS  UPTIME",
         "fullflow[0]         4242    1   2.5    50M  tcp/1500  RoundRobin        1000    30012    42.5    127.5       7"
         "         1    2        3  90s",
-        "    -> 10.0.0.2/9920/tcp           up       msgs_out=993 bytes_out=1390000 drops=7 (connection_lost=2 "
-        "queue_full=5) queued=0B",
+        "    -> 10.0.0.2/9920/tcp           up       msgs_out=993 bytes_out=1390000 drops=7 (queue_full=5/15 "
+        "stalled=2/5 msgs/records) queued=0B resent=4",
         "    -> 10.0.0.3/9920/tcp           down     msgs_out=0 bytes_out=0 drops=0 queued=3K error='Connection refused'",
         "fullflow[1]         4243    -   0.0     0B  tcp/1500  Disabled          1000        0     0.0      0.0       7"
         "         1    2        -  12s  (not running)",

@@ -1,12 +1,13 @@
-"""The send queue without sockets: partial writes, connection loss at every point, drop-oldest, template
-replay, sequence rewrite, and the accounting property (every message delivered once, queued, or counted)."""
+"""The send queue without sockets: partial writes, connection loss at every point, acknowledgement tracking,
+stall, drop-oldest, drops by reason, template replay, sequence rewrite, and the accounting property (every
+message delivered once, queued, or counted)."""
 
 import struct
 
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.sendqueue import OVERSIZE, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.templates import EMPTY, TemplateTracker
 from ipfix_balancer.core.wire import HEADER, walk
 
@@ -28,8 +29,9 @@ class FakeTransport:
     def close_when_drained(self):
         self.draining += 1
 
-    def close(self):
+    def close(self, abort=False):
         self.closed += 1
+        self.aborted = abort
 
 
 def data_message(ident: int, size: int = 40, odid: int = ODID) -> memoryview:
@@ -46,10 +48,11 @@ def ident_of(msg) -> int:
     return struct.unpack_from("!I", msg, 20)[0]
 
 
-def make_queue(limit: int = 10_000, rewrite_seq: bool = True, snapshot=EMPTY):
+def make_queue(limit: int = 10_000, rewrite_seq: bool = True, snapshot=EMPTY, track_acks: bool = False):
     stats = SubreceiverStats("collector")
     queue = SendQueue(stats, limit=limit, rewrite_seq=rewrite_seq, current_snapshot=lambda: snapshot)
     queue.transport = FakeTransport()
+    queue.track_acks = track_acks
     return queue, stats
 
 
@@ -92,9 +95,9 @@ def test_enqueue_wakes_the_transport_once_per_turn_when_up():
     assert queue.transport.woken == 2
 
 
-def three_queued():
+def three_queued(track_acks: bool = False):
     """An up queue holding messages 0, 1, 2 (40 bytes, 2 records each)."""
-    queue, stats = make_queue()
+    queue, stats = make_queue(track_acks=track_acks)
     queue.connection_up(0)
     for i in range(3):
         queue.enqueue(entry(i))
@@ -115,16 +118,126 @@ def test_partial_write_at_every_byte_boundary(cut):
 
 @pytest.mark.parametrize("cut", range(0, 120))
 def test_connection_loss_at_every_point_of_a_batch(cut):
+    """Without acknowledgement tracking (UDP), what the kernel took whole counts as delivered; a message
+    cut in the middle is queued again whole (the collector drops a partial message with its connection)."""
     queue, stats = three_queued()
     sent = write(queue, cut)
-    lost, news = queue.connection_lost("reset")
+    resent, news = queue.connection_lost("reset")
     assert news and queue.state is State.DOWN and stats.last_error == "reset"
     whole = len(messages(sent))
-    cut_mid = cut % 40 != 0
-    assert lost == (1 if cut_mid else 0) == stats.drops
-    assert [ident_of(e[0]) for e in queue.pending] == list(range(whole + lost, 3))
+    assert resent == 0 == stats.resent
+    assert [ident_of(e[0]) for e in queue.pending] == list(range(whole, 3))
     assert queue.pending_bytes == sum(len(e[0]) for e in queue.pending)
-    assert stats.msgs_out == whole
+    assert stats.msgs_out == whole and stats.drops == 0
+
+
+def test_acknowledged_offsets_at_every_byte_boundary_and_loss_at_every_point():
+    """Written up to ``cut``, acknowledged up to ``ack`` <= cut, then the connection fails: exactly the
+    messages not acknowledged whole come back, in order, and go out again, numbered for the new connection."""
+    for cut in range(0, 121):
+        for ack in range(0, cut + 1):
+            queue, stats = three_queued(track_acks=True)
+            write(queue, cut)
+            queue.acknowledged(ack)
+            resent, _ = queue.connection_lost("reset")
+            first = ack // 40  # the first message not acknowledged whole
+            assert [ident_of(e[0]) for e in queue.pending] == list(range(first, 3)), (cut, ack)
+            assert resent == cut // 40 - first == stats.resent, (cut, ack)  # written whole, not acknowledged
+            assert queue.pending_bytes == 40 * (3 - first) and stats.drops == 0
+            queue.connection_up(0)
+            got = messages(write(queue))
+            assert [ident_of(m) for m in got] == list(range(first, 3))
+            assert [struct.unpack_from("!I", m, 8)[0] for m in got] == [2 * i for i in range(len(got))]
+
+
+def test_acknowledged_forgets_whole_write_batches_only():
+    queue, _ = three_queued(track_acks=True)
+    write(queue, 50)
+    write(queue)
+    assert len(queue._unacked) == 2
+    queue.acknowledged(79)  # the first batch (message 0) is acknowledged, message 1 is not whole
+    assert len(queue._unacked) == 1
+    queue.acknowledged(120)
+    assert not queue._unacked and queue.acked == 120
+
+
+@pytest.mark.parametrize("cut", [0, 20, 40, 60])
+def test_stall_takes_back_the_committed_messages_not_started_and_their_numbers(cut):
+    queue, stats = three_queued(track_acks=True)
+    queue.enqueue(entry(3))
+    first = write(queue, cut)
+    assert queue.stalled("stalled") and queue.state is State.STALLED and stats.last_error == "stalled"
+    assert not queue.stalled("stalled"), "news once"
+    started = -(-cut // 40)  # messages the kernel began to take
+    assert [ident_of(e[0]) for e in queue.pending] == list(range(started, 4))
+    assert [ident_of(e[0]) for e in queue._entries] == ([started - 1] if cut % 40 else [])
+    assert queue.pending_bytes == 160 - cut
+    queue.confirm()  # the collector reads again: the cut message's rest, then the others, gap-free
+    got = messages(first + write(queue))
+    assert [ident_of(m) for m in got] == [0, 1, 2, 3]
+    assert [struct.unpack_from("!I", m, 8)[0] for m in got] == [0, 2, 4, 6]
+
+
+def test_close_of_a_stalled_queue_counts_the_unacknowledged_and_resets():
+    queue, stats = three_queued(track_acks=True)
+    queue.enqueue(entry(3, nrec=5))
+    write(queue, 80)
+    queue.acknowledged(40)
+    queue.stalled("stalled")
+    assert queue.close() == 3  # message 1 (written, not acknowledged), 2 and 3 (queued)
+    assert stats.drops_by_reason == {"stalled": 3} and stats.drop_records_by_reason == {"stalled": 9}
+    assert stats.drops == 3 and stats.drop_records == 9 and queue.transport.aborted
+
+
+def test_drops_by_reason_in_messages_and_records_sum_to_the_totals():
+    queue, stats = make_queue(limit=100)
+    for i in range(4):
+        queue.enqueue(entry(i, nrec=3))
+    queue.connection_lost("refused")
+    queue.close()
+    assert stats.drops_by_reason == {"queue_full": 2, "connection_lost": 2}
+    assert stats.drop_records_by_reason == {"queue_full": 6, "connection_lost": 6}
+    assert (stats.drops, stats.drop_records) == (4, 12)
+    doc = stats.status()
+    assert doc["drops_by_reason"] == stats.drops_by_reason and doc["drop_records"] == 12
+
+
+def test_a_stalled_queue_drops_its_oldest_as_stalled():
+    queue, stats = make_queue(limit=100)
+    queue.connection_up(0)
+    queue.stalled("stalled")
+    for i in range(3):
+        queue.enqueue(entry(i))
+    assert stats.drops_by_reason == {"stalled": 1} and stats.status()["state"] == "stalled"
+
+
+def test_an_oversize_datagram_is_dropped_and_the_next_goes_out():
+    queue, stats = three_queued()
+    queue.next_datagram()
+    queue.drop_committed(OVERSIZE)
+    assert [ident_of(d) for d in datagrams(queue)] == [1, 2]
+    assert stats.drops_by_reason == {"oversize": 1} and queue.pending_bytes == 0
+
+
+def test_a_refusal_counts_the_datagram_that_drew_it():
+    queue, stats = three_queued()
+    queue.next_datagram()
+    queue.written(40)
+    queue.next_datagram()  # committed, not sent when the refusal is reported
+    queue.refused()
+    queue.connection_lost("Connection refused")
+    assert stats.drops_by_reason == {"refused": 1} and stats.drop_records == 2
+    assert [ident_of(e[0]) for e in queue.pending] == [1, 2]
+
+
+def test_a_tentative_connection_is_news_only_when_confirmed():
+    queue, stats = make_queue()
+    assert queue.connection_lost("refused")[1]
+    assert not queue.connection_up(0, tentative=True) and stats.last_error == "refused"
+    assert not queue.connection_lost("refused")[1], "a retry that fails again is no news"
+    queue.connection_up(0, tentative=True)
+    assert queue.confirm() and stats.last_error == ""
+    assert queue.connection_lost("refused")[1]
 
 
 def test_drop_oldest_when_full_and_bound_holds():
@@ -252,25 +365,38 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("write"), st.integers(min_value=0, max_value=600)),
     st.tuples(st.just("lose"), st.just(0)),
     st.tuples(st.just("up"), st.just(0)),
+    st.tuples(st.just("ack"), st.integers(min_value=0, max_value=600)),
+    st.tuples(st.just("stall"), st.just(0)),
 ), max_size=60)
 
 
 @settings(max_examples=300, deadline=None)
-@given(ops, st.integers(min_value=100, max_value=1000), st.booleans())
-def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite):
-    queue, stats = make_queue(limit=limit, rewrite_seq=rewrite)
+@given(ops, st.integers(min_value=100, max_value=1000), st.booleans(), st.booleans())
+def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite, track):
+    """With acknowledgement tracking, a collector gets only what its TCP acknowledged before a failure
+    (the rest of what was written is lost with the connection); without, everything written."""
+    queue, stats = make_queue(limit=limit, rewrite_seq=rewrite, track_acks=track)
     sent_ids: list[int] = []
     connections: list[bytes] = []   # what each collector connection received
     current = None
+
+    def received() -> bytes:
+        return current[:queue.acked] if track else current
+
     for n, (op, arg) in enumerate(steps):
         if op == "enqueue":
             queue.enqueue(entry(n, size=max(24, arg)))
             sent_ids.append(n)
         elif op == "write" and queue.state is State.UP:
             current += write(queue, arg)
-        elif op == "lose" and queue.state is State.UP:
+        elif op == "ack" and current is not None:
+            queue.acknowledged(min(len(current), queue.acked + arg))
+        elif op == "stall" and queue.state is State.UP:
+            queue.stalled("stalled")
+            queue.confirm()
+        elif op == "lose" and current is not None:
             queue.connection_lost("reset")
-            connections.append(current)
+            connections.append(received())
             current = None
         elif op == "up" and queue.state is not State.UP:
             queue.connection_up(0)
@@ -280,12 +406,27 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
         # the bound: the limit, plus at most the newest message (committed bytes cannot be dropped)
         assert queue.pending_bytes <= limit + 200
     if current is not None:
+        queue.acknowledged(len(current))  # the end: the last collector read everything written
         connections.append(current)
     delivered = [ident_of(m) for c in connections for m in messages(c)]
     still = [ident_of(e[0]) for e in queue.pending] + [ident_of(e[0]) for e in queue._entries]
     assert len(delivered) == len(set(delivered)), "a message was delivered twice"
     assert not set(delivered) & set(still)
-    assert len(delivered) == stats.msgs_out
+    assert len(delivered) == stats.msgs_out - stats.resent
     # what is neither delivered nor still held was counted as dropped, exactly
     gone = set(sent_ids) - set(delivered) - set(still)
     assert len(gone) == stats.drops
+
+
+def test_close_of_an_output_not_yet_shown_to_work_counts_the_unacknowledged_and_resets():
+    """After a stall, a new connection to the same collector is tentative: closing it must not leave
+    unacknowledged messages to a kernel that may never deliver them, uncounted."""
+    queue, stats = make_queue(track_acks=True)
+    queue.connection_up(0, tentative=True)
+    for i in range(2):
+        queue.enqueue(entry(i))
+    write(queue)
+    assert queue.close() == 2 and stats.drops_by_reason == {"stalled": 2} and queue.transport.aborted
+    confirmed, stats = three_queued(track_acks=True)
+    write(confirmed)
+    assert confirmed.close() == 0 and not confirmed.transport.aborted, "a working connection delivers on close"

@@ -61,7 +61,7 @@ class Handler:
         self._stop_deadline = 0.0
         self.exit_code = 0
         self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
-        self._odid_templates: dict[int, tuple[str, dict]] = {}  # odid -> (peer, templates) last announced
+        self._odid_announcer: dict[int, ExporterSession] = {}  # odid -> the session that last announced templates
         self._odid_conflicts: set[int] = set()  # ODIDs logged as shared with conflicting templates
 
     # -- setup ---------------------------------------------------------------------------------
@@ -130,13 +130,15 @@ class Handler:
         garble each other there. Logged once per ODID (the recorder handles its own files)."""
         if self.rc.forwarding.mode is Mode.DISABLED:
             return
+        last = self._odid_announcer.get(odid)
+        self._odid_announcer[odid] = session
+        if last is None or last is session or last.peer == session.peer or odid in self._odid_conflicts:
+            return  # compared only when the announcer changes: a session's own template stream costs O(1)
         mine = session.tracker.snapshot.domain(odid) or {}
-        peer, theirs = self._odid_templates.get(odid, (session.peer, mine))
-        self._odid_templates[odid] = (session.peer, mine)
-        if (peer != session.peer and odid not in self._odid_conflicts
-                and any(theirs.get(tid, record) != record for tid, record in mine.items())):
+        theirs = last.tracker.snapshot.domain(odid) or {}
+        if any(theirs.get(tid, record) != record for tid, record in mine.items()):
             self._odid_conflicts.add(odid)
-            self.log.warning("odid_shared_with_other_templates", odid=odid, sessions=[peer, session.peer],
+            self.log.warning("odid_shared_with_other_templates", odid=odid, sessions=[last.peer, session.peer],
                              remedy="give each exporter its own ODID: collectors that key templates by source "
                                     "address and ODID cannot tell these sessions apart")
 

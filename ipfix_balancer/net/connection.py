@@ -60,7 +60,11 @@ class OutputConnection:
     def _connect(self) -> None:
         self._timer = None
         sub = self.queue.subreceiver
-        sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE at the descriptor limit: an outage like any other (backoff, retry)
+            self._fail(exc)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self.sock = sock
@@ -81,6 +85,8 @@ class OutputConnection:
         self.loop.watch(sock, WRITE, self._on_connect)
 
     def _on_connect(self, _mask) -> None:
+        if self.sock is None:  # closed since the event was reported (the loop skips such events too)
+            return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._fail(OSError(err, os.strerror(err)))
@@ -139,6 +145,8 @@ class OutputConnection:
             self._timer = None
 
     def _on_event(self, mask: int) -> None:
+        if self.sock is None:  # closed since the event was reported
+            return
         if mask & READ:
             # Collectors never send IPFIX back: readable means closed (or junk we discard).
             try:

@@ -7,7 +7,9 @@ process: handover to a successor, signals, live reconfiguration, stop and drain,
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import resource
 import signal
 import socket
 import time
@@ -22,7 +24,8 @@ from .core.sendqueue import SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import TcpListener, UdpListener, bind
+from .logs import Throttle
+from .net.listener import TcpListener, UdpListener, bind, peer_host
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
@@ -33,6 +36,7 @@ class Handler:
         self.rc = rc
         self.run_dir = run_dir
         self.log = log
+        self.throttle = Throttle(log)  # every line that can repeat per message, connection or retry
         self.loop = Loop()
         self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.recorder = None
@@ -75,13 +79,17 @@ class Handler:
             self._load_next_config()  # settings sent while we started (SIGUSR2 was ignored until now)
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
+        if not rc.limits.allow and not ipaddress.ip_address(rc.listen.bind).is_loopback:
+            self.log.warning("anyone_may_export", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
+                             hint=f"set IPFIX_{rc.stream}_ALLOW[{rc.index}] to the exporters' addresses")
         self.log.info("handler_started", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
                       mode=rc.forwarding.mode.value, subreceivers=[str(e) for e in rc.forwarding.subreceivers],
                       dpi_id=rc.recording.dpi_id)
 
     def _listen(self, sock: socket.socket) -> None:
         cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
-        self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed)
+        self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed, self.rc.limits,
+                            self.throttle)
 
     def _new_recorder(self, rc: ReceiverConfig):
         from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
@@ -116,7 +124,7 @@ class Handler:
 
     def count_malformed(self, error: FramingError, peer: str) -> None:
         self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
-        self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
+        self.throttle.warning("malformed_ipfix", peer_host(peer), peer=peer, reason=error.reason, detail=error.detail,
                          action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
                          malformed_total=sum(self.malformed.values()))
 
@@ -196,6 +204,8 @@ class Handler:
             self.log.error("reconfigure_refused", reason="listen address, protocol or CPU changed")
             return
         self.rc = rc
+        if self.listener is not None:
+            self.listener.set_limits(rc.limits)
         kept = {s.subreceiver: s for s in self.subreceivers}
         self.subreceivers = [kept.pop(ep, None) or SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.retired_subreceivers.extend(kept.values())  # their outputs drain, then close
@@ -278,6 +288,7 @@ class Handler:
             unknown_template=counters.unknown_template + sum(s.tracker.unknown_template for s in self.sessions
                                                              if s.state is Lifecycle.OPEN),
             connections=self.connections, connections_total=self.connections_total,
+            limited=dict(self.listener.limited) if self.listener is not None else {},
             drops=self.drops(),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status())
@@ -291,6 +302,14 @@ class Handler:
             self._status_error = False
 
 
+def _raise_fd_limit() -> None:
+    """Each exporter session takes a descriptor per subreceiver: use all the descriptors we may (the soft
+    limit is often 1024 while the hard one is far higher). At the limit the handler pauses accepting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:
     """Entry point of ``ipfix-balancer handler``: set up the process, run, exit with the loop's verdict."""
     from . import logs
@@ -300,6 +319,7 @@ def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = Fal
     if rc.taskset is not None:
         os.sched_setaffinity(0, {rc.taskset})
     os.makedirs(run_dir, exist_ok=True)
+    _raise_fd_limit()
     handler = Handler(rc, run_dir, log)
     try:
         return handler.run(takeover)

@@ -119,6 +119,7 @@ class HandlerStatus:
     drops: int
     subreceivers: list[SubreceiverStatus]
     recorder: RecorderStatus | None = None  # recording handlers only
+    limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)

@@ -20,7 +20,7 @@ from .control.rundir import DRAIN_TIMEOUT
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
 from .core.framing import FramingError
-from .core.sendqueue import SendQueue, State, SubreceiverStats
+from .core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from .net import handover
 from .net.connection import OutputConnection
@@ -39,6 +39,7 @@ class Handler:
         self.throttle = Throttle(log)  # every line that can repeat per message, connection or retry
         self.loop = Loop()
         self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
+        self.budget = Budget(rc.limits.memory_bytes)  # shared by every send queue of this handler
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
@@ -109,8 +110,8 @@ class Handler:
         return session
 
     def _make_output(self, stats: SubreceiverStats, **settings) -> SendQueue:
-        queue = SendQueue(stats, **settings)
-        OutputConnection(self.loop, queue, self.log)
+        queue = SendQueue(stats, budget=self.budget, **settings)
+        OutputConnection(self.loop, queue, self.log, self.throttle)
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:
@@ -204,6 +205,7 @@ class Handler:
             self.log.error("reconfigure_refused", reason="listen address, protocol or CPU changed")
             return
         self.rc = rc
+        self.budget.limit = rc.limits.memory_bytes
         if self.listener is not None:
             self.listener.set_limits(rc.limits)
         kept = {s.subreceiver: s for s in self.subreceivers}
@@ -289,6 +291,7 @@ class Handler:
                                                              if s.state is Lifecycle.OPEN),
             connections=self.connections, connections_total=self.connections_total,
             limited=dict(self.listener.limited) if self.listener is not None else {},
+            queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
             drops=self.drops(),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status())

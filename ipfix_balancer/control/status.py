@@ -35,6 +35,7 @@ class SubreceiverStatus:
     drops: int
     queued_bytes: int
     last_error: str = ""
+    drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)  # the part of drops with a known reason
 
     @classmethod
     def from_dict(cls, doc: dict) -> SubreceiverStatus:
@@ -120,6 +121,8 @@ class HandlerStatus:
     subreceivers: list[SubreceiverStatus]
     recorder: RecorderStatus | None = None  # recording handlers only
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
+    queued_bytes: int = 0  # held by every send queue together (MEMORY_BYTES bounds it)
+    memory_bytes: int = 0
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)

@@ -13,6 +13,7 @@ import socket
 import time
 
 from ..core.sendqueue import SendQueue, State
+from ..logs import Throttle
 from .loop import READ, WRITE, Loop
 
 SNDBUF = 4 * 1024 * 1024
@@ -24,10 +25,11 @@ CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep try
 class OutputConnection:
     """Implements ``core.sendqueue.Transport`` for one queue."""
 
-    def __init__(self, loop: Loop, queue: SendQueue, log):
+    def __init__(self, loop: Loop, queue: SendQueue, log, throttle: Throttle):
         self.loop = loop
         self.queue = queue
         self.log = log
+        self.throttle = throttle  # up/down lines: shared by every output to a subreceiver, which may flap
         self.sock: socket.socket | None = None
         self.closed = False
         self._backoff = BACKOFF_FIRST
@@ -96,7 +98,8 @@ class OutputConnection:
     def _up(self) -> None:
         self._backoff = BACKOFF_FIRST
         if self.queue.connection_up(int(time.time())):
-            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
+            sub = str(self.queue.subreceiver)
+            self.throttle.info("subreceiver_up", sub, subreceiver=sub)
         if self._tcp:
             self.loop.watch(self.sock, READ, self._on_event)
         elif self.queue.refresh and self._refresh_timer is None:
@@ -113,9 +116,10 @@ class OutputConnection:
         queue = self.queue
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         lost, news = queue.connection_lost(reason)
-        if news:  # once per state change, not per retry
-            self.log.warning("subreceiver_down", subreceiver=str(queue.subreceiver), reason=reason,
-                             lost_in_flight=lost, queued=len(queue.pending), retry_in=self._backoff)
+        if news:  # once per state change, not per retry; and at most once a minute (sessions share a subreceiver)
+            sub = str(queue.subreceiver)
+            self.throttle.warning("subreceiver_down", sub, subreceiver=sub, reason=reason, lost_in_flight=lost,
+                                  queued=len(queue.pending), retry_in=self._backoff)
         if queue.closing and not queue.pending:
             queue.close()
             return

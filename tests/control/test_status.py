@@ -56,7 +56,7 @@ def test_json_keys_operators_and_scripts_read():
     assert "recorder" not in doc   # forwarding handlers have none
     assert doc["listen"] == {"proto": "tcp", "bind": "0.0.0.0", "port": 1500, "listening": True}
     assert set(doc["subreceivers"][0]) == {"endpoint", "state", "sessions", "msgs_out", "bytes_out", "drops",
-                                           "queued_bytes", "last_error"}
+                                           "queued_bytes", "last_error", "drops_by_reason"}
 
 
 def test_documents_of_another_release_read_with_the_keys_both_know():

@@ -7,6 +7,7 @@ process: handover to a successor, signals, live reconfiguration, stop and drain,
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import resource
@@ -56,6 +57,7 @@ class Handler:
         self._stop_deadline = 0.0
         self.exit_code = 0
         self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
+        self._reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY)  # for the status at the descriptor limit
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, takeover: bool = False) -> None:
@@ -296,13 +298,27 @@ class Handler:
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status())
         try:
-            rundir.write_json(self.status_path, doc.to_dict())
+            self._write_status_file(doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic
             if not self._status_error:
                 self.log.error("status_write_failed", path=self.status_path, reason=str(exc))
             self._status_error = True
         else:
             self._status_error = False
+
+
+    def _write_status_file(self, doc: dict) -> None:
+        """At the descriptor limit the status matters most: a descriptor kept in reserve is lent for the write."""
+        try:
+            rundir.write_json(self.status_path, doc)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or self._reserve_fd is None:
+                raise
+            os.close(self._reserve_fd)
+            try:
+                rundir.write_json(self.status_path, doc)
+            finally:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
 
 
 def _raise_fd_limit() -> None:

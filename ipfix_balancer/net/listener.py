@@ -238,6 +238,10 @@ class TcpListener(Listener):
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                if self._paused_at:  # caught up with the backlog: the episode is over
+                    self.log.info("accept_resumed", paused_seconds=round(time.monotonic() - self._paused_at, 1),
+                                  connections=self._open_count)
+                    self._paused_at = 0.0
                 return
             except OSError as exc:
                 if exc.errno in _EXHAUSTED:
@@ -246,10 +250,6 @@ class TcpListener(Listener):
                     self.throttle.error("accept_failed", "", error=str(exc))
                 return
             peer = peer_name(addr)
-            if self._paused_at:
-                self.log.info("accept_resumed", paused_seconds=round(time.monotonic() - self._paused_at, 1),
-                              connections=self._open_count)
-                self._paused_at = 0.0
             reason = self._refusal(addr[0])
             if reason is not None:
                 conn.close()
@@ -261,7 +261,8 @@ class TcpListener(Listener):
 
     def _pause(self, exc: OSError) -> None:
         """Out of descriptors (or memory): a readable listener would make the loop spin, so stop watching it
-        and try again on a timer; the sessions we have keep flowing. Logged once per episode."""
+        and try again on a timer; the sessions we have keep flowing. Logged once per episode, which lasts
+        until the backlog of waiting connections is accepted."""
         self.loop.unwatch(self.sock)
         self._retry = self.loop.call_later(ACCEPT_RETRY, self._resume)
         if not self._paused_at:

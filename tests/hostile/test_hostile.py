@@ -1,0 +1,284 @@
+"""Hostile traffic and ordinary races against the real handler process (issue 11, README "Hostile input").
+
+Each test attacks one handler while a well-behaved exporter (``Probe``) sends a message every 20 ms, and
+asserts: the same handler pid (no crash, no restart), the probe's messages all delivered within a bound,
+and the counters and log lines the attack must leave. Sizes are small here; ``scripts/hostile`` runs the
+heavy versions.
+"""
+
+import socket
+import time
+
+import pytest
+
+from hostilekit import Probe, Process, connect, env, health_checks, idle_connections, junk_datagrams, \
+    short_sessions, stopped, udp_source_ports
+from ipfixkit import Balancer, TcpSink, UdpSink, free_port, make_stream, udp_send, wait_until
+
+HANDLER = "fullflow[0]"
+DELAY = 5.0  # seconds: the worst delay of the probe under a (contended) test machine's load
+
+
+@pytest.fixture
+def probe():
+    p = Probe()
+    yield p
+    p.close()
+
+
+def start(balancer, port: int, subs: list[int], **kw) -> tuple:
+    b = balancer(env(port, subs, **kw))
+    b.wait_ready()
+    return b, b.handler_pid(HANDLER)
+
+
+def events(b, name: str, **match) -> list[dict]:
+    return [line for line in b.logs() if line.get("event") == name
+            and all(line.get(k) == v for k, v in match.items())]
+
+
+def unharmed(b, pid: int, probe: Probe) -> None:
+    """The handler survived and the well-behaved session lost nothing and waited little."""
+    assert probe.wait_delivered(), f"probe messages missing: {probe.missing()}\n{b.log_tail()}"
+    assert probe.worst_delay < DELAY, f"probe delayed {probe.worst_delay:.2f} s"
+    assert b.handler_pid(HANDLER) == pid and Process(pid).alive, "the handler crashed or was restarted"
+    assert not events(b, "handler_crashed")
+
+
+# -- 1. races ------------------------------------------------------------------------------------------
+def test_exporters_and_their_collector_closing_in_one_batch(probe, balancer):
+    """The handler is stopped while 20 exporters leave and the collector closes every mirror connection:
+    on SIGCONT both events of each session are in one select() batch (the mirror's read event must not
+    run once the output was closed)."""
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port])
+    probe.start(port)
+    leaving = [connect(port) for _ in range(20)]
+    for sock in leaving:
+        sock.sendall(b"".join(make_stream(1, 1, odid=9)))
+    wait_until(lambda: b.status(HANDLER)["connections"] == 21, "21 sessions", b)
+    wait_until(lambda: probe.messages >= 20 * 2, "the 20 sessions mirrored", b)  # each output is up and idle
+    with stopped(pid):
+        for sock in leaving:
+            sock.close()
+        probe.close_mirrors()
+    wait_until(lambda: b.status(HANDLER)["connections"] == 1, "the 20 sessions gone", b)
+    unharmed(b, pid, probe)
+
+
+def test_health_checks_while_the_outputs_connect(probe, balancer):
+    """50 connect+close while the handler is stopped: each session's output is still connecting when its
+    exporter's end is read, in the same batch."""
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port])
+    probe.start(port)
+    with stopped(pid):
+        health_checks(port, 50)
+    wait_until(lambda: b.status(HANDLER)["connections_total"] == 51, "51 sessions seen", b)
+    unharmed(b, pid, probe)
+
+
+# -- 3. idle and trickling connections ------------------------------------------------------------------
+def test_short_sessions_return_their_memory(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port])
+    probe.start(port)
+    proc = Process(pid)
+    short_sessions(port, 200)  # warm up: the allocator's pools, the status document at its size
+    wait_until(lambda: b.status(HANDLER)["connections"] == 1, "sessions gone", b)
+    before = proc.sample()
+    short_sessions(port, 1000)
+    wait_until(lambda: b.status(HANDLER)["connections"] == 1, "sessions gone", b)
+    wait_until(lambda: proc.sample() < before + 20 * 2**20, "RSS back within 20 MB", b, timeout=10,
+               diag=lambda: f"RSS {proc.rss >> 20} MB, was {before >> 20} MB")
+    unharmed(b, pid, probe)
+
+
+def test_idle_connections_are_closed_and_cost_no_chunk(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_IDLE_TIMEOUT[0]=3\n"
+                                                       "IPFIX_FULLFLOW_MAX_SESSIONS_PER_SOURCE[0]=1000\n")
+    probe.start(port)
+    proc = Process(pid)
+    before = proc.sample()
+    idle = idle_connections(port, 200)
+    for sock in idle[:100]:  # half of them began a message: the part read is kept, the chunk is not
+        sock.sendall(make_stream(1, 1)[0][:10])
+    wait_until(lambda: b.status(HANDLER)["connections"] == 201, "201 sessions", b)
+    assert proc.sample() - before < 15 * 2**20, "200 idle connections hold no 256 KiB chunk each"
+    st = b.wait_status(HANDLER, lambda s: s["limited"].get("idle_timeout") == 200, timeout=15)
+    assert st["connections"] == 1, "the probe, which sends, is not idle"
+    for sock in idle:
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+        sock.close()
+    lines = events(b, "exporter_limited", reason="idle_timeout")
+    assert len(lines) == 1, "logged once per source per minute"
+    unharmed(b, pid, probe)
+
+
+def test_session_caps_refuse_at_accept(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_MAX_SESSIONS[0]=12\n"
+                                                       "IPFIX_FULLFLOW_MAX_SESSIONS_PER_SOURCE[0]=5\n")
+    probe.start(port)  # one session from 127.0.0.1
+    local = idle_connections(port, 8)  # 4 more from 127.0.0.1 fit, 4 are refused
+    other = idle_connections(port, 10, source="127.0.0.2")  # 5 fit, the sixth is over the per-source cap
+    more = idle_connections(port, 3, source="127.0.0.3")  # 12 sessions in all: 2 fit, then max_sessions
+    st = b.wait_status(HANDLER, lambda s: sum(s["limited"].values()) == 4 + 5 + 1)
+    assert st["limited"] == {"max_sessions_per_source": 9, "max_sessions": 1}
+    assert st["connections"] == 12
+    lines = events(b, "exporter_limited")
+    assert len(lines) == 3, "once per source and reason"
+    for sock in local + other + more:
+        sock.close()
+    unharmed(b, pid, probe)
+
+
+# -- 4. descriptor exhaustion -----------------------------------------------------------------------------
+class LimitedBalancer(Balancer):
+    """The balancer with RLIMIT_NOFILE lowered for it and its handlers."""
+    nofile = 64
+
+    @property
+    def command(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.nofile}", *super().command]
+
+
+def test_accept_pauses_at_the_descriptor_limit(tmp_path, probe):
+    port = free_port()
+    with LimitedBalancer(tmp_path, env(port, [probe.port])) as b:
+        b.wait_ready()
+        pid = b.handler_pid(HANDLER)
+        probe.start(port)
+        proc = Process(pid)
+        flood = idle_connections(port, 60)  # 2 descriptors per session: far over 64
+        b.wait_log("accept_paused")
+        cpu = proc.cpu
+        time.sleep(2)
+        assert proc.cpu - cpu < 0.5, "the loop does not spin on a listener it cannot accept from"
+        assert len(events(b, "accept_paused")) == 1 and len(events(b, "accept_failed")) <= 1
+        for sock in flood:
+            sock.close()
+        b.wait_log("accept_resumed")
+        b.wait_status(HANDLER, lambda s: s["connections"] == 1 and s["limited"]["fd_limit"] == 1)
+        later = connect(port)  # accepting again
+        wait_until(lambda: b.status(HANDLER)["connections"] == 2, "a new session after the episode", b)
+        later.close()
+        unharmed(b, pid, probe)
+
+
+def udp_env(port: int, sink: UdpSink, extra: str = "") -> str:
+    return env(port, [sink.port], proto="udp", extra="IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]=udp\n" + extra)
+
+
+def test_udp_sources_at_the_descriptor_limit(tmp_path):
+    """Each UDP source port is a session with an output socket per subreceiver; at the limit socket()
+    fails: those outputs go down and retry, the earlier exporter keeps flowing, the handler lives."""
+    port = free_port("udp")
+    with UdpSink() as sink:
+        with LimitedBalancer(tmp_path, udp_env(port, sink)) as b:
+            b.wait_ready()
+            pid = b.handler_pid(HANDLER)
+            early = make_stream(40, 1, odid=77)
+            src = udp_send(port, early[:20], delay=0.001)
+            assert sink.wait_messages(20)
+            udp_source_ports(port, 200)
+            b.wait_status(HANDLER, lambda s: s["connections_total"] >= 150, timeout=15)
+            udp_send(port, early[20:], src_port=src, delay=0.001)
+            wait_until(lambda: sum(1 for d in sink.datagrams if d in early) == len(early), "the early exporter", b)
+            assert b.handler_pid(HANDLER) == pid and Process(pid).alive
+            assert len(events(b, "subreceiver_down")) <= 2
+            b.kill()  # a stop would wait DRAIN_TIMEOUT for outputs that cannot open
+
+
+# -- 5. who may export --------------------------------------------------------------------------------------
+def test_allowlist_refuses_tcp_at_accept(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_ALLOW[0]=127.0.0.1, 10.0.0.0/8\n")
+    probe.start(port)
+    for _ in range(20):
+        sock = connect(port, source="127.0.0.9")
+        sock.settimeout(5)
+        try:
+            assert sock.recv(1) == b""
+        except ConnectionResetError:
+            pass
+        sock.close()
+    st = b.wait_status(HANDLER, lambda s: s["limited"].get("not_allowed") == 20)
+    assert st["connections_total"] == 1, "a refused connection never becomes a session"
+    lines = events(b, "exporter_limited", reason="not_allowed")
+    assert len(lines) == 1 and lines[0]["peer"].startswith("127.0.0.9:")
+    unharmed(b, pid, probe)
+
+
+def test_allowlist_drops_datagrams_of_others(balancer):
+    port = free_port("udp")
+    with UdpSink() as sink:
+        b = balancer(udp_env(port, sink, "IPFIX_FULLFLOW_ALLOW[0]=127.0.0.2\n"))
+        b.wait_ready()
+        good, bad = make_stream(30, 1, odid=1), make_stream(30, 1, odid=2)
+        udp_send(port, bad, delay=0.001)
+        _send_from("127.0.0.2", port, good)
+        assert sink.wait_messages(len(good))
+        st = b.wait_status(HANDLER, lambda s: s["limited"].get("not_allowed") == len(bad))
+        assert st["connections_total"] == 1 and st["msgs_in"] == len(good)
+        assert sorted(sink.datagrams) == sorted(good)
+
+
+def _send_from(source: str, port: int, messages) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((source, 0))
+        for msg in messages:
+            s.sendto(msg, ("127.0.0.1", port))
+            time.sleep(0.001)
+
+
+# -- 6. one memory budget for the whole handler ---------------------------------------------------------------
+def test_memory_budget_bounds_every_queue_together(probe, balancer):
+    """All mode, a second collector that never comes up: its queues (one per session) fill up to the
+    handler-wide MEMORY_BYTES, not QUEUE_BYTES each; the oldest of the largest go, counted by reason."""
+    port = free_port()
+    dead = free_port()
+    b, pid = start(balancer, port, [probe.port, dead], extra="IPFIX_FULLFLOW_MEMORY_BYTES[0]=2097152\n")
+    probe.start(port)
+    big = make_stream(600, target_size=8000, odid=4)  # 4.8 MB per session
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(b"".join(big))
+    st = b.wait_status(HANDLER, lambda s: s["msgs_in"] >= 3 * len(big))
+    assert st["queued_bytes"] <= st["memory_bytes"] == 2097152
+    down = next(s for s in st["subreceivers"] if s["endpoint"].endswith(f"/{dead}/tcp"))
+    assert down["drops_by_reason"]["memory_budget"] >= 3 * len(big) - 2097152 // 8000
+    unharmed(b, pid, probe)
+    b.kill()  # a stop would wait DRAIN_TIMEOUT for the collector that never comes
+
+
+# -- 8. log floods ----------------------------------------------------------------------------------------------
+def test_junk_datagram_flood_writes_one_line(balancer):
+    port = free_port("udp")
+    with UdpSink() as sink:
+        b = balancer(udp_env(port, sink))
+        b.wait_ready()
+        pid = b.handler_pid(HANDLER)
+        good = make_stream(200, 1)
+        src = udp_send(port, good[:1])
+        for i in range(1, len(good), 20):  # paced: the kernel's receive buffer must not be what drops
+            junk_datagrams(port, 200)
+            udp_send(port, good[i:i + 20], src_port=src)
+            time.sleep(0.01)
+        st = b.wait_status(HANDLER, lambda s: s["malformed"] >= 1000 and s["msgs_in"] >= len(good) * 9 // 10)
+        assert sink.wait_messages(st["msgs_in"]), "the legitimate stream flows"
+        assert len(events(b, "malformed_ipfix")) == 1, f"{st['malformed']} junk datagrams, one line"
+        assert b.handler_pid(HANDLER) == pid
+
+
+def test_connection_flood_writes_few_lines(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_MAX_SESSIONS_PER_SOURCE[0]=1000\n")
+    probe.start(port)
+    health_checks(port, 300)
+    wait_until(lambda: b.status(HANDLER)["connections_total"] == 301, "301 sessions", b)
+    assert len(events(b, "exporter_connected")) <= 2
+    assert len(events(b, "exporter_disconnected")) <= 2
+    unharmed(b, pid, probe)

@@ -7,6 +7,7 @@ attack is a function of the balancer's port and a size.
 from __future__ import annotations
 
 import contextlib
+import functools
 import errno
 import os
 import selectors
@@ -18,7 +19,7 @@ import time
 
 import psutil
 
-from ipfixkit import LOOPBACK, MESSAGE_HEADER, make_stream
+from ipfixkit import LOOPBACK, MESSAGE_HEADER, Balancer, make_stream
 
 HEADER = MESSAGE_HEADER
 
@@ -28,6 +29,18 @@ def env(port: int, subs: list[int], *, proto: str = "tcp", mode: str = "All", ex
     sub = ",".join(f"127.0.0.1/{p}" for p in subs)
     return (f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_PORT_TYPE[0]={proto}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
             f"IPFIX_FULLFLOW_BALANCER[0]={mode}\nIPFIX_FULLFLOW_BALANCER_SUB[0]={sub}\n{extra}")
+
+
+class LimitedBalancer(Balancer):
+    """The balancer with RLIMIT_NOFILE lowered to ``nofile`` for it and its handlers."""
+
+    def __init__(self, *args, nofile: int, **kw):
+        self.nofile = nofile
+        super().__init__(*args, **kw)
+
+    @property
+    def command(self) -> list[str]:
+        return ["prlimit", f"--nofile={self.nofile}", *super().command]
 
 
 # -- the handler process ------------------------------------------------------------------------------
@@ -170,10 +183,14 @@ class Probe:
             time.sleep(0.01)
 
     # exporter
-    def start(self, port: int) -> Probe:
-        """Connect to the balancer on ``port`` and send until ``stop``."""
-        sock = socket.create_connection((LOOPBACK, port), timeout=30)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    def start(self, port: int, proto: str = "tcp") -> Probe:
+        """Send to the balancer on ``port`` until ``stop``: on a TCP connection, or as datagrams from one port."""
+        if proto == "tcp":
+            sock = socket.create_connection((LOOPBACK, port), timeout=30)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        else:
+            sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            sock.connect((LOOPBACK, port))
         messages = make_stream(20_000, 1, odid=self.ODID)  # 400 s at 20 ms
         sock.sendall(messages[0])
 
@@ -296,3 +313,14 @@ def template_bomb(port: int, n: int) -> None:
         with contextlib.suppress(OSError):
             sock.settimeout(30)
             sock.recv(1)
+
+
+@functools.lru_cache(maxsize=4)
+def _burst(nbytes: int) -> bytes:
+    return b"".join(make_stream(nbytes // 8000, target_size=8000, odid=4))
+
+
+def short_burst(port: int, nbytes: int) -> None:
+    """One session sending ``nbytes`` of 8000-byte data messages as fast as it can, then leaving."""
+    with socket.create_connection((LOOPBACK, port)) as sock:
+        sock.sendall(_burst(nbytes))

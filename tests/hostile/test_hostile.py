@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from hostilekit import Probe, Process, connect, env, health_checks, idle_connections, junk_datagrams, \
-    short_sessions, stopped, udp_source_ports
-from ipfixkit import Balancer, TcpSink, UdpSink, free_port, make_stream, udp_send, wait_until
+from hostilekit import LimitedBalancer, Probe, Process, connect, env, health_checks, idle_connections, junk_datagrams, \
+    short_burst, short_sessions, stopped, udp_source_ports
+from ipfixkit import UdpSink, free_port, make_stream, udp_send, wait_until
 
 HANDLER = "fullflow[0]"
 DELAY = 5.0  # seconds: the worst delay of the probe under a (contended) test machine's load
@@ -136,18 +136,12 @@ def test_session_caps_refuse_at_accept(probe, balancer):
 
 
 # -- 4. descriptor exhaustion -----------------------------------------------------------------------------
-class LimitedBalancer(Balancer):
-    """The balancer with RLIMIT_NOFILE lowered for it and its handlers."""
-    nofile = 64
-
-    @property
-    def command(self) -> list[str]:
-        return ["prlimit", f"--nofile={self.nofile}", *super().command]
+NOFILE = 64  # descriptors: a handler at the limit after some 27 TCP sessions with one subreceiver
 
 
 def test_accept_pauses_at_the_descriptor_limit(tmp_path, probe):
     port = free_port()
-    with LimitedBalancer(tmp_path, env(port, [probe.port])) as b:
+    with LimitedBalancer(tmp_path, env(port, [probe.port]), nofile=NOFILE) as b:
         b.wait_ready()
         pid = b.handler_pid(HANDLER)
         probe.start(port)
@@ -177,7 +171,7 @@ def test_udp_sources_at_the_descriptor_limit(tmp_path):
     fails: those outputs go down and retry, the earlier exporter keeps flowing, the handler lives."""
     port = free_port("udp")
     with UdpSink() as sink:
-        with LimitedBalancer(tmp_path, udp_env(port, sink)) as b:
+        with LimitedBalancer(tmp_path, udp_env(port, sink), nofile=NOFILE) as b:
             b.wait_ready()
             pid = b.handler_pid(HANDLER)
             early = make_stream(40, 1, odid=77)
@@ -242,14 +236,12 @@ def test_memory_budget_bounds_every_queue_together(probe, balancer):
     dead = free_port()
     b, pid = start(balancer, port, [probe.port, dead], extra="IPFIX_FULLFLOW_MEMORY_BYTES[0]=2097152\n")
     probe.start(port)
-    big = make_stream(600, target_size=8000, odid=4)  # 4.8 MB per session
     for _ in range(3):
-        with socket.create_connection(("127.0.0.1", port)) as sock:
-            sock.sendall(b"".join(big))
-    st = b.wait_status(HANDLER, lambda s: s["msgs_in"] >= 3 * len(big))
+        short_burst(port, 4_800_000)  # 600 messages of 8000 bytes
+    st = b.wait_status(HANDLER, lambda s: s["msgs_in"] >= 3 * 601)
     assert st["queued_bytes"] <= st["memory_bytes"] == 2097152
     down = next(s for s in st["subreceivers"] if s["endpoint"].endswith(f"/{dead}/tcp"))
-    assert down["drops_by_reason"]["memory_budget"] >= 3 * len(big) - 2097152 // 8000
+    assert down["drops_by_reason"]["memory_budget"] >= 3 * 601 - 2097152 // 8000
     unharmed(b, pid, probe)
     b.kill()  # a stop would wait DRAIN_TIMEOUT for the collector that never comes
 

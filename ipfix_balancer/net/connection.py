@@ -133,9 +133,9 @@ class OutputConnection:
         """The close deadline passed with messages still queued: they are lost, counted and logged."""
         self._timer = None
         unsent = self.queue.close()
-        if unsent:
-            self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.queue.subreceiver),
-                           unsent_messages=unsent)
+        if unsent:  # per output, so per exporter session: throttled (status counts every drop)
+            sub = str(self.queue.subreceiver)
+            self.throttle.error("subreceiver_closed_with_loss", sub, subreceiver=sub, unsent_messages=unsent)
 
     def _release(self) -> None:
         if self.sock is not None:

@@ -111,7 +111,8 @@ class TcpExporter:
         if isinstance(error, FramingError):
             self.count_malformed(error, self.session.peer)
         elif self.framer.pending:
-            self.log.warning("exporter_truncated", peer=self.session.peer, bytes=self.framer.pending)
+            self.listener.throttle.warning("exporter_truncated", peer_host(self.session.peer), peer=self.session.peer,
+                                           bytes=self.framer.pending)
         self.close(reason=str(error) if error else "closed by exporter")
         return 0
 

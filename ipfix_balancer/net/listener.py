@@ -11,8 +11,8 @@ import socket
 import time
 from typing import Callable
 
-from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from ..config import Limits
+from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from ..core.session import ExporterSession
 from ..logs import Throttle
 from . import handover
@@ -78,7 +78,6 @@ class TcpExporter:
         self.loop = listener.loop
         self.sock = sock
         self.session = session
-        self.log = listener.log
         self.count_malformed = listener.count_malformed
         self.framer = StreamFramer(tail=tail)
         self.open = True

@@ -238,8 +238,10 @@ class Probe:
 
 
 # -- attacks ------------------------------------------------------------------------------------------
-def connect(port: int, source: str = LOOPBACK) -> socket.socket | None:
-    """One TCP connection to the balancer from ``source``; None when this process is out of descriptors."""
+def connect(port: int, source: str = LOOPBACK, wait: bool = True) -> socket.socket | None:
+    """One TCP connection to the balancer from ``source``; None when this process is out of descriptors.
+    Without ``wait`` the handshake is left to the kernel: a handler whose backlog is full (it stopped
+    accepting) would make a blocking connect time out."""
     try:
         sock = socket.socket()
     except OSError as exc:
@@ -247,7 +249,11 @@ def connect(port: int, source: str = LOOPBACK) -> socket.socket | None:
             return None
         raise
     sock.bind((source, 0))
-    sock.connect((LOOPBACK, port))
+    if wait:
+        sock.connect((LOOPBACK, port))
+    else:
+        sock.setblocking(False)
+        sock.connect_ex((LOOPBACK, port))
     return sock
 
 
@@ -260,9 +266,9 @@ def short_sessions(port: int, n: int) -> None:
             sock.sendall(payload)
 
 
-def idle_connections(port: int, n: int, source: str = LOOPBACK) -> list[socket.socket]:
+def idle_connections(port: int, n: int, source: str = LOOPBACK, wait: bool = True) -> list[socket.socket]:
     """``n`` connections that send nothing (the caller closes them)."""
-    return [s for s in (connect(port, source) for _ in range(n)) if s is not None]
+    return [s for s in (connect(port, source, wait) for _ in range(n)) if s is not None]
 
 
 def trickle(socks: list[socket.socket], rounds: int, pause: float) -> None:

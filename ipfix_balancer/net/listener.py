@@ -346,7 +346,7 @@ class UdpListener(Listener):
 
     def _on_readable(self, _mask) -> None:
         reader, sock, sessions = self.reader, self.sock, self.sessions
-        now = time.monotonic()
+        clock = time.monotonic  # per datagram: the idlest session at MAX_SESSIONS must be told apart in a batch
         for _ in range(UDP_BATCH):
             try:
                 n, addr = sock.recvfrom_into(reader.get_buffer())
@@ -367,7 +367,7 @@ class UdpListener(Listener):
                 continue
             if session is None:
                 session = self._new_session(addr)
-            session.last_seen = now
+            session.last_seen = clock()
             session.deliver((msg,))
 
     def _new_session(self, addr: tuple) -> ExporterSession:

@@ -135,6 +135,23 @@ def test_session_caps_refuse_at_accept(probe, balancer):
     unharmed(b, pid, probe)
 
 
+def test_udp_sessions_over_the_cap_close_the_idlest(balancer):
+    port = free_port("udp")
+    with UdpSink() as sink:
+        b = balancer(udp_env(port, sink, "IPFIX_FULLFLOW_MAX_SESSIONS[0]=5\n"))
+        b.wait_ready()
+        steady = make_stream(30, 1, odid=1)
+        src = udp_send(port, steady[:2])
+        for i in range(10):  # 10 more source ports; the steady exporter keeps sending in between
+            udp_source_ports(port, 1)
+            udp_send(port, steady[2 + i:3 + i], src_port=src)
+        udp_send(port, steady[12:], src_port=src, delay=0.001)
+        st = b.wait_status(HANDLER, lambda s: s["msgs_in"] == len(steady) + 10 * 2)
+        assert st["limited"] == {"max_sessions": 6}, "never the steady exporter"
+        assert st["connections"] == 5
+        wait_until(lambda: sum(d in steady for d in sink.datagrams) == len(steady), "the steady exporter", b)
+
+
 # -- 4. descriptor exhaustion -----------------------------------------------------------------------------
 NOFILE = 64  # descriptors: a handler at the limit after some 27 TCP sessions with one subreceiver
 

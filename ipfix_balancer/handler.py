@@ -23,9 +23,9 @@ from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
 from .core.framing import FramingError
 from .core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
+from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
-from .logs import Throttle
 from .net.listener import TcpListener, UdpListener, bind, peer_host
 from .net.loop import READ, Loop
 

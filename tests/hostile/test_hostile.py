@@ -66,9 +66,34 @@ def test_exporters_and_their_collector_closing_in_one_batch(probe, balancer):
     unharmed(b, pid, probe)
 
 
-def test_health_checks_while_the_outputs_connect(probe, balancer):
-    """50 connect+close while the handler is stopped: each session's output is still connecting when its
-    exporter's end is read, in the same batch."""
+def test_health_check_closing_while_its_output_connects(probe, balancer):
+    """A health check connects and closes while its output to a slow collector is still connecting: the
+    handler is stopped, the check closes, and the collector completes the handshake (its full accept
+    queue had dropped the SYN; the retransmission gets through once there is room). On SIGCONT the
+    exporter's end and the output's "connected" are one batch, the end first: it closes the output."""
+    port = free_port()
+    slow = socket.create_server(("127.0.0.1", 0), backlog=0)  # the accept queue holds one connection
+    slow.settimeout(10)
+    b, pid = start(balancer, port, [probe.port, slow.getsockname()[1]])
+    probe.start(port)
+    accepted = [slow.accept()[0]]  # the probe's output
+    filler = socket.create_connection(slow.getsockname())  # the accept queue is full now
+    check = connect(port)
+    wait_until(lambda: b.status(HANDLER)["connections"] == 2, "the health check's session", b)
+    with stopped(pid):
+        check.close()
+        slow.accept()[0].close()  # the filler: room for the output's next SYN
+        filler.close()
+        accepted.append(slow.accept()[0])  # the health check's output completed its handshake
+    wait_until(lambda: b.status(HANDLER)["connections"] == 1, "the health check's session gone", b)
+    unharmed(b, pid, probe)
+    for conn in accepted:
+        conn.close()
+    slow.close()
+
+
+def test_health_check_flood_while_stopped(probe, balancer):
+    """50 connect+close while the handler is stopped: accepted, outputs opened and closed in a burst."""
     port = free_port()
     b, pid = start(balancer, port, [probe.port])
     probe.start(port)

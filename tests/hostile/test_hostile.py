@@ -92,6 +92,39 @@ def test_health_check_closing_while_its_output_connects(probe, balancer):
     slow.close()
 
 
+def test_export_target_evicted_while_its_connection_completes(balancer, tmp_path):
+    """Recording: the export of the oldest dump waits for a slow insert process (full accept queue). The
+    handler is stopped; the exporter completes another dump, which pushes the spool over SPOOL_BYTES and
+    evicts the dump in transfer; meanwhile the insert process's handshake completes. On SIGCONT the
+    exporter's data and the export connection's "connected" are one batch, the data first."""
+    port = free_port()
+    insert = socket.create_server(("127.0.0.1", 0), backlog=0)
+    insert.settimeout(10)
+    filler = socket.create_connection(insert.getsockname())  # the accept queue is full
+    stream = make_stream(30, 10)  # a template, then 10 messages (100 flows) per dump
+    dump = len(stream[0]) + sum(map(len, stream[1:11]))
+    b = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+                 f"IPFIX_FULLFLOW_DUMP_DIR[0]={tmp_path}/dump/\nIPFIX_FULLFLOW_FW_MAX_QUEUE_SIZE[0]=100\n"
+                 f"IPFIX_FULLFLOW_SPOOL_BYTES[0]={dump * 3 // 2}\n"
+                 f"IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]=127.0.0.1/{insert.getsockname()[1]}/tcp\n")
+    b.wait_ready()
+    pid = b.handler_pid(HANDLER)
+    exporter = connect(port)
+    exporter.sendall(b"".join(stream[:11]))
+    b.wait_status(HANDLER, lambda s: s["recorder"]["exports"][0]["state"] == "connecting")
+    with stopped(pid):
+        exporter.sendall(b"".join(stream[11:21]))  # the second dump: the first is evicted
+        insert.accept()[0].close()  # the filler: room for the export connection's next SYN
+        filler.close()
+        accepted = insert.accept()[0]  # its handshake completed
+    st = b.wait_status(HANDLER, lambda s: s["recorder"]["evicted_files"] == 1)
+    exporter.sendall(b"".join(stream[21:]))
+    st = b.wait_status(HANDLER, lambda s: s["msgs_in"] == len(stream), timeout=15)
+    assert st["pid"] == pid and Process(pid).alive and not events(b, "handler_crashed")
+    for sock in (exporter, accepted, insert):
+        sock.close()
+
+
 def test_health_check_flood_while_stopped(probe, balancer):
     """50 connect+close while the handler is stopped: accepted, outputs opened and closed in a burst."""
     port = free_port()

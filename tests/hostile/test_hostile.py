@@ -278,6 +278,12 @@ def test_allowlist_refuses_tcp_at_accept(probe, balancer):
     assert st["connections_total"] == 1, "a refused connection never becomes a session"
     lines = events(b, "exporter_limited", reason="not_allowed")
     assert len(lines) == 1 and lines[0]["peer"].startswith("127.0.0.9:")
+    b.write_config(env(port, [probe.port], extra="IPFIX_FULLFLOW_ALLOW[0]=127.0.0.0/24\n"))
+    b.reload()  # applied in place: the sessions stay, the new list decides the next connections
+    b.wait_log("reconfigured")
+    late = connect(port, source="127.0.0.9")
+    b.wait_status(HANDLER, lambda s: s["connections"] == 2)
+    late.close()
     unharmed(b, pid, probe)
 
 

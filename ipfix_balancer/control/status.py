@@ -289,6 +289,8 @@ def render(report: StatusReport) -> str:
             lines.append(f"    -> {sub.endpoint:<28}{sub.state:<6} msgs_out={sub.msgs_out} "
                          f"bytes_out={sub.bytes_out} drops={sub.drops} queued={_size(sub.queued_bytes)}"
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
+        if d.limited:  # README "Hostile input": sessions refused or closed by a limit
+            lines.append("    limited: " + " ".join(f"{k}={v}" for k, v in sorted(d.limited.items())))
         if d.recorder is not None:
             lines.extend(_render_recorder(d.recorder))
     if not report.handlers:

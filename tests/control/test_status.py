@@ -119,3 +119,13 @@ def test_collect_reads_handler_documents_and_observes_their_processes(tmp_path):
     assert (report.running, report.supervisor_pid, report.config) == (False, None, "/e.env")
     (h,) = report.handlers
     assert h.doc == mine and h.alive and h.rss > 0 and 85 < h.uptime < 120
+
+
+def test_render_shows_sessions_refused_or_closed_by_a_limit():
+    limited = {"not_allowed": 20, "idle_timeout": 3}
+    text = render(StatusReport(running=True, supervisor_pid=17, config="/e.env", run_dir="/run/b", handlers=[
+        HandlerReport(handler(limited=limited), alive=True, uptime=1)]))
+    assert "    limited: idle_timeout=3 not_allowed=20" in text.splitlines()
+    assert HandlerStatus.from_dict(through_json(handler(limited=limited).to_dict())).limited == limited
+    assert "limited" not in render(StatusReport(running=True, supervisor_pid=17, config="/e.env", run_dir="/run/b",
+                                                handlers=[HandlerReport(handler(), alive=True, uptime=1)]))

@@ -24,11 +24,13 @@ from ipfixkit import LOOPBACK, MESSAGE_HEADER, Balancer, make_stream
 HEADER = MESSAGE_HEADER
 
 
-def env(port: int, subs: list[int], *, proto: str = "tcp", mode: str = "All", extra: str = "") -> str:
-    """One fullflow receiver on 127.0.0.1:``port`` forwarding to the TCP collectors on ``subs``."""
+def env(port: int, subs: list[int], *, proto: str = "tcp", sub_proto: str = "tcp", mode: str = "All",
+        extra: str = "") -> str:
+    """One fullflow receiver on 127.0.0.1:``port`` forwarding to the collectors on ``subs``."""
     sub = ",".join(f"127.0.0.1/{p}" for p in subs)
     return (f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_PORT_TYPE[0]={proto}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
-            f"IPFIX_FULLFLOW_BALANCER[0]={mode}\nIPFIX_FULLFLOW_BALANCER_SUB[0]={sub}\n{extra}")
+            f"IPFIX_FULLFLOW_BALANCER[0]={mode}\nIPFIX_FULLFLOW_BALANCER_SUB[0]={sub}\n"
+            f"IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]={sub_proto}\n{extra}")
 
 
 class LimitedBalancer(Balancer):

@@ -196,8 +196,7 @@ def test_session_caps_refuse_at_accept(probe, balancer):
 def test_udp_sessions_over_the_cap_close_the_idlest(balancer):
     port = free_port("udp")
     with UdpSink() as sink:
-        b = balancer(udp_env(port, sink, "IPFIX_FULLFLOW_MAX_SESSIONS[0]=5\n"))
-        b.wait_ready()
+        b, _ = start(balancer, port, [sink.port], **UDP, extra="IPFIX_FULLFLOW_MAX_SESSIONS[0]=5\n")
         steady = make_stream(30, 1, odid=1)
         src = udp_send(port, steady[:2])
         for i in range(10):  # 10 more source ports; the steady exporter keeps sending in between
@@ -237,8 +236,7 @@ def test_accept_pauses_at_the_descriptor_limit(tmp_path, probe):
         unharmed(b, pid, probe)
 
 
-def udp_env(port: int, sink: UdpSink, extra: str = "") -> str:
-    return env(port, [sink.port], proto="udp", extra="IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]=udp\n" + extra)
+UDP = {"proto": "udp", "sub_proto": "udp"}  # a UDP receiver forwarding to UDP collectors
 
 
 def test_udp_sources_at_the_descriptor_limit(tmp_path):
@@ -246,7 +244,7 @@ def test_udp_sources_at_the_descriptor_limit(tmp_path):
     fails: those outputs go down and retry, the earlier exporter keeps flowing, the handler lives."""
     port = free_port("udp")
     with UdpSink() as sink:
-        with LimitedBalancer(tmp_path, udp_env(port, sink), nofile=NOFILE) as b:
+        with LimitedBalancer(tmp_path, env(port, [sink.port], **UDP), nofile=NOFILE) as b:
             b.wait_ready()
             pid = b.handler_pid(HANDLER)
             early = make_stream(40, 1, odid=77)
@@ -290,8 +288,7 @@ def test_allowlist_refuses_tcp_at_accept(probe, balancer):
 def test_allowlist_drops_datagrams_of_others(balancer):
     port = free_port("udp")
     with UdpSink() as sink:
-        b = balancer(udp_env(port, sink, "IPFIX_FULLFLOW_ALLOW[0]=127.0.0.2\n"))
-        b.wait_ready()
+        b, _ = start(balancer, port, [sink.port], **UDP, extra="IPFIX_FULLFLOW_ALLOW[0]=127.0.0.2\n")
         good, bad = make_stream(30, 1, odid=1), make_stream(30, 1, odid=2)
         udp_send(port, bad, delay=0.001)
         _send_from("127.0.0.2", port, good)
@@ -331,9 +328,7 @@ def test_memory_budget_bounds_every_queue_together(probe, balancer):
 def test_junk_datagram_flood_writes_one_line(balancer):
     port = free_port("udp")
     with UdpSink() as sink:
-        b = balancer(udp_env(port, sink))
-        b.wait_ready()
-        pid = b.handler_pid(HANDLER)
+        b, pid = start(balancer, port, [sink.port], **UDP)
         good = make_stream(200, 1)
         src = udp_send(port, good[:1])
         for i in range(1, len(good), 20):  # paced: the kernel's receive buffer must not be what drops

@@ -326,7 +326,10 @@ def _raise_fd_limit() -> None:
     limit is often 1024 while the hard one is far higher). At the limit the handler pauses accepting."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft != hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. a hard limit above fs.nr_open: keep the soft one
+            pass
 
 
 def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import functools
 import io
 import ipaddress
 import json
@@ -35,7 +36,7 @@ _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS"
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
            "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX", "STALL_SECONDS",
-           "BALANCER_SUB_SOURCE")
+           "BALANCER_SUB_SOURCE", "ALLOW", "IDLE_TIMEOUT", "MAX_SESSIONS", "MAX_SESSIONS_PER_SOURCE", "MEMORY_BYTES")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]{1,9})\])?")
@@ -61,6 +62,10 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "ODIDS_MAX": (1, None, "an integer >= 1 (ODIDs with templates per exporter session)"),
     "TEMPLATE_BYTES_MAX": (65536, None, "an integer >= 65536 (bytes of templates per exporter session)"),
     "STALL_SECONDS": (1, None, "an integer >= 1 (seconds a TCP subreceiver may take nothing before it is stalled)"),
+    "IDLE_TIMEOUT": (0, None, "an integer >= 0 (seconds; 0 = never)"),
+    "MAX_SESSIONS": (1, None, "an integer >= 1 (exporter sessions)"),
+    "MAX_SESSIONS_PER_SOURCE": (1, None, "an integer >= 1 (exporter sessions from one address)"),
+    "MEMORY_BYTES": (1024 * 1024, None, "an integer >= 1048576 (bytes)"),
 }
 
 
@@ -131,6 +136,35 @@ class Recording:
         return self.rotate_delay_seconds if self.rotate_delay_seconds > 0 else self.rotate_minutes * 60
 
 
+def _default_memory_bytes() -> int:
+    """MEMORY_BYTES when not set: 1 GiB, or a quarter of this host's memory when that is less."""
+    try:
+        return min(1024 ** 3, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
+    except (ValueError, OSError):
+        return 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What any host that reaches the port may cost the handler (README "Hostile input"); changes apply in place."""
+    allow: tuple[str, ...] = ()  # networks exporters may come from; empty = anyone
+    idle_timeout: int = 600  # seconds without a byte before a TCP exporter session is closed; 0 = never
+    max_sessions: int = 1000
+    max_sessions_per_source: int = 100  # TCP sessions from one address
+    memory_bytes: int = dataclasses.field(default_factory=_default_memory_bytes)  # all send queues together
+
+    def allows(self, host: str) -> bool:
+        if not self.allow:
+            return True
+        ip = ipaddress.ip_address(host.partition("%")[0])  # a link-local peer carries its scope
+        ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d
+        return any(ip in net for net in self._networks)
+
+    @functools.cached_property
+    def _networks(self) -> list:
+        return [ipaddress.ip_network(net) for net in self.allow]
+
+
 @dataclasses.dataclass(frozen=True)
 class TemplateLimits:
     """Template state one exporter session may hold (README "Hostile input"); applies in place on reload."""
@@ -149,6 +183,7 @@ class ReceiverConfig:
     recording: Recording
     taskset: int | None
     template_limits: TemplateLimits = TemplateLimits()
+    limits: Limits = Limits()
 
     @property
     def name(self) -> str:
@@ -179,7 +214,8 @@ class ReceiverConfig:
                                      "subreceivers": _endpoints(forwarding["subreceivers"])}),
             recording=Recording(**{**recording,
                                    "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}),
-            template_limits=TemplateLimits(**data.get("template_limits", {})))
+            template_limits=TemplateLimits(**data.get("template_limits", {})),
+            limits=Limits(**{**data.get("limits", {}), "allow": tuple(data.get("limits", {}).get("allow", ()))}))
 
 
 def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
@@ -453,6 +489,19 @@ class _Keys:
                 found.append(endpoint)
         return tuple(found)
 
+    def networks(self, param: str) -> tuple[str, ...]:
+        """Comma-separated addresses and CIDR prefixes (IPv4, IPv6), normalised ("10.0.0.1" -> "10.0.0.1/32")."""
+        found: list[str] = []
+        for item in filter(None, (i.strip() for i in self.value(param).split(","))):
+            try:
+                net = str(ipaddress.ip_network(item.replace("[", "").replace("]", ""), strict=False))
+            except ValueError:
+                self.fail(param, "addresses and prefixes such as 10.0.0.2, 10.1.0.0/16, 2001:db8::/32", item)
+                continue
+            if net not in found:
+                found.append(net)
+        return tuple(found)
+
     def _endpoint(self, param: str, item: str, proto: str | None) -> Endpoint | None:
         form = ("host/port/proto, e.g. 10.0.0.2/9920/tcp or [::1]/9920/udp (empty proto = tcp)" if proto is None
                 else "host/port, e.g. 10.0.0.2/9920 or [::1]/9920")
@@ -517,13 +566,17 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     template_refresh = r.integer("TEMPLATE_REFRESH", 60)
     balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
     spool_bytes = r.integer("SPOOL_BYTES", 0)
-    limits = TemplateLimits(r.integer("TEMPLATES_MAX", TemplateLimits.templates_max),
-                            r.integer("ODIDS_MAX", TemplateLimits.odids_max),
-                            r.integer("TEMPLATE_BYTES_MAX", TemplateLimits.template_bytes_max))
+    limits_t = TemplateLimits(r.integer("TEMPLATES_MAX", TemplateLimits.templates_max),
+                              r.integer("ODIDS_MAX", TemplateLimits.odids_max),
+                              r.integer("TEMPLATE_BYTES_MAX", TemplateLimits.template_bytes_max))
     stall_seconds = r.integer("STALL_SECONDS", 5)
     sub_source = r.word("BALANCER_SUB_SOURCE", _SOURCES, "balancer")
     if sub_source == "exporter":
         _check_source_preservation(r, sub_proto, bind, subs)
+    limits = Limits(allow=r.networks("ALLOW"), idle_timeout=r.integer("IDLE_TIMEOUT", Limits.idle_timeout),
+                    max_sessions=r.integer("MAX_SESSIONS", Limits.max_sessions),
+                    max_sessions_per_source=r.integer("MAX_SESSIONS_PER_SOURCE", Limits.max_sessions_per_source),
+                    memory_bytes=r.integer("MEMORY_BYTES", _default_memory_bytes()))
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
@@ -532,7 +585,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
                             dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes),
-        template_limits=limits)
+        template_limits=limits_t, limits=limits)
     return receiver, r
 
 

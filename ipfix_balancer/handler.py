@@ -7,8 +7,11 @@ process: handover to a successor, signals, live reconfiguration, stop and drain,
 
 from __future__ import annotations
 
+import errno
 import functools
+import ipaddress
 import os
+import resource
 import signal
 import socket
 import time
@@ -20,12 +23,13 @@ from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
-from .core.sendqueue import SendQueue, State, SubreceiverStats
+from .core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from .core.templates import TemplateLimit
+from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import TcpListener, UdpListener, bind
+from .net.listener import TcpListener, UdpListener, bind, peer_host
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
@@ -42,8 +46,10 @@ class Handler:
         self.rc = rc
         self.run_dir = run_dir
         self.log = log
+        self.throttle = Throttle(log)  # every line that can repeat per message, connection or retry
         self.loop = Loop()
         self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
+        self.budget = Budget(rc.limits.memory_bytes)  # shared by every send queue of this handler
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
@@ -63,6 +69,7 @@ class Handler:
         self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
         self._odid_announcer: dict[int, ExporterSession] = {}  # odid -> the session that last announced templates
         self._odid_conflicts: set[int] = set()  # ODIDs logged as shared with conflicting templates
+        self._reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY)  # for the status at the descriptor limit
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, takeover: bool = False) -> None:
@@ -92,13 +99,17 @@ class Handler:
             self._load_next_config()  # settings sent while we started (SIGUSR2 was ignored until now)
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
+        if not rc.limits.allow and not ipaddress.ip_address(rc.listen.bind).is_loopback:
+            self.log.warning("anyone_may_export", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
+                             hint=f"set IPFIX_{rc.stream}_ALLOW[{rc.index}] to the exporters' addresses")
         self.log.info("handler_started", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
                       mode=rc.forwarding.mode.value, subreceivers=[str(e) for e in rc.forwarding.subreceivers],
                       dpi_id=rc.recording.dpi_id)
 
     def _listen(self, sock: socket.socket) -> None:
         cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
-        self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed)
+        self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed, self.rc.limits,
+                            self.throttle)
 
     def _new_recorder(self, rc: ReceiverConfig):
         from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
@@ -143,8 +154,8 @@ class Handler:
                                     "address and ODID cannot tell these sessions apart")
 
     def _make_output(self, stats: SubreceiverStats, source: tuple | None = None, **settings) -> SendQueue:
-        queue = SendQueue(stats, **settings)
-        OutputConnection(self.loop, queue, self.log, source)
+        queue = SendQueue(stats, budget=self.budget, **settings)
+        OutputConnection(self.loop, queue, self.log, self.throttle, source)
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:
@@ -158,7 +169,7 @@ class Handler:
 
     def count_malformed(self, error: FramingError, peer: str) -> None:
         self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
-        self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
+        self.throttle.warning("malformed_ipfix", peer_host(peer), peer=peer, reason=error.reason, detail=error.detail,
                          action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
                          malformed_total=sum(self.malformed.values()))
 
@@ -252,6 +263,9 @@ class Handler:
             self.log.error("reconfigure_refused", reason="listen address, protocol or CPU changed")
             return
         self.rc = rc
+        self.budget.limit = rc.limits.memory_bytes
+        if self.listener is not None:
+            self.listener.set_limits(rc.limits)
         kept = {s.subreceiver: s for s in self.subreceivers}
         self.subreceivers = [kept.pop(ep, None) or SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.retired_subreceivers.extend(kept.values())  # their outputs drain, then close
@@ -356,17 +370,44 @@ class Handler:
             connections=self.connections, connections_total=self.connections_total,
             drops=self.drops(), drop_records=sum(by_reason[1].values()),
             drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
+            limited=dict(self.listener.limited) if self.listener is not None else {},
+            queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)
         try:
-            rundir.write_json(self.status_path, doc.to_dict())
+            self._write_status_file(doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic
             if not self._status_error:
                 self.log.error("status_write_failed", path=self.status_path, reason=str(exc))
             self._status_error = True
         else:
             self._status_error = False
+
+
+    def _write_status_file(self, doc: dict) -> None:
+        """At the descriptor limit the status matters most: a descriptor kept in reserve is lent for the write."""
+        try:
+            rundir.write_json(self.status_path, doc)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or self._reserve_fd is None:
+                raise
+            os.close(self._reserve_fd)
+            try:
+                rundir.write_json(self.status_path, doc)
+            finally:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
+
+
+def _raise_fd_limit() -> None:
+    """Each exporter session takes a descriptor per subreceiver: use all the descriptors we may (the soft
+    limit is often 1024 while the hard one is far higher). At the limit the handler pauses accepting."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. a hard limit above fs.nr_open: keep the soft one
+            pass
 
 
 def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:
@@ -378,6 +419,7 @@ def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = Fal
     if rc.taskset is not None:
         os.sched_setaffinity(0, {rc.taskset})
     os.makedirs(run_dir, exist_ok=True)
+    _raise_fd_limit()
     handler = Handler(rc, run_dir, log)
     try:
         return handler.run(takeover)

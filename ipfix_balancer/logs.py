@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import structlog
 
@@ -75,3 +76,57 @@ def setup(fmt: str = "text", level: str = "info", **context) -> structlog.stdlib
     structlog.contextvars.clear_contextvars()
     structlog.contextvars.bind_contextvars(pid=os.getpid(), **context)
     return structlog.get_logger()
+
+
+class Throttle:
+    """At most one line per (event, source) per ``interval`` seconds: the one mechanism against log floods.
+
+    Anything that can repeat per message, per connection or per retry goes through here (a junk datagram
+    flood must not cost the legitimate traffic its CPU, nor the journal its disk). The first line of a
+    window is written at once; the ones after it within the window are only counted, and the next line
+    written for that (event, source) carries ``suppressed=N``. ``source`` is what an operator acts on:
+    a peer host, a subreceiver, or "" for the listener itself.
+    """
+
+    MAX_KEYS = 4096  # a flood from many sources must not grow this table without bound
+
+    def __init__(self, log, interval: float = 60.0, clock=time.monotonic):
+        self.log = log
+        self.interval = interval
+        self.clock = clock
+        self._windows: dict[tuple[str, str], list] = {}  # (event, source) -> [window end, suppressed]
+
+    def info(self, event: str, source: str, **fields) -> bool:
+        return self._emit(self.log.info, event, source, fields)
+
+    def warning(self, event: str, source: str, **fields) -> bool:
+        return self._emit(self.log.warning, event, source, fields)
+
+    def error(self, event: str, source: str, **fields) -> bool:
+        return self._emit(self.log.error, event, source, fields)
+
+    def _emit(self, method, event: str, source: str, fields: dict) -> bool:
+        """Write the line, or count it; True when written."""
+        now = self.clock()
+        key = (event, source)
+        window = self._windows.get(key)
+        if window is not None and now < window[0]:
+            window[1] += 1
+            return False
+        if window is None and len(self._windows) >= self.MAX_KEYS:
+            self._prune(now)
+        suppressed = window[1] if window is not None else 0
+        self._windows[key] = [now + self.interval, 0]
+        if suppressed:
+            fields["suppressed"] = suppressed
+        method(event, **fields)
+        return True
+
+    def _prune(self, now: float) -> None:
+        """Forget windows that ended (their suppressed counts with them: the flood is over); if every one
+        is current, start afresh rather than grow."""
+        windows = self._windows
+        for key in [k for k, w in windows.items() if w[0] <= now]:
+            del windows[key]
+        if len(windows) >= self.MAX_KEYS:
+            windows.clear()

@@ -505,7 +505,7 @@ def test_template_limits_keys_defaults_and_bounds():
 
 def test_json_is_nested_by_settings_group():
     doc = json.loads(receiver(BASE).to_json())
-    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording", "template_limits"}
+    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording", "template_limits", "limits"}
     assert doc["listen"] == {"port_type": "tcp", "bind": "0.0.0.0", "port": 1500}
     assert doc["forwarding"]["mode"] == "RoundRobin" and doc["recording"]["max_flows_per_file"] == 0
 
@@ -578,6 +578,8 @@ def test_global_keys_metrics_and_hang_seconds():
         "IPFIX_BALANCER_METRICS='127.0.0.1/1,127.0.0.1/2': expected one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)",
         "IPFIX_BALANCER_HANG_SECONDS='0': expected an integer >= 2 (seconds without a status heartbeat before a handler "
         "is replaced)"]
+
+
 # --- hostile and odd files (issue 11 item 9) ---------------------------------------------------------------
 
 def test_a_number_of_5000_digits_is_a_problem_quoted_short(tmp_path):
@@ -663,3 +665,28 @@ def test_values_that_could_only_fail_at_run_time(tmp_path):
         f"it is {len(deep)} bytes long, so its files' paths could exceed 4096 bytes; expected a directory path the "
         "recorder can create")
     assert receiver({"IPFIX_FULLFLOW_DUMP_DIR[0]": f"{tmp_path}/new/dir/"}).recording.dump_dir
+
+
+def test_hostile_input_limits_parse_with_defaults_a_dpi_never_meets():
+    limits = receiver(BASE).limits
+    assert limits.allow == () and limits.allows("192.0.2.7"), "empty ALLOW: anyone"
+    assert (limits.idle_timeout, limits.max_sessions, limits.max_sessions_per_source) == (600, 1000, 100)
+    assert 0 < limits.memory_bytes <= 1024 ** 3
+    limits = receiver({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": " 10.0.0.1, 10.1.0.0/16 ,[2001:db8::]/32,10.0.0.1",
+                       "IPFIX_FULLFLOW_IDLE_TIMEOUT[0]": "0", "IPFIX_FULLFLOW_MAX_SESSIONS[0]": "20",
+                       "IPFIX_FULLFLOW_MAX_SESSIONS_PER_SOURCE[0]": "4",
+                       "IPFIX_FULLFLOW_MEMORY_BYTES[0]": "8388608"}).limits
+    assert limits.allow == ("10.0.0.1/32", "10.1.0.0/16", "2001:db8::/32")
+    assert (limits.idle_timeout, limits.max_sessions, limits.max_sessions_per_source, limits.memory_bytes) == \
+        (0, 20, 4, 8388608)
+    assert limits.allows("10.1.200.3") and limits.allows("2001:db8::5") and limits.allows("::ffff:10.0.0.1")
+    assert not limits.allows("10.0.0.2") and not limits.allows("2001:db9::1")
+    rc = receiver({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": "10.0.0.0/8"})
+    assert ReceiverConfig.from_json(rc.to_json()) == rc
+
+
+def test_hostile_input_limits_refuse_bad_values():
+    found = problems({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": "10.0.0.1,dpi.example", "IPFIX_FULLFLOW_MAX_SESSIONS[0]": "0",
+                      "IPFIX_FULLFLOW_MEMORY_BYTES[0]": "1000"})
+    assert len(found) == 3
+    assert "item 'dpi.example'" in found[0] and "MAX_SESSIONS[0]='0'" in found[1] and "MEMORY_BYTES" in found[2]

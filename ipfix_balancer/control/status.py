@@ -130,6 +130,9 @@ class HandlerStatus:
     drop_records: int = 0
     drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
+    limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
+    queued_bytes: int = 0  # held by every send queue together (MEMORY_BYTES bounds it)
+    memory_bytes: int = 0
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -347,6 +350,8 @@ def render(report: StatusReport) -> str:
                          f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
                          + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
+        if d.limited:  # README "Hostile input": sessions refused or closed by a limit
+            lines.append("    limited: " + " ".join(f"{k}={v}" for k, v in sorted(d.limited.items())))
         if d.recorder is not None:
             lines.extend(_render_recorder(d.recorder))
     if not report.handlers:

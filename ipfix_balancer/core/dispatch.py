@@ -59,19 +59,24 @@ class RoundRobin:
 
     def _choose(self, size: int) -> SendQueue:
         """Next queue that is up with room; else (all down: session start or outage) the next with room,
-        where the message waits for the connection; else the next one, which drops its oldest."""
+        where the message waits for the connection (unless the memory budget is reached); else the next one,
+        which drops its oldest."""
         queues = self.queues
         count = len(queues)
         start = self._next
         fallback = None
+        # At the handler-wide memory budget an output that is not up counts as full: it would only hold more.
+        waiting_ok = not queues[0].budget.exhausted(size)
         for i in range(count):
             queue = queues[(start + i) % count]
             if queue.pending_bytes + size <= queue.limit:
                 if queue.state is State.UP:
                     self._next = (start + i + 1) % count
                     return queue
-                if fallback is None:
+                if fallback is None and waiting_ok:
                     fallback = (i, queue)
+            elif fallback is None and not waiting_ok and queue.state is State.UP:
+                fallback = (i, queue)  # it drops its own oldest, where a down output would only grow
         i, queue = fallback if fallback is not None else (0, queues[start % count])
         self._next = (start + i + 1) % count
         return queue

@@ -19,29 +19,42 @@ __all__ = ["DatagramReader", "FramingError", "StreamFramer", "check_datagram"]
 class StreamFramer:
     """Frames one TCP session.
 
-    Reads go one after another into the same chunk until less than ``MIN_READ`` is free; only then does
-    a new chunk start, taking the incomplete message along (the one copy). Filling chunks matters: a
+    Reads go one after another into the same chunk until less than a quarter of it is free; only then
+    does a new chunk start, taking the incomplete message along (the one copy). Filling chunks matters: a
     queued message keeps its whole chunk alive, so one small read per chunk would let a few thousand
     small queued messages pin gigabytes.
+
+    Chunks are allocated at the first read, start small, and grow only for a connection whose reads fill
+    them (x4 per full read, up to ``chunk_size``): a busy exporter soon reads 256 KiB at a time, while
+    thousands of idle or trickling connections cost a few KiB each. ``release()`` lets go of the chunk of
+    a connection gone quiet.
     """
 
-    __slots__ = ("chunk_size", "_view", "_start", "_end")
-    MIN_READ = 64 * 1024
+    __slots__ = ("chunk_size", "_size", "_view", "_start", "_end", "_held")
+    MIN_READ = 64 * 1024  # free room asked of a full-size chunk (a quarter of it)
+    FIRST_CHUNK = 16 * 1024
 
     def __init__(self, chunk_size: int = 256 * 1024, tail: bytes = b""):
         # Room for a whole message of the largest size plus a worthwhile read, whatever is asked.
         self.chunk_size = max(chunk_size, MAX_MESSAGE + self.MIN_READ)
-        self._new_chunk(tail)  # tail: the start of a message a predecessor had read (handover)
+        self._size = self.FIRST_CHUNK  # the size of the next chunk
+        self._view: memoryview | None = None
+        self._start = self._end = 0
+        self._held = bytes(tail)  # without a chunk: the start of a message already read (handover, release)
 
     def _new_chunk(self, carry) -> None:
-        view = memoryview(bytearray(self.chunk_size))
+        view = memoryview(bytearray(max(self._size, 2 * len(carry))))  # 2x: a long message always fits in time
         view[:len(carry)] = carry
         self._view, self._start, self._end = view, 0, len(carry)
 
     def get_buffer(self) -> memoryview:
-        """Where the next read goes (at least ``MIN_READ`` bytes)."""
-        if self.chunk_size - self._end < self.MIN_READ:
-            self._new_chunk(self._view[self._start:self._end])
+        """Where the next read goes (at least a quarter of the chunk)."""
+        view = self._view
+        if view is None:
+            self._new_chunk(self._held)
+            self._held = b""
+        elif len(view) - self._end < len(view) >> 2:
+            self._new_chunk(view[self._start:self._end])
         return self._view[self._end:]
 
     def feed(self, n: int) -> tuple[list[memoryview], FramingError | None]:
@@ -49,20 +62,32 @@ class StreamFramer:
         error when a header cannot be IPFIX. Messages before a bad header are returned, the bytes after it
         discarded: a TCP stream offers no safe point to resynchronise, so the caller closes the session."""
         self._end += n
+        view = self._view
+        if self._end == len(view) and self._size < self.chunk_size:  # the read filled the chunk: a busy exporter
+            self._size = min(self._size * 4, self.chunk_size)
         out: list[memoryview] = []
-        self._start, error = walk(self._view, self._start, self._end, out.append)
+        self._start, error = walk(view, self._start, self._end, out.append)
         if error is not None:
             self._start = self._end
         return out, error
 
+    def release(self) -> None:
+        """The connection went quiet: drop our reference to the chunk (queued messages keep what they use)
+        and keep only the part of a message already read; the next chunk starts small again."""
+        if self._view is not None:
+            self._held = self.tail
+            self._view = None
+            self._start = self._end = 0
+            self._size = self.FIRST_CHUNK
+
     @property
     def tail(self) -> bytes:
         """The incomplete message held for the next read."""
-        return bytes(self._view[self._start:self._end])
+        return self._held if self._view is None else bytes(self._view[self._start:self._end])
 
     @property
     def pending(self) -> int:
-        return self._end - self._start
+        return len(self._held) if self._view is None else self._end - self._start
 
 
 class DatagramReader:

@@ -63,6 +63,32 @@ class Transport(Protocol):
         kernel discards what it still held too (it was counted as lost)."""
 
 
+class Budget:
+    """The bytes every send queue of a handler holds together, bounded by ``limit`` (MEMORY_BYTES): per-queue
+    bounds multiply with sessions x subreceivers, this one does not. Queues keep ``used`` current; when it
+    would pass the limit, the largest queues lose their oldest unsent messages (reason ``memory_budget``)."""
+
+    __slots__ = ("limit", "used", "queues")
+
+    def __init__(self, limit: float):
+        self.limit = limit
+        self.used = 0
+        self.queues: set[SendQueue] = set()
+
+    def exhausted(self, size: int) -> bool:
+        return self.used + size > self.limit
+
+    def make_room(self, size: int) -> None:
+        """Free room for ``size`` more bytes, and a sixteenth of the budget besides, so that the scan for
+        the largest queue runs once per many messages, not per message."""
+        target = self.limit - self.limit / 16
+        while self.used + size > target and self.queues:
+            largest = max(self.queues, key=lambda q: q.pending_bytes)
+            if not largest.pending:  # only messages already committed to the kernel are left
+                return
+            largest.shed(self.used + size - target)
+
+
 class SubreceiverStats:
     """Counters for one subreceiver, summed over every output (exporter session) to it."""
 
@@ -111,7 +137,9 @@ class SendQueue:
                  current_snapshot: Callable[[], Snapshot], refresh: float = 0.0, stall: float = 0.0,
                  move_stalled: bool = False,
                  on_down: Callable[[SendQueue], None] | None = None,
-                 on_closed: Callable[[SendQueue], None] | None = None):
+                 on_closed: Callable[[SendQueue], None] | None = None, budget: Budget | None = None):
+        self.budget = budget if budget is not None else Budget(float("inf"))
+        self._pending_bytes = 0
         self.stats = stats
         self.subreceiver = stats.subreceiver
         self.limit = limit
@@ -129,7 +157,7 @@ class SendQueue:
         self.pending: deque = deque()
         # Bytes of every message not yet handed to the kernel: queued, or committed but not yet written.
         # The bound applies to all of it, so memory per output stays near ``limit``.
-        self.pending_bytes = 0
+        self.pending_bytes = 0      # a property: keeps the budget's total current
         self.bufs: list = []        # buffers committed to the connection, not yet written
         self._ends: list[int] = []  # bytes left to write up to the end of each committed message
         self._entries: list = []    # the committed entries, parallel to _ends
@@ -146,6 +174,16 @@ class SendQueue:
         # first connection learns the templates from those messages, and a replay would only duplicate them.
         self._complete = not len(current_snapshot())
         stats.queues.add(self)
+        self.budget.queues.add(self)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._pending_bytes
+
+    @pending_bytes.setter
+    def pending_bytes(self, value: int) -> None:
+        self.budget.used += value - self._pending_bytes
+        self._pending_bytes = value
 
     # -- queueing ------------------------------------------------------------------------------
     def enqueue(self, entry: Entry) -> None:
@@ -157,6 +195,8 @@ class SendQueue:
             if self.state is State.UP and self.transport is not None:
                 self.transport.flush()  # a read batch can exceed a small queue: the kernel may take some first
             self._make_room(size)
+        if self.budget.exhausted(size):
+            self.budget.make_room(size)
         self.pending.append(entry)
         self.pending_bytes += size
         if self.state is State.UP and not self.armed:
@@ -169,6 +209,8 @@ class SendQueue:
             for entry in entries:  # the drop-oldest path, entry by entry
                 self.enqueue(entry)
             return
+        if self.budget.exhausted(size):
+            self.budget.make_room(size)
         self.pending.extend(entries)
         self.pending_bytes += size
         if self.state is State.UP and not self.armed:
@@ -183,6 +225,17 @@ class SendQueue:
             self.pending_bytes -= len(entry[MSG])
             self.stats.drop(reason, (entry,))
             self._complete = False
+
+    def shed(self, nbytes: int) -> None:
+        """The handler-wide budget needs ``nbytes``: drop the oldest unsent entries worth that (or all)."""
+        pending, dropped = self.pending, []
+        while pending and nbytes > 0:
+            entry = pending.popleft()
+            self.pending_bytes -= len(entry[MSG])
+            nbytes -= len(entry[MSG])
+            dropped.append(entry)
+        self._complete = False
+        self.stats.drop(MEMORY_BUDGET, dropped)
 
     def take_pending(self) -> list:
         """Hand over every unsent entry (RoundRobin re-dispatch on failure)."""
@@ -432,6 +485,7 @@ class SendQueue:
         self._unacked.clear()
         self.state = State.CLOSED
         self.stats.queues.discard(self)
+        self.budget.queues.discard(self)
         if self.transport is not None:
             self.transport.close(abort=stalled)
         if self.on_closed is not None:

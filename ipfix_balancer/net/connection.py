@@ -22,6 +22,7 @@ import termios
 import time
 
 from ..core.sendqueue import OVERSIZE, SendQueue, State
+from ..logs import Throttle
 from .loop import READ, WRITE, Loop
 
 SNDBUF = 4 * 1024 * 1024
@@ -45,10 +46,11 @@ def unsent_bytes(sock: socket.socket) -> int:
 class OutputConnection:
     """Implements ``core.sendqueue.Transport`` for one queue."""
 
-    def __init__(self, loop: Loop, queue: SendQueue, log, source: tuple | None = None):
+    def __init__(self, loop: Loop, queue: SendQueue, log, throttle: Throttle, source: tuple | None = None):
         self.loop = loop
         self.queue = queue
         self.log = log
+        self.throttle = throttle  # up/down lines: shared by every output to a subreceiver, which may flap
         self.source = source  # (IPv4 address, port) UDP datagrams claim to come from (BALANCER_SUB_SOURCE)
         self.sock: socket.socket | None = None
         self._send = None  # sendmsg of the socket, or of the raw socket with our headers
@@ -91,10 +93,14 @@ class OutputConnection:
     def _connect(self) -> None:
         self._timer = None
         sub = self.queue.subreceiver
-        if self.source is not None:
-            sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)  # we write the headers
-        else:
-            sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        try:
+            if self.source is not None:  # we write the IP and UDP headers ourselves
+                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+            else:
+                sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE at the descriptor limit: an outage like any other (backoff, retry)
+            self._fail(exc)
+            return
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self.sock = sock
@@ -119,6 +125,8 @@ class OutputConnection:
         self.loop.watch(sock, WRITE, self._on_connect)
 
     def _on_connect(self, _mask) -> None:
+        if self.sock is None:  # closed since the event was reported (the loop skips such events too)
+            return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._fail(OSError(err, os.strerror(err)))
@@ -131,7 +139,8 @@ class OutputConnection:
         tentative = self._stalled_before or (not self._tcp and bool(self.queue.stats.last_error))
         self._up_at = time.monotonic()
         if self.queue.connection_up(int(time.time()), tentative):
-            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver))
+            sub = str(self.queue.subreceiver)
+            self.throttle.info("subreceiver_up", sub, subreceiver=sub)
         if not tentative:
             self._backoff = BACKOFF_FIRST
         elif not self._tcp:  # (TCP: the progress checks confirm it)
@@ -174,7 +183,8 @@ class OutputConnection:
         else:
             self._backoff = BACKOFF_FIRST
             if queue.confirm():
-                self.log.info("subreceiver_up", subreceiver=str(queue.subreceiver))
+                sub = str(queue.subreceiver)
+                self.throttle.info("subreceiver_up", sub, subreceiver=sub)
             self.flush()
 
     def _fail(self, exc: BaseException, stalled: bool = False) -> None:
@@ -198,9 +208,10 @@ class OutputConnection:
                 queue.on_down(queue)
                 queue.close()
                 return
-        elif news:  # once per state change, not per retry
-            self.log.warning("subreceiver_down", subreceiver=str(queue.subreceiver), reason=reason,
-                             resent=resent, queued=len(queue.pending), retry_in=self._backoff)
+        elif news:  # once per state change, not per retry; and at most once a minute (sessions share a subreceiver)
+            sub = str(queue.subreceiver)
+            self.throttle.warning("subreceiver_down", sub, subreceiver=sub, reason=reason, resent=resent,
+                                  queued=len(queue.pending), retry_in=self._backoff)
         if queue.closing and not queue.pending:
             queue.close()
             return
@@ -214,9 +225,9 @@ class OutputConnection:
         """The close deadline passed with messages still queued: they are lost, counted and logged."""
         self._timer = None
         unsent = self.queue.close()
-        if unsent:
-            self.log.error("subreceiver_closed_with_loss", subreceiver=str(self.queue.subreceiver),
-                           unsent_messages=unsent)
+        if unsent:  # per output, so per exporter session: throttled (status counts every drop)
+            sub = str(self.queue.subreceiver)
+            self.throttle.error("subreceiver_closed_with_loss", sub, subreceiver=sub, unsent_messages=unsent)
 
     def _reset(self) -> None:
         """Close with RST: the kernel discards what it still holds for the collector."""
@@ -238,6 +249,8 @@ class OutputConnection:
             self._timer = None
 
     def _on_event(self, mask: int) -> None:
+        if self.sock is None:  # closed since the event was reported
+            return
         if mask & READ:
             # Collectors never send IPFIX back: readable means closed (or junk we discard).
             try:
@@ -324,9 +337,10 @@ class OutputConnection:
         All keeps its bounded queue."""
         queue = self.queue
         if queue.stalled(f"stalled: nothing acknowledged for {queue.stall:g} s"):
-            self.log.warning("subreceiver_stalled", subreceiver=str(queue.subreceiver), unacked_bytes=waiting,
-                             queued=len(queue.pending), stall_seconds=queue.stall,
-                             action="moved to the live subreceivers" if queue.move_stalled else "kept, bounded")
+            sub = str(queue.subreceiver)
+            self.throttle.warning("subreceiver_stalled", sub, subreceiver=sub, unacked_bytes=waiting,
+                                  queued=len(queue.pending), stall_seconds=queue.stall,
+                                  action="moved to the live subreceivers" if queue.move_stalled else "kept, bounded")
         if queue.on_down is not None:
             queue.on_down(queue)
 
@@ -334,7 +348,8 @@ class OutputConnection:
         self._backoff = BACKOFF_FIRST
         self._stalled_before = False
         if self.queue.confirm():
-            self.log.info("subreceiver_up", subreceiver=str(self.queue.subreceiver), reason="takes data again")
+            sub = str(self.queue.subreceiver)
+            self.throttle.info("subreceiver_up", sub, subreceiver=sub, reason="takes data again")
 
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send

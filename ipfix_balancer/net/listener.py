@@ -6,12 +6,15 @@ sockets into it (TCP through a ``core.framing.StreamFramer``, UDP one datagram p
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from typing import Callable
 
+from ..config import Limits
 from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from ..core.session import ExporterSession
+from ..logs import Throttle
 from . import handover
 from .loop import READ, Loop
 
@@ -19,6 +22,11 @@ UDP_SESSION_IDLE = 300.0   # seconds without a datagram before a UDP exporter se
 UDP_EXPIRY_PERIOD = 30.0   # how often idle UDP sessions are looked for
 UDP_BATCH = 256            # datagrams read per readiness event, so TCP sessions and timers get turns
 ACCEPT_BATCH = 64          # connections accepted per readiness event
+ACCEPT_RETRY = 0.5         # seconds between attempts to accept again while at the descriptor limit
+IDLE_SWEEP = 1.0           # how often TCP exporter connections are looked at for quiet (chunk release, timeout)
+VERDICTS = 4096            # allowlist verdicts remembered per source address
+#: accept() errors that mean "no descriptor or memory now": pause instead of spinning on a readable listener
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 DRAIN_READS = 4096         # reads at stop before an exporter connection is closed anyway
 RCVBUF = 8 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value: Python 3.11 does not name it
@@ -56,19 +64,26 @@ def peer_name(addr) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+def peer_host(peer: str) -> str:
+    """The address part of ``peer_name``: what an operator blocks or allows (the port changes per session)."""
+    host = peer.rpartition(":")[0]
+    return host[1:-1] if host.startswith("[") else host
+
+
 class TcpExporter:
     """One exporter's TCP connection: socket -> framer -> session."""
 
-    def __init__(self, loop: Loop, sock: socket.socket, session: ExporterSession, log,
-                 count_malformed: MalformedCounter, tail: bytes = b""):
-        self.loop = loop
+    def __init__(self, listener: TcpListener, sock: socket.socket, session: ExporterSession, tail: bytes = b""):
+        self.listener = listener
+        self.loop = listener.loop
         self.sock = sock
         self.session = session
-        self.log = log
-        self.count_malformed = count_malformed
+        self.count_malformed = listener.count_malformed
         self.framer = StreamFramer(tail=tail)
         self.open = True
-        loop.watch(sock, READ, self._on_readable)
+        self.active = False  # read since the last idle sweep
+        self.quiet = 0.0     # seconds without a read, as seen by the idle sweeps
+        self.loop.watch(sock, READ, self._on_readable)
 
     def _on_readable(self, _mask) -> None:
         self.read()
@@ -78,6 +93,7 @@ class TcpExporter:
         there, 0 when the session ended (closed by the exporter, reset, or not IPFIX)."""
         if not self.open:
             return 0
+        self.active = True
         error = None
         try:
             n = self.sock.recv_into(self.framer.get_buffer())
@@ -97,7 +113,8 @@ class TcpExporter:
         if isinstance(error, FramingError):
             self.count_malformed(error, self.session.peer)
         elif self.framer.pending:
-            self.log.warning("exporter_truncated", peer=self.session.peer, bytes=self.framer.pending)
+            self.listener.throttle.warning("exporter_truncated", peer_host(self.session.peer), peer=self.session.peer,
+                                           bytes=self.framer.pending)
         self.close(reason=str(error) if error else "closed by exporter")
         return 0
 
@@ -107,7 +124,10 @@ class TcpExporter:
         self.open = False
         self.loop.unwatch(self.sock)
         self.sock.close()
-        self.log.info("exporter_disconnected", peer=self.session.peer, reason=reason)
+        self.framer.release()
+        self.listener.closed(self)
+        self.listener.throttle.info("exporter_disconnected", peer_host(self.session.peer), peer=self.session.peer,
+                                    reason=reason)
         self.session.end()
 
     def drain(self) -> None:
@@ -124,6 +144,7 @@ class TcpExporter:
         """Handover: stop reading; the socket and the part of a message already read go to a successor."""
         self.open = False
         self.loop.unwatch(self.sock)
+        self.listener.closed(self)
         return self.sock, self.framer.tail
 
 
@@ -131,16 +152,39 @@ class Listener:
     """The listening socket of a receiver; subclasses turn what arrives on it into exporter sessions."""
 
     def __init__(self, loop: Loop, sock: socket.socket, log, open_session: SessionOpener,
-                 count_malformed: MalformedCounter):
+                 count_malformed: MalformedCounter, limits: Limits, throttle: Throttle):
         self.loop = loop
         self.sock = sock
         self.log = log
         self.open_session = open_session
         self.count_malformed = count_malformed
+        self.throttle = throttle
+        self.limits = limits
+        self.limited: dict[str, int] = {}  # sessions refused or closed by a limit, by reason (status)
+        self._verdicts: dict[str, bool] = {}  # source address -> allowed
         loop.watch(sock, READ, self._on_readable)
 
     def _on_readable(self, _mask) -> None:
         raise NotImplementedError
+
+    def set_limits(self, limits: Limits) -> None:
+        self.limits = limits
+        self._verdicts.clear()
+
+    def _allowed(self, host: str) -> bool:
+        """ALLOW, remembered per address: a refused source may send a datagram flood."""
+        verdict = self._verdicts.get(host)
+        if verdict is None:
+            if len(self._verdicts) >= VERDICTS:
+                self._verdicts.clear()
+            verdict = self._verdicts[host] = self.limits.allows(host)
+        return verdict
+
+    def _limit(self, reason: str, peer: str, action: str) -> None:
+        """Count a session refused or closed by a limit; logged once per source and reason per interval."""
+        self.limited[reason] = count = self.limited.get(reason, 0) + 1
+        self.throttle.warning("exporter_limited", f"{peer_host(peer)} {reason}", peer=peer, reason=reason,
+                              action=action, count=count)
 
     def forget(self, session: ExporterSession) -> None:
         """``session`` is gone (its outputs drained). A UDP session left the address table when it ended."""
@@ -152,7 +196,12 @@ class TcpListener(Listener):
     def __init__(self, *args):
         self.exporters: dict[ExporterSession, TcpExporter] = {}
         self._handed: list[TcpExporter] = []
+        self._open_count = 0                 # exporter connections open
+        self._per_source: dict[str, int] = {}  # ... by source address
+        self._retry = None       # while paused at the descriptor limit: the timer that accepts again
+        self._paused_at = 0.0    # when the current pause episode began (0: not paused)
         super().__init__(*args)
+        self.loop.every(IDLE_SWEEP, self._sweep)
 
     def adopt(self, sock: socket.socket, peer: str, tail: bytes, templates) -> None:
         """An exporter connection handed over by a predecessor."""
@@ -161,28 +210,103 @@ class TcpListener(Listener):
 
     def _add(self, sock: socket.socket, peer: str, tail: bytes = b"", templates=()) -> None:
         session = self.open_session(sock, peer, templates)
-        self.exporters[session] = TcpExporter(self.loop, sock, session, self.log, self.count_malformed, tail)
+        host = peer_host(peer)
+        self._open_count += 1
+        self._per_source[host] = self._per_source.get(host, 0) + 1
+        self.exporters[session] = TcpExporter(self, sock, session, tail)
+
+    def closed(self, exporter: TcpExporter) -> None:
+        """An exporter connection closed (or left with a handover): it no longer counts against the caps."""
+        host = peer_host(exporter.session.peer)
+        self._open_count -= 1
+        left = self._per_source[host] - 1
+        if left:
+            self._per_source[host] = left
+        else:
+            del self._per_source[host]
+
+    def _refusal(self, host: str) -> str | None:
+        """Why a new connection from ``host`` is refused at accept, if it is."""
+        limits = self.limits
+        if not self._allowed(host):
+            return "not_allowed"
+        if self._open_count >= limits.max_sessions:
+            return "max_sessions"
+        if self._per_source.get(host, 0) >= limits.max_sessions_per_source:
+            return "max_sessions_per_source"
+        return None
 
     def _on_readable(self, _mask) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
+                if self._paused_at:  # caught up with the backlog: the episode is over
+                    self.log.info("accept_resumed", paused_seconds=round(time.monotonic() - self._paused_at, 1),
+                                  connections=self._open_count)
+                    self._paused_at = 0.0
                 return
-            except OSError as exc:  # e.g. EMFILE: keep serving the sessions we have
-                self.log.error("accept_failed", error=str(exc))
+            except OSError as exc:
+                if exc.errno in _EXHAUSTED:
+                    self._pause(exc)
+                else:  # e.g. ECONNABORTED: that one connection is gone, the next may come
+                    self.throttle.error("accept_failed", "", error=str(exc))
                 return
-            conn.setblocking(False)
             peer = peer_name(addr)
-            self.log.info("exporter_connected", peer=peer)
+            reason = self._refusal(addr[0])
+            if reason is not None:
+                conn.close()
+                self._limit(reason, peer, "connection refused")
+                continue
+            conn.setblocking(False)
+            self.throttle.info("exporter_connected", peer_host(peer), peer=peer)
             self._add(conn, peer)
+
+    def _pause(self, exc: OSError) -> None:
+        """Out of descriptors (or memory): a readable listener would make the loop spin, so stop watching it
+        and try again on a timer; the sessions we have keep flowing. Logged once per episode, which lasts
+        until the backlog of waiting connections is accepted."""
+        self.loop.unwatch(self.sock)
+        self._retry = self.loop.call_later(ACCEPT_RETRY, self._resume)
+        if not self._paused_at:
+            self._paused_at = time.monotonic()
+            self.limited["fd_limit"] = self.limited.get("fd_limit", 0) + 1
+            self.log.warning("accept_paused", reason=exc.strerror or str(exc), connections=self._open_count,
+                             sessions=len(self.exporters), retry_every=ACCEPT_RETRY)
+
+    def _resume(self) -> None:
+        self._retry = None
+        self.loop.watch(self.sock, READ, self._on_readable)
+
+    def _stop_accepting(self) -> None:
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+        self.loop.unwatch(self.sock)
+
+    def _sweep(self) -> None:
+        """Every IDLE_SWEEP: a connection that read nothing since the last sweep lets go of its chunk, and
+        one quiet for IDLE_TIMEOUT is closed (a half-open or abandoned connection holds a descriptor and a
+        session forever otherwise)."""
+        timeout = self.limits.idle_timeout
+        for exporter in list(self.exporters.values()):
+            if not exporter.open:
+                continue
+            if exporter.active:
+                exporter.active, exporter.quiet = False, 0.0
+                continue
+            exporter.framer.release()
+            exporter.quiet += IDLE_SWEEP
+            if timeout and exporter.quiet >= timeout:
+                self._limit("idle_timeout", exporter.session.peer, "connection closed")
+                exporter.close(reason=f"idle for {timeout} s")
 
     def forget(self, session: ExporterSession) -> None:
         self.exporters.pop(session, None)
 
     def stop(self, drain: bool) -> None:
         """Stop accepting; with ``drain`` forward what the exporters already sent, then close them."""
-        self.loop.unwatch(self.sock)
+        self._stop_accepting()
         self.sock.close()
         if drain:
             for exporter in list(self.exporters.values()):
@@ -190,7 +314,7 @@ class TcpListener(Listener):
 
     def handover_items(self, fds: list[int]) -> list[tuple[ExporterSession, dict]]:
         """Detach every open exporter connection for a successor; appends their descriptors to ``fds``."""
-        self.loop.unwatch(self.sock)
+        self._stop_accepting()
         items = []
         for session, exporter in self.exporters.items():
             if not exporter.open:
@@ -225,34 +349,50 @@ class UdpListener(Listener):
 
     def _on_readable(self, _mask) -> None:
         reader, sock, sessions = self.reader, self.sock, self.sessions
-        now = time.monotonic()
+        clock = time.monotonic  # per datagram: the idlest session at MAX_SESSIONS must be told apart in a batch
         for _ in range(UDP_BATCH):
             try:
                 n, addr = sock.recvfrom_into(reader.get_buffer())
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self.log.warning("udp_receive_failed", error=str(exc))
+                self.throttle.warning("udp_receive_failed", "", error=str(exc))
                 return
             msg = reader.feed(n)
+            session = sessions.get(addr)
+            if session is None and not self._allowed(addr[0]):
+                self._limit("not_allowed", peer_name(addr), "datagram dropped")
+                continue
             try:
                 check_datagram(msg)
             except FramingError as exc:
                 self.count_malformed(exc, peer_name(addr))
                 continue
-            session = sessions.get(addr)
             if session is None:
-                session = sessions[addr] = self.open_session(addr, peer_name(addr))
-                self.log.info("exporter_connected", peer=session.peer)
-            session.last_seen = now
+                session = self._new_session(addr)
+            session.last_seen = clock()
             session.deliver((msg,))
+
+    def _new_session(self, addr: tuple) -> ExporterSession:
+        """At MAX_SESSIONS the session idle longest goes first: a flood from many source ports must not
+        open outputs (descriptors, queues) without bound, and a steady exporter is never the idlest."""
+        sessions = self.sessions
+        if len(sessions) >= self.limits.max_sessions:
+            oldest = min(sessions, key=lambda a: sessions[a].last_seen)
+            evicted = sessions.pop(oldest)
+            self._limit("max_sessions", evicted.peer, "idlest session closed")
+            evicted.end()
+        session = sessions[addr] = self.open_session(addr, peer_name(addr))
+        self.throttle.info("exporter_connected", addr[0], peer=session.peer)
+        return session
 
     def _expire(self) -> None:
         limit = time.monotonic() - UDP_SESSION_IDLE
         for addr, session in list(self.sessions.items()):
             if session.last_seen < limit:
                 del self.sessions[addr]
-                self.log.info("exporter_idle", peer=session.peer, idle_seconds=UDP_SESSION_IDLE)
+                self.throttle.info("exporter_idle", peer_host(session.peer), peer=session.peer,
+                                   idle_seconds=UDP_SESSION_IDLE)
                 session.end()
 
     def stop(self, drain: bool) -> None:

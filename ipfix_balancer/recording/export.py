@@ -142,7 +142,11 @@ class ExportTarget:
             return
         ep = self.ep
         tcp = ep.proto == "tcp"
-        sock = socket.socket(ep.family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+        try:
+            sock = socket.socket(ep.family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+        except OSError as exc:  # EMFILE at the descriptor limit: retry with backoff
+            self._fail(exc)
+            return
         sock.setblocking(False)
         self.sock = sock
         if tcp:
@@ -162,6 +166,8 @@ class ExportTarget:
             self.loop.watch(sock, WRITE, self._on_udp)
 
     def _on_connect(self, _mask) -> None:
+        if self.sock is None:  # the transfer ended since the event was reported (the loop skips such events too)
+            return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._fail(OSError(err, os.strerror(err)))
@@ -170,6 +176,8 @@ class ExportTarget:
         self.loop.watch(self.sock, READ | WRITE, self._on_tcp)
 
     def _on_tcp(self, mask: int) -> None:
+        if self.sock is None:  # the transfer ended since the event was reported
+            return
         if mask & READ and not self._read():
             return
         if mask & WRITE and self.state is State.SENDING:
@@ -252,6 +260,8 @@ class ExportTarget:
 
     def _on_udp(self, _mask) -> None:
         """One datagram per message (found by ``wire.walk`` in the chunks read), EXPORT_TURN_DATAGRAMS per turn."""
+        if self.sock is None:  # the transfer ended since the event was reported
+            return
         sock, limit = self.sock, UDP_MAX_PAYLOAD[6 if self.ep.family == socket.AF_INET6 else 4]
         for _ in range(EXPORT_TURN_DATAGRAMS):
             if self._next >= len(self._messages) and not self._read_messages():

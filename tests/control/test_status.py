@@ -149,3 +149,13 @@ def test_period_rates_are_per_second_deltas_and_never_negative():
     assert rates.update(10.0, {"cpu": 5.0, "msgs": 100}) == {"cpu": 0.0, "msgs": 0.0}
     assert rates.update(12.0, {"cpu": 6.5, "msgs": 700}) == {"cpu": 0.75, "msgs": 300.0}
     assert rates.update(13.0, {"cpu": 6.5, "msgs": 200}) == {"cpu": 0.0, "msgs": 0.0}   # a subreceiver removed
+
+
+def test_render_shows_sessions_refused_or_closed_by_a_limit():
+    limited = {"not_allowed": 20, "idle_timeout": 3}
+    text = render(StatusReport(running=True, supervisor_pid=17, config="/e.env", run_dir="/run/b", handlers=[
+        HandlerReport(handler(limited=limited), alive=True, uptime=1)]))
+    assert "    limited: idle_timeout=3 not_allowed=20" in text.splitlines()
+    assert HandlerStatus.from_dict(through_json(handler(limited=limited).to_dict())).limited == limited
+    assert "limited" not in render(StatusReport(running=True, supervisor_pid=17, config="/e.env", run_dir="/run/b",
+                                                handlers=[HandlerReport(handler(), alive=True, uptime=1)]))

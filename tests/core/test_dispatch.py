@@ -4,7 +4,7 @@ outputs that are down or full and moves a failed output's queue; templates reach
 from hypothesis import given, settings, strategies as st
 
 from ipfix_balancer.core.dispatch import Replicate, RoundRobin
-from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.templates import EMPTY
 
 from test_sendqueue import FakeTransport, data_message, ident_of
@@ -101,3 +101,47 @@ def test_replicate_gives_every_output_everything():
     msg, odid, nrec, snap = items[2]
     rep.dispatch(msg, odid, nrec, None, snap)
     assert contents(qs) == [[0, 1, 2]] * 3
+
+
+def budgeted(n: int, budget, states=None, limit: int = 1_000_000) -> list[SendQueue]:
+    qs = queues(n, states, limit)
+    for q in qs:  # as a handler builds them: every queue shares the one budget
+        q.budget = budget
+        budget.queues.add(q)
+    return qs
+
+
+def test_all_at_the_memory_budget_drops_the_oldest_of_the_largest_queue():
+    """Two collectors down, one up and drained: the down ones fill; at the handler-wide budget the largest
+    loses its oldest messages (reason memory_budget), the total stays bounded, the newest are kept."""
+    budget = Budget(10_000)
+    qs = budgeted(2, budget, [State.DOWN, State.DOWN])
+    small = queues(1, [State.DOWN])[0]
+    small.budget = budget
+    budget.queues.add(small)
+    small.enqueue(entries([100])[0])
+    replicate = Replicate(qs)
+    for e in entries([100] * 200):
+        replicate.dispatch(e[0], e[1], e[2], None, EMPTY)
+    assert budget.used == sum(q.pending_bytes for q in qs + [small]) <= 10_000
+    assert contents(qs)[0][-1] == contents(qs)[1][-1] == 199, "the newest message is kept"
+    assert small.pending_bytes == 100, "the largest queues shed, not the small one"
+    for q in qs:
+        dropped = 200 - len(q.pending)
+        assert dropped > 0 and q.stats.drops == q.stats.drops_by_reason["memory_budget"] == dropped
+    for q in qs:  # closing returns the bytes to the budget
+        q.close()
+    assert budget.used == 100
+
+
+def test_round_robin_at_the_memory_budget_skips_outputs_that_are_not_up():
+    """A down output's queue only grows: under the budget it holds messages for its connection, at the
+    budget it takes no more and the output that is up gets them (dropping its own oldest when full)."""
+    budget = Budget(800)
+    down, up = budgeted(2, budget, [State.DOWN, State.UP], limit=500)
+    rr = RoundRobin([down, up])
+    for e in entries([100] * 40):
+        rr.dispatch(e[0], e[1], e[2], None, EMPTY)
+    assert len(up.pending) == 5 and contents([up])[0][-1] == 39, "the up output has the newest"
+    assert len(down.pending) == 3, "the down output filled only up to the budget"
+    assert budget.used == 800

@@ -18,11 +18,16 @@ DATA = b"".join(STREAM)
 
 
 def feed(framer, piece: bytes):
-    """One read of ``piece`` through the framer's buffer protocol: (messages as bytes, error)."""
-    buf = framer.get_buffer()
-    assert len(piece) <= len(buf)
-    buf[:len(piece)] = piece
-    messages, error = framer.feed(len(piece))
+    """``piece`` through the framer's buffer protocol, in as many reads as its buffers take (a socket
+    would do the same): (messages, the first error)."""
+    messages, error = [], None
+    while piece:
+        buf = framer.get_buffer()
+        n = min(len(buf), len(piece))
+        buf[:n], piece = piece[:n], piece[n:]
+        got, err = framer.feed(n)
+        messages += got
+        error = error or err
     return messages, error
 
 
@@ -126,5 +131,29 @@ def test_small_reads_share_a_chunk_and_views_survive_rollover():
     for piece in pieces:
         kept.extend(feed(framer, piece)[0])
     assert [bytes(m) for m in kept] == msgs
-    chunks = {id(m.obj) for m in kept}
-    assert len(chunks) <= len(data) // (framer.chunk_size - StreamFramer.MIN_READ) + 2
+    chunks = {id(m.obj): len(m.obj) for m in kept}
+    assert sum(chunks.values()) <= len(data) * 4 // 3 + 2 * StreamFramer.FIRST_CHUNK, "chunks filled to 3/4 at least"
+
+
+def test_chunks_start_small_grow_for_a_busy_connection_and_go_when_quiet():
+    """An idle connection holds no chunk; a trickling one a small one; one whose reads fill the chunk
+    soon reads full-size chunks; release() keeps only the message begun."""
+    framer = StreamFramer()
+    assert framer.pending == 0 and framer.tail == b""
+    assert len(framer.get_buffer()) == StreamFramer.FIRST_CHUNK
+    data = b"".join(message(b"y" * 984, i) for i in range(1000))  # 1000-byte messages
+    pos, sizes = 0, []
+    while pos < len(data) - 1500:
+        buf = framer.get_buffer()
+        n = min(len(buf), len(data) - 1500 - pos)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        framer.feed(n)
+        sizes.append(len(framer._view))
+    assert sizes[0] == StreamFramer.FIRST_CHUNK and sizes[-1] == framer.chunk_size, sizes
+    framer.release()
+    assert framer._view is None and framer.tail == data[pos - framer.pending:pos] and framer.pending == pos % 1000
+    rest = data[pos:]
+    messages, error = feed(framer, rest)
+    assert error is None and b"".join(map(bytes, messages)) == data[pos - pos % 1000:]
+    assert len(framer._view) == StreamFramer.FIRST_CHUNK, "after a release the next chunk starts small"

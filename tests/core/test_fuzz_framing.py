@@ -6,6 +6,7 @@ import struct
 from hypothesis import given, settings, strategies as st
 
 from ipfix_balancer.core.framing import FramingError, StreamFramer, check_datagram
+from test_framing import feed  # in as many reads as the buffers take
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "150"))
 
@@ -19,11 +20,6 @@ def frame(body: bytes) -> bytes:
 def pieces(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts} | {0, len(data)})
     return [data[a:b] for a, b in zip(points, points[1:])]
-
-
-def feed(framer: StreamFramer, piece: bytes):
-    framer.get_buffer()[:len(piece)] = piece
-    return framer.feed(len(piece))
 
 
 @settings(max_examples=EXAMPLES, deadline=None)

@@ -402,7 +402,7 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
             queue.connection_up(0)
             current = b""
         queued = sum(len(e[0]) for e in queue.pending) + (sum(len(b) for b in queue.bufs))
-        assert queue.pending_bytes == queued
+        assert queue.pending_bytes == queued == queue.budget.used, "the handler-wide budget tracks every byte"
         # the bound: the limit, plus at most the newest message (committed bytes cannot be dropped)
         assert queue.pending_bytes <= limit + 200
     if current is not None:

@@ -1,0 +1,54 @@
+"""logs.Throttle: one line per (event, source) per interval, the next one carrying the count suppressed."""
+
+from ipfix_balancer.logs import Throttle
+
+
+class Recorder:
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, event, **fields):
+        self.lines.append((event, fields))
+
+    info = error = warning
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_one_line_per_event_and_source_per_interval_then_the_count():
+    log, clock = Recorder(), Clock()
+    throttle = Throttle(log, interval=60, clock=clock)
+    assert throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
+    for _ in range(999):
+        assert not throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
+    assert throttle.warning("malformed_ipfix", "10.0.0.2", reason="bad_version"), "another source has its own window"
+    assert throttle.warning("accept_failed", "10.0.0.1"), "another event has its own window"
+    clock.now += 59.9
+    assert not throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
+    clock.now += 0.1
+    assert throttle.warning("malformed_ipfix", "10.0.0.1", reason="short")
+    assert log.lines == [
+        ("malformed_ipfix", {"reason": "bad_version"}),
+        ("malformed_ipfix", {"reason": "bad_version"}),
+        ("accept_failed", {}),
+        ("malformed_ipfix", {"reason": "short", "suppressed": 1000}),
+    ]
+    clock.now += 60
+    throttle.warning("malformed_ipfix", "10.0.0.1", reason="short")
+    assert log.lines[-1] == ("malformed_ipfix", {"reason": "short"}), "nothing suppressed: no count"
+
+
+def test_the_window_table_stays_bounded_under_a_flood_of_sources():
+    log, clock = Recorder(), Clock()
+    throttle = Throttle(log, interval=60, clock=clock)
+    for i in range(3 * Throttle.MAX_KEYS):
+        throttle.info("exporter_connected", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
+        clock.now += 0.001
+    assert len(throttle._windows) <= Throttle.MAX_KEYS
+    assert len(log.lines) == 3 * Throttle.MAX_KEYS, "every new source is written once"

@@ -142,11 +142,10 @@ def restart(config_path, run_dir, timeout) -> None:
 
 
 @main.command(hidden=True)
-@click.option("--receiver", "receiver_json", required=True, help="ReceiverConfig as JSON")
+@click.option("--control-fd", type=int, required=True, help="the supervisor's channel (inherited descriptor)")
 @_run_dir_option
 @_log_format_option
-@click.option("--takeover", is_flag=True, help="take the sockets over from the running handler")
-def handler(receiver_json, run_dir, log_format, takeover) -> None:
-    """One receiver's handler process (spawned by the supervisor)."""
+def handler(control_fd, run_dir, log_format) -> None:
+    """One receiver's handler process (spawned by the supervisor; its settings come over the channel)."""
     from .handler import main as handler_main
-    sys.exit(handler_main(receiver_json, rundir.resolve_run_dir(run_dir), log_format, takeover))
+    sys.exit(handler_main(control_fd, rundir.resolve_run_dir(run_dir), log_format))

@@ -10,6 +10,7 @@ restart in place for an upgrade) still reads.
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any
 
@@ -167,13 +168,14 @@ def read_supervisor_status(run_dir: str) -> SupervisorStatus | None:
 
 
 def supervisor_pid(run_dir: str) -> int | None:
-    """The running supervisor's pid, or None (no pid file, or its process is gone)."""
+    """The running supervisor's pid, or None (no pid file, its process is gone, or the file names a
+    process that does not hold the run dir's supervisor lock: stale, or forged to make us signal it)."""
     try:
-        with open(rundir.supervisor_pid_path(run_dir)) as f:
+        with open(os.open(rundir.supervisor_pid_path(run_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
             pid = int(f.read().strip())
     except (OSError, ValueError):
         return None
-    return pid if psutil.pid_exists(pid) else None
+    return pid if rundir.lock_holder(run_dir) == pid and psutil.pid_exists(pid) else None
 
 
 # -- ipfix-balancer status -------------------------------------------------------------------------

@@ -6,9 +6,12 @@ sockets into it (TCP through a ``core.framing.StreamFramer``, UDP one datagram p
 
 from __future__ import annotations
 
+import errno
 import socket
 import time
 from typing import Callable
+
+import psutil
 
 from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from ..core.session import ExporterSession
@@ -36,11 +39,41 @@ def bind(port_type: str, host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if kind == socket.SOCK_DGRAM:
         _set_rcvbuf(sock, RCVBUF)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise PortInUse(port_type, port, *port_holder(port_type, port)) from None
+        raise
     sock.setblocking(False)
     if kind == socket.SOCK_STREAM:
         sock.listen(128)
     return sock
+
+
+class PortInUse(OSError):
+    """Another process holds the port (typically an orphaned handler, or another service)."""
+
+    def __init__(self, port_type: str, port: int, pid: int | None, name: str | None):
+        holder = f"pid {pid} ({name})" if pid is not None else "a process this user cannot see"
+        super().__init__(errno.EADDRINUSE, f"{port_type} port {port} is held by {holder}")
+        self.holder_pid, self.holder_name = pid, name
+
+
+def port_holder(port_type: str, port: int) -> tuple[int | None, str | None]:
+    """Pid and name of the process bound to ``port`` (None, None when it cannot be told: not root)."""
+    try:
+        conns = psutil.net_connections(kind=port_type)
+    except psutil.Error:
+        return None, None
+    for c in conns:
+        if c.laddr and c.laddr.port == port and c.pid is not None and (port_type == "udp" or c.status == psutil.CONN_LISTEN):
+            try:
+                return c.pid, psutil.Process(c.pid).name()
+            except psutil.Error:
+                return c.pid, None
+    return None, None
 
 
 def _set_rcvbuf(sock: socket.socket, size: int) -> None:

@@ -6,19 +6,11 @@ from ipfix_balancer.control import rundir
 
 def test_handler_file_names():
     assert rundir.handler_status_path("/run/b", "FULLFLOW", 1) == "/run/b/handler-fullflow-1.json"
-    assert rundir.next_config_path("/run/b", "CLICKSTREAM", 0) == "/run/b/handler-clickstream-0.next"
 
 
 def test_supervisor_file_names():
     assert [rundir.supervisor_pid_path("/r"), rundir.supervisor_status_path("/r"), rundir.adopt_path("/r")] == [
         "/r/supervisor.pid", "/r/supervisor.json", "/r/supervisor.adopt.json"]
-
-
-def test_handover_address_is_abstract_and_per_run_dir_and_receiver():
-    a = rundir.handover_address("/run/a", "FULLFLOW", 0)
-    assert a.startswith("\0fast_ipfix_balancer/") and a.endswith("/fullflow/0")
-    assert len({a, rundir.handover_address("/run/b", "FULLFLOW", 0), rundir.handover_address("/run/a", "DNSFLOW", 0),
-                rundir.handover_address("/run/a", "FULLFLOW", 1)}) == 4
 
 
 def test_status_files_are_found_and_handler_files_removable(tmp_path):

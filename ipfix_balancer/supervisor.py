@@ -105,12 +105,12 @@ class Supervisor:
             return 2
         try:
             rundir.secure(self.run_dir)
+            predecessors = self._read_adopt_file() if self.adopt else {}
+            if self.lock_fd is None:
+                self.lock_fd = rundir.lock(self.run_dir)
         except rundir.RunDirError as err:
             self.log.error("not_started", reason=str(err))
             return 3
-        predecessors = self._read_adopt_file() if self.adopt else {}
-        if self.lock_fd is None:
-            self.lock_fd = rundir.lock(self.run_dir)
         if self.lock_fd is None:
             self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
                            other_pid=rundir.lock_holder(self.run_dir))

@@ -100,7 +100,10 @@ def lock_path(run_dir: str) -> str:
 
 def lock(run_dir: str) -> int | None:
     """Take the supervisor lock of ``run_dir``: its descriptor, or None when another supervisor holds it."""
-    fd = os.open(lock_path(run_dir), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path(run_dir), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # ELOOP: a symlink planted there
+        raise RunDirError(f"cannot open {lock_path(run_dir)}: {exc.strerror}") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

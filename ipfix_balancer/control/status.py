@@ -10,13 +10,13 @@ restart in place for an upgrade) still reads.
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 from typing import Any
 
 import psutil
 
 from . import rundir
+from .signals import SUPERVISOR_NAME
 
 
 def _known(cls, doc: dict, **nested) -> Any:
@@ -168,14 +168,14 @@ def read_supervisor_status(run_dir: str) -> SupervisorStatus | None:
 
 
 def supervisor_pid(run_dir: str) -> int | None:
-    """The running supervisor's pid, or None (no pid file, its process is gone, or the file names a
-    process that does not hold the run dir's supervisor lock: stale, or forged to make us signal it)."""
+    """The running supervisor's pid, or None. It is the process holding the run dir's supervisor lock and
+    named like a supervisor: ``supervisor.pid`` is not believed (stale, or forged to make root signal a
+    process of the forger's choice)."""
+    pid = rundir.lock_holder(run_dir)
     try:
-        with open(os.open(rundir.supervisor_pid_path(run_dir), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
+        return pid if pid is not None and psutil.Process(pid).name() == SUPERVISOR_NAME else None
+    except psutil.Error:
         return None
-    return pid if rundir.lock_holder(run_dir) == pid and psutil.pid_exists(pid) else None
 
 
 # -- ipfix-balancer status -------------------------------------------------------------------------

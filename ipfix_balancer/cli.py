@@ -13,7 +13,7 @@ import click
 
 from . import config as config_mod
 from . import logs
-from .control import rundir
+from .control import privileges, rundir
 from .control import status as status_mod
 
 _config_option = click.option(
@@ -54,7 +54,30 @@ def run(config_path, run_dir, log_format, adopt) -> None:
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
     log = logs.setup(log_format, stream="supervisor")
-    sys.exit(Supervisor(path, rundir.resolve_run_dir(run_dir), log_format, log, adopt=adopt).run())
+    run_dir = rundir.resolve_run_dir(run_dir)
+    user = privileges.service_user()
+    if user is not None:
+        _drop_privileges(user, path, run_dir, log)
+    sys.exit(Supervisor(path, run_dir, log_format, log, adopt=adopt).run())
+
+
+def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
+    """Root without a unit: become the service user, keeping what the configuration needs (README
+    "Security"). A bad file is left for the supervisor to report."""
+    from .supervisor import receivers
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError:
+        cfg = None
+    caps = () if cfg is None else privileges.capabilities(cfg)
+    dumps = [] if cfg is None else [rc.recording.dump_dir for rc in receivers(cfg)
+                                    if rc.forwarding.mode is config_mod.Mode.DISABLED]
+    try:
+        privileges.drop(user, caps, [run_dir, *dumps])
+    except OSError as exc:
+        log.error("not_started", reason=f"cannot become {user.pw_name}: {exc}")
+        sys.exit(3)
+    log.info("privileges_dropped", user=user.pw_name, capabilities=list(caps))
 
 
 @main.command("check-config")

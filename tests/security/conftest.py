@@ -64,3 +64,15 @@ def victim(tmp_path):
     path.write_text("root secret\n")
     path.chmod(0o600)
     return path
+
+
+@pytest.fixture(scope="session")
+def service_user(attacker) -> str:
+    """A stand-in for the RPM's ipfix-balancer user (``IPFIX_BALANCER_USER`` names it)."""
+    name = "ipfixsec-service"
+    try:
+        pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", name],
+                       check=True, capture_output=True)
+    return name

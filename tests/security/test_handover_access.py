@@ -51,17 +51,22 @@ def env(port: int, sinks) -> str:
             f"IPFIX_FULLFLOW_BALANCER[0]=RoundRobin\nIPFIX_FULLFLOW_BALANCER_SUB[0]={subs}\n")
 
 
+def started(reachable_balancer, sink):
+    """A running balancer forwarding a fresh port to ``sink``; (balancer, port, handler pid)."""
+    port = free_port()
+    bal = reachable_balancer(env(port, [sink]))
+    bal.wait_ready()
+    return bal, port, bal.handler_pid("fullflow[0]")
+
+
 def balancer_processes(bal) -> list[psutil.Process]:
     sup = psutil.Process(bal.pid)
     return [sup] + sup.children()
 
 
 def test_no_named_socket_to_steal_or_poke(attacker, reachable_balancer):
-    port = free_port()
     with TcpSink() as sink:
-        bal = reachable_balancer(env(port, [sink]))
-        bal.wait_ready()
-        handler = bal.handler_pid("fullflow[0]")
+        bal, port, handler = started(reachable_balancer, sink)
         for proc in balancer_processes(bal):
             assert named_unix_sockets(proc.pid) == [], f"{proc.name()} holds a socket others can reach"
         for _ in range(3):  # steal, and the repeated poke that used to kill the handler (exit 70)
@@ -121,11 +126,8 @@ def test_squatted_name_and_hijack_attempt_during_a_real_restart(attacker, reacha
 
 
 def test_ps_shows_no_receiver_settings(attacker, reachable_balancer):
-    port = free_port()
     with TcpSink() as sink:
-        bal = reachable_balancer(env(port, [sink]))
-        bal.wait_ready()
-        handler = bal.handler_pid("fullflow[0]")
+        bal, _port, handler = started(reachable_balancer, sink)
         pids = [p.pid for p in balancer_processes(bal)]
         out = attacker.run(f"""
             for pid in {pids}:  # what `ps -eo args` shows of the balancer (other balancers may run here)

@@ -68,6 +68,7 @@ class Child:
         self.backoff = RESTART_FIRST
         self.restart_at: float | None = None
         self.retiring = False  # being stopped on purpose (reload, shutdown): do not restart
+        self.predecessor: int | None = None  # the handler it takes the sockets over from (restart in place)
 
     @property
     def pid(self) -> int | None:
@@ -191,18 +192,29 @@ class Supervisor:
         for rc in receivers(self.config):
             pid, old_rc, control = predecessors.pop(rc.name, (None, None, None))
             if pid is not None and not live_change_impossible(old_rc, rc):
-                # The two ends of one socketpair: only these two handlers can ever meet there.
-                theirs, successor = channel.handover_pair()
-                with theirs, successor:
-                    channel.send(control, {"handover": True}, (theirs.fileno(),))
-                    self._spawn(Child(rc), successor)
                 self.retiring[pid] = control  # kept open until it exits: end-of-file would stop it early
+                child = Child(rc)
+                child.predecessor = pid
+                self._spawn_successor(child)
                 continue
             if pid is not None:
                 self._stop_pid(pid, control)
             self._spawn(Child(rc))
         for pid, _rc, control in predecessors.values():
             self._stop_pid(pid, control)
+
+    def _spawn_successor(self, child: Child) -> None:
+        """Start ``child`` to take the sockets over from its predecessor, which is still running (also
+        when an earlier successor died before taking them). The two ends of one socketpair: only these
+        two handlers can ever meet there."""
+        theirs, successor = channel.handover_pair()
+        with theirs, successor:
+            try:
+                channel.send(self.retiring[child.predecessor], {"handover": True}, (theirs.fileno(),))
+            except OSError:  # it is exiting: the successor binds the port itself
+                self._spawn(child)
+                return
+            self._spawn(child, successor)
 
     def _stop_pid(self, pid: int, control: socket.socket) -> None:
         """Stop a predecessor's handler and wait for it (it holds a port a new handler may need). Blocks
@@ -265,7 +277,10 @@ class Supervisor:
                 child.backoff = min(child.backoff * 2, RESTART_CAP)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
-                self._spawn(child)
+                if child.predecessor in self.retiring:
+                    self._spawn_successor(child)
+                else:
+                    self._spawn(child)
 
     def _stop_children(self, children: list[Child], timeout: float) -> bool:
         """SIGTERM, wait for the graceful drain, SIGKILL what is left. True when all exited cleanly.

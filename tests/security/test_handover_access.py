@@ -1,12 +1,13 @@
 """Issue 13, item 1 and the `ps` part of item 2: nobody but the supervisor's own handlers can reach the
 handover, and a restart in place cannot be hijacked."""
+import signal
 import threading
 import time
 
 import psutil
 from attack import legacy_handover_name, named_unix_sockets
 
-from ipfixkit import TcpExporter, TcpSink, extract_serials, free_port, make_stream, run_cli
+from ipfixkit import REPO_ROOT, TcpExporter, TcpSink, extract_serials, free_port, make_stream, run_cli
 
 STEAL = """
 import socket, sys
@@ -141,3 +142,37 @@ def test_ps_shows_no_receiver_settings(attacker, reachable_balancer):
         assert "ipfix_balancer handler --control-fd" in out, "the attacker does see the handler"
         assert f"/{sink.port}" not in out and "subreceiver" not in out
         assert "ENVIRON READABLE" not in out
+
+
+# Test-only fault: while the flag file exists, a new handler dies before it asks for the sockets.
+DIE_EARLY = """
+import os, sys
+if "handler" in sys.argv and os.path.exists({flag!r}):
+    os._exit(9)
+"""
+
+
+def test_a_successor_that_dies_before_asking_leaves_the_old_handler_serving(balancer, tmp_path):
+    fault, flag = tmp_path / "fault", tmp_path / "die"
+    fault.mkdir()
+    (fault / "sitecustomize.py").write_text(DIE_EARLY.format(flag=str(flag)))
+    port = free_port()
+    with TcpSink() as sink:
+        bal = balancer(env(port, [sink]), env={"PYTHONPATH": f"{fault}:{REPO_ROOT}"})
+        bal.wait_ready()
+        old = bal.handler_pid("fullflow[0]")
+        stream = make_stream(40, records_per_message=2)
+        with TcpExporter(port) as exporter:
+            flag.touch()
+            bal.send_signal(signal.SIGUSR2)  # restart in place; the successor dies at once
+            bal.wait_log("handover_abandoned", timeout=20)
+            exporter.send(stream[:20])
+            assert sink.wait_messages(20), "the old handler keeps serving"
+            assert not any(line.get("event") == "handler_crashed" for line in bal.logs())
+            flag.unlink()  # the supervisor's next restart of the successor takes over from the same handler
+            assert bal.wait_log("took_over", timeout=30)["from_pid"] == old
+            exporter.send(stream[20:])
+            assert sink.wait_quiet(1.0, timeout=30)
+        status = bal.wait_status("fullflow[0]", lambda s: s["pid"] != old and s["msgs_in"] >= 20)
+        assert status["connections_total"] == 1, "the exporter's connection was handed over, not reopened"
+        assert sorted(extract_serials(sink.messages())) == sorted(extract_serials(stream)), "each record once"

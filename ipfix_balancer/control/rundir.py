@@ -61,8 +61,9 @@ def handler_status_paths(run_dir: str) -> list[str]:
 
 
 def handler_files(run_dir: str) -> list[str]:
-    """Every file a handler leaves in the run directory (status, settings, temporaries)."""
-    return [os.path.join(run_dir, name) for name in os.listdir(run_dir) if name.startswith(_HANDLER_PREFIX)]
+    """Every file a handler leaves in the run directory (status, and temporaries: ``.handler-…``)."""
+    return [os.path.join(run_dir, name) for name in os.listdir(run_dir)
+            if name.lstrip(".").startswith(_HANDLER_PREFIX)]
 
 
 class RunDirError(Exception):

@@ -1,5 +1,6 @@
 """Issue 13, item 1 and the `ps` part of item 2: nobody but the supervisor's own handlers can reach the
 handover, and a restart in place cannot be hijacked."""
+import json
 import signal
 import threading
 import time
@@ -118,6 +119,8 @@ def test_squatted_name_and_hijack_attempt_during_a_real_restart(attacker, reacha
             assert not errors and sent[0] < len(stream)
             bal.wait_status("fullflow[0]", lambda s: s["pid"] != old and s["msgs_in"] > 0)
             assert bal.wait_log("took_over")["from_pid"] == old, "the real predecessor, not the squatter"
+            status = run_cli("status", "--json", "--run-dir", bal.run_dir)
+            assert json.loads(status.stdout)["supervisor_pid"] == bal.pid, "the lock survived the re-execution"
             assert a.wait_quiet(1.0, timeout=30) and b.wait_quiet(1.0, timeout=30)
             got = sorted(extract_serials(a.messages()) + extract_serials(b.messages()))
             assert got == list(range(sent[0] * 3)), "exactly the exporter's records, nothing forged"

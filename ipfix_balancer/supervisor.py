@@ -51,9 +51,11 @@ def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
 def _child_setup(parent_pid: int) -> None:
     """In the child before exec: die with the supervisor; and SIGHUP (rotation relay) is ignored until
     the handler installs its own handlers, so one arriving while it starts (imports take a while) does
-    not kill it: its default action is to terminate, and SIG_IGN survives exec."""
+    not kill it: its default action is to terminate, and SIG_IGN survives exec. SIGUSR2 (new settings,
+    before the channel) stays ignored: a supervisor of an earlier version may still send it."""
     die_with_parent(parent_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class Child:
@@ -85,7 +87,7 @@ class Supervisor:
 
     def __init__(self, config_path: str, run_dir: str, log_format: str, log, adopt: bool = False):
         self.adopt = adopt
-        self.retiring: dict[int, socket.socket] = {}  # predecessors' handlers (reaped by pid) -> channel
+        self.retiring: dict[int, socket.socket | None] = {}  # predecessors' handlers (reaped by pid) -> channel
         self.lock_fd: int | None = None
         self.config_path = config_path
         self.run_dir = run_dir
@@ -182,8 +184,12 @@ class Supervisor:
             fcntl.flock(doc["lock_fd"], fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: fails if it is not
             self.lock_fd = doc["lock_fd"]
             os.set_inheritable(self.lock_fd, False)
-        self.retiring.update((pid, _inherited(fd)) for pid, fd in doc.get("retiring", []))
-        return {name: (item["pid"], ReceiverConfig.from_json(item["receiver"]), _inherited(item["control_fd"]))
+        # A version before the channel left bare pids and no channels: its handlers are stopped, not
+        # taken over (their handover socket had no access check); exporters reconnect once.
+        self.retiring.update((entry, None) if isinstance(entry, int) else (entry[0], _inherited(entry[1]))
+                             for entry in doc.get("retiring", []))
+        return {name: (item["pid"], ReceiverConfig.from_json(item["receiver"]),
+                       None if item.get("control_fd") is None else _inherited(item["control_fd"]))
                 for name, item in doc.get("handlers", {}).items()}
 
     def _start_handlers(self, predecessors: dict) -> None:
@@ -191,7 +197,7 @@ class Supervisor:
         takes it over; predecessors of receivers that changed their socket or went away are stopped."""
         for rc in receivers(self.config):
             pid, old_rc, control = predecessors.pop(rc.name, (None, None, None))
-            if pid is not None and not live_change_impossible(old_rc, rc):
+            if control is not None and not live_change_impossible(old_rc, rc):
                 self.retiring[pid] = control  # kept open until it exits: end-of-file would stop it early
                 child = Child(rc)
                 child.predecessor = pid
@@ -216,10 +222,11 @@ class Supervisor:
                 return
             self._spawn(child, successor)
 
-    def _stop_pid(self, pid: int, control: socket.socket) -> None:
+    def _stop_pid(self, pid: int, control: socket.socket | None) -> None:
         """Stop a predecessor's handler and wait for it (it holds a port a new handler may need). Blocks
         (polling every 50 ms) for up to DRAIN_TIMEOUT + 5 s; it runs only while starting."""
-        control.close()
+        if control is not None:
+            control.close()
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -259,8 +266,9 @@ class Supervisor:
                 done = os.waitpid(pid, os.WNOHANG)[0] == pid
             except ChildProcessError:
                 done = True
-            if done:
-                self.retiring.pop(pid).close()
+            control = self.retiring.pop(pid) if done else None
+            if control is not None:
+                control.close()
         now = time.monotonic()
         for child in list(self.children.values()):
             if child.proc is not None and child.proc.poll() is not None:

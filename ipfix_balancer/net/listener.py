@@ -65,7 +65,7 @@ def port_holder(port_type: str, port: int) -> tuple[int | None, str | None]:
     """Pid and name of the process bound to ``port`` (None, None when it cannot be told: not root)."""
     try:
         conns = psutil.net_connections(kind=port_type)
-    except psutil.Error:
+    except (psutil.Error, OSError):  # e.g. /proc/net hidden (ProcSubset=pid)
         return None, None
     for c in conns:
         if c.laddr and c.laddr.port == port and c.pid is not None and (port_type == "udp" or c.status == psutil.CONN_LISTEN):

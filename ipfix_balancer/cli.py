@@ -53,11 +53,18 @@ def run(config_path, run_dir, log_format, adopt) -> None:
     """Run the supervisor and one handler per receiver (foreground; systemd runs this)."""
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
-    log = logs.setup(log_format, stream="supervisor")
     run_dir = rundir.resolve_run_dir(run_dir)
+    log = logs.setup(log_format, stream="supervisor")
     user = privileges.service_user()
     if user is not None:
         _drop_privileges(user, path, run_dir, log)
+    try:  # the log ring lives in the run dir: only in one that is safe (the supervisor refuses the others)
+        rundir.secure(run_dir)
+    except rundir.RunDirError:
+        pass
+    else:
+        os.environ[logs.RING_ENV] = rundir.log_ring_path(run_dir)  # for the console's Logs page; children inherit it
+        log = logs.setup(log_format, stream="supervisor")
     sys.exit(Supervisor(path, run_dir, log_format, log, adopt=adopt).run())
 
 
@@ -93,6 +100,11 @@ def check_config(config_path) -> None:
         cpu = "-" if rc.taskset is None else rc.taskset
         click.echo(f"  {rc.name:<16} {rc.listen.port_type}/{rc.listen.port:<6} {rc.forwarding.mode.value:<10} "
                    f"cpu={cpu:<3} -> {subs}")
+    if cfg.console is not None:
+        c = cfg.console
+        host = f"[{c.host}]" if ":" in c.host else c.host
+        click.echo(f"  console          {'https' if c.tls_cert else 'http'}://{host}:{c.port}/ "
+                   f"(token in {c.token_file})")
 
 
 @main.command()
@@ -130,13 +142,21 @@ def stop(run_dir, timeout) -> None:
 
 
 @main.command()
-@_config_option
 @_run_dir_option
-def reload(config_path, run_dir) -> None:
-    """Validate the config, then ask the running supervisor to apply it (SIGHUP)."""
-    _load_or_exit(config_path, "reload refused, the running configuration stays: ")
-    pid = _signal_supervisor(run_dir, signal.SIGHUP)
-    click.echo(f"reload requested from supervisor {pid}")
+@click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for the supervisor's outcome")
+def reload(run_dir, timeout) -> None:
+    """Validate the file the running supervisor reads, ask it to apply it (SIGHUP) and print what it did:
+    settings applied in place, handlers replaced, started or stopped. Exit 1 when refused (nothing changed)."""
+    from .control import reload as reload_mod
+    try:
+        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout)
+    except (reload_mod.NotRunning, TimeoutError) as exc:
+        click.echo(f"ipfix-balancer: {exc}", err=True)
+        sys.exit(1)
+    refused = outcome.result == reload_mod.REFUSED
+    for line in outcome.lines():
+        click.echo(line, err=refused)
+    sys.exit(1 if refused else 0)
 
 
 @main.command()
@@ -172,3 +192,15 @@ def handler(control_fd, run_dir, log_format) -> None:
     """One receiver's handler process (spawned by the supervisor; its settings come over the channel)."""
     from .handler import main as handler_main
     sys.exit(handler_main(control_fd, rundir.resolve_run_dir(run_dir), log_format))
+
+
+@main.command(hidden=True)
+@click.option("--settings", "settings_json", required=True, help="config.Console as JSON")
+@_config_option
+@_run_dir_option
+@_log_format_option
+def console(settings_json, config_path, run_dir, log_format) -> None:
+    """The web console process (spawned by the supervisor)."""
+    from .console.main import main as console_main
+    log = logs.setup(log_format, stream="console")
+    sys.exit(console_main(settings_json, config_mod.resolve_path(config_path), rundir.resolve_run_dir(run_dir), log))

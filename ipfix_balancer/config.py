@@ -16,7 +16,6 @@ import re
 import socket
 from collections.abc import Collection, Mapping
 
-from dotenv import dotenv_values
 from dotenv.parser import parse_stream
 
 STREAMS = ("FULLFLOW", "CLICKSTREAM", "DNSFLOW")
@@ -26,13 +25,19 @@ AUTO_INDEX_BASE = 100  # balancer-auto recorders: index 100, 101, … of their s
 
 # Environment variables that share the IPFIX_ prefix; they never configure a receiver.
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
+# Global .env keys (not per receiver): key -> param, parsed with the receivers' checks.
+_GLOBALS = {"IPFIX_BALANCER_METRICS": "METRICS", "IPFIX_BALANCER_HANG_SECONDS": "HANG_SECONDS"}
+# Global keys of the web console (console/): one per balancer, not per receiver.
+_CONSOLE_KEYS = ("IPFIX_BALANCER_CONSOLE", "IPFIX_BALANCER_CONSOLE_TLS_CERT", "IPFIX_BALANCER_CONSOLE_TLS_KEY",
+                 "IPFIX_BALANCER_CONSOLE_TOKEN_FILE")
+CONSOLE_TOKEN_NAME = "console.token"  # default token file: next to the .env
 _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE",
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
-           "SPOOL_BYTES")
+           "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
-                     r"(?:\[(?P<index>[0-9]+)\])?")
+                     r"(?:\[(?P<index>[0-9]{1,9})\])?")
 _ALL_KEYS = [f"IPFIX_{s}_{p}" for s in STREAMS for p in _PARAMS]
 # One list item: host/port or host/port/proto; IPv6 hosts in brackets because ':' is part of them.
 _ITEM_RE = re.compile(r"(?:\[(?P<v6>[^\]]*)\]|(?P<host>[^/\[\]]*))/(?P<port>[^/]*)(?:/(?P<proto>[^/]*))?")
@@ -45,11 +50,15 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "ROTATE_MINUTES": (0, None, "an integer >= 0 (minutes)"),
     "ROTATE_DELAY_SECONDS": (0, None, "an integer >= 0 (seconds; 0 = use ROTATE_MINUTES)"),
     "FW_MAX_QUEUE_SIZE": (0, None, "an integer >= 0 (flows; 0 = off)"),
-    "DPI_ID": (-1, None, "an integer >= -1 (-1 = the receiver's position in its stream)"),
+    "DPI_ID": (-1, 4294967295, "an integer -1..4294967295 (-1 = the receiver's position in its stream)"),
     "QUEUE_BYTES": (65536, None, "an integer >= 65536 (bytes)"),
     "TEMPLATE_REFRESH": (1, None, "an integer >= 1 (seconds)"),
     "BALANCER_TASKSET": (0, None, "a CPU number >= 0"),
     "SPOOL_BYTES": (0, None, "an integer >= 0 (bytes of completed dump files kept; 0 = no limit)"),
+    "HANG_SECONDS": (2, None, "an integer >= 2 (seconds without a status heartbeat before a handler is replaced)"),
+    "TEMPLATES_MAX": (1, 65280, "an integer 1..65280 (templates per exporter session and ODID)"),
+    "ODIDS_MAX": (1, None, "an integer >= 1 (ODIDs with templates per exporter session)"),
+    "TEMPLATE_BYTES_MAX": (65536, None, "an integer >= 65536 (bytes of templates per exporter session)"),
 }
 
 
@@ -118,6 +127,14 @@ class Recording:
 
 
 @dataclasses.dataclass(frozen=True)
+class TemplateLimits:
+    """Template state one exporter session may hold (README "Hostile input"); applies in place on reload."""
+    templates_max: int = 4096               # per (session, ODID)
+    odids_max: int = 256                    # ODIDs with templates, per session
+    template_bytes_max: int = 1024 * 1024   # record bytes + 64 per template, per session
+
+
+@dataclasses.dataclass(frozen=True)
 class ReceiverConfig:
     """Everything one handler process needs; see the configuration reference for each field's key."""
     stream: str
@@ -126,6 +143,7 @@ class ReceiverConfig:
     forwarding: Forwarding
     recording: Recording
     taskset: int | None
+    template_limits: TemplateLimits = TemplateLimits()
 
     @property
     def name(self) -> str:
@@ -155,7 +173,8 @@ class ReceiverConfig:
             forwarding=Forwarding(**{**forwarding, "mode": Mode(forwarding["mode"]),
                                      "subreceivers": _endpoints(forwarding["subreceivers"])}),
             recording=Recording(**{**recording,
-                                   "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}))
+                                   "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}),
+            template_limits=TemplateLimits(**data.get("template_limits", {})))
 
 
 def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
@@ -175,10 +194,31 @@ def _nest_flat(data: dict) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
+class Console:
+    """IPFIX_BALANCER_CONSOLE*: where the web console listens (TLS files required off loopback) and the
+    file holding its login token."""
+    host: str
+    port: int
+    tls_cert: str
+    tls_key: str
+    token_file: str
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, s: str) -> Console:
+        return cls(**json.loads(s))
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     path: str
     receivers: tuple[ReceiverConfig, ...]
     warnings: tuple[str, ...]
+    metrics: Endpoint | None = None  # IPFIX_BALANCER_METRICS: where GET /metrics and /healthz are served
+    hang_seconds: int = 15  # IPFIX_BALANCER_HANG_SECONDS
+    console: Console | None = None  # None: IPFIX_BALANCER_CONSOLE empty, no console
 
 
 class ConfigError(Exception):
@@ -206,28 +246,43 @@ def load(path: str, cpus: Collection[int] | None = None) -> Config:
         reason = getattr(e, "strerror", None) or e
         raise ConfigError([f"{path}: cannot read the configuration file ({reason}); expected a readable "
                            ".env file (choose it with --config or $IPFIX_BALANCER_CONFIG)"]) from None
-    problems = _file_problems(path, text)
+    return load_text(text, path, cpus)
+
+
+def load_text(text: str, path: str, cpus: Collection[int] | None = None) -> Config:
+    """Validate .env text as if read from path (the console checks an edit before writing it)."""
     try:
-        config = parse(dotenv_values(stream=io.StringIO(text), interpolate=False), path, cpus)
-    except ConfigError as e:
-        raise ConfigError(problems + e.problems) from None
+        # dotenv's own parser, not dotenv_values: that one also logs its parse warnings, and the operator
+        # should read one message per problem, ours (what dotenv_values would return, with interpolate=False)
+        bindings = list(parse_stream(io.StringIO(text)))
+        problems = _file_problems(path, bindings)
+        try:
+            config = parse({b.key: b.value for b in bindings if b.key is not None}, path, cpus)
+        except ConfigError as e:
+            raise ConfigError(problems + e.problems) from None
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a file must never crash the supervisor (start, reload, restart)
+        raise ConfigError([f"{path}: cannot check the configuration ({type(e).__name__}: {_q(str(e))}); "
+                           "expected a valid .env file"]) from None
     if problems:
         raise ConfigError(problems)
     return config
 
 
-def _file_problems(path: str, text: str) -> list[str]:
-    """What dotenv_values drops silently: unparseable lines, and an IPFIX_ key repeated (the last wins)."""
+def _file_problems(path: str, bindings: list) -> list[str]:
+    """What dotenv drops silently: unparseable lines, lines without '=', and an IPFIX_ key repeated (the
+    last wins)."""
     problems, first = [], {}
-    for b in parse_stream(io.StringIO(text)):
+    for b in bindings:
         line = b.original.line
-        if b.error:
-            problems.append(f"{path}:{line}: {b.original.string.strip()!r}: cannot parse this line; "
+        if b.error or (b.key is not None and b.value is None):
+            problems.append(f"{path}:{line}: {_q(b.original.string.strip())}: cannot parse this line; "
                             "expected KEY=value")
         elif b.key and b.key.upper().startswith("IPFIX_"):
             if b.key in first and first[b.key][1] != b.value:
-                problems.append(f"{path}:{line}: {b.key}={b.value!r}: already set to {first[b.key][1]!r} on "
-                                f"line {first[b.key][0]}; expected each key once")
+                problems.append(f"{path}:{line}: {_q(b.key, quote=False)}={_q(b.value)}: already set to "
+                                f"{_q(first[b.key][1])} on line {first[b.key][0]}; expected each key once")
             first.setdefault(b.key, (line, b.value))
     return problems
 
@@ -243,19 +298,56 @@ def parse(values: Mapping[str, str | None], path: str = "<memory>",
         built.append(_build(_Keys(stream, index, keys, problems), position[stream], cpus))
         position[stream] += 1
     _check_shared(built, problems)
+    settings = _global_settings(values, problems)
+    _check_cycles(built, problems)
+    console = _console(values, path, problems)
     if problems:
         raise ConfigError(problems)
     warnings = list(_rotation_warnings(built))
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
-    return Config(path, tuple(rc for rc, _ in built), tuple(warnings))
+    return Config(path, tuple(rc for rc, _ in built), tuple(warnings), console=console, **settings)
+
+
+def _global_settings(values: Mapping[str, str | None], problems: list[str]) -> dict:
+    """IPFIX_BALANCER_<PARAM> keys: the same checks and messages as a receiver's keys."""
+    g = _Keys("BALANCER", 0, {p: (k, (values[k] or "").strip()) for k, p in _GLOBALS.items() if k in values},
+              problems)
+    metrics = g.endpoints("METRICS", "tcp")
+    if len(metrics) > 1:
+        g.fail("METRICS", "one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)")
+    return {"metrics": metrics[0] if metrics else None, "hang_seconds": g.integer("HANG_SECONDS", 15)}
+
+
+def _console(values: Mapping[str, str | None], path: str, problems: list[str]) -> Console | None:
+    """IPFIX_BALANCER_CONSOLE=host/port (empty: off). Off loopback only with TLS: the token and the whole
+    configuration would otherwise cross the network in clear."""
+    address, cert, key, token = ((values.get(k) or "").strip() for k in _CONSOLE_KEYS)
+    if not address:
+        return None
+    m = _ITEM_RE.fullmatch(address)
+    ip = None if m is None or m["proto"] is not None else _ip(m["host"] if m["v6"] is None else m["v6"])
+    port = None if m is None else _int(m["port"])
+    if ip is None or port is None or not 1 <= port <= 65535:
+        problems.append(f"IPFIX_BALANCER_CONSOLE={address!r}: expected host/port with an IP address, e.g. "
+                        "127.0.0.1/8480 or [::1]/8480 (empty: no console)")
+        return None
+    for name, value in zip(_CONSOLE_KEYS[1:3], (cert, key)):
+        if value and not os.access(value, os.R_OK):
+            problems.append(f"{name}={value!r}: expected a readable PEM file")
+    if not ip.is_loopback and not (cert and key):
+        problems.append(f"IPFIX_BALANCER_CONSOLE={address!r}: {ip} is not a loopback address; expected "
+                        "IPFIX_BALANCER_CONSOLE_TLS_CERT and IPFIX_BALANCER_CONSOLE_TLS_KEY to be set too "
+                        "(or a loopback address, reached through an SSH tunnel)")
+    token = token or os.path.join(os.path.dirname(os.path.abspath(path)), CONSOLE_TOKEN_NAME)
+    return Console(host=str(ip), port=port, tls_cert=cert, tls_key=key, token_file=token)
 
 
 def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
     """Sort IPFIX_ keys by receiver: {(stream, index): {param: (key as written, value)}}."""
     receivers: dict[tuple[str, int], dict[str, tuple[str, str]]] = {}
     for key, value in values.items():
-        if key in _ENV_ONLY or not key.upper().startswith("IPFIX_"):
+        if key in _ENV_ONLY or key in _GLOBALS or key in _CONSOLE_KEYS or not key.upper().startswith("IPFIX_"):
             continue
         value = (value or "").strip()  # a key without '=' reads as None: treat as empty
         m = _KEY_RE.fullmatch(key)
@@ -267,19 +359,30 @@ def _group(values: Mapping[str, str | None], problems: list[str]) -> dict:
         if param not in keys:
             keys[param] = (key, value)
         elif keys[param][1] != value:
-            problems.append(f"{key}={value!r}: conflicts with {keys[param][0]}={keys[param][1]!r}, which sets "
+            problems.append(f"{key}={_q(value)}: conflicts with {keys[param][0]}={_q(keys[param][1])}, which sets "
                             "the same parameter; expected only one of them")
     return receivers
+
+
+def receiver_params() -> tuple[str, ...]:
+    """Every per-receiver PARAM, aliases left out."""
+    return tuple(p for p in _PARAMS if p not in _ALIASES)
+
+
+def receiver_key(key: str) -> tuple[str, int, str] | None:
+    """(stream, index, param) named by a receiver key as written (aliases resolved), or None."""
+    m = _KEY_RE.fullmatch(key)
+    return None if m is None else (m["stream"], int(m["index"] or 0), _ALIASES.get(m["param"], m["param"]))
 
 
 def _unknown_key(key: str, value: str) -> str:
     base, bracket, rest = key.partition("[")
     if base in _ALL_KEYS:
-        hint = "the index must be a number, e.g. [0]"
+        hint = "the index must be a number of at most 9 digits, e.g. [0]"
     else:
-        close = difflib.get_close_matches(base.upper(), _ALL_KEYS, n=1)
+        close = difflib.get_close_matches(base.upper(), _ALL_KEYS + list(_GLOBALS), n=1)
         hint = f"did you mean {close[0]}{bracket}{rest}?" if close else f"PARAM is one of {', '.join(_PARAMS)}"
-    return f"{key}={value!r}: unknown key; expected IPFIX_<{'|'.join(STREAMS)}>_<PARAM>[<i>] ({hint})"
+    return f"{_q(key, quote=False)}={_q(value)}: unknown key; expected IPFIX_<{'|'.join(STREAMS)}>_<PARAM>[<i>] ({hint})"
 
 
 class _Keys:
@@ -297,13 +400,13 @@ class _Keys:
     def describe(self, param: str, value) -> str:
         """KEY='value' when written, KEY (default value) when not, for messages about derived values."""
         key = self.key(param)
-        return f"{key}={self.value(param)!r}" if self.value(param) else f"{key} (default {value})"
+        return f"{key}={_q(self.value(param))}" if self.value(param) else f"{key} (default {value})"
 
     def fail(self, param: str, expected: str, item: str | None = None, why: str | None = None) -> None:
         """Report a problem. Returns None, so ``return self.fail(...)`` also leaves the field None."""
-        where = f": item {item!r}" if item is not None else ""
+        where = f": item {_q(item)}" if item is not None else ""
         what = f": {why}; expected {expected}" if why else f": expected {expected}"
-        self.problems.append(f"{self.key(param)}={self.value(param)!r}{where}{what}")
+        self.problems.append(f"{self.key(param)}={_q(self.value(param))}{where}{what}")
 
     def integer(self, param: str, default: int | None) -> int | None:
         """An empty or missing value means the default; an invalid one is reported and gives None."""
@@ -313,7 +416,9 @@ class _Keys:
         low, high, expected = _INTS[param]
         number = _int(text)
         if number is None or number < low or (high is not None and number > high):
-            return self.fail(param, expected)
+            digits = len(text.lstrip("+-"))
+            return self.fail(param, expected, why=f"{digits} digits" if digits > 18 and text.isascii()
+                             and text.lstrip("+-").isdigit() else None)
         return number
 
     def word(self, param: str, choices: dict, default):
@@ -352,16 +457,19 @@ class _Keys:
         host = m["host"] if m["v6"] is None else m["v6"]
         ip = _ip(host)
         if ip is None:
-            return self.fail(param, form, item, f"{host!r} is not an IP address ({_NO_DNS})")
+            return self.fail(param, form, item, f"{_q(host)} is not an IP address ({_NO_DNS})")
+        if _is_broadcast(ip):
+            return self.fail(param, form, item, f"{ip} is a broadcast address: every host of the network would "
+                                                "get the stream")
         if (ip.version == 6) != (m["v6"] is not None):
             return self.fail(param, form, item, "IPv6 hosts go in brackets, IPv4 hosts do not")
         port = _int(m["port"])
         if port is None or not 1 <= port <= 65535:
-            return self.fail(param, form, item, f"port {m['port']!r} is not a port number 1..65535")
+            return self.fail(param, form, item, f"port {_q(m['port'])} is not a port number 1..65535")
         if proto is None:
             proto = (m["proto"] or "tcp").lower()
             if proto not in _PROTOS:
-                return self.fail(param, form, item, f"proto {m['proto']!r} is not tcp or udp")
+                return self.fail(param, form, item, f"proto {_q(m['proto'])} is not tcp or udp")
         return Endpoint(str(ip), port, proto)
 
 
@@ -394,6 +502,8 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     dump_dir = r.value("DUMP_DIR") or f"{DUMP_ROOT}/{stream.lower()}/" + (f"{index}/" if index else "")
     if not dump_dir.startswith("/"):
         r.fail("DUMP_DIR", "an absolute directory path")
+    elif (why := _unusable_dir(dump_dir)) is not None:
+        r.fail("DUMP_DIR", "a directory path the recorder can create", why=why)
     # Read in this order, so that problems are listed in the order operators know.
     rotate_minutes = r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream])
     rotate_delay_seconds = r.integer("ROTATE_DELAY_SECONDS", 0)
@@ -402,13 +512,17 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     template_refresh = r.integer("TEMPLATE_REFRESH", 60)
     balancer_auto = r.word("BALANCER_AUTO", _SWITCH, False)
     spool_bytes = r.integer("SPOOL_BYTES", 0)
+    limits = TemplateLimits(r.integer("TEMPLATES_MAX", TemplateLimits.templates_max),
+                            r.integer("ODIDS_MAX", TemplateLimits.odids_max),
+                            r.integer("TEMPLATE_BYTES_MAX", TemplateLimits.template_bytes_max))
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
                               template_refresh=template_refresh, balancer_auto=balancer_auto),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
-                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes))
+                            dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes),
+        template_limits=limits)
     return receiver, r
 
 
@@ -430,6 +544,43 @@ def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]
                 problems.append(f"{ka.describe('DUMP_DIR', dump_dir)}: directory already used by {dirs[where]}; "
                                 "expected a dump directory of its own for each recording receiver")
             dirs.setdefault(where, ka.describe("DUMP_DIR", dump_dir))
+
+
+def _check_cycles(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
+    """Receivers must not forward to each other in a circle (fullflow[0] -> fullflow[1] -> fullflow[0]): each
+    message would go round for ever. Reported once per circle, on its first receiver."""
+    complete = [rc for rc, _ in built if None not in (rc.listen.port, rc.listen.port_type, rc.listen.bind)]
+    keys = {id(rc): r for rc, r in built}
+    reaches = {id(a): [b for b in complete if b is not a and a.forwarding.mode in (Mode.ROUND_ROBIN, Mode.ALL)
+                       and any(_loops(e, b.listen.port_type, b.listen.port, b.listen.bind)
+                               for e in a.forwarding.subreceivers)] for a in complete}
+    order = {id(rc): i for i, rc in enumerate(complete)}
+    for start in complete:
+        path = _path_back(start, reaches)
+        if path and min(order[id(rc)] for rc in path) == order[id(start)]:
+            circle = " -> ".join(rc.name for rc in path + [start])
+            keys[id(start)].fail("BALANCER_SUB", "subreceivers that do not lead back to this receiver",
+                                 why=f"the receivers forward to each other in a circle ({circle})")
+
+
+def _path_back(start: ReceiverConfig, reaches: dict) -> list[ReceiverConfig] | None:
+    """The shortest forwarding path from ``start`` back to itself (breadth first), or None."""
+    parents = {id(start): None}
+    frontier = [start]
+    while frontier:
+        following = []
+        for rc in frontier:
+            for nxt in reaches[id(rc)]:
+                if nxt is start:
+                    path = [rc]
+                    while parents[id(path[-1])] is not None:
+                        path.append(parents[id(path[-1])])
+                    return path[::-1]
+                if id(nxt) not in parents:
+                    parents[id(nxt)] = rc
+                    following.append(nxt)
+        frontier = following
+    return None
 
 
 def _rotation_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
@@ -501,12 +652,59 @@ def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
     """True when sending to e would reach this receiver's own listening socket."""
     if (e.proto, e.port) != (proto, port):
         return False
-    dst, listen = ipaddress.ip_address(e.host), ipaddress.ip_address(bind)
+    dst, listen = _unmapped(e.host), _unmapped(bind)
     if not listen.is_unspecified:
         return dst == listen
     # 0.0.0.0 accepts IPv4 only; :: is dual-stack on Linux.
     return (listen.version == 6 or dst.version == 4) and (
         dst.is_loopback or dst.is_unspecified or dst in local_addresses())
+
+
+def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """The address a socket really talks to: ::ffff:a.b.c.d is IPv4 a.b.c.d (dual-stack sockets)."""
+    ip = ipaddress.ip_address(host)
+    return ip.ipv4_mapped or ip if ip.version == 6 else ip
+
+
+def _is_broadcast(ip) -> bool:
+    """255.255.255.255, or the broadcast address of one of this host's IPv4 networks. A broadcast address is
+    odd (all host bits set), so the kernel is asked only about odd non-loopback addresses."""
+    if ip.version != 4:
+        return False
+    return int(ip) == 0xFFFFFFFF or (int(ip) & 1 == 1 and not ip.is_loopback and ip in local_broadcasts())
+
+
+def local_broadcasts() -> set:
+    """The broadcast addresses of this host's IPv4 networks (empty when netlink cannot tell)."""
+    try:
+        from pyroute2 import IPRoute
+        with IPRoute() as ipr:
+            return {ip for msg in ipr.get_addr(family=socket.AF_INET)
+                    if (ip := _ip(msg.get_attr("IFA_BROADCAST") or "")) is not None}
+    except Exception:  # noqa: BLE001 - a check that cannot run must not stop the balancer
+        return set()
+
+
+def _unusable_dir(path: str) -> str | None:
+    """Why ``path`` cannot become a directory (a component longer than the file system allows, or an existing
+    file in its place), or None. Checked here so the recorder does not find out at its first file."""
+    if "\0" in path:
+        return "it contains a NUL character"
+    existing = os.path.normpath(path)
+    while not os.path.lexists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{_q(existing)} exists and is not a directory"
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    long = [part for part in path.split("/") if len(part.encode()) > name_max]
+    if long:
+        return f"component {_q(long[0])} is {len(long[0].encode())} bytes, the file system allows {name_max}"
+    if len(path.encode()) + name_max >= path_max:  # room for a dump file's name (and an auto-<port>/ below)
+        return f"it is {len(path.encode())} bytes long, so its files' paths could exceed {path_max} bytes"
+    return None
 
 
 def local_addresses() -> set:
@@ -525,8 +723,20 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _int(text: str) -> int | None:
-    """Plain decimal only: int() would also take '1_000' or non-ASCII digits."""
-    return int(text) if re.fullmatch(r"[+-]?[0-9]+", text) else None
+    """Plain decimal only: int() would also take '1_000' or non-ASCII digits. Beyond 18 digits (int64) no
+    setting makes sense, and beyond 4,300 int() itself raises."""
+    return int(text) if re.fullmatch(r"[+-]?[0-9]{1,18}", text) else None
+
+
+QUOTE_MAX = 100  # characters of a value quoted in a message
+
+
+def _q(text: str | None, quote: bool = True) -> str:
+    """``text`` (quoted) for a message, cut to QUOTE_MAX characters: a 5,000-digit value must not flood it."""
+    show = repr if quote else str
+    if text is None or len(text) <= QUOTE_MAX:
+        return show(text)
+    return f"{show(text[:QUOTE_MAX])}... ({len(text)} characters)"
 
 
 def _host_cpus() -> frozenset[int]:

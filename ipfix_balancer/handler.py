@@ -15,17 +15,25 @@ import time
 from .config import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
+from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
-from .control.status import HandlerStatus, ListenStatus, SubreceiverStatus
+from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
 from .core.sendqueue import SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
+from .core.templates import TemplateLimit
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import PortInUse, TcpListener, UdpListener, bind
+from .net.listener import TcpListener, UdpListener, bind
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
+EXIT_CANNOT_LISTEN = 75  # EX_TEMPFAIL: the port may be free later, the supervisor retries with backoff
+
+
+class ListenError(Exception):
+    """The receiver's socket cannot be bound: an operator's problem (port in use, address not here), said
+    in one line, not a crash."""
 
 
 class Handler:
@@ -45,6 +53,7 @@ class Handler:
         self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
         self.retired_subreceivers: list[SubreceiverStats] = []  # removed by a reconfiguration
         self.started = time.time()
+        self.rates = PeriodRates()
         self.listener: TcpListener | UdpListener | None = None
         self.listening = False
         self.handed_over = False
@@ -68,7 +77,12 @@ class Handler:
         if rc.forwarding.mode is Mode.DISABLED:
             self.recorder = self._new_recorder(rc)
         if taken is None:
-            self._listen(bind(rc.listen.port_type, rc.listen.bind, rc.listen.port))
+            lst = rc.listen
+            try:
+                sock = bind(lst.port_type, lst.bind, lst.port)
+            except OSError as exc:
+                raise ListenError(listen_failure(lst.port_type, lst.bind, lst.port, exc)) from None
+            self._listen(sock)
         else:
             self._adopt(*taken)
         self.listening = True
@@ -93,10 +107,11 @@ class Handler:
     def _forwarding(self) -> Forwarding:
         fw = self.rc.forwarding
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
-        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder)
+        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder, self.rc.template_limits)
 
     def _open_session(self, _key, peer: str, templates=()) -> ExporterSession:
-        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates)
+        session = ExporterSession(peer, self.counters, self._make_output, self._session_gone, templates,
+                                  self._session_refused)
         session.configure(self._forwarding())
         self.sessions.add(session)
         self.connections_total += 1
@@ -121,6 +136,20 @@ class Handler:
         self.log.warning("malformed_ipfix", peer=peer, reason=error.reason, detail=error.detail,
                          action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
                          malformed_total=sum(self.malformed.values()))
+
+    def _session_refused(self, session: ExporterSession, error: FramingError, first: bool) -> None:
+        """A message of ``session`` was refused: counted each time, logged once per session and reason (a
+        session repeating itself must not flood the log)."""
+        self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
+        if not first:
+            return
+        if isinstance(error, TemplateLimit):
+            event, action = "template_limit", ("session closed" if self.rc.listen.port_type == "tcp"
+                                               else "datagram dropped")
+        else:
+            event, action = "malformed_ipfix", "message dropped, session continues"
+        self.log.warning(event, peer=session.peer, reason=error.reason, detail=error.detail, action=action,
+                         malformed_total=sum(self.malformed.values()), logged="once per session and reason")
 
     # -- handover (restart without dropping exporters) ------------------------------------------
     def _adopt(self, state: dict, fds: list[int]) -> None:
@@ -310,6 +339,11 @@ class Handler:
         if self.handed_over:
             return
         rc, counters = self.rc, self.counters
+        cpu = os.times()
+        outs = self.subreceivers + self.retired_subreceivers
+        rates = self.rates.update(time.monotonic(), {
+            "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
+            "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
@@ -322,7 +356,8 @@ class Handler:
             connections=self.connections, connections_total=self.connections_total,
             drops=self.drops(),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
-            recorder=None if self.recorder is None else self.recorder.status())
+            recorder=None if self.recorder is None else self.recorder.status(),
+            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)
         try:
             rundir.write_json(self.status_path, doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic
@@ -355,9 +390,9 @@ def main(control_fd: int, run_dir: str, log_format: str) -> int:
     handler = Handler(rc, run_dir, log, control)
     try:
         return handler.run(predecessor)
-    except PortInUse as exc:  # an operator problem, not a bug: one plain line saying who holds the port
-        log.error("listen_failed", reason=exc.strerror, held_by_pid=exc.holder_pid, held_by=exc.holder_name)
-        return 70
+    except ListenError as exc:
+        log.error("listen_failed", reason=str(exc), exit_code=EXIT_CANNOT_LISTEN)
+        return EXIT_CANNOT_LISTEN
     except Exception:
         # An internal error must be loud and restartable: one traceback, non-zero exit.
         log.exception("handler_crashed")

@@ -38,6 +38,7 @@ PATHS = {
     "unit": UNIT,
     "syslog_identifier": "IPFIXcol2-balancer",
     "user": SERVICE_USER,  # the system user and group the RPM creates; the service runs as them
+    "console": "127.0.0.1/8480",  # the web console, loopback only (README "Console")
 }
 
 # The manual's "Example of Configuration File" (etc/manual-example.env): ports, modes and CPUs as there,
@@ -66,6 +67,7 @@ def _environment() -> jinja2.Environment:
     env = jinja2.Environment(loader=jinja2.PackageLoader("ipfix_balancer", "skel"), undefined=jinja2.StrictUndefined,
                              keep_trailing_newline=True, autoescape=False)
     env.filters["basename"] = os.path.basename
+    env.filters["dirname"] = os.path.dirname
     env.filters["roff"] = roff
     env.filters["roff_opts"] = roff_opts
     env.filters["hyphens"] = lambda text: roff(text).replace("-", "\\-")

@@ -3,7 +3,9 @@
 It spawns one ``ipfix-balancer handler`` process per receiver (the receiver's config is handed over as
 JSON, so a handler never re-reads a file that may have changed since it was validated), restarts a
 handler that dies (with backoff), passes SIGTERM/SIGINT on for a graceful stop, re-reads the config on
-SIGHUP, and relays a Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders.
+SIGHUP (numbering each reload and writing its outcome for ``ipfix-balancer reload``), and relays a
+Fullflow recorder's rotation (SIGUSR1 from it) as SIGHUP to the other recorders. When configured, it also
+runs the web console's process (``console/``) and restarts it like a handler.
 
 SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart``: the supervisor
 re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket
@@ -12,6 +14,10 @@ and the exporter connections over from its predecessor (``handover.py``).
 Each handler gets a private channel (``control/channel.py``): its settings, new settings on reload, and
 the handover socket to its successor travel there, so nothing of it is visible or reachable by name. The
 channels and the run-dir lock survive the re-execution as inherited descriptors.
+
+Each turn of its loop it also reads the handlers' status documents (``control.health``): a handler whose
+heartbeat stopped is replaced, systemd hears READY/STATUS/WATCHDOG (``control.sdnotify``), and the metrics
+thread (``control.metrics``) serves what was read.
 
 It imports only ``control`` (the run-directory contract) and ``config``: never data-plane code.
 """
@@ -27,14 +33,20 @@ import subprocess
 import sys
 import time
 
-from .config import ConfigError, Config, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
 from .control import channel, rundir
+from .control import reload as reload_outcome
+from .control.health import Watch
+from .control.metrics import MetricsServer
+from .control.ports import listen_failure
+from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
 from .control.status import SupervisedHandler, SupervisorStatus
 
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
+READY_DEADLINE = 30.0  # READY=1 at the latest this long after the start (systemd's start timeout is 90 s)
 
 
 def _inherited(fd: int) -> socket.socket:
@@ -76,6 +88,23 @@ class Child:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
+    @property
+    def name(self) -> str:
+        return self.rc.name
+
+
+class ConsoleChild(Child):
+    """The web console process (IPFIX_BALANCER_CONSOLE): restarted like a handler; it never sees traffic,
+    and the supervisor's loop never serves a web request."""
+
+    def __init__(self, settings: Console):
+        super().__init__(None)
+        self.settings = settings
+
+    @property
+    def name(self) -> str:
+        return "console"
+
 
 class Supervisor:
     """One handler process per receiver (see the module docstring).
@@ -94,8 +123,15 @@ class Supervisor:
         self.log_format = log_format
         self.log = log
         self.children: dict[str, Child] = {}
+        self.console: ConsoleChild | None = None
         self.config: Config | None = None
         self.stopping = False
+        self.watch: Watch | None = None  # heartbeats, readiness, counters for metrics (control/health.py)
+        self.notify = Notifier()
+        self.ready_sent = False
+        self.started_at = time.monotonic()
+        self.metrics: MetricsServer | None = None
+        self.metrics_at = None  # the endpoint self.metrics was asked for
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -123,17 +159,30 @@ class Supervisor:
                 os.unlink(path)
         set_process_name(SUPERVISOR_NAME)
         rundir.write_atomic(rundir.supervisor_pid_path(self.run_dir), f"{os.getpid()}\n")
+        self.watch = Watch(self.run_dir, self.config.hang_seconds)
+        restarts = self.watch.load() if self.adopt else {}
         wake = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, ROTATED, signal.SIGUSR2, signal.SIGCHLD))
         for warning in self.config.warnings:
             self.log.warning("config_warning", problem=warning)
         self.log.info("supervisor_started", config=self.config_path, receivers=len(self.config.receivers))
         self._start_handlers(predecessors)
+        for name, n in restarts.items():  # restarts before a restart in place still count
+            if name in self.children:
+                self.children[name].restarts = n
+        if restarts:
+            self._write_status()
+        self._serve_metrics()
+        self._set_console(self.config.console)
         try:
             while not self.stopping:
                 select.select([wake.sock], [], [], 0.5)
                 self._handle_signals(wake.take())
                 self._reap()
+                self._watch_handlers()
         finally:
+            self.notify.send("STOPPING=1")
+            if self.metrics is not None:
+                self.metrics.close()
             code = self._shutdown()
             try:
                 os.unlink(rundir.supervisor_pid_path(self.run_dir))
@@ -147,7 +196,9 @@ class Supervisor:
                 self.log.info("supervisor_stopping", signal=signal.Signals(sig).name)
                 self.stopping = True
             elif sig == signal.SIGHUP:
+                self.notify.reloading()
                 self.reload()
+                self.notify.ready(self.watch.summary())
             elif sig == ROTATED:
                 self._sync_rotation()
             elif sig == signal.SIGUSR2:
@@ -162,6 +213,7 @@ class Supervisor:
             for problem in err.problems:
                 self.log.error("restart_refused", config=self.config_path, problem=problem)
             return
+        self._set_console(None)  # it holds its port: the new supervisor starts its own
         running = {name: {"pid": c.pid, "receiver": c.rc.to_json(), "control_fd": c.control.fileno()}
                    for name, c in self.children.items() if c.pid is not None}
         retiring = [[pid, sock.fileno()] for pid, sock in self.retiring.items()]
@@ -169,6 +221,7 @@ class Supervisor:
             os.set_inheritable(fd, True)  # the lock and the channels outlive exec: same pid, same holder
         rundir.write_json(rundir.adopt_path(self.run_dir),
                           {"handlers": running, "retiring": retiring, "lock_fd": self.lock_fd})
+        self.watch.save({name: c.restarts for name, c in self.children.items()})
         self.log.info("supervisor_reexec", handlers=len(running))
         signal.set_wakeup_fd(-1)
         os.execv(sys.executable, [sys.executable, "-m", "ipfix_balancer", "run", "--config", self.config_path,
@@ -260,6 +313,31 @@ class Supervisor:
         self.log.info("handler_spawned", handler=rc.name, handler_pid=child.proc.pid, cpu=rc.taskset)
         self._write_status()
 
+    def _set_console(self, settings: Console | None) -> None:
+        """Start, stop or replace the console process when its settings differ from the running one's."""
+        if self.console is not None and self.console.settings == settings:
+            return
+        if self.console is not None:
+            self._stop_children([self.console], 5.0)
+            self.console = None
+        if settings is not None:
+            self.console = ConsoleChild(settings)
+            self._spawn_console()
+
+    def _spawn_console(self) -> None:
+        child, parent = self.console, os.getpid()
+        child.proc = subprocess.Popen(
+            [sys.executable, "-m", "ipfix_balancer", "console", "--settings", child.settings.to_json(), "--config",
+             self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format], stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: _child_setup(parent))
+        child.started = time.monotonic()
+        child.restart_at = None
+        self.log.info("console_spawned", console_pid=child.proc.pid, host=child.settings.host,
+                      port=child.settings.port)
+
+    def _children(self) -> list[Child]:
+        return list(self.children.values()) + ([self.console] if self.console is not None else [])
+
     def _reap(self) -> None:
         for pid in list(self.retiring):
             try:
@@ -270,22 +348,25 @@ class Supervisor:
             if control is not None:
                 control.close()
         now = time.monotonic()
-        for child in list(self.children.values()):
+        for child in self._children():
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
                 child.proc = None
-                child.control.close()
+                if child.control is not None:  # the console has none
+                    child.control.close()
                 if child.retiring:
                     continue
                 if now - child.started > STABLE_AFTER:
                     child.backoff = RESTART_FIRST
                 child.restart_at = now + child.backoff
-                self.log.error("handler_died", handler=child.rc.name, exit_code=code,
+                self.log.error("handler_died", handler=child.name, exit_code=code,
                                restart_in=child.backoff, restarts=child.restarts)
                 child.backoff = min(child.backoff * 2, RESTART_CAP)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
-                if child.predecessor in self.retiring:
+                if child is self.console:
+                    self._spawn_console()
+                elif child.predecessor in self.retiring:
                     self._spawn_successor(child)
                 else:
                     self._spawn(child)
@@ -305,17 +386,19 @@ class Supervisor:
             try:
                 code = child.proc.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
-                self.log.error("handler_kill", handler=child.rc.name, reason="did not stop in time")
+                self.log.error("handler_kill", handler=child.name, reason="did not stop in time")
                 child.proc.kill()
                 code = child.proc.wait()
             if code != 0:
                 clean = False
-                self.log.error("handler_exit", handler=child.rc.name, exit_code=code)
+                self.log.error("handler_exit", handler=child.name, exit_code=code)
             child.proc = None
-            child.control.close()
+            if child.control is not None:
+                child.control.close()
         return clean
 
     def _shutdown(self) -> int:
+        self._set_console(None)  # first: no edits while handlers stop; its exit status says nothing about traffic
         clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
         return 0 if clean else 1
@@ -325,11 +408,16 @@ class Supervisor:
         """Re-read the config and apply it. A bad file changes nothing. A receiver whose listening socket
         and CPU stay is reconfigured in place (its exporters stay connected); otherwise its handler is
         replaced, and the old one is waited for (up to DRAIN_TIMEOUT + 5 s) before the new one binds."""
+        previous = reload_outcome.read_outcome(self.run_dir)  # numbering continues across a restart in place
+        outcome = reload_outcome.Outcome(generation=1 + (previous.generation if previous else 0),
+                                         result=reload_outcome.APPLIED, config=self.config_path)
         try:
             new = load(self.config_path)
         except ConfigError as err:
             for problem in err.problems:
                 self.log.error("reload_refused", config=self.config_path, problem=problem)
+            outcome.result, outcome.problems = reload_outcome.REFUSED, err.problems
+            self._write_reload_outcome(outcome)
             return False
         old = {rc.name: rc for rc in receivers(self.config)}
         fresh = {rc.name: rc for rc in receivers(new)}
@@ -351,12 +439,68 @@ class Supervisor:
                             rundir.DRAIN_TIMEOUT + 5)
         for name in removed:
             self.children.pop(name, None)
+            self.watch.carry.forget(name)
         for name in replaced + added:
             self._spawn(Child(fresh[name]))
         self.config = new
+        self.watch.hang_seconds = new.hang_seconds
+        self._serve_metrics()
+        self._set_console(new.console)
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
+        outcome.reconfigured, outcome.restarted, outcome.added, outcome.removed = in_place, replaced, added, removed
+        self._write_reload_outcome(outcome)
         return True
+
+    # -- liveness and metrics ------------------------------------------------------------------
+    def _watch_handlers(self) -> None:
+        """Replace hung handlers, tell systemd (READY=1 once all listen, STATUS=, WATCHDOG=1 while healthy)."""
+        now = time.monotonic()
+        hung = self.watch.turn(self.children.values(), now)
+        for child, silent in hung:
+            # SIGKILL: a stopped or hung process handles no SIGTERM; _reap restarts it with the usual backoff
+            self.log.error("handler_hung", handler=child.rc.name, handler_pid=child.pid, silent_s=round(silent, 1),
+                           reason=f"no status heartbeat for {silent:.0f}s (HANG_SECONDS={self.watch.hang_seconds}); "
+                                  "killed, to be restarted")
+            child.proc.kill()
+        summary = self.watch.summary()
+        waiting = self.watch.not_listening()
+        if not self.ready_sent and (not waiting or now - self.started_at > READY_DEADLINE):
+            # One receiver that cannot listen (port in use) must not fail the start of the others: after the
+            # deadline systemd gets READY=1 anyway, and the operator the names.
+            if waiting:
+                self.log.error("not_all_listening", handlers=waiting, after_s=READY_DEADLINE)
+            self.ready_sent = True
+            self.notify.ready(summary)
+        self.notify.status(summary)
+        if not hung:
+            self.notify.watchdog(now)
+
+    def _serve_metrics(self) -> None:
+        """(Re)start the metrics server when IPFIX_BALANCER_METRICS changed. A failure is logged, never
+        fatal: metrics must not be the reason traffic is not forwarded."""
+        want = self.config.metrics
+        if want == self.metrics_at:
+            return
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
+        self.metrics_at = want
+        if want is None:
+            return
+        try:
+            self.metrics = MetricsServer(want.host, want.port, want.family, lambda: self.watch.snapshot)
+        except OSError as exc:
+            self.log.error("metrics_failed", reason=listen_failure("tcp", want.host, want.port, exc))
+            return
+        host = f"[{want.host}]" if ":" in want.host else want.host
+        self.log.info("metrics_serving", url=f"http://{host}:{want.port}/metrics")
+    def _write_reload_outcome(self, outcome: reload_outcome.Outcome) -> None:
+        """For ``ipfix-balancer reload`` and the console, which wait for it after their SIGHUP."""
+        try:
+            reload_outcome.write_outcome(self.run_dir, outcome)
+        except OSError as exc:
+            self.log.error("reload_outcome_write_failed", run_dir=self.run_dir, reason=str(exc))
 
     def _sync_rotation(self) -> None:
         """The Fullflow recorder rotated: rotate the other recorders at the same moment (manual: HUP)."""

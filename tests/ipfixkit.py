@@ -976,6 +976,13 @@ def product_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def forwarding_env(port: int, sinks, mode: str = "RoundRobin", extra: str = "") -> str:
+    """The .env of one Fullflow receiver on 127.0.0.1:``port`` forwarding to ``sinks``, plus ``extra`` lines."""
+    subs = ",".join(f"127.0.0.1/{s.port}" for s in sinks)
+    return (f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+            f"IPFIX_FULLFLOW_BALANCER[0]={mode}\nIPFIX_FULLFLOW_BALANCER_SUB[0]={subs}\n{extra}")
+
+
 def run_cli(*args, env: Mapping[str, str] | None = None, timeout: float = 60,
             module: str = "ipfix_balancer", input: str | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m ipfix_balancer <args>``; captured text stdout/stderr, no check."""

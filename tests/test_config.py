@@ -66,6 +66,7 @@ def test_shipped_example_runs_on_any_host():
         ("FULLFLOW", 1500, Mode.ROUND_ROBIN, None), ("CLICKSTREAM", 1501, Mode.ROUND_ROBIN, None),
         ("DNSFLOW", 1101, Mode.ROUND_ROBIN, None)]
     assert all(e.host == "127.0.0.1" for r in cfg.receivers for e in r.forwarding.subreceivers)
+    assert cfg.metrics == Endpoint("127.0.0.1", 9464, "tcp")
 
 
 # --- defaults ------------------------------------------------------------------------------------------------
@@ -307,7 +308,7 @@ def test_taskset_defaults_to_this_hosts_cpus(monkeypatch):
     ("ROTATE_MINUTES", "-1", "an integer >= 0 (minutes)"),
     ("ROTATE_DELAY_SECONDS", "-5", "an integer >= 0 (seconds; 0 = use ROTATE_MINUTES)"),
     ("FW_MAX_QUEUE_SIZE", "-1", "an integer >= 0 (flows; 0 = off)"),
-    ("DPI_ID", "-2", "an integer >= -1 (-1 = the receiver's position in its stream)"),
+    ("DPI_ID", "-2", "an integer -1..4294967295 (-1 = the receiver's position in its stream)"),
     ("QUEUE_BYTES", "65535", "an integer >= 65536 (bytes)"),
     ("TEMPLATE_REFRESH", "0", "an integer >= 1 (seconds)"),
 ])
@@ -483,9 +484,28 @@ def test_recording_settings_change_only_with_recording_keys():
         assert receiver({**BASE, f"IPFIX_FULLFLOW_{key}[0]": value}).recording != old.recording, key
 
 
+def test_template_limits_keys_defaults_and_bounds():
+    from ipfix_balancer.config import TemplateLimits
+    assert receiver(BASE).template_limits == TemplateLimits(4096, 256, 1024 * 1024)
+    limits = receiver({**BASE, "IPFIX_FULLFLOW_TEMPLATES_MAX[0]": "10", "IPFIX_FULLFLOW_ODIDS_MAX[0]": "2",
+                       "IPFIX_FULLFLOW_TEMPLATE_BYTES_MAX[0]": "70000"}).template_limits
+    assert limits == TemplateLimits(10, 2, 70000)
+    assert ReceiverConfig.from_json(receiver({**BASE, "IPFIX_FULLFLOW_ODIDS_MAX[0]": "2"}).to_json()
+                                    ).template_limits.odids_max == 2
+    with pytest.raises(ConfigError) as info:
+        parse({**BASE, "IPFIX_FULLFLOW_TEMPLATES_MAX[0]": "65281", "IPFIX_FULLFLOW_ODIDS_MAX[0]": "0",
+               "IPFIX_FULLFLOW_TEMPLATE_BYTES_MAX[0]": "100"}, cpus=range(4))
+    assert info.value.problems == [
+        "IPFIX_FULLFLOW_TEMPLATES_MAX[0]='65281': expected an integer 1..65280 (templates per exporter session and "
+        "ODID)",
+        "IPFIX_FULLFLOW_ODIDS_MAX[0]='0': expected an integer >= 1 (ODIDs with templates per exporter session)",
+        "IPFIX_FULLFLOW_TEMPLATE_BYTES_MAX[0]='100': expected an integer >= 65536 (bytes of templates per exporter "
+        "session)"]
+
+
 def test_json_is_nested_by_settings_group():
     doc = json.loads(receiver(BASE).to_json())
-    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording"}
+    assert set(doc) == {"stream", "index", "taskset", "listen", "forwarding", "recording", "template_limits"}
     assert doc["listen"] == {"port_type": "tcp", "bind": "0.0.0.0", "port": 1500}
     assert doc["forwarding"]["mode"] == "RoundRobin" and doc["recording"]["max_flows_per_file"] == 0
 
@@ -542,3 +562,104 @@ def test_auto_receivers_use_sub_proto_and_host_addresses(monkeypatch):
 def test_no_auto_receivers_unless_enabled_on_a_balancing_receiver():
     assert config.auto_receivers(auto_config(**{"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Disabled"})) == []
     assert config.auto_receivers(parse({"IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}, cpus=range(4))) == []
+
+
+def test_global_keys_metrics_and_hang_seconds():
+    assert (config.parse({}).metrics, config.parse({}).hang_seconds) == (None, 15)
+    cfg = config.parse({"IPFIX_BALANCER_METRICS": "[::1]/9464", "IPFIX_BALANCER_HANG_SECONDS": "30"})
+    assert (cfg.metrics, cfg.hang_seconds) == (Endpoint("::1", 9464, "tcp"), 30)
+    assert config.parse({"IPFIX_BALANCER_METRICS": ""}).metrics is None
+    with pytest.raises(ConfigError) as err:
+        config.parse({"IPFIX_BALANCER_METRICS": "127.0.0.1/1,127.0.0.1/2", "IPFIX_BALANCER_HANG_SECONDS": "0",
+                      "IPFIX_BALANCER_METRIC": "127.0.0.1/9464"})
+    assert err.value.problems == [
+        "IPFIX_BALANCER_METRIC='127.0.0.1/9464': unknown key; expected IPFIX_<FULLFLOW|CLICKSTREAM|DNSFLOW>_<PARAM>[<i>]"
+        " (did you mean IPFIX_BALANCER_METRICS?)",
+        "IPFIX_BALANCER_METRICS='127.0.0.1/1,127.0.0.1/2': expected one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)",
+        "IPFIX_BALANCER_HANG_SECONDS='0': expected an integer >= 2 (seconds without a status heartbeat before a handler "
+        "is replaced)"]
+# --- hostile and odd files (issue 11 item 9) ---------------------------------------------------------------
+
+def test_a_number_of_5000_digits_is_a_problem_quoted_short(tmp_path):
+    path = tmp_path / "big.env"
+    path.write_text(f"IPFIX_FULLFLOW_QUEUE_BYTES[0]={'9' * 5000}\nIPFIX_FULLFLOW_PORT[{'1' * 5000}]=1\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    index, queue = err.value.problems
+    assert queue == (f"IPFIX_FULLFLOW_QUEUE_BYTES[0]={'9' * 100!r}... (5000 characters): 5000 digits; expected an "
+                     "integer >= 65536 (bytes)")
+    assert index.startswith(f"IPFIX_FULLFLOW_PORT[{'1' * 80}... (5021 characters)='1': unknown key;")
+    assert "the index must be a number of at most 9 digits" in index
+    assert max(len(p) for p in err.value.problems) < 400
+
+
+def test_any_exception_while_checking_is_a_config_error(tmp_path, monkeypatch):
+    def boom(*_args):
+        raise RecursionError("deep")
+    monkeypatch.setattr(config, "parse", boom)
+    path = tmp_path / "x.env"
+    path.write_text("IPFIX_FULLFLOW_PORT[0]=1500\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    assert err.value.problems == [f"{path}: cannot check the configuration (RecursionError: 'deep'); expected a "
+                                  "valid .env file"]
+
+
+def test_a_line_without_equals_is_refused_and_dotenv_stays_silent(tmp_path, capfd, caplog):
+    path = tmp_path / "x.env"
+    path.write_text("IPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_BALANCER\nOTHER\n'unterminated=\n")
+    with pytest.raises(ConfigError) as err:
+        load(str(path), cpus=CPUS)
+    assert err.value.problems == [f"{path}:{n}: {text!r}: cannot parse this line; expected KEY=value"
+                                  for n, text in ((2, "IPFIX_FULLFLOW_BALANCER"), (3, "OTHER"),
+                                                  (4, "'unterminated="))]
+    out, errout = capfd.readouterr()
+    assert (out, errout, caplog.records) == ("", "", [])  # python-dotenv's own warnings never show
+
+
+def test_subreceiver_as_ipv4_mapped_ipv6_own_socket_would_loop():
+    assert "would loop" in one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BIND[0]": "127.0.0.1",
+                                        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::ffff:127.0.0.1]/1500"})
+    assert "would loop" in one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All",
+                                        "IPFIX_FULLFLOW_BALANCER_SUB[0]": "[::ffff:127.0.0.1]/1500"})
+
+
+def test_receivers_forwarding_to_each_other_in_a_circle():
+    values = {"IPFIX_FULLFLOW_BIND[0]": "127.0.0.1", "IPFIX_FULLFLOW_BALANCER[0]": "All",
+              "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600",
+              "IPFIX_FULLFLOW_PORT[1]": "1600", "IPFIX_FULLFLOW_BIND[1]": "127.0.0.1",
+              "IPFIX_FULLFLOW_BALANCER[1]": "RoundRobin", "IPFIX_FULLFLOW_BALANCER_SUB[1]": "10.0.0.9/1,127.0.0.1/1500"}
+    assert one_problem(values) == (
+        "IPFIX_FULLFLOW_BALANCER_SUB[0]='127.0.0.1/1600': the receivers forward to each other in a circle "
+        "(fullflow[0] -> fullflow[1] -> fullflow[0]); expected subreceivers that do not lead back to this receiver")
+    # a chain is fine: fullflow[1] records what fullflow[0] forwards
+    parse({**values, "IPFIX_FULLFLOW_BALANCER[1]": "Disabled", "IPFIX_FULLFLOW_BALANCER_SUB[1]": ""}, cpus=CPUS)
+
+
+def test_broadcast_subreceivers_and_export_targets_are_refused(monkeypatch):
+    import ipaddress
+    monkeypatch.setattr(config, "local_broadcasts", lambda: {ipaddress.ip_address("192.0.2.255")})
+    for key, item in (("BALANCER_SUB", "255.255.255.255/9995"), ("BALANCER_SUB", "192.0.2.255/9995"),
+                      ("DUMP_INSERT_PROCESSES", "192.0.2.255/9995/udp")):
+        msg = one_problem({"IPFIX_FULLFLOW_BALANCER[0]": "All", f"IPFIX_FULLFLOW_{key}[0]": item,
+                           **({} if key == "BALANCER_SUB" else {"IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/1"})})
+        assert "is a broadcast address" in msg and item.split("/")[0] in msg
+    receiver({"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "192.0.3.255/9995"})
+
+
+def test_values_that_could_only_fail_at_run_time(tmp_path):
+    (tmp_path / "afile").write_text("")
+    assert one_problem({"IPFIX_FULLFLOW_DPI_ID[0]": "1" * 300}).endswith(
+        "300 digits; expected an integer -1..4294967295 (-1 = the receiver's position in its stream)")
+    assert one_problem({"IPFIX_FULLFLOW_DPI_ID[0]": "4294967296"}).startswith("IPFIX_FULLFLOW_DPI_ID[0]='4294967296'")
+    long = one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": f"{tmp_path}/{'x' * 300}/"})
+    assert f"component {'x' * 100!r}... (300 characters) is 300 bytes, the file system allows 255" in long
+    for where in (f"{tmp_path}/afile", f"{tmp_path}/afile/sub/"):
+        assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": where}) == (
+            f"IPFIX_FULLFLOW_DUMP_DIR[0]={where!r}: {str(tmp_path / 'afile')!r} exists and is not a directory; "
+            "expected a directory path the recorder can create")
+    deep = f"{tmp_path}/" + "d" * 200 + "/" + "/".join(["e" * 250] * 16)
+    assert one_problem({"IPFIX_FULLFLOW_DUMP_DIR[0]": deep}).endswith(
+        f"it is {len(deep)} bytes long, so its files' paths could exceed 4096 bytes; expected a directory path the "
+        "recorder can create")
+    assert receiver({"IPFIX_FULLFLOW_DUMP_DIR[0]": f"{tmp_path}/new/dir/"}).recording.dump_dir

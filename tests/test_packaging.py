@@ -335,7 +335,7 @@ def test_unit_settings(root):
     one = {k: v[-1] for k, v in s.items()}
     assert one["Type"] in ("simple", "notify")
     assert one["ExecStart"] == "/usr/bin/ipfix-balancer run"
-    assert one["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert one["ExecReload"] == "/usr/bin/ipfix-balancer reload"  # waits for the outcome: a bad file fails
     assert one["Restart"] == "on-failure"
     assert one["KillMode"] == "mixed"      # SIGTERM to the supervisor only: it orchestrates the drain
     assert int(one["TimeoutStopSec"]) > 15  # handlers drain 10 s, the supervisor kills them after 15 s
@@ -354,9 +354,10 @@ def test_systemd_analyze_verify(root, tmp_path):
     exe = shutil.which("systemd-analyze")
     if exe is None:
         pytest.skip("systemd-analyze not installed (Debian package systemd)")
-    # verify checks that ExecStart exists: point it at the payload's launcher (same unit otherwise).
+    # verify checks that ExecStart and ExecReload exist: point them at the payload's launcher (same unit otherwise).
     text = (root / "usr/lib/systemd/system" / UNIT).read_text()
-    text = text.replace("ExecStart=/usr/bin/ipfix-balancer ", f"ExecStart={root}/usr/bin/ipfix-balancer ")
+    for setting in ("ExecStart", "ExecReload"):
+        text = text.replace(f"{setting}=/usr/bin/ipfix-balancer ", f"{setting}={root}/usr/bin/ipfix-balancer ")
     unit = tmp_path / UNIT
     unit.write_text(text)
     res = _run([exe, "verify", str(unit)])

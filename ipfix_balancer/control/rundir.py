@@ -26,7 +26,10 @@ _SUPERVISOR_PID = "supervisor.pid"
 _SUPERVISOR_STATUS = "supervisor.json"
 _SUPERVISOR_ADOPT = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
 _SUPERVISOR_LOCK = "supervisor.lock"
+_SUPERVISOR_CARRY = "supervisor.carry.json"  # counters and restarts a re-executed supervisor continues
 _HANDLER_PREFIX = "handler-"
+_RELOAD_OUTCOME = "reload.json"  # the supervisor's answer to the last reload (SIGHUP), numbered
+_LOG_RING = "log.jsonl"  # recent log lines of every process, for the console (bounded: two files)
 
 
 def resolve_run_dir(cli_value: str | None) -> str:
@@ -44,6 +47,19 @@ def supervisor_status_path(run_dir: str) -> str:
 
 def adopt_path(run_dir: str) -> str:
     return os.path.join(run_dir, _SUPERVISOR_ADOPT)
+
+
+def supervisor_carry_path(run_dir: str) -> str:
+    return os.path.join(run_dir, _SUPERVISOR_CARRY)
+
+
+def reload_outcome_path(run_dir: str) -> str:
+    return os.path.join(run_dir, _RELOAD_OUTCOME)
+
+
+def log_ring_path(run_dir: str) -> str:
+    """The current file of the log ring; the older half is this name + ``.1``."""
+    return os.path.join(run_dir, _LOG_RING)
 
 
 def _handler_stem(run_dir: str, stream: str, index: int) -> str:

@@ -36,6 +36,7 @@ class SubreceiverStatus:
     drops: int
     queued_bytes: int
     last_error: str = ""
+    drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
 
     @classmethod
     def from_dict(cls, doc: dict) -> SubreceiverStatus:
@@ -120,6 +121,9 @@ class HandlerStatus:
     drops: int
     subreceivers: list[SubreceiverStatus]
     recorder: RecorderStatus | None = None  # recording handlers only
+    period: float = 1.0  # seconds between two documents: the heartbeat
+    cpu_percent: float = 0.0  # over the last period (100 = one core)
+    rates: dict[str, float] = dataclasses.field(default_factory=dict)  # RATES per second over the last period
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -133,6 +137,27 @@ class HandlerStatus:
         return _known(cls, doc, listen=_known(ListenStatus, doc["listen"]),
                       subreceivers=[SubreceiverStatus.from_dict(s) for s in doc.get("subreceivers", [])],
                       recorder=None if recorder is None else RecorderStatus.from_dict(recorder))
+
+
+RATES = ("msgs_in", "bytes_in", "msgs_out", "bytes_out")
+STALE_PERIODS = 3  # a document older than this many of its periods: the handler is not turning
+
+
+class PeriodRates:
+    """Per-second rates of cumulative counters between two calls. A handler feeds it its counters and its
+    CPU seconds at every status write, so each document carries rates and %CPU of the last period and
+    ``status`` needs no sampling of its own (a reader's two quick samples would measure nothing)."""
+
+    def __init__(self):
+        self._last: tuple[float, dict[str, float]] | None = None
+
+    def update(self, now: float, counters: dict[str, float]) -> dict[str, float]:
+        last, self._last = self._last, (now, counters)
+        if last is None or now <= last[0]:
+            return dict.fromkeys(counters, 0.0)
+        elapsed = now - last[0]
+        # never negative: a subreceiver removed by a reload takes its counters out of the sum
+        return {k: max(0.0, (v - last[1].get(k, 0)) / elapsed) for k, v in counters.items()}
 
 
 @dataclasses.dataclass
@@ -181,18 +206,20 @@ def supervisor_pid(run_dir: str) -> int | None:
 # -- ipfix-balancer status -------------------------------------------------------------------------
 @dataclasses.dataclass
 class HandlerReport:
-    """A handler's own document plus what ``status`` observes of its process (None: could not tell)."""
+    """A handler's own document plus what ``status`` observes of its process (None: could not tell).
+    ``stale``: the document is older than STALE_PERIODS of its periods (a hung or stopped handler)."""
     doc: HandlerStatus
     alive: bool
     uptime: float
     psr: int | None = None
-    cpu_percent: float | None = None
     rss: int | None = None
+    stale: bool = False
+    restarts: int | None = None  # from the supervisor's document
 
     def to_dict(self) -> dict:
-        observed = {"psr": self.psr, "cpu_percent": self.cpu_percent, "rss": self.rss}
-        return {**self.doc.to_dict(), "alive": self.alive, **{k: v for k, v in observed.items() if v is not None},
-                "uptime": self.uptime}
+        observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts}
+        return {**self.doc.to_dict(), "alive": self.alive, "stale": self.stale,
+                **{k: v for k, v in observed.items() if v is not None}, "uptime": self.uptime}
 
 
 @dataclasses.dataclass
@@ -213,24 +240,40 @@ def collect(run_dir: str) -> StatusReport:
     """Supervisor facts, and each handler's document plus process facts."""
     pid = supervisor_pid(run_dir)
     sup = read_supervisor_status(run_dir)
+    restarts = {} if sup is None else {h.name: h.restarts for h in sup.handlers}
     handlers = []
-    for path in rundir.handler_status_paths(run_dir):
-        try:
-            doc = HandlerStatus.from_dict(rundir.read_json(path) or {})
-        except (TypeError, KeyError, AttributeError):  # empty, or not a handler document
-            continue
-        handlers.append(_observe(doc))
+    for doc in read_handler_documents(run_dir):
+        report = _observe(doc)
+        report.restarts = restarts.get(doc.name)
+        handlers.append(report)
     return StatusReport(running=pid is not None, supervisor_pid=pid, config=None if sup is None else sup.config,
                         run_dir=run_dir, handlers=handlers)
 
 
+def read_handler_document(path: str) -> HandlerStatus | None:
+    """The handler document at path; None when missing, empty or not a handler document."""
+    try:
+        return HandlerStatus.from_dict(rundir.read_json(path) or {})
+    except (TypeError, KeyError, AttributeError):
+        return None
+
+
+def read_handler_documents(run_dir: str) -> list[HandlerStatus]:
+    """Every handler's latest document, sorted by file name; unreadable ones are left out."""
+    return [doc for path in rundir.handler_status_paths(run_dir) if (doc := read_handler_document(path)) is not None]
+
+
+def is_stale(doc: HandlerStatus, now: float) -> bool:
+    return now - doc.time > STALE_PERIODS * doc.period
+
+
 def _observe(doc: HandlerStatus) -> HandlerReport:
-    report = HandlerReport(doc, alive=False, uptime=time.time() - doc.started)
+    now = time.time()
+    report = HandlerReport(doc, alive=False, uptime=now - doc.started, stale=is_stale(doc, now))
     try:
         proc = psutil.Process(doc.pid)
         with proc.oneshot():
             report.psr = proc.cpu_num()
-            report.cpu_percent = proc.cpu_percent(interval=0.1)
             report.rss = proc.memory_info().rss
         report.alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
@@ -273,19 +316,26 @@ def render(report: StatusReport) -> str:
     running = f"running, pid {report.supervisor_pid}" if report.running else "NOT RUNNING"
     lines = [f"supervisor: {running}   config: {report.config or '-'}   run dir: {report.run_dir}"]
     head = f"{'HANDLER':<16}{'PID':>8}{'CPU':>5}{'%CPU':>6}{'RSS':>7}  {'LISTEN':<10}{'MODE':<11}" \
-           f"{'MSGS IN':>11}{'DROPS':>8}{'MALFORMED':>10}{'CONN':>5}  UPTIME"
+           f"{'MSGS IN':>11}{'MSG/S':>9}{'MB/S IN':>8}{'MB/S OUT':>9}{'DROPS':>8}{'MALFORMED':>10}{'CONN':>5}" \
+           f"{'RESTARTS':>9}  UPTIME"
     lines.append(head)
     for h in report.handlers:
         d = h.doc
         state = "" if h.alive else "  (not running)"
+        if h.alive and h.stale:
+            state = f"  STALE: no status for {time.time() - d.time:.0f}s"
         psr = "-" if h.psr is None else h.psr
+        rate = {k: d.rates.get(k, 0.0) for k in RATES}
         lines.append(
-            f"{d.name:<16}{d.pid:>8}{psr:>5}{h.cpu_percent or 0:>6.1f}{_size(h.rss or 0):>7}  "
-            f"{d.listen.proto + '/' + str(d.listen.port):<10}{d.mode:<11}"
-            f"{d.msgs_in:>11}{d.drops:>8}{d.malformed:>10}{d.connections:>5}  {int(h.uptime)}s{state}")
+            f"{d.name:<16}{d.pid:>8}{psr:>5}{d.cpu_percent:>6.1f}{_size(h.rss or 0):>7}  "
+            f"{d.listen.proto + '/' + str(d.listen.port):<10}{d.mode:<11}{d.msgs_in:>11}{rate['msgs_in']:>9.0f}"
+            f"{rate['bytes_in'] / 1e6:>8.1f}{rate['bytes_out'] / 1e6:>9.1f}{d.drops:>8}{d.malformed:>10}"
+            f"{d.connections:>5}{'-' if h.restarts is None else h.restarts:>9}  {int(h.uptime)}s{state}")
         for sub in d.subreceivers:
-            lines.append(f"    -> {sub.endpoint:<28}{sub.state:<6} msgs_out={sub.msgs_out} "
-                         f"bytes_out={sub.bytes_out} drops={sub.drops} queued={_size(sub.queued_bytes)}"
+            reasons = " ".join(f"{k}={v}" for k, v in sorted(sub.drops_by_reason.items()))
+            lines.append(f"    -> {sub.endpoint:<28}{sub.state:<8} msgs_out={sub.msgs_out} "
+                         f"bytes_out={sub.bytes_out} drops={sub.drops}" + (f" ({reasons})" if reasons else "")
+                         + f" queued={_size(sub.queued_bytes)}"
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
         if d.recorder is not None:
             lines.extend(_render_recorder(d.recorder))

@@ -10,10 +10,11 @@ from __future__ import annotations
 import enum
 from typing import Callable
 
-from ..config import Mode
+from ..config import Mode, TemplateLimits
 from .dispatch import FORWARDERS, Dispatcher
 from .sendqueue import SendQueue, State, SubreceiverStats
-from .templates import TemplateTracker
+from .templates import MalformedSet, TemplateLimit, TemplateTracker
+from .wire import FramingError
 
 
 class Counters:
@@ -34,30 +35,37 @@ class Lifecycle(enum.Enum):
 #: ``make_output(stats, limit=, rewrite_seq=, refresh=, current_snapshot=, on_down=, on_closed=)``: a
 #: SendQueue whose transport is already attached (and connecting)
 OutputFactory = Callable[..., SendQueue]
+#: ``on_refused(session, error, first)``: a message was refused (MalformedSet: dropped; TemplateLimit: the
+#: session is over a limit); ``first`` is True the first time this session is refused for that reason
+RefusalReport = Callable[["ExporterSession", FramingError, bool], None]
 
 
 class Forwarding:
     """What a session is told to do: the settings its dispatcher and queues are built from."""
 
-    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder")
+    __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder", "template_limits")
 
     def __init__(self, mode: Mode, subreceivers: list[SubreceiverStats], queue_bytes: int,
-                 template_refresh: float, recorder: Dispatcher | None = None):
+                 template_refresh: float, recorder: Dispatcher | None = None,
+                 template_limits: TemplateLimits = TemplateLimits()):
         self.mode = mode
         self.subreceivers = subreceivers
         self.queue_bytes = queue_bytes
         self.template_refresh = template_refresh  # 0: no periodic re-send (TCP subreceivers)
         self.recorder = recorder
+        self.template_limits = template_limits
 
 
 class ExporterSession:
     def __init__(self, peer: str, counters: Counters, make_output: OutputFactory,
-                 on_gone: Callable[[ExporterSession], None], templates=()):
+                 on_gone: Callable[[ExporterSession], None], templates=(), on_refused: RefusalReport | None = None):
         self.peer = peer
         self.counters = counters
         self.make_output = make_output
         self.on_gone = on_gone
-        self.tracker = TemplateTracker()
+        self.on_refused = on_refused
+        self._reported: set[str] = set()  # refusal reasons reported as first already
+        self.tracker = TemplateTracker()  # limits come with configure: a predecessor's templates were accepted
         for msg in templates:  # learnt by a predecessor (handover): known before any output connects
             self.tracker.inspect(msg)
         self.queues: list[SendQueue] = []  # every open queue: the dispatcher's, and retired ones draining
@@ -73,6 +81,7 @@ class ExporterSession:
         between RoundRobin and All starts new output sessions (sequence numbering differs between them), so
         a collector sees a fresh transport session rather than a jump in sequence numbers.
         """
+        self.tracker.limits = fw.template_limits
         old = self.dispatcher
         active: list[SendQueue] = []
         if fw.mode is Mode.DISABLED:
@@ -100,19 +109,31 @@ class ExporterSession:
     def _snapshot(self):
         return self.tracker.snapshot
 
-    def deliver(self, messages) -> None:
+    def deliver(self, messages) -> TemplateLimit | None:
         """The hot path: every whole message of one read. Runs of data-only messages are handed to the
-        dispatcher as one batch; a message with template sets goes on its own, in order."""
+        dispatcher as one batch; a message with template sets goes on its own, in order.
+
+        A message whose sets do not parse is dropped. A message that takes the session over a template limit
+        is refused and ends the delivery: the error is returned (a TCP session is then closed)."""
         tracker = self.tracker
         inspect, dispatcher = tracker.inspect, self.dispatcher
         many = dispatcher.dispatch_many
         snapshot = tracker.snapshot  # changes only with a message that carries template sets
         batch: list = []
         batch_size = size = 0
+        refused = None
         for msg in messages:
-            odid, nrec, tmpl = inspect(msg)
             n = len(msg)
             size += n
+            try:
+                odid, nrec, tmpl = inspect(msg)
+            except MalformedSet as exc:
+                self._refuse(exc)
+                continue
+            except TemplateLimit as exc:
+                self._refuse(exc)
+                refused = exc
+                break
             if tmpl is None:
                 batch.append((msg, odid, nrec, snapshot))
                 batch_size += n
@@ -127,6 +148,13 @@ class ExporterSession:
         counters = self.counters
         counters.msgs_in += len(messages)
         counters.bytes_in += size
+        return refused
+
+    def _refuse(self, error: FramingError) -> None:
+        first = error.reason not in self._reported
+        self._reported.add(error.reason)
+        if self.on_refused is not None:
+            self.on_refused(self, error, first)
 
     def end(self) -> None:
         """The exporter went away: flush its outputs, then close them."""

@@ -6,12 +6,9 @@ sockets into it (TCP through a ``core.framing.StreamFramer``, UDP one datagram p
 
 from __future__ import annotations
 
-import errno
 import socket
 import time
 from typing import Callable
-
-import psutil
 
 from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from ..core.session import ExporterSession
@@ -39,41 +36,11 @@ def bind(port_type: str, host: str, port: int) -> socket.socket:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if kind == socket.SOCK_DGRAM:
         _set_rcvbuf(sock, RCVBUF)
-    try:
-        sock.bind((host, port))
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise PortInUse(port_type, port, *port_holder(port_type, port)) from None
-        raise
+    sock.bind((host, port))
     sock.setblocking(False)
     if kind == socket.SOCK_STREAM:
         sock.listen(128)
     return sock
-
-
-class PortInUse(OSError):
-    """Another process holds the port (typically an orphaned handler, or another service)."""
-
-    def __init__(self, port_type: str, port: int, pid: int | None, name: str | None):
-        holder = f"pid {pid} ({name})" if pid is not None else "a process this user cannot see"
-        super().__init__(errno.EADDRINUSE, f"{port_type} port {port} is held by {holder}")
-        self.holder_pid, self.holder_name = pid, name
-
-
-def port_holder(port_type: str, port: int) -> tuple[int | None, str | None]:
-    """Pid and name of the process bound to ``port`` (None, None when it cannot be told: not root)."""
-    try:
-        conns = psutil.net_connections(kind=port_type)
-    except (psutil.Error, OSError):  # e.g. /proc/net hidden (ProcSubset=pid)
-        return None, None
-    for c in conns:
-        if c.laddr and c.laddr.port == port and c.pid is not None and (port_type == "udp" or c.status == psutil.CONN_LISTEN):
-            try:
-                return c.pid, psutil.Process(c.pid).name()
-            except psutil.Error:
-                return c.pid, None
-    return None, None
 
 
 def _set_rcvbuf(sock: socket.socket, size: int) -> None:
@@ -121,7 +88,10 @@ class TcpExporter:
         if n:
             messages, error = self.framer.feed(n)
             if messages:
-                self.session.deliver(messages)
+                refused = self.session.deliver(messages)  # over a template limit: counted and logged already
+                if refused is not None:
+                    self.close(reason=str(refused))
+                    return 0
             if error is None:
                 return n
         if isinstance(error, FramingError):

@@ -6,10 +6,11 @@ import time
 
 from ipfix_balancer.control import rundir
 from ipfix_balancer.control.status import (ExportTargetStatus, HandlerReport, HandlerStatus, ListenStatus,
-                                           RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
+                                           PeriodRates, RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
                                            SupervisorStatus, collect, render)
 
 NOW = time.time()
+RATES = {"msgs_in": 30012.4, "bytes_in": 42.5e6, "msgs_out": 90037.0, "bytes_out": 127.5e6}
 
 
 def recorder(**kw) -> RecorderStatus:
@@ -29,7 +30,8 @@ def handler(pid=4242, **kw) -> HandlerStatus:
         listen=ListenStatus("tcp", "0.0.0.0", 1500, True), mode="RoundRobin", dpi_id=0, cpu=None, msgs_in=1000,
         bytes_in=1_400_000, malformed=1, malformed_by_reason={"bad version": 1}, unknown_template=0,
         connections=2, connections_total=3, drops=7,
-        subreceivers=[SubreceiverStatus("10.0.0.2/9920/tcp", "up", 2, 993, 1_390_000, 7, 0),
+        subreceivers=[SubreceiverStatus("10.0.0.2/9920/tcp", "up", 2, 993, 1_390_000, 7, 0,
+                                        drops_by_reason={"queue_full": 5, "connection_lost": 2}),
                       SubreceiverStatus("10.0.0.3/9920/tcp", "down", 2, 0, 0, 0, 3000, "Connection refused")])
     return dataclasses.replace(doc, **kw)
 
@@ -56,7 +58,7 @@ def test_json_keys_operators_and_scripts_read():
     assert "recorder" not in doc   # forwarding handlers have none
     assert doc["listen"] == {"proto": "tcp", "bind": "0.0.0.0", "port": 1500, "listening": True}
     assert set(doc["subreceivers"][0]) == {"endpoint", "state", "sessions", "msgs_out", "bytes_out", "drops",
-                                           "queued_bytes", "last_error"}
+                                           "queued_bytes", "last_error", "drops_by_reason"}
 
 
 def test_documents_of_another_release_read_with_the_keys_both_know():
@@ -74,24 +76,27 @@ def test_supervisor_document_round_trips():
 
 def test_report_shows_process_facts_only_when_known():
     report = HandlerReport(handler(), alive=False, uptime=90.0)
-    assert report.to_dict() == {**handler().to_dict(), "alive": False, "uptime": 90.0}
-    facts = HandlerReport(handler(), alive=True, uptime=1.0, psr=3, cpu_percent=0.0, rss=1024).to_dict()
-    assert list(facts)[-5:] == ["alive", "psr", "cpu_percent", "rss", "uptime"]
+    assert report.to_dict() == {**handler().to_dict(), "alive": False, "stale": False, "uptime": 90.0}
+    facts = HandlerReport(handler(), alive=True, uptime=1.0, psr=3, rss=1024, restarts=2).to_dict()
+    assert list(facts)[-6:] == ["alive", "stale", "psr", "rss", "restarts", "uptime"]
 
 
 def test_render_table_with_nested_export_targets():
     report = StatusReport(running=True, supervisor_pid=17, config="/e.env", run_dir="/run/b", handlers=[
-        HandlerReport(handler(), alive=True, uptime=90.4, psr=1, cpu_percent=2.5, rss=50 << 20),
+        HandlerReport(handler(cpu_percent=2.5, rates=RATES), alive=True, uptime=90.4, psr=1, rss=50 << 20, restarts=3),
         HandlerReport(handler(pid=4243, name="fullflow[1]", mode="Disabled", subreceivers=[], recorder=recorder()),
                       alive=False, uptime=12.0)])
     assert render(report).splitlines() == [
         "supervisor: running, pid 17   config: /e.env   run dir: /run/b",
-        "HANDLER              PID  CPU  %CPU    RSS  LISTEN    MODE           MSGS IN   DROPS MALFORMED CONN  UPTIME",
-        "fullflow[0]         4242    1   2.5    50M  tcp/1500  RoundRobin        1000       7         1    2  90s",
-        "    -> 10.0.0.2/9920/tcp           up     msgs_out=993 bytes_out=1390000 drops=7 queued=0B",
-        "    -> 10.0.0.3/9920/tcp           down   msgs_out=0 bytes_out=0 drops=0 queued=3K error='Connection refused'",
-        "fullflow[1]         4243    -   0.0     0B  tcp/1500  Disabled          1000       7         1    2  12s"
-        "  (not running)",
+        "HANDLER              PID  CPU  %CPU    RSS  LISTEN    MODE           MSGS IN    MSG/S MB/S IN MB/S OUT   DROPS"
+        " MALFORMED CONN RESTARTS  UPTIME",
+        "fullflow[0]         4242    1   2.5    50M  tcp/1500  RoundRobin        1000    30012    42.5    127.5       7"
+        "         1    2        3  90s",
+        "    -> 10.0.0.2/9920/tcp           up       msgs_out=993 bytes_out=1390000 drops=7 (connection_lost=2 "
+        "queue_full=5) queued=0B",
+        "    -> 10.0.0.3/9920/tcp           down     msgs_out=0 bytes_out=0 drops=0 queued=3K error='Connection refused'",
+        "fullflow[1]         4243    -   0.0     0B  tcp/1500  Disabled          1000        0     0.0      0.0       7"
+        "         1    2        -  12s  (not running)",
         "    recorder: dpi_id=5 file=fullflow_5_20231114T221320Z.part bytes=2K flows=30 msgs=3 next_rotation=58s "
         "completed=1 spool=1 files/4K",
         "      dir=/d/ buffered_bytes=0 file_age_s=1.5 rotate_seconds=60 max_flows=0 rotations=1 last_file= "
@@ -119,3 +124,25 @@ def test_collect_reads_handler_documents_and_observes_their_processes(tmp_path):
     assert (report.running, report.supervisor_pid, report.config) == (False, None, "/e.env")
     (h,) = report.handlers
     assert h.doc == mine and h.alive and h.rss > 0 and 85 < h.uptime < 120
+
+
+def test_a_document_older_than_three_of_its_periods_is_stale_and_marked(tmp_path):
+    run = str(tmp_path)
+    fresh, old = handler(pid=os.getpid(), time=time.time() - 2.5), handler(pid=os.getpid(), index=1,
+                                                                          name="fullflow[1]", time=time.time() - 40)
+    rundir.write_json(rundir.handler_status_path(run, "FULLFLOW", 0), fresh.to_dict())
+    rundir.write_json(rundir.handler_status_path(run, "FULLFLOW", 1), old.to_dict())
+    rundir.write_json(rundir.supervisor_status_path(run), SupervisorStatus(1, "/e.env", [
+        SupervisedHandler("fullflow[1]", "FULLFLOW", 1, os.getpid(), 4)]).to_dict())
+    report = collect(run)
+    assert [(h.stale, h.restarts) for h in report.handlers] == [(False, None), (True, 4)]
+    assert [h["stale"] for h in report.to_dict()["handlers"]] == [False, True]
+    lines = render(report).splitlines()
+    assert "STALE" not in lines[2] and lines[5].endswith("  STALE: no status for 40s")
+
+
+def test_period_rates_are_per_second_deltas_and_never_negative():
+    rates = PeriodRates()
+    assert rates.update(10.0, {"cpu": 5.0, "msgs": 100}) == {"cpu": 0.0, "msgs": 0.0}
+    assert rates.update(12.0, {"cpu": 6.5, "msgs": 700}) == {"cpu": 0.75, "msgs": 300.0}
+    assert rates.update(13.0, {"cpu": 6.5, "msgs": 200}) == {"cpu": 0.0, "msgs": 0.0}   # a subreceiver removed

@@ -123,3 +123,23 @@ def test_end_drains_then_reports_gone_once():
     assert s.state is Lifecycle.GONE and gone == [s]
     s.end()
     assert gone == [s]
+
+
+def test_malformed_message_dropped_reported_once_per_reason_and_limit_ends_delivery():
+    from ipfix_balancer.config import TemplateLimits
+    refusals = []
+    s = ExporterSession("10.0.0.1:4739", Counters(), Outputs(), lambda _s: None,
+                        on_refused=lambda sess, err, first: refusals.append((err.reason, first)))
+    s.configure(Forwarding(Mode.ALL, [SubreceiverStats("a")], 1_000_000, 0.0,
+                           template_limits=TemplateLimits(templates_max=1)))
+    bad = bytearray(data_message(9))
+    bad[18:20] = b"\x00\x00"  # the data set's length: 0
+    second = bytearray(template_message())
+    second[20:22] = b"\x01\x01"  # template id 257: one template too many for ODID 7
+    assert s.deliver([template_message(), data_message(1), memoryview(bad), memoryview(bad), data_message(2)]) is None
+    (queue,) = s.queues
+    assert [bytes(e[0]) for e in queue.pending][1:] == [bytes(data_message(1)), bytes(data_message(2))]
+    refused = s.deliver([data_message(3), memoryview(second), data_message(4)])
+    assert refused is not None and refused.reason == "templates_max"
+    assert refusals == [("set_length", True), ("set_length", False), ("templates_max", True)]
+    assert bytes(queue.pending[-1][0]) == bytes(data_message(3)) and len(s.tracker.snapshot) == 1

@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipfix_balancer.core.wire import HEADER, HEADER_LEN, MAX_MESSAGE
-from ipfix_balancer.core.templates import EMPTY, Snapshot, TemplateTracker
+from ipfix_balancer.core.templates import EMPTY, MalformedSet, Snapshot, TemplateTracker
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))  # scripts/fuzz raises it
 
@@ -99,7 +99,7 @@ def test_fixed_length_counts_and_padding():
     rec = bytes(range(FIXED_LEN))
     data = message(ipfix_set(256, rec * 7, pad=3), ipfix_set(256, rec * 2))
     assert inspect(t, data) == (1, 9, None)
-    assert t.unknown_template == 0 and t.malformed_sets == 0
+    assert t.unknown_template == 0
     assert len(t.snapshot) == 1
 
 
@@ -165,7 +165,15 @@ def test_variable_length_short_and_long_encodings():
     # minimum record length is 4 + 1 + 2 + 1 = 8: up to 7 bytes of padding are not a record
     msg = message(ipfix_set(257, *recs, pad=7))
     assert inspect(t, msg) == (1, 3, None)
-    assert t.malformed_sets == 0
+
+
+def malformed(tracker: TemplateTracker, msg: bytes) -> str:
+    """The reason inspect refuses ``msg`` for; the tracker's templates and counters stay as they were."""
+    before, unknown = snapshot_contents(tracker.snapshot), tracker.unknown_template
+    with pytest.raises(MalformedSet) as info:
+        inspect(tracker, msg)
+    assert snapshot_contents(tracker.snapshot) == before and tracker.unknown_template == unknown
+    return info.value.reason
 
 
 def test_variable_length_record_overrun_is_malformed():
@@ -173,11 +181,10 @@ def test_variable_length_record_overrun_is_malformed():
     inspect(t, message(ipfix_set(2, trec(258, [field(82, VAR)]))))
     good = varlen(b"abc")
     bad = b"\x20" + b"z" * 5  # claims 32 bytes, only 5 follow
-    assert inspect(t, message(ipfix_set(258, good, bad), ipfix_set(258, good))) == (1, 2, None)
-    assert t.malformed_sets == 1
+    assert malformed(t, message(ipfix_set(258, good, bad), ipfix_set(258, good))) == "varlen_past_end"
     # 3-byte encoding cut off after 255
-    assert inspect(t, message(ipfix_set(258, good + b"\xff\x00"))) == (1, 1, None)
-    assert t.malformed_sets == 2
+    assert malformed(t, message(ipfix_set(258, good + b"\xff\x00"))) == "varlen_past_end"
+    assert inspect(t, message(ipfix_set(258, good, good))) == (1, 2, None)
 
 
 # --- enterprise-specific IEs and options templates ----------------------------------------------------------
@@ -205,18 +212,16 @@ def test_options_template_scope_count_zero_is_malformed():
     t = TemplateTracker()
     bad = struct.pack("!HHH", 501, 1, 0) + field(41, 8)
     good = otrec(502, [field(149, 4)], [])
-    inspect(t, message(ipfix_set(3, bad, good)))
-    assert t.malformed_sets == 1
-    assert set(snapshot_contents(t.snapshot)[1]) == {502}
-    inspect(t, message(ipfix_set(501, b"x" * 8)))
-    assert t.unknown_template == 1
+    assert malformed(t, message(ipfix_set(3, good, bad))) == "scope_count"
+    assert len(t.snapshot) == 0  # nothing of a refused message is learnt, not even the good record before
+    too_many = struct.pack("!HHH", 503, 1, 2) + field(41, 8)  # scope count > field count
+    assert malformed(t, message(ipfix_set(3, too_many))) == "scope_count"
 
 
-def test_template_id_below_256_is_skipped():
+def test_template_id_below_256_is_malformed():
     t = TemplateTracker()
-    inspect(t, message(ipfix_set(2, trec(255, [field(8, 4)]), trec(256, [field(8, 4)]))))
-    assert t.malformed_sets == 1
-    assert set(snapshot_contents(t.snapshot)[1]) == {256}
+    assert malformed(t, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(255, [field(8, 4)])))) == "template_id"
+    assert len(t.snapshot) == 0
 
 
 def test_zero_length_template_is_unknown():
@@ -247,13 +252,11 @@ def test_mixed_message_template_only_copy():
     assert snapshot_contents(t2.snapshot) == snapshot_contents(t.snapshot)
 
 
-def test_template_sets_then_malformed_tail_gives_copy():
+def test_template_sets_then_malformed_tail_learns_nothing():
     t = TemplateTracker()
     ts = ipfix_set(2, trec(256, [field(8, 4)]))
-    msg = message(ts, b"\x01\x00\x00\x40")  # set runs past the end
-    odid, n, tmpl = inspect(t, msg)
-    assert t.malformed_sets == 1
-    assert tmpl != msg and tmpl[HEADER_LEN:] == ts
+    assert malformed(t, message(ts, b"\x01\x00\x00\x40")) == "set_past_end"
+    assert t.snapshot is EMPTY
 
 
 # --- withdrawal and redefinition ---------------------------------------------------------------------------
@@ -286,8 +289,9 @@ def test_withdraw_all_id_must_match_set_kind():
     t = TemplateTracker()
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), ipfix_set(3, otrec(600, [field(149, 4)], []))))
     before = t.snapshot
-    inspect(t, message(ipfix_set(2, withdraw(3)), ipfix_set(3, withdraw(2))))
-    assert t.malformed_sets == 2 and t.snapshot is before and len(before) == 2
+    assert malformed(t, message(ipfix_set(2, withdraw(3)))) == "template_id"
+    assert malformed(t, message(ipfix_set(3, withdraw(2)))) == "template_id"
+    assert t.snapshot is before and len(before) == 2
 
 
 def test_withdraw_all_only_that_odid():
@@ -370,7 +374,6 @@ def test_snapshot_messages_split_and_reparse():
     for m in msgs:
         mv = memoryview(m)
         assert t2.inspect(mv)[2] is mv
-    assert t2.malformed_sets == 0
     assert snapshot_contents(t2.snapshot) == snapshot_contents(t.snapshot)
     assert sorted(t2.snapshot.odids()) == [5, 6] and len(t2.snapshot) == len(t.snapshot)
     # cached bodies, fresh headers
@@ -381,33 +384,35 @@ def test_snapshot_messages_split_and_reparse():
 
 # --- malformed input ----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("tail", [
-    b"\x00",                          # fewer than 4 bytes for a set header
-    b"\x01\x00\x00\x02",              # set length < 4
-    b"\x01\x00\x00\x00",              # set length 0
-    b"\x01\x00\x00\x20abcd",          # runs past the message end
-    b"\x00\x02\x00\x0c\x01\x00\x00\x05\x00\x08\x00\x04",  # template record runs past its set
-    b"\x00\x03\x00\x08\x01\x00\x00\x05",                  # options template header cut off
-    b"\x00\x02\x00\x0c\x01\x00\x00\x01\x80\x08\x00\x04",  # enterprise number cut off
+@pytest.mark.parametrize("tail, reason", [
+    (b"\x00", "stray_bytes"),                       # fewer than 4 bytes for a set header
+    (b"\x01\x00\x00\x03", "set_length"),           # set length < 4
+    (b"\x01\x00\x00\x00", "set_length"),           # set length 0
+    (b"\x01\x00\x00\x20abcd", "set_past_end"),     # runs past the message end
+    (b"\x00\x02\x00\x0c\x01\x00\x00\x05\x00\x08\x00\x04", "template_past_set"),  # 5 fields, room for 1
+    (b"\x00\x03\x00\x08\x01\x00\x00\x05", "template_past_set"),              # options template header cut off
+    (b"\x00\x02\x00\x0c\x01\x00\x00\x01\x80\x08\x00\x04", "enterprise_truncated"),
+    (b"\x00\x03\x00\x0e\x01\x00\x00\x01\x00\x02\x00\x08\x00\x04", "scope_count"),  # scope 2 of 1 field
+    (b"\x00\x02\x00\x08\x00\xff\x00\x00", "template_id"),                     # withdrawal of id 255
 ])
-def test_malformed_never_raises(tail):
+def test_malformed_raises_by_reason_and_changes_nothing(tail, reason):
     t = TemplateTracker()
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
-    odid, n, tmpl = inspect(t, message(ipfix_set(256, b"1234" * 2), tail))
-    assert n == 2 and t.malformed_sets == 1
+    assert malformed(t, message(ipfix_set(256, b"1234" * 2), ipfix_set(999, b"x"), tail)) == reason
+    assert inspect(t, message(ipfix_set(256, b"1234" * 2))) == (1, 2, None)  # the session goes on
 
 
 def test_header_only_and_stray_bytes():
     t = TemplateTracker()
-    assert inspect(t, message(odid=3)) == (3, 0, None) and t.malformed_sets == 0
-    assert inspect(t, message(b"\0\0\0", odid=3)) == (3, 0, None) and t.malformed_sets == 1
+    assert inspect(t, message(odid=3)) == (3, 0, None)
+    assert malformed(t, message(b"\0\0\0", odid=3)) == "stray_bytes"
 
 
 def test_reserved_sets_skipped():
     t = TemplateTracker()
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
     assert inspect(t, message(ipfix_set(4, b"zzzz"), ipfix_set(255, b""), ipfix_set(256, b"1234"))) == (1, 1, None)
-    assert t.malformed_sets == 0 and t.unknown_template == 0
+    assert t.unknown_template == 0
 
 
 # --- properties ---------------------------------------------------------------------------------------------
@@ -459,7 +464,7 @@ def test_property_records_counted_exactly(case, tid, odid):
         return
     t = TemplateTracker()
     odid_, n, tmpl = inspect(t, message(tset, odid=odid))
-    assert n == 0 and t.malformed_sets == 0 and len(t.snapshot) == 1
+    assert n == 0 and len(t.snapshot) == 1
     data = message(ipfix_set(tid, *records, pad=pad), odid=odid)
     assert inspect(t, data) == (odid, len(records), None)
     # data split over two sets, after the template in the same message
@@ -468,12 +473,12 @@ def test_property_records_counted_exactly(case, tid, odid):
     if len(both) <= MAX_MESSAGE:
         odid_, n, tmpl = inspect(t, both)
         assert n == len(records) and tmpl[HEADER_LEN:] == tset
-    assert t.malformed_sets == 0 and t.unknown_template == 0
+    assert t.unknown_template == 0
 
 
 @settings(max_examples=EXAMPLES, deadline=None)
 @given(st.binary(max_size=600), st.binary(max_size=200))
-def test_property_random_bytes_never_raise(garbage, template_garbage):
+def test_property_random_bytes_parse_or_refuse(garbage, template_garbage):
     t = TemplateTracker()
     # a known template so that data sets get walked, and one with a variable-length field
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(82, VAR), field(7, 2)]))))
@@ -481,7 +486,12 @@ def test_property_random_bytes_never_raise(garbage, template_garbage):
                  ipfix_set(256, garbage), ipfix_set(257, garbage)):
         if HEADER_LEN + len(body) > MAX_MESSAGE:
             continue
-        odid, n, tmpl = inspect(t, message(body))
+        before = t.snapshot
+        try:
+            odid, n, tmpl = inspect(t, message(body))
+        except MalformedSet as exc:
+            assert exc.reason and t.snapshot is before  # refused whole: nothing learnt
+            continue
         assert odid == 1 and n >= 0
         if tmpl is not None:
             assert HEADER.unpack_from(tmpl)[1] == len(tmpl)
@@ -521,3 +531,106 @@ def test_definitions_and_withdrawals_match_a_model(ops):
                 width = 4 * ((len(known[1]) - 4) // 4) if known else 4
                 _, n, _ = inspect(tracker, message(ipfix_set(check_tid, bytes(width * 3)), odid=check_odid))
                 assert (n, tracker.unknown_template - before) == ((3, 0) if known else (0, 1))
+
+
+# --- hostile input: cost and limits (README "Hostile input") ------------------------------------------------
+
+def test_template_bomb_with_every_snapshot_held_costs_o_templates():
+    """20,000 messages each defining a new template id, every snapshot held as a queued entry would hold it:
+    the memory is linear in templates (a copy per change would be 200 million dict entries)."""
+    import tracemalloc
+    t = TemplateTracker()
+    held = []
+    tracemalloc.start()
+    for tid in range(256, 20_256):
+        inspect(t, message(ipfix_set(2, trec(tid, [field(8, 4)]))))
+        held.append(t.snapshot)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20_000 * 600, peak
+    assert len(t.snapshot) == 20_000 and len(held[99]) == 100
+    assert set(snapshot_contents(held[99])[1]) == set(range(256, 356))  # an old snapshot: only its templates
+
+
+def test_redefinitions_keep_history_only_while_a_snapshot_needs_it():
+    t = TemplateTracker()
+    old_record = trec(256, [field(8, 4)])
+    inspect(t, message(ipfix_set(2, old_record)))
+    kept = t.snapshot  # a message queued since the first definition
+    for n in range(1, 2001):
+        inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)] * (n % 7 + 2)))))
+    store = t._store
+    # what ``kept`` needs and at most a compaction's slack: later versions nobody holds are forgotten
+    assert len(store.retired) <= 64 and len(store._live) <= 64
+    assert snapshot_contents(kept) == {1: {256: (2, old_record)}} and kept.domain(1) == {256: (2, old_record)}
+    del kept
+    assert len(store.retired) == 0
+    inspect(t, message(ipfix_set(2, withdraw(2))))  # the ODID emptied, its bookkeeping goes with the history
+    assert t.snapshot.domain(1) is None and 1 not in store.domains and len(store.retired) == 0
+
+
+def test_domain_object_is_shared_while_the_odid_is_unchanged():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=1))
+    first = t.snapshot
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=2))
+    assert t.snapshot.domain(1) is first.domain(1)  # the recorder's "nothing changed" check stays O(1)
+    assert t.snapshot.domain(2) == {256: (2, trec(256, [field(8, 4)]))} and first.domain(2) is None
+
+
+def limited(**kw) -> TemplateTracker:
+    from ipfix_balancer.config import TemplateLimits
+    return TemplateTracker(TemplateLimits(**kw))
+
+
+def refused(tracker: TemplateTracker, msg: bytes) -> str:
+    from ipfix_balancer.core.templates import TemplateLimit
+    before = tracker.snapshot
+    with pytest.raises(TemplateLimit) as info:
+        inspect(tracker, msg)
+    assert tracker.snapshot is before
+    return info.value.reason
+
+
+def test_templates_max_per_odid():
+    t = limited(templates_max=3)
+    inspect(t, message(ipfix_set(2, *[trec(tid, [field(8, 4)]) for tid in (256, 257, 258)])))
+    assert refused(t, message(ipfix_set(2, trec(259, [field(8, 4)])))) == "templates_max"
+    inspect(t, message(ipfix_set(2, trec(258, [field(8, 8)]))))  # redefinition at the limit: fine
+    inspect(t, message(ipfix_set(2, trec(259, [field(8, 4)])), odid=2))  # another ODID has its own count
+    inspect(t, message(ipfix_set(2, withdraw(256), trec(259, [field(8, 4)]))))  # withdraw first: fits
+    assert len(t.snapshot) == 4
+    assert inspect(t, message(ipfix_set(259, b"1234"))) == (1, 1, None)
+
+
+def test_odids_max_per_session():
+    t = limited(odids_max=2)
+    for odid in (1, 2):
+        inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=odid))
+    assert refused(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=3)) == "odids_max"
+    inspect(t, message(ipfix_set(2, withdraw(2)), odid=1))  # an ODID without templates frees its place
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=3))
+    assert sorted(t.snapshot.odids()) == [2, 3]
+
+
+def test_template_bytes_max_per_session():
+    record = trec(256, [field(i, 4) for i in range(1, 40)])  # 160 bytes, + 64 counted per template
+    t = limited(template_bytes_max=3 * (len(record) + 64))
+    for odid in (1, 2, 3):
+        inspect(t, message(ipfix_set(2, record), odid=odid))
+    assert refused(t, message(ipfix_set(2, trec(257, [field(8, 4)])), odid=1)) == "template_bytes_max"
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)])), odid=1))  # shrinking is always fine
+    inspect(t, message(ipfix_set(2, trec(257, [field(8, 4)])), odid=1))
+    assert len(t.snapshot) == 4
+
+
+def test_changes_within_one_message_apply_in_order():
+    t = TemplateTracker()
+    inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(258, [field(8, 4)])),
+                       ipfix_set(3, otrec(600, [field(149, 4)], []))))
+    msg = message(ipfix_set(2, trec(257, [field(8, 8)]), withdraw(2)), ipfix_set(256, b"1234"),
+                  ipfix_set(2, trec(259, [field(8, 2)])), ipfix_set(259, b"12" * 5), ipfix_set(600, b"abcd"),
+                  ipfix_set(2, withdraw(259)), ipfix_set(259, b"12"))
+    assert inspect(t, msg)[:2] == (1, 6)  # 256 and the last 259 unknown (withdrawn before), 5 + 1 counted
+    assert t.unknown_template == 2
+    assert snapshot_contents(t.snapshot) == {1: {600: (3, otrec(600, [field(149, 4)], []))}}

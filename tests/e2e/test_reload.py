@@ -1,7 +1,9 @@
 """Live reconfiguration: exporter sessions stay connected while subreceivers and modes change."""
 
-from ipfixkit import TcpExporter, TcpSink, decode_records, extract_serials, free_port, make_stream, \
-    split_messages
+from ipfixkit import TcpExporter, TcpSink, decode_records, extract_serials, free_port, make_stream, run_cli, \
+    split_messages, wait_until
+
+from ipfix_balancer.control.reload import read_outcome
 
 
 def env(port: int, mode: str, sinks) -> str:
@@ -66,3 +68,42 @@ def test_reload_switches_mode_in_place_and_refuses_a_bad_file(balancer):
             exporter.send(make_stream(10, records_per_message=3, first_serial=10**6)[1:])
             assert a.wait_messages(len(a.messages()) + 10)
         assert bal.status("fullflow[0]")["connections_total"] == 1
+
+
+def test_reload_command_prints_the_outcome_of_the_running_supervisors_file(balancer, tmp_path):
+    """`reload` reads the file the supervisor runs with (not its own --config default), waits for the
+    outcome and prints it; a refused file exits 1 with the problems, and SIGHUP writes the same outcome."""
+    port, added = free_port(), free_port()
+    with TcpSink() as a:
+        bal = balancer(env(port, "RoundRobin", [a]))
+        bal.wait_ready()
+        pid = bal.handler_pid("fullflow[0]")
+        cli_env = {"IPFIX_BALANCER_RUN_DIR": str(bal.run_dir), "IPFIX_BALANCER_CONFIG": str(tmp_path / "absent.env")}
+
+        bal.write_config(env(port, "All", [a]) + f"IPFIX_DNSFLOW_PORT[0]={added}\nIPFIX_DNSFLOW_BIND[0]=127.0.0.1\n")
+        done = run_cli("reload", env=cli_env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"reloaded {bal.config_path}", "applied in place: fullflow[0]",
+                                            "handlers started: dnsflow[0]"]
+        assert bal.handler_pid("fullflow[0]") == pid
+
+        good = bal.config_path.read_bytes()
+        bal.write_config("IPFIX_FULLFLOW_PORT[0]=notaport\n")
+        done = run_cli("reload", env=cli_env)
+        assert done.returncode == 1
+        assert "reload refused, the running configuration stays" in done.stderr
+        assert "IPFIX_FULLFLOW_PORT[0]='notaport': expected a port number 1..65535" in done.stderr
+
+        before = read_outcome(str(bal.run_dir)).generation
+        bal.reload()  # SIGHUP, as `kill -HUP` does: the supervisor refuses and says so
+        outcome = wait_until(lambda: (o := read_outcome(str(bal.run_dir))) and o.generation > before and o)
+        assert outcome.result == "refused" and "notaport" in outcome.problems[0]
+
+        bal.config_path.write_bytes(good)
+        bal.reload()
+        outcome = wait_until(lambda: (o := read_outcome(str(bal.run_dir))) and o.generation > before + 1 and o)
+        assert (outcome.result, outcome.reconfigured, outcome.added) == ("applied", [], [])
+        assert bal.handler_pid("fullflow[0]") == pid
+
+    done = run_cli("reload", env={"IPFIX_BALANCER_RUN_DIR": str(tmp_path / "nothing")})
+    assert done.returncode == 1 and "supervisor is not running" in done.stderr

@@ -1,0 +1,343 @@
+"""The web console's pages (Starlette, server-rendered jinja2; a little JavaScript only refreshes tables).
+
+Everything but the login page and the static assets needs a session. A session is created on the first
+visit (so the login form has a CSRF token too) and replaced by a fresh one at login; it lives in this
+process's memory only, so a restarted console asks for the token again. Blocking work (reading status
+with psutil, waiting for a reload's outcome) runs in the thread pool, never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import hmac
+import os
+import secrets
+import time
+from collections import OrderedDict
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.templating import Jinja2Templates
+
+from .. import config as config_mod
+from ..control import reload as reload_mod
+from ..control import rundir
+from ..control import status as status_mod
+from . import envfile, fields, logsource
+
+HERE = os.path.dirname(__file__)
+COOKIE = "ipfix_console"
+SESSION_IDLE = 8 * 3600.0  # seconds without a request before a session ends
+MAX_SESSIONS = 64  # the oldest is dropped beyond: memory stays bounded whatever a client does
+WRONG_TOKEN_DELAY = 1.0  # seconds before answering a wrong token: guessing stays slow
+LOG_LINES = 500  # shown
+LOG_SCAN = 5000  # read from the journal, before filtering
+LEVELS = ("debug", "info", "warning", "error", "critical")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    "X-Frame-Options": "DENY", "X-Content-Type-Options": "nosniff", "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
+
+
+@dataclasses.dataclass
+class Session:
+    csrf: str
+    authenticated: bool = False
+    seen: float = dataclasses.field(default_factory=time.monotonic)
+
+
+class ConsoleState:
+    """The state of one console process: its token, sessions and the last counters seen (for rates)."""
+
+    def __init__(self, settings: config_mod.Console, config_path: str, run_dir: str, token: str, log):
+        self.settings, self.config_path, self.run_dir, self.token, self.log = \
+            settings, config_path, run_dir, token, log
+        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.samples: dict[str, tuple[float, int]] = {}  # handler name -> (time, msgs_in) of the last look
+        self.templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))  # autoescapes .html
+
+    # -- sessions --------------------------------------------------------------------------------
+    def session(self, request: Request) -> tuple[str, Session] | None:
+        sid = request.cookies.get(COOKIE, "")
+        found = self.sessions.get(sid)
+        if found is None or time.monotonic() - found.seen > SESSION_IDLE:
+            self.sessions.pop(sid, None)
+            return None
+        found.seen = time.monotonic()
+        self.sessions.move_to_end(sid)
+        return sid, found
+
+    def new_session(self, authenticated: bool) -> tuple[str, Session]:
+        sid = secrets.token_urlsafe(32)
+        self.sessions[sid] = found = Session(csrf=secrets.token_urlsafe(32), authenticated=authenticated)
+        while len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+        return sid, found
+
+    def set_cookie(self, response: Response, sid: str) -> Response:
+        response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", secure=bool(self.settings.tls_cert),
+                            path="/")
+        return response
+
+    def render(self, request: Request, name: str, session: Session, status_code: int = 200, **context) -> Response:
+        context.update(csrf=session.csrf, authenticated=session.authenticated)
+        return self.templates.TemplateResponse(request, name, context, status_code=status_code,
+                                               headers=SECURITY_HEADERS)
+
+    # -- data ------------------------------------------------------------------------------------
+    def receiver_rows(self, text: str, report: status_mod.StatusReport) -> list[dict]:
+        """One row per receiver of the file (its effective settings when the file is valid, else as
+        written), joined with its handler's live state."""
+        try:
+            effective = {(rc.stream, rc.index): rc for rc in config_mod.load_text(text, self.config_path).receivers}
+        except config_mod.ConfigError:
+            effective = {}
+        written = envfile.EnvFile(text).receivers()
+        live = {(h.doc.stream, h.doc.index): h for h in report.handlers}
+        now = time.monotonic()
+        rows = []
+        for (stream, index), values in written.items():
+            shown = fields.form_values(values)
+            h = live.get((stream, index))
+            row = {"stream": stream, "title": envfile.TITLES[stream], "index": index, "settings": shown,
+                   "rc": effective.get((stream, index)), "handler": h, "rate": None}
+            if h is not None:
+                last = self.samples.get(h.doc.name)
+                if last is not None and now > last[0] and h.doc.msgs_in >= last[1]:
+                    row["rate"] = (h.doc.msgs_in - last[1]) / (now - last[0])
+                self.samples[h.doc.name] = (now, h.doc.msgs_in)
+            rows.append(row)
+        return rows
+
+    def log_lines(self, stream: str, level: str) -> tuple[str, list[dict]]:
+        """(source, the newest LOG_LINES lines matching the filters, newest first)."""
+        source, lines = logsource.recent(rundir.log_ring_path(self.run_dir), LOG_SCAN)
+        least = LEVELS.index(level) if level in LEVELS else 0
+        out = []
+        for doc in reversed(lines):
+            if stream and str(doc.get("stream", "")).lower() != stream.lower():
+                continue
+            if (LEVELS.index(doc["level"]) if doc.get("level") in LEVELS else 0) < least:
+                continue
+            out.append(doc)
+            if len(out) >= LOG_LINES:
+                break
+        return source, out
+
+
+def _guarded(handler, method: str):
+    """Wrap an endpoint: no session or not logged in -> the login page; POST without the session's CSRF
+    token -> 403. The endpoint gets (console, request, session id, session[, form])."""
+    async def endpoint(request: Request) -> Response:
+        console: ConsoleState = request.app.state.console
+        found = console.session(request)
+        if found is None or not found[1].authenticated:
+            return RedirectResponse("/login", status_code=303)
+        if method == "POST":
+            form = await request.form()
+            if not hmac.compare_digest(str(form.get("csrf", "")), found[1].csrf):
+                return Response("invalid or missing CSRF token; reload the page", status_code=403,
+                                headers=SECURITY_HEADERS)
+            return await handler(console, request, found[1], form)
+        return await handler(console, request, found[1])
+    return endpoint
+
+
+# -- login -------------------------------------------------------------------------------------------
+async def login_page(request: Request) -> Response:
+    console: ConsoleState = request.app.state.console
+    found = console.session(request)
+    if found is not None and found[1].authenticated:
+        return RedirectResponse("/receivers", status_code=303)
+    sid, session = found or console.new_session(authenticated=False)
+    return console.set_cookie(console.render(request, "login.html", session,
+                                             token_file=console.settings.token_file), sid)
+
+
+async def login(request: Request) -> Response:
+    console: ConsoleState = request.app.state.console
+    found = console.session(request)
+    form = await request.form()
+    if found is None or not hmac.compare_digest(str(form.get("csrf", "")), found[1].csrf):
+        return RedirectResponse("/login", status_code=303)  # stale form: a fresh one with a fresh token
+    given = str(form.get("token", "")).strip()
+    if not hmac.compare_digest(given.encode(), console.token.encode()):
+        console.log.warning("console_login_failed", client=request.client.host if request.client else "")
+        await asyncio.sleep(WRONG_TOKEN_DELAY)
+        return console.render(request, "login.html", found[1], status_code=401, error="Wrong token.",
+                              token_file=console.settings.token_file)
+    console.sessions.pop(found[0], None)  # a new session id at login: a planted cookie gains nothing
+    sid, _session = console.new_session(authenticated=True)
+    console.log.info("console_login", client=request.client.host if request.client else "")
+    return console.set_cookie(RedirectResponse("/receivers", status_code=303), sid)
+
+
+async def logout(console: ConsoleState, request: Request, session: Session, form) -> Response:
+    console.sessions.pop(request.cookies.get(COOKIE, ""), None)
+    return RedirectResponse("/login", status_code=303)
+
+
+# -- receivers ---------------------------------------------------------------------------------------
+async def _table(console: ConsoleState) -> dict:
+    """The receiver table's rows, and the digest of the file they come from (for Delete)."""
+    text = envfile.read(console.config_path)
+    report = await run_in_threadpool(status_mod.collect, console.run_dir)
+    return {"rows": console.receiver_rows(text, report), "digest": envfile.digest(text)}
+
+
+async def receivers(console: ConsoleState, request: Request, session: Session, message: list[str] | None = None,
+                    problems: list[str] | None = None) -> Response:
+    return console.render(request, "receivers.html", session, message=message or [], problems=problems or [],
+                          config_path=console.config_path, **await _table(console))
+
+
+async def receivers_table(console: ConsoleState, request: Request, session: Session) -> Response:
+    """The table alone, for the page's refresh."""
+    return console.render(request, "receivers_table.html", session, **await _table(console))
+
+
+def _form(console: ConsoleState, request: Request, session: Session, *, stream: str, index: int | None,
+          values: dict, digest: str, status_code: int = 200, errors: dict | None = None,
+          problems: list[str] | None = None, original_stream: str | None = None) -> Response:
+    """The receiver form; ``original_stream``/``index`` name the receiver being edited (index None: a new one),
+    ``stream`` is the Receiver type selected."""
+    return console.render(request, "form.html", session, status_code=status_code, stream=stream, index=index,
+                          original_stream=original_stream or stream,
+                          values=values, digest=digest, manual=fields.MANUAL, more=fields.MORE,
+                          streams=fields.stream_choices(), errors=errors or {}, problems=problems or [],
+                          more_open=any(f.param in (errors or {}) for f in fields.MORE))
+
+
+async def new_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
+    text = envfile.read(console.config_path)
+    return _form(console, request, session, stream="FULLFLOW", index=None, values=fields.form_values({}),
+                 digest=envfile.digest(text))
+
+
+async def edit_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
+    stream, index = request.path_params["stream"], request.path_params["index"]
+    text = envfile.read(console.config_path)
+    written = envfile.EnvFile(text).receivers().get((stream, index))
+    if written is None:
+        return await receivers(console, request, session, problems=[f"{stream.lower()}[{index}] is not in the file"])
+    return _form(console, request, session, stream=stream, index=index, values=fields.form_values(written),
+                 digest=envfile.digest(text))
+
+
+async def apply_receiver(console: ConsoleState, request: Request, session: Session, form) -> Response:
+    """Validate the edited file with check-config's checker, write it atomically, reload, show the outcome."""
+    text = envfile.read(console.config_path)
+    env = envfile.EnvFile(text)
+    stream = str(form.get(fields.STREAM, ""))
+    original = form.get("index", "")
+    original_stream = str(form.get("original_stream", stream))
+    if stream not in envfile.TITLES or original_stream not in envfile.TITLES:
+        return Response("unknown receiver type", status_code=400, headers=SECURITY_HEADERS)
+    index = int(original) if str(original).isdigit() else None
+    written = env.receivers().get((original_stream, index)) if index is not None else None
+    values = fields.submitted(form, written if original_stream == stream else None)
+    shown = {f.param: str(form.get(f.param, "")) for f in fields.FIELDS}
+    edited = index
+
+    def again(status_code: int, **kw) -> Response:  # the form as submitted, for the same receiver
+        return _form(console, request, session, stream=stream, index=edited, original_stream=original_stream,
+                     values=shown, digest=str(form.get("digest", "")), status_code=status_code, **kw)
+
+    if not hmac.compare_digest(str(form.get("digest", "")), envfile.digest(text)):
+        return again(409, problems=[f"{console.config_path} changed on disk since this form was loaded; nothing "
+                                    "was written. Cancel and edit again to start from the file as it is now."])
+    if index is not None and written is None:
+        return again(409, problems=[f"{original_stream.lower()}[{index}] is no longer in the file; nothing was "
+                                    "written"])
+    if index is None or original_stream != stream:
+        if index is not None:
+            env.delete_receiver(original_stream, index)
+        index = env.next_index(stream)
+    env.set_receiver(stream, index, values)
+    new_text = env.text()
+    try:
+        config_mod.load_text(new_text, console.config_path)
+    except config_mod.ConfigError as err:
+        by_field, rest = fields.field_problems(err.problems, stream, index)
+        return again(422, errors=by_field, problems=rest)
+    return await _write_and_reload(console, request, session, text, new_text)
+
+
+async def delete_receiver(console: ConsoleState, request: Request, session: Session, form) -> Response:
+    stream, index = request.path_params["stream"], request.path_params["index"]
+    text = envfile.read(console.config_path)
+    if not hmac.compare_digest(str(form.get("digest", "")), envfile.digest(text)):
+        return await receivers(console, request, session, problems=[
+            f"{console.config_path} changed on disk since this page was loaded; nothing was deleted."])
+    env = envfile.EnvFile(text)
+    env.delete_receiver(stream, index)
+    try:
+        config_mod.load_text(env.text(), console.config_path)
+    except config_mod.ConfigError as err:
+        return await receivers(console, request, session, problems=err.problems)
+    return await _write_and_reload(console, request, session, text, env.text())
+
+
+async def _write_and_reload(console: ConsoleState, request: Request, session: Session, old: str, new: str) -> Response:
+    if new != old:
+        envfile.write_atomic(console.config_path, new, old)
+        console.log.info("console_config_written", config=console.config_path)
+    try:
+        outcome = await run_in_threadpool(reload_mod.request, console.run_dir)
+    except (reload_mod.NotRunning, TimeoutError) as exc:
+        return await receivers(console, request, session, problems=[f"written, but not applied: {exc}"])
+    if outcome.result == reload_mod.REFUSED:
+        return await receivers(console, request, session, problems=outcome.lines())
+    return await receivers(console, request, session, message=outcome.lines())
+
+
+# -- logs, status --------------------------------------------------------------------------------
+async def logs_page(console: ConsoleState, request: Request, session: Session) -> Response:
+    stream, level = request.query_params.get("stream", ""), request.query_params.get("level", "")
+    source, lines = await run_in_threadpool(console.log_lines, stream, level)
+    name = "logs_table.html" if request.query_params.get("part") == "table" else "logs.html"
+    return console.render(request, name, session, lines=lines, source=source, stream=stream, level=level,
+                          levels=LEVELS,
+                          streams=["supervisor", "console", *envfile.TITLES])
+
+
+async def status_page(console: ConsoleState, request: Request, session: Session) -> Response:
+    report = await run_in_threadpool(status_mod.collect, console.run_dir)
+    name = "status_table.html" if request.query_params.get("part") == "table" else "status.html"
+    return console.render(request, name, session, table=status_mod.render(report))
+
+
+async def home(console: ConsoleState, request: Request, session: Session) -> Response:
+    return RedirectResponse("/receivers", status_code=303)
+
+
+def make_app(console: ConsoleState) -> Starlette:
+    def get(path, handler):
+        return Route(path, _guarded(handler, "GET"), methods=["GET"])
+
+    def post(path, handler):
+        return Route(path, _guarded(handler, "POST"), methods=["POST"])
+
+    app = Starlette(routes=[
+        Route("/login", login_page, methods=["GET"]),
+        Route("/login", login, methods=["POST"]),
+        post("/logout", logout),
+        get("/", home),
+        get("/receivers", receivers),
+        get("/receivers/table", receivers_table),
+        get("/receivers/new", new_receiver),
+        get("/receivers/{stream}/{index:int}/edit", edit_receiver),
+        post("/receivers/apply", apply_receiver),
+        post("/receivers/{stream}/{index:int}/delete", delete_receiver),
+        get("/logs", logs_page),
+        get("/status", status_page),
+        Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
+    ])
+    app.state.console = console
+    return app

@@ -1,0 +1,135 @@
+"""What the supervisor learns from its handlers' status documents on every turn of its loop.
+
+- **Heartbeat**: a handler rewrites its document every period from its event loop; a document older than
+  ``hang_seconds`` (or none ``hang_seconds`` after the start) means the loop does not turn: hung, stopped
+  (SIGSTOP), or stuck in the kernel. The supervisor replaces such a handler.
+- **Readiness**: every handler's current process listens (systemd's READY=1).
+- **Counters over restarts** (``CounterCarry``) and the ``Snapshot`` the metrics thread serves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+
+from . import rundir
+from .metrics import HandlerView, Sample, Snapshot, counter_samples
+from .status import read_handler_document
+
+
+@dataclasses.dataclass
+class _Carried:
+    pid: int
+    last: dict[Sample, float]    # the latest counters of process pid
+    offset: dict[Sample, float]  # counted by earlier processes (or before a counter restarted)
+
+
+class CounterCarry:
+    """A handler's counters summed over all its processes. When its pid changes (a restart, a restart in
+    place) or a counter falls (a subreceiver removed and added again starts from 0), what had been counted
+    becomes an offset, so an exported counter never goes backwards."""
+
+    def __init__(self):
+        self.handlers: dict[str, _Carried] = {}
+
+    def see(self, name: str, pid: int, samples: dict[Sample, float]) -> dict[Sample, float]:
+        c = self.handlers.setdefault(name, _Carried(pid, {}, {}))
+        if pid != c.pid:
+            self._bank(c, c.last)
+            c.pid, c.last = pid, {}
+        self._bank(c, {k: c.last[k] for k, v in samples.items() if v < c.last.get(k, 0)})
+        c.last.update(samples)  # a series that disappears keeps its last value
+        return self.totals(name)
+
+    @staticmethod
+    def _bank(c: _Carried, counted: dict[Sample, float]) -> None:
+        for k, v in counted.items():
+            c.offset[k] = c.offset.get(k, 0) + v
+
+    def totals(self, name: str) -> dict[Sample, float]:
+        c = self.handlers.get(name)
+        if c is None:
+            return {}
+        return {k: c.offset.get(k, 0) + c.last.get(k, 0) for k in sorted(c.offset.keys() | c.last.keys())}
+
+    def forget(self, name: str) -> None:
+        self.handlers.pop(name, None)
+
+    # A supervisor restarting in place hands the carry to its successor through the run directory.
+    def to_json(self) -> dict:
+        def pairs(d: dict[Sample, float]) -> list:
+            return [[name, [list(kv) for kv in labels], v] for (name, labels), v in d.items()]
+        return {name: {"pid": c.pid, "last": pairs(c.last), "offset": pairs(c.offset)}
+                for name, c in self.handlers.items()}
+
+    @classmethod
+    def from_json(cls, doc: dict) -> CounterCarry:
+        def samples(items: list) -> dict[Sample, float]:
+            return {(name, tuple(tuple(kv) for kv in labels)): v for name, labels, v in items}
+        carry = cls()
+        for name, c in doc.items():
+            carry.handlers[name] = _Carried(c["pid"], samples(c["last"]), samples(c["offset"]))
+        return carry
+
+
+class Watch:
+    """Reads the handlers' documents for the supervisor; ``snapshot`` is read by the metrics thread (it is
+    replaced whole on each turn, never changed in place)."""
+
+    def __init__(self, run_dir: str, hang_seconds: float):
+        self.run_dir = run_dir
+        self.hang_seconds = hang_seconds
+        self.carry = CounterCarry()
+        self.snapshot = Snapshot(time.time(), hang_seconds)
+
+    def turn(self, children, now: float) -> list[tuple[object, float]]:
+        """Look at each child (the supervisor's ``Child``: rc, pid, started, restarts; ``now`` on the same
+        monotonic clock as ``started``). Returns the running ones without a heartbeat for more than
+        hang_seconds, with the seconds of silence."""
+        wall = time.time()
+        views, hung = [], []
+        for child in children:
+            rc, doc = child.rc, None
+            if child.pid is not None:
+                doc = read_handler_document(rundir.handler_status_path(self.run_dir, rc.stream, rc.index))
+                doc = doc if doc is not None and doc.pid == child.pid else None
+                silent = wall - doc.time if doc is not None else now - child.started
+                if silent > self.hang_seconds:
+                    hung.append((child, silent))
+            counters = (self.carry.see(rc.name, doc.pid, counter_samples(doc)) if doc is not None
+                        else self.carry.totals(rc.name))
+            views.append(HandlerView(rc.name, rc.stream, rc.index, doc, child.restarts, counters))
+        self.snapshot = Snapshot(wall, self.hang_seconds, tuple(views))
+        return hung
+
+    def not_listening(self) -> list[str]:
+        """The handlers whose current process has not yet written a document saying it listens."""
+        return [h.name for h in self.snapshot.handlers if h.doc is None or not h.doc.listen.listening]
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=."""
+        views = self.snapshot.handlers
+        fresh = sum(1 for h in views if h.fresh(self.snapshot.taken))
+        msgs = sum(h.doc.msgs_in for h in views if h.doc is not None)
+        drops = sum(h.doc.drops for h in views if h.doc is not None)
+        waiting = self.not_listening()
+        return (f"{fresh}/{len(views)} handlers healthy, {sum(h.restarts for h in views)} restarts; "
+                f"{msgs} messages in, {drops} dropped" + ("; not listening: " + ", ".join(waiting) if waiting else ""))
+
+    def save(self, restarts: dict[str, int]) -> None:
+        rundir.write_json(rundir.supervisor_carry_path(self.run_dir),
+                          {"counters": self.carry.to_json(), "restarts": restarts})
+
+    def load(self) -> dict[str, int]:
+        """The carry a predecessor saved (restart in place); returns its restarts per handler."""
+        path = rundir.supervisor_carry_path(self.run_dir)
+        doc = rundir.read_json(path) or {}
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        try:
+            self.carry = CounterCarry.from_json(doc.get("counters", {}))
+        except (TypeError, KeyError, ValueError):
+            self.carry = CounterCarry()
+        return dict(doc.get("restarts", {}))

@@ -1,0 +1,192 @@
+"""Prometheus metrics (``GET /metrics``) and a health check (``GET /healthz``) from the handlers' status
+documents, served by a thread of the supervisor.
+
+The thread only formats the last ``Snapshot`` the supervisor's loop published (``health.Watch``): a scrape
+reads no file, takes no lock the supervisor waits for and never reaches a handler, so neither the
+supervisor nor the traffic can be held up by it. Counters are the handlers' counters plus what earlier
+processes of the same handler had counted (``health.CounterCarry``), so they never go backwards across a
+handler restart or a restart in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable, Iterator
+from wsgiref.simple_server import WSGIRequestHandler, make_server
+
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.exposition import ThreadingWSGIServer
+
+from .status import HandlerStatus, is_stale
+
+Labels = tuple[tuple[str, str], ...]
+Sample = tuple[str, Labels]  # (counter name without _total, labels)
+
+# name: (help, label names beyond stream and receiver)
+COUNTERS = {
+    "ipfix_balancer_messages_received": ("IPFIX messages received from exporters", ()),
+    "ipfix_balancer_bytes_received": ("Bytes of IPFIX messages received from exporters", ()),
+    "ipfix_balancer_messages_sent": ("Messages handed to a subreceiver's connection", ("subreceiver",)),
+    "ipfix_balancer_bytes_sent": ("Bytes handed to a subreceiver's connection", ("subreceiver",)),
+    "ipfix_balancer_dropped_messages": ("Messages that did not reach a subreceiver (per copy) or the dump "
+                                        "file, by reason", ("subreceiver", "reason")),
+    "ipfix_balancer_malformed": ("Invalid IPFIX headers (TCP: session closed; UDP: datagram dropped)", ("reason",)),
+    "ipfix_balancer_recorder_files_written": ("Dump files completed", ()),
+    "ipfix_balancer_recorder_files_exported": ("Dump files delivered to an export target", ("target",)),
+}
+GAUGES = {
+    "ipfix_balancer_handler_up": ("1 when the handler runs and its status is fresh", ()),
+    "ipfix_balancer_subreceiver_up": ("1 when at least one connection to the subreceiver is up", ("subreceiver",)),
+    "ipfix_balancer_exporter_sessions": ("Open exporter sessions", ()),
+    "ipfix_balancer_queue_bytes": ("Bytes queued for a subreceiver, not yet handed to the kernel", ("subreceiver",)),
+    "ipfix_balancer_recorder_files_pending": ("Completed dump files not yet delivered to an export target",
+                                              ("target",)),
+    "ipfix_balancer_handler_cpu_percent": ("CPU use of the handler process over its last status period", ()),
+}
+RESTARTS = "ipfix_balancer_handler_restarts"
+
+
+def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
+    """The counters of one status document; stream and receiver labels are added when exported."""
+    out: dict[Sample, float] = {("ipfix_balancer_messages_received", ()): doc.msgs_in,
+                                ("ipfix_balancer_bytes_received", ()): doc.bytes_in}
+    for reason, n in doc.malformed_by_reason.items():
+        out["ipfix_balancer_malformed", (("reason", reason),)] = n
+    for sub in doc.subreceivers:
+        s = (("subreceiver", sub.endpoint),)
+        out["ipfix_balancer_messages_sent", s] = sub.msgs_out
+        out["ipfix_balancer_bytes_sent", s] = sub.bytes_out
+        for reason, n in {**sub.drops_by_reason, **_rest(sub.drops, sub.drops_by_reason)}.items():
+            out["ipfix_balancer_dropped_messages", s + (("reason", reason),)] = n
+    if doc.recorder is not None:
+        rec = doc.recorder
+        out["ipfix_balancer_recorder_files_written", ()] = rec.files_completed
+        if rec.drops:
+            out["ipfix_balancer_dropped_messages", (("subreceiver", "recorder"), ("reason", "recorder"))] = rec.drops
+        for t in rec.exports:
+            out["ipfix_balancer_recorder_files_exported", (("target", t.target),)] = t.sent
+    return out
+
+
+def _rest(total: int, by_reason: dict[str, int]) -> dict[str, int]:
+    """Drops not broken down by reason (a handler of a release without reasons) still count."""
+    rest = total - sum(by_reason.values())
+    return {"unspecified": rest} if rest > 0 else {}
+
+
+def gauge_samples(doc: HandlerStatus) -> Iterator[tuple[str, Labels, float]]:
+    yield "ipfix_balancer_exporter_sessions", (), doc.connections
+    yield "ipfix_balancer_handler_cpu_percent", (), doc.cpu_percent
+    for sub in doc.subreceivers:
+        s = (("subreceiver", sub.endpoint),)
+        yield "ipfix_balancer_subreceiver_up", s, 1 if sub.state == "up" else 0
+        yield "ipfix_balancer_queue_bytes", s, sub.queued_bytes
+    if doc.recorder is not None:
+        for t in doc.recorder.exports:
+            yield "ipfix_balancer_recorder_files_pending", (("target", t.target),), t.pending
+
+
+@dataclasses.dataclass(frozen=True)
+class HandlerView:
+    """One supervised handler as the supervisor's loop last saw it."""
+    name: str
+    stream: str
+    index: int
+    doc: HandlerStatus | None  # written by its current process; None before its first document
+    restarts: int
+    counters: dict[Sample, float]  # carried over earlier processes of this handler
+
+    def fresh(self, now: float) -> bool:
+        return self.doc is not None and not is_stale(self.doc, now)
+
+
+@dataclasses.dataclass(frozen=True)
+class Snapshot:
+    """What the supervisor's loop saw at ``taken`` (wall clock). Freshness is judged at that moment, so a
+    supervisor busy for a few seconds (waiting for a replaced handler to drain) does not make every handler
+    look stale; the supervisor itself is unhealthy when it has not looked for ``max_age`` seconds."""
+    taken: float
+    max_age: float
+    handlers: tuple[HandlerView, ...] = ()
+
+
+def health(snapshot: Snapshot, now: float) -> tuple[bool, str]:
+    """(the supervisor turns and every handler runs with a fresh status, one line per handler)."""
+    at = snapshot.taken
+    lines = []
+    for h in snapshot.handlers:
+        if h.doc is None:
+            lines.append(f"{h.name} not running")
+        elif not h.fresh(at):
+            lines.append(f"{h.name} pid {h.doc.pid} STALE: no status for {at - h.doc.time:.0f}s")
+        else:
+            lines.append(f"{h.name} pid {h.doc.pid} ok")
+    ok = all(h.fresh(at) for h in snapshot.handlers)
+    if now - at > snapshot.max_age:
+        ok = False
+        lines.append(f"supervisor: has not looked at the handlers for {now - at:.0f}s")
+    return ok, "\n".join(lines) + "\n"
+
+
+class _Collector:
+    """Builds every family at scrape time from the latest snapshot."""
+
+    def __init__(self, snapshot: Callable[[], Snapshot]):
+        self.snapshot = snapshot
+
+    def collect(self):
+        snapshot = self.snapshot()
+        families = {name: CounterMetricFamily(name, text, labels=("stream", "receiver") + extra)
+                    for name, (text, extra) in COUNTERS.items()}
+        families[RESTARTS] = CounterMetricFamily(RESTARTS, "Times the supervisor started the handler again "
+                                                 "(died, hung)", labels=("stream", "receiver"))
+        families.update({name: GaugeMetricFamily(name, text, labels=("stream", "receiver") + extra)
+                         for name, (text, extra) in GAUGES.items()})
+        for h in snapshot.handlers:
+            base = [h.stream.lower(), str(h.index)]
+            for (name, labels), value in h.counters.items():
+                families[name].add_metric(base + [v for _, v in labels], value)
+            families[RESTARTS].add_metric(base, h.restarts)
+            families["ipfix_balancer_handler_up"].add_metric(base, 1 if h.fresh(snapshot.taken) else 0)
+            if h.doc is not None:
+                for name, labels, value in gauge_samples(h.doc):
+                    families[name].add_metric(base + [v for _, v in labels], value)
+        yield from families.values()
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, *args) -> None:  # scrapes every 15 s would flood the journal
+        pass
+
+
+class MetricsServer:
+    """``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 / 503) on host:port."""
+
+    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], Snapshot]):
+        registry = CollectorRegistry()
+        registry.register(_Collector(snapshot))
+        metrics = make_wsgi_app(registry)
+
+        def app(environ, start_response):
+            path = environ.get("PATH_INFO", "")
+            if path == "/healthz":
+                ok, text = health(snapshot(), time.time())
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain; charset=utf-8")])
+                return [text.encode()]
+            if path == "/metrics":
+                return metrics(environ, start_response)
+            start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
+            return [b"GET /metrics or /healthz\n"]
+
+        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        self.httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,56 @@
+"""control/health.py and control/metrics.py without processes: counters carried over restarts, /healthz."""
+import dataclasses
+import json
+import os
+
+from ipfix_balancer.control.health import CounterCarry
+from ipfix_balancer.control.metrics import HandlerView, Snapshot, counter_samples, health
+from ipfix_balancer.control.sdnotify import Notifier
+from ipfix_balancer.control.status import SubreceiverStatus
+
+from test_status import NOW, handler
+
+IN = ("ipfix_balancer_messages_received", ())
+SENT = ("ipfix_balancer_messages_sent", (("subreceiver", "10.0.0.2/9920/tcp"),))
+
+
+def test_counters_carry_over_a_new_process_and_a_counter_that_restarts():
+    carry = CounterCarry()
+    assert carry.see("fullflow[0]", 10, {IN: 100, SENT: 40})[IN] == 100
+    assert carry.see("fullflow[0]", 11, {IN: 5}) == {IN: 105, SENT: 40}   # new pid: both banked
+    assert carry.see("fullflow[0]", 11, {IN: 7, SENT: 3}) == {IN: 107, SENT: 43}
+    assert carry.see("fullflow[0]", 11, {IN: 9, SENT: 1}) == {IN: 109, SENT: 44}   # subreceiver re-added: from 0
+    again = CounterCarry.from_json(json.loads(json.dumps(carry.to_json())))
+    assert again.see("fullflow[0]", 12, {IN: 1, SENT: 0}) == {IN: 110, SENT: 44}   # after a restart in place
+
+
+def test_dropped_messages_by_reason_and_the_rest_unspecified():
+    doc = handler(subreceivers=[SubreceiverStatus("10.0.0.2/9920/tcp", "stalled", 1, 5, 500, 9, 0,
+                                                  drops_by_reason={"queue_full": 6})])
+    drops = {labels: v for (name, labels), v in counter_samples(doc).items()
+             if name == "ipfix_balancer_dropped_messages"}
+    sub = ("subreceiver", "10.0.0.2/9920/tcp")
+    assert drops == {(sub, ("reason", "queue_full")): 6, (sub, ("reason", "unspecified")): 3}
+
+
+def view(doc, name="fullflow[0]") -> HandlerView:
+    return HandlerView(name, "FULLFLOW", 0, doc, 0, {})
+
+
+def test_healthz_needs_every_handler_fresh_and_a_supervisor_that_looks():
+    ok = Snapshot(NOW, 15, (view(handler(time=NOW - 1)),))
+    assert health(ok, NOW + 1) == (True, "fullflow[0] pid 4242 ok\n")
+    stale = dataclasses.replace(ok, handlers=ok.handlers + (view(handler(time=NOW - 5), "fullflow[1]"),
+                                                            view(None, "dnsflow[0]")))
+    assert health(stale, NOW + 1) == (False, "fullflow[0] pid 4242 ok\nfullflow[1] pid 4242 STALE: no status "
+                                             "for 5s\ndnsflow[0] not running\n")
+    assert health(ok, NOW + 20) == (False, "fullflow[0] pid 4242 ok\nsupervisor: has not looked at the handlers "
+                                           "for 20s\n")
+
+
+def test_notify_socket_and_watchdog_environment():
+    n = Notifier({"NOTIFY_SOCKET": "@sd/notify", "WATCHDOG_USEC": "30000000"})
+    assert (n.address, n.watchdog_interval) == ("\0sd/notify", 15.0)
+    other = Notifier({"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert other.watchdog_interval is None
+    assert Notifier({}).send("READY=1") is False

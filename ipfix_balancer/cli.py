@@ -13,7 +13,7 @@ import click
 
 from . import config as config_mod
 from . import logs
-from .control import rundir
+from .control import privileges, rundir
 from .control import status as status_mod
 
 _config_option = click.option(
@@ -54,9 +54,37 @@ def run(config_path, run_dir, log_format, adopt) -> None:
     from .supervisor import Supervisor
     path = config_mod.resolve_path(config_path)
     run_dir = rundir.resolve_run_dir(run_dir)
-    os.environ[logs.RING_ENV] = rundir.log_ring_path(run_dir)  # for the console's Logs page; children inherit it
     log = logs.setup(log_format, stream="supervisor")
+    user = privileges.service_user()
+    if user is not None:
+        _drop_privileges(user, path, run_dir, log)
+    try:  # the log ring lives in the run dir: only in one that is safe (the supervisor refuses the others)
+        rundir.secure(run_dir)
+    except rundir.RunDirError:
+        pass
+    else:
+        os.environ[logs.RING_ENV] = rundir.log_ring_path(run_dir)  # for the console's Logs page; children inherit it
+        log = logs.setup(log_format, stream="supervisor")
     sys.exit(Supervisor(path, run_dir, log_format, log, adopt=adopt).run())
+
+
+def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
+    """Root without a unit: become the service user, keeping what the configuration needs (README
+    "Security"). A bad file is left for the supervisor to report."""
+    from .supervisor import receivers
+    try:
+        cfg = config_mod.load(config_path)
+    except config_mod.ConfigError:
+        cfg = None
+    caps = () if cfg is None else privileges.capabilities(cfg)
+    dumps = [] if cfg is None else [rc.recording.dump_dir for rc in receivers(cfg)
+                                    if rc.forwarding.mode is config_mod.Mode.DISABLED]
+    try:
+        privileges.drop(user, caps, [run_dir, *dumps])
+    except OSError as exc:
+        log.error("not_started", reason=f"cannot become {user.pw_name}: {exc}")
+        sys.exit(3)
+    log.info("privileges_dropped", user=user.pw_name, capabilities=list(caps))
 
 
 @main.command("check-config")
@@ -157,14 +185,13 @@ def restart(config_path, run_dir, timeout) -> None:
 
 
 @main.command(hidden=True)
-@click.option("--receiver", "receiver_json", required=True, help="ReceiverConfig as JSON")
+@click.option("--control-fd", type=int, required=True, help="the supervisor's channel (inherited descriptor)")
 @_run_dir_option
 @_log_format_option
-@click.option("--takeover", is_flag=True, help="take the sockets over from the running handler")
-def handler(receiver_json, run_dir, log_format, takeover) -> None:
-    """One receiver's handler process (spawned by the supervisor)."""
+def handler(control_fd, run_dir, log_format) -> None:
+    """One receiver's handler process (spawned by the supervisor; its settings come over the channel)."""
     from .handler import main as handler_main
-    sys.exit(handler_main(receiver_json, rundir.resolve_run_dir(run_dir), log_format, takeover))
+    sys.exit(handler_main(control_fd, rundir.resolve_run_dir(run_dir), log_format))
 
 
 @main.command(hidden=True)

@@ -17,7 +17,7 @@ import socket
 import time
 
 from .config import Mode, ReceiverConfig, live_change_impossible
-from .control import rundir
+from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
 from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
@@ -42,8 +42,10 @@ class ListenError(Exception):
 
 
 class Handler:
-    def __init__(self, rc: ReceiverConfig, run_dir: str, log):
+    def __init__(self, rc: ReceiverConfig, run_dir: str, log, control: socket.socket | None = None):
         self.rc = rc
+        self.control = control  # the supervisor's private channel (control/channel.py)
+        self.handover_conn: socket.socket | None = None  # to the successor, while one is announced
         self.run_dir = run_dir
         self.log = log
         self.throttle = Throttle(log)  # every line that can repeat per message, connection or retry
@@ -72,17 +74,19 @@ class Handler:
         self._reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY)  # for the status at the descriptor limit
 
     # -- setup ---------------------------------------------------------------------------------
-    def start(self, takeover: bool = False) -> None:
-        """Listen (or take the listening socket and exporter sessions over from the running handler of
-        this receiver), then offer the same handover to a successor."""
+    def start(self, predecessor: socket.socket | None = None) -> None:
+        """Listen (or take the listening socket and exporter sessions over from ``predecessor``, the
+        handover socket the supervisor gave us), then wait for the supervisor's messages."""
         rc = self.rc
-        addr = rundir.handover_address(self.run_dir, rc.stream, rc.index)
-        taken = handover.take(addr) if takeover else None  # the predecessor has closed its recorder by then
+        taken = None
+        if predecessor is not None:
+            try:
+                taken = handover.take(predecessor)  # the predecessor has closed its recorder by then
+            except (OSError, ValueError) as exc:
+                self.log.warning("takeover_unavailable", reason=str(exc) or type(exc).__name__)
         if rc.forwarding.mode is Mode.DISABLED:
             self.recorder = self._new_recorder(rc)
         if taken is None:
-            if takeover:
-                self.log.warning("takeover_unavailable", reason="no running handler to take over from")
             lst = rc.listen
             try:
                 sock = bind(lst.port_type, lst.bind, lst.port)
@@ -92,11 +96,9 @@ class Handler:
         else:
             self._adopt(*taken)
         self.listening = True
-        self.handover_server = handover.listen(addr)
-        self.loop.watch(self.handover_server, READ, self._on_handover)
+        if self.control is not None:
+            self.loop.watch(self.control, READ, self._on_control)
         self._install_signals()
-        if os.path.exists(rundir.next_config_path(self.run_dir, rc.stream, rc.index)):
-            self._load_next_config()  # settings sent while we started (SIGUSR2 was ignored until now)
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
         if not rc.limits.allow and not ipaddress.ip_address(rc.listen.bind).is_loopback:
@@ -203,13 +205,48 @@ class Handler:
                 self.listener.adopt(tuple(item["addr"]), item["peer"], templates)
         self.log.info("took_over", sessions=len(state["sessions"]), from_pid=state["pid"])
 
-    def _on_handover(self, _mask) -> None:
-        """A successor asks for our sockets: stop reading, hand everything over, then drain and exit."""
+    def _on_control(self, _mask) -> None:
+        """A message from the supervisor: new settings, or a successor to hand over to. End-of-file: the
+        supervisor is gone (killed), and a handler without one must not keep the port."""
         try:
-            conn, _ = self.handover_server.accept()
+            got = channel.receive(self.control)
         except BlockingIOError:
             return
-        self._close_handover_server()
+        except (OSError, channel.ChannelError) as exc:
+            self.log.error("control_message_invalid", reason=str(exc))
+            return
+        if got is None:
+            self.log.error("supervisor_gone", action="stopping")
+            self._close_control()
+            self.stop()
+            return
+        doc, fds = got
+        if "receiver" in doc:
+            self._apply_settings(doc["receiver"])
+        if doc.get("handover") and fds and not self.stopping and self.handover_conn is None:
+            self.handover_conn = socket.socket(fileno=fds.pop(0))
+            self.handover_conn.setblocking(False)
+            self.loop.watch(self.handover_conn, READ, self._on_handover)
+        for fd in fds:  # nothing else is expected with a message
+            os.close(fd)
+
+    def _close_control(self) -> None:
+        self.loop.unwatch(self.control)
+        self.control.close()
+        self.control = None
+
+    def _on_handover(self, _mask) -> None:
+        """Our successor asks for our sockets: stop reading, hand everything over, then drain and exit.
+        Anything but the request (it died while starting) is logged and we keep serving."""
+        conn = self._close_handover_conn()
+        try:
+            request = conn.recv(1)
+        except OSError as exc:
+            request = str(exc).encode()
+        if request != handover.REQUEST:
+            self.log.error("handover_abandoned", reason="successor closed" if not request else "unexpected request")
+            conn.close()
+            return
         fds = [self.listener.sock.fileno()]
         items = []
         for session, item in self.listener.handover_items(fds):
@@ -217,20 +254,26 @@ class Handler:
             items.append(item)
         if self.recorder is not None:  # complete our file before the successor opens the directory
             self._retire_recorder()
-        with conn:
-            handover.offer(conn, {"pid": os.getpid(), "listener": 0, "sessions": items}, fds)
-        self.log.info("handed_over", sessions=len(items))
+        try:
+            with conn:
+                handover.offer(conn, {"pid": os.getpid(), "listener": 0, "sessions": items}, fds)
+        except OSError as exc:  # the sockets are detached already: the supervisor's restart of it binds anew
+            self.log.error("handover_failed", reason=str(exc), sessions=len(items))
+        else:
+            self.log.info("handed_over", sessions=len(items))
         self.handed_over = True  # the status file is the successor's now
         self.listener.release_handed_over()
         self.listening = False
         self._begin_stop()
 
-    def _close_handover_server(self) -> None:
-        self.loop.unwatch(self.handover_server)
-        self.handover_server.close()
+    def _close_handover_conn(self) -> socket.socket | None:
+        conn, self.handover_conn = self.handover_conn, None
+        if conn is not None:
+            self.loop.unwatch(conn)
+        return conn
 
     def _install_signals(self) -> None:
-        self._wakeup = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2))
+        self._wakeup = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
         self.loop.watch(self._wakeup.sock, READ, self._on_wake)
 
     def _on_wake(self, _mask) -> None:
@@ -238,18 +281,15 @@ class Handler:
             if sig == signal.SIGHUP:
                 if self.recorder is not None:
                     self.recorder.rotate(reason="hup")
-            elif sig == signal.SIGUSR2:
-                self._load_next_config()
             else:
                 self.stop()
 
     # -- live reconfiguration ------------------------------------------------------------------
-    def _load_next_config(self) -> None:
-        """The supervisor wrote new settings for this receiver next to the status file (SIGUSR2)."""
+    def _apply_settings(self, receiver_json: str) -> None:
+        """New settings for this receiver from the supervisor (reload)."""
         try:
-            with open(rundir.next_config_path(self.run_dir, self.rc.stream, self.rc.index)) as f:
-                rc = ReceiverConfig.from_json(f.read())
-        except (OSError, ValueError, TypeError, KeyError) as exc:
+            rc = ReceiverConfig.from_json(receiver_json)
+        except (ValueError, TypeError, KeyError) as exc:
             self.log.error("reconfigure_failed", reason=str(exc))
             return
         if rc != self.rc:
@@ -292,7 +332,9 @@ class Handler:
         if self.stopping:
             return
         self.log.info("handler_stopping", sessions=len(self.sessions))
-        self._close_handover_server()
+        conn = self._close_handover_conn()
+        if conn is not None:
+            conn.close()
         self.listener.stop(drain=True)
         self.listening = False
         self._begin_stop()
@@ -307,8 +349,8 @@ class Handler:
         pending = any(not q.idle for s in self.sessions for q in s.queues if q.state is not State.CLOSED)
         return not pending or time.monotonic() >= self._stop_deadline
 
-    def run(self, takeover: bool = False) -> int:
-        self.start(takeover)
+    def run(self, predecessor: socket.socket | None = None) -> int:
+        self.start(predecessor)
         self.loop.run(until=self._done)
         self._finish()
         return self.exit_code
@@ -410,19 +452,29 @@ def _raise_fd_limit() -> None:
             pass
 
 
-def main(receiver_json: str, run_dir: str, log_format: str, takeover: bool = False) -> int:
-    """Entry point of ``ipfix-balancer handler``: set up the process, run, exit with the loop's verdict."""
+def main(control_fd: int, run_dir: str, log_format: str) -> int:
+    """Entry point of ``ipfix-balancer handler``: read the settings (and, for a restart in place, the
+    handover socket) from the supervisor's channel, set up the process, run, exit with the loop's verdict."""
     from . import logs
-    rc = ReceiverConfig.from_json(receiver_json)
+    control = socket.socket(fileno=control_fd)
+    control.settimeout(30.0)
+    try:
+        doc, fds = channel.receive(control) or ({}, [])
+        rc = ReceiverConfig.from_json(doc["receiver"])
+    except (OSError, ValueError, TypeError, KeyError, channel.ChannelError) as exc:
+        logs.setup(log_format, stream="handler").error("handler_not_started", reason=f"no settings from the "
+                                                       f"supervisor: {exc!r}")
+        return 70
+    control.setblocking(False)
+    predecessor = socket.socket(fileno=fds[0]) if doc.get("handover") and fds else None
     log = logs.setup(log_format, stream=rc.stream, receiver=rc.index)
     set_process_name(rc.proc_name)
     if rc.taskset is not None:
         os.sched_setaffinity(0, {rc.taskset})
-    os.makedirs(run_dir, exist_ok=True)
     _raise_fd_limit()
-    handler = Handler(rc, run_dir, log)
+    handler = Handler(rc, run_dir, log, control)
     try:
-        return handler.run(takeover)
+        return handler.run(predecessor)
     except ListenError as exc:
         log.error("listen_failed", reason=str(exc), exit_code=EXIT_CANNOT_LISTEN)
         return EXIT_CANNOT_LISTEN

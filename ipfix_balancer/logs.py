@@ -38,7 +38,7 @@ def _ring_tee(path: str):
     def tee(_logger, _method: str, event_dict: dict) -> dict:
         doc = {"timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(), **event_dict}
         try:
-            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
             try:
                 os.write(fd, (json.dumps(doc, default=str) + "\n").encode())
                 if os.fstat(fd).st_size > RING_BYTES:

@@ -24,6 +24,7 @@ import sys
 import jinja2
 
 from .config import DEFAULT_CONFIG_PATH, DUMP_ROOT
+from .control.privileges import SERVICE_USER, capabilities
 
 UNIT = "fast_ipfix_balancer.service"
 PROG = "ipfix-balancer"
@@ -36,6 +37,7 @@ PATHS = {
     "appdir": "/opt/fast_ipfix_balancer",
     "unit": UNIT,
     "syslog_identifier": "IPFIXcol2-balancer",
+    "user": SERVICE_USER,  # the system user and group the RPM creates; the service runs as them
     "console": "127.0.0.1/8480",  # the web console, loopback only (README "Console")
 }
 
@@ -83,8 +85,8 @@ def roff_opts(text: str) -> str:
     return re.sub(r"(?<![\w-])(--?[\w-]+)", lambda m: "\\fB" + m.group(1).replace("-", "\\-") + "\\fR", roff(text))
 
 
-def unit() -> str:
-    return _environment().get_template(f"{UNIT}.j2").render(**PATHS)
+def unit(caps: tuple[str, ...] = ()) -> str:
+    return _environment().get_template(f"{UNIT}.j2").render(capabilities=caps, **PATHS)
 
 
 def env() -> str:
@@ -162,18 +164,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("names", nargs="+", choices=[*RENDER, "all"], metavar="NAME",
                         help="unit, env, man, completion or all")
     parser.add_argument("-o", "--out-dir", help=f"write each file there ({', '.join(FILES.values())})")
+    parser.add_argument("--config", metavar="PATH", help="unit: grant the capabilities this .env needs")
     args = parser.parse_args(argv)
+    render = dict(RENDER)
+    if args.config is not None:
+        from .config import load
+        caps = capabilities(load(args.config))
+        render["unit"] = lambda: unit(caps)
     names = list(RENDER) if "all" in args.names else list(dict.fromkeys(args.names))
     if args.out_dir is None:
         if len(names) != 1:
             parser.error("more than one NAME needs --out-dir")
-        sys.stdout.write(RENDER[names[0]]())
+        sys.stdout.write(render[names[0]]())
         return 0
     os.makedirs(args.out_dir, exist_ok=True)
     for name in names:
         path = os.path.join(args.out_dir, FILES[name])
         with open(path, "w") as f:
-            f.write(RENDER[name]())
+            f.write(render[name]())
         print(path)
     return 0
 

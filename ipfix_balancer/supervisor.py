@@ -11,6 +11,10 @@ SIGUSR2 restarts everything in place, for an upgrade or ``ipfix-balancer-restart
 re-executes itself (same pid, so systemd sees no restart) and each new handler takes the listening socket
 and the exporter connections over from its predecessor (``handover.py``).
 
+Each handler gets a private channel (``control/channel.py``): its settings, new settings on reload, and
+the handover socket to its successor travel there, so nothing of it is visible or reachable by name. The
+channels and the run-dir lock survive the re-execution as inherited descriptors.
+
 Each turn of its loop it also reads the handlers' status documents (``control.health``): a handler whose
 heartbeat stopped is replaced, systemd hears READY/STATUS/WATCHDOG (``control.sdnotify``), and the metrics
 thread (``control.metrics``) serves what was read.
@@ -20,23 +24,24 @@ It imports only ``control`` (the run-directory contract) and ``config``: never d
 
 from __future__ import annotations
 
-import contextlib
+import fcntl
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
 
 from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .control import channel, rundir
 from .control import reload as reload_outcome
-from .control import rundir
 from .control.health import Watch
 from .control.metrics import MetricsServer
 from .control.ports import listen_failure
 from .control.sdnotify import Notifier
-from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, set_process_name
-from .control.status import SupervisedHandler, SupervisorStatus, supervisor_pid
+from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
+from .control.status import SupervisedHandler, SupervisorStatus
 
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
@@ -44,15 +49,23 @@ STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumul
 READY_DEADLINE = 30.0  # READY=1 at the latest this long after the start (systemd's start timeout is 90 s)
 
 
+def _inherited(fd: int) -> socket.socket:
+    """A channel descriptor that survived the re-execution; not to be inherited by the handlers."""
+    os.set_inheritable(fd, False)
+    return socket.socket(fileno=fd)
+
+
 def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
     """The handlers to run: the configured receivers plus the balancer-auto recorders they imply."""
     return tuple(config.receivers) + tuple(auto_receivers(config))
 
 
-def _ignore_signals_until_ready() -> None:
-    """In the child before exec: SIGHUP (rotation relay) and SIGUSR2 (new settings) are ignored until the
-    handler installs its own handlers, so one arriving while it starts (imports take a while) does not
-    kill it: their default action is to terminate, and SIG_IGN survives exec."""
+def _child_setup(parent_pid: int) -> None:
+    """In the child before exec: die with the supervisor; and SIGHUP (rotation relay) is ignored until
+    the handler installs its own handlers, so one arriving while it starts (imports take a while) does
+    not kill it: its default action is to terminate, and SIG_IGN survives exec. SIGUSR2 (new settings,
+    before the channel) stays ignored: a supervisor of an earlier version may still send it."""
+    die_with_parent(parent_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
@@ -63,11 +76,13 @@ class Child:
     def __init__(self, rc: ReceiverConfig):
         self.rc = rc
         self.proc: subprocess.Popen | None = None
+        self.control: socket.socket | None = None  # our end of its channel
         self.started = 0.0
         self.restarts = 0
         self.backoff = RESTART_FIRST
         self.restart_at: float | None = None
         self.retiring = False  # being stopped on purpose (reload, shutdown): do not restart
+        self.predecessor: int | None = None  # the handler it takes the sockets over from (restart in place)
 
     @property
     def pid(self) -> int | None:
@@ -101,7 +116,8 @@ class Supervisor:
 
     def __init__(self, config_path: str, run_dir: str, log_format: str, log, adopt: bool = False):
         self.adopt = adopt
-        self.retiring: set[int] = set()  # predecessors' handlers, reaped by pid
+        self.retiring: dict[int, socket.socket | None] = {}  # predecessors' handlers (reaped by pid) -> channel
+        self.lock_fd: int | None = None
         self.config_path = config_path
         self.run_dir = run_dir
         self.log_format = log_format
@@ -126,19 +142,23 @@ class Supervisor:
                 self.log.error("config_invalid", config=self.config_path, problem=problem)
             self.log.error("not_started", reason=f"{len(err.problems)} configuration problem(s)")
             return 2
-        other = supervisor_pid(self.run_dir)
-        if other is not None and other != os.getpid():
-            self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
-                           other_pid=other)
+        try:
+            rundir.secure(self.run_dir)
+            predecessors = self._read_adopt_file() if self.adopt else {}
+            if self.lock_fd is None:
+                self.lock_fd = rundir.lock(self.run_dir)
+        except rundir.RunDirError as err:
+            self.log.error("not_started", reason=str(err))
             return 3
-        os.makedirs(self.run_dir, exist_ok=True)
-        predecessors = self._read_adopt_file() if self.adopt else {}
+        if self.lock_fd is None:
+            self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
+                           other_pid=rundir.lock_holder(self.run_dir))
+            return 3
         if not predecessors:  # stale handler files from an earlier run would mislead status
             for path in rundir.handler_files(self.run_dir):
                 os.unlink(path)
-        with open(rundir.supervisor_pid_path(self.run_dir), "w") as f:
-            f.write(f"{os.getpid()}\n")
         set_process_name(SUPERVISOR_NAME)
+        rundir.write_atomic(rundir.supervisor_pid_path(self.run_dir), f"{os.getpid()}\n")
         self.watch = Watch(self.run_dir, self.config.hang_seconds)
         restarts = self.watch.load() if self.adopt else {}
         wake = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, ROTATED, signal.SIGUSR2, signal.SIGCHLD))
@@ -194,9 +214,13 @@ class Supervisor:
                 self.log.error("restart_refused", config=self.config_path, problem=problem)
             return
         self._set_console(None)  # it holds its port: the new supervisor starts its own
-        running = {name: {"pid": c.pid, "receiver": c.rc.to_json()}
+        running = {name: {"pid": c.pid, "receiver": c.rc.to_json(), "control_fd": c.control.fileno()}
                    for name, c in self.children.items() if c.pid is not None}
-        rundir.write_json(rundir.adopt_path(self.run_dir), {"handlers": running, "retiring": sorted(self.retiring)})
+        retiring = [[pid, sock.fileno()] for pid, sock in self.retiring.items()]
+        for fd in [self.lock_fd] + [item["control_fd"] for item in running.values()] + [fd for _, fd in retiring]:
+            os.set_inheritable(fd, True)  # the lock and the channels outlive exec: same pid, same holder
+        rundir.write_json(rundir.adopt_path(self.run_dir),
+                          {"handlers": running, "retiring": retiring, "lock_fd": self.lock_fd})
         self.watch.save({name: c.restarts for name, c in self.children.items()})
         self.log.info("supervisor_reexec", handlers=len(running))
         signal.set_wakeup_fd(-1)
@@ -204,32 +228,58 @@ class Supervisor:
                                   "--run-dir", self.run_dir, "--log-format", self.log_format, "--adopt"])
 
     def _read_adopt_file(self) -> dict:
+        """What the supervisor before the exec left: its lock, and the handlers with their channels."""
         path = rundir.adopt_path(self.run_dir)
         doc = rundir.read_json(path) or {}
         if os.path.exists(path):
             os.unlink(path)
-        self.retiring.update(doc.get("retiring", []))
-        return {name: (item["pid"], ReceiverConfig.from_json(item["receiver"]))
+        if doc.get("lock_fd") is not None:
+            fcntl.flock(doc["lock_fd"], fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: fails if it is not
+            self.lock_fd = doc["lock_fd"]
+            os.set_inheritable(self.lock_fd, False)
+        # A version before the channel left bare pids and no channels: its handlers are stopped, not
+        # taken over (their handover socket had no access check); exporters reconnect once.
+        self.retiring.update((entry, None) if isinstance(entry, int) else (entry[0], _inherited(entry[1]))
+                             for entry in doc.get("retiring", []))
+        return {name: (item["pid"], ReceiverConfig.from_json(item["receiver"]),
+                       None if item.get("control_fd") is None else _inherited(item["control_fd"]))
                 for name, item in doc.get("handlers", {}).items()}
 
     def _start_handlers(self, predecessors: dict) -> None:
         """Start a handler per receiver. A receiver whose predecessor still listens on the same socket
         takes it over; predecessors of receivers that changed their socket or went away are stopped."""
         for rc in receivers(self.config):
-            pid, old_rc = predecessors.pop(rc.name, (None, None))
-            if pid is not None and not live_change_impossible(old_rc, rc):
-                self.retiring.add(pid)
-                self._spawn(Child(rc), takeover=True)
+            pid, old_rc, control = predecessors.pop(rc.name, (None, None, None))
+            if control is not None and not live_change_impossible(old_rc, rc):
+                self.retiring[pid] = control  # kept open until it exits: end-of-file would stop it early
+                child = Child(rc)
+                child.predecessor = pid
+                self._spawn_successor(child)
                 continue
             if pid is not None:
-                self._stop_pid(pid)
+                self._stop_pid(pid, control)
             self._spawn(Child(rc))
-        for pid, _rc in predecessors.values():
-            self._stop_pid(pid)
+        for pid, _rc, control in predecessors.values():
+            self._stop_pid(pid, control)
 
-    def _stop_pid(self, pid: int) -> None:
+    def _spawn_successor(self, child: Child) -> None:
+        """Start ``child`` to take the sockets over from its predecessor, which is still running (also
+        when an earlier successor died before taking them). The two ends of one socketpair: only these
+        two handlers can ever meet there."""
+        theirs, successor = channel.handover_pair()
+        with theirs, successor:
+            try:
+                channel.send(self.retiring[child.predecessor], {"handover": True}, (theirs.fileno(),))
+            except OSError:  # it is exiting: the successor binds the port itself
+                self._spawn(child)
+                return
+            self._spawn(child, successor)
+
+    def _stop_pid(self, pid: int, control: socket.socket | None) -> None:
         """Stop a predecessor's handler and wait for it (it holds a port a new handler may need). Blocks
         (polling every 50 ms) for up to DRAIN_TIMEOUT + 5 s; it runs only while starting."""
+        if control is not None:
+            control.close()
         try:
             os.kill(pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -243,13 +293,20 @@ class Supervisor:
         os.waitpid(pid, 0)
 
     # -- handlers ------------------------------------------------------------------------------
-    def _spawn(self, child: Child, takeover: bool = False) -> None:
+    def _spawn(self, child: Child, predecessor: socket.socket | None = None) -> None:
+        """Start a handler; its settings (and the handover socket to ``predecessor``'s handler) go over
+        its channel, not on its command line."""
         rc = child.rc
-        cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--receiver", rc.to_json(),
-               "--run-dir", self.run_dir, "--log-format", self.log_format] + (["--takeover"] if takeover else [])
-        with contextlib.suppress(FileNotFoundError):  # settings for a predecessor: this one gets the latest
-            os.unlink(rundir.next_config_path(self.run_dir, rc.stream, rc.index))
-        child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, preexec_fn=_ignore_signals_until_ready)
+        mine, theirs = channel.pair()
+        with theirs:
+            cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--control-fd", str(theirs.fileno()),
+                   "--run-dir", self.run_dir, "--log-format", self.log_format]
+            parent = os.getpid()
+            child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                          preexec_fn=lambda: _child_setup(parent))
+        channel.send(mine, {"receiver": rc.to_json(), "handover": predecessor is not None},
+                     () if predecessor is None else (predecessor.fileno(),))
+        child.control = mine
         child.started = time.monotonic()
         child.restart_at = None
         self.children[rc.name] = child
@@ -268,10 +325,11 @@ class Supervisor:
             self._spawn_console()
 
     def _spawn_console(self) -> None:
-        child = self.console
+        child, parent = self.console, os.getpid()
         child.proc = subprocess.Popen(
             [sys.executable, "-m", "ipfix_balancer", "console", "--settings", child.settings.to_json(), "--config",
-             self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format], stdin=subprocess.DEVNULL)
+             self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format], stdin=subprocess.DEVNULL,
+            preexec_fn=lambda: _child_setup(parent))
         child.started = time.monotonic()
         child.restart_at = None
         self.log.info("console_spawned", console_pid=child.proc.pid, host=child.settings.host,
@@ -286,13 +344,16 @@ class Supervisor:
                 done = os.waitpid(pid, os.WNOHANG)[0] == pid
             except ChildProcessError:
                 done = True
-            if done:
-                self.retiring.discard(pid)
+            control = self.retiring.pop(pid) if done else None
+            if control is not None:
+                control.close()
         now = time.monotonic()
         for child in self._children():
             if child.proc is not None and child.proc.poll() is not None:
                 code = child.proc.returncode
                 child.proc = None
+                if child.control is not None:  # the console has none
+                    child.control.close()
                 if child.retiring:
                     continue
                 if now - child.started > STABLE_AFTER:
@@ -305,6 +366,8 @@ class Supervisor:
                 child.restarts += 1
                 if child is self.console:
                     self._spawn_console()
+                elif child.predecessor in self.retiring:
+                    self._spawn_successor(child)
                 else:
                     self._spawn(child)
 
@@ -330,6 +393,8 @@ class Supervisor:
                 clean = False
                 self.log.error("handler_exit", handler=child.name, exit_code=code)
             child.proc = None
+            if child.control is not None:
+                child.control.close()
         return clean
 
     def _shutdown(self) -> int:
@@ -365,9 +430,10 @@ class Supervisor:
         for name in in_place:
             child = self.children[name]
             child.rc = fresh[name]  # also what a restart after a crash will use
-            rundir.write_atomic(rundir.next_config_path(self.run_dir, child.rc.stream, child.rc.index),
-                                child.rc.to_json())
-            child.proc.send_signal(signal.SIGUSR2)
+            try:
+                channel.send(child.control, {"receiver": child.rc.to_json()})
+            except OSError as exc:  # it is dying: the restart after its death uses the new settings
+                self.log.error("reconfigure_not_sent", handler=name, reason=str(exc))
         # Free the ports of removed and replaced receivers before binding them again.
         self._stop_children([self.children[n] for n in removed + replaced if n in self.children],
                             rundir.DRAIN_TIMEOUT + 5)

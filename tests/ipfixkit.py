@@ -971,6 +971,7 @@ def product_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_ROOT), env.get("PYTHONPATH")) if p)
     env["PYTHONUNBUFFERED"] = "1"
+    env.setdefault("IPFIX_BALANCER_USER", "")  # root stays root (tmp dirs are root's): tests/security drops
     env.update(extra or {})
     return env
 

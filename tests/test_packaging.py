@@ -340,7 +340,8 @@ def test_unit_settings(root):
     assert one["KillMode"] == "mixed"      # SIGTERM to the supervisor only: it orchestrates the drain
     assert int(one["TimeoutStopSec"]) > 15  # handlers drain 10 s, the supervisor kills them after 15 s
     assert "IPFIXcol2" in one["SyslogIdentifier"]   # the manual's `journalctl -xe | grep IPFIXcol2`
-    assert one["NoNewPrivileges"] == "yes" and one["ProtectSystem"] == "full"
+    assert one["NoNewPrivileges"] == "yes" and one["ProtectSystem"] == "strict"
+    assert one["User"] == one["Group"] == "ipfix-balancer" and one["RuntimeDirectoryMode"] == "0750"
     rw = " ".join(s["ReadWritePaths"])
     assert "/var/fast_ipfix_balancer/dump" in rw and "/run/fast_ipfix_balancer" in rw
     assert one["RuntimeDirectory"] == "fast_ipfix_balancer"

@@ -44,3 +44,17 @@ def test_supervisor_runs_configured_plus_auto_receivers(monkeypatch):
         "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600,10.255.255.1/1601", "IPFIX_FULLFLOW_BALANCER_AUTO[0]":
         "Enabled", "IPFIX_FULLFLOW_PORT[100]": "1700", "IPFIX_FULLFLOW_DUMP_DIR[100]": "/d/other"}, cpus=range(4))
     assert [rc.name for rc in supervisor.receivers(cfg)] == ["fullflow[0]", "fullflow[100]", "fullflow[101]"]
+
+
+def test_an_adopt_file_of_a_version_without_channels_means_stop_not_take_over(tmp_path, monkeypatch):
+    """An upgrade from a supervisor without channels: its handlers are stopped and replaced, never adopted
+    (their handover socket had no access check)."""
+    import json
+    monkeypatch.setattr(config, "local_addresses", lambda: set())
+    rc = config.parse({"IPFIX_FULLFLOW_PORT[0]": "1500"}, cpus=range(4)).receivers[0]
+    (tmp_path / "supervisor.adopt.json").write_text(json.dumps(
+        {"handlers": {rc.name: {"pid": 4242, "receiver": rc.to_json()}}, "retiring": [4343]}))
+    sup = supervisor.Supervisor("/none.env", str(tmp_path), "json", log=None, adopt=True)
+    assert sup._read_adopt_file() == {rc.name: (4242, rc, None)}
+    assert sup.retiring == {4343: None} and sup.lock_fd is None
+    assert not (tmp_path / "supervisor.adopt.json").exists()

@@ -2,14 +2,22 @@
 
 Documents are written to a temporary name and renamed, so a reader never sees half of one. No socket
 between processes is needed, and a status read cannot disturb the data path.
+
+The directory is trusted only when it is ours: owned by the effective user, not writable by group or
+others (``secure``). Even so, every write refuses to follow a symlink and uses an unpredictable temporary
+name. One supervisor per directory: it holds ``supervisor.lock`` (flock) for its whole life, across its
+re-execution, and a pid read from ``supervisor.pid`` is believed only when that process holds the lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
-import hashlib
 import json
 import os
+import stat
+import tempfile
 
 DEFAULT_RUN_DIR = "/run/fast_ipfix_balancer"
 DRAIN_TIMEOUT = 10.0  # seconds a handler flushes queues at stop and at session end while a collector is down
@@ -17,6 +25,7 @@ DRAIN_TIMEOUT = 10.0  # seconds a handler flushes queues at stop and at session 
 _SUPERVISOR_PID = "supervisor.pid"
 _SUPERVISOR_STATUS = "supervisor.json"
 _SUPERVISOR_ADOPT = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
+_SUPERVISOR_LOCK = "supervisor.lock"
 _SUPERVISOR_CARRY = "supervisor.carry.json"  # counters and restarts a re-executed supervisor continues
 _HANDLER_PREFIX = "handler-"
 _RELOAD_OUTCOME = "reload.json"  # the supervisor's answer to the last reload (SIGHUP), numbered
@@ -62,34 +71,94 @@ def handler_status_path(run_dir: str, stream: str, index: int) -> str:
     return _handler_stem(run_dir, stream, index) + ".json"
 
 
-def next_config_path(run_dir: str, stream: str, index: int) -> str:
-    """``handler-<stream>-<index>.next``: new settings for a running handler, announced by SIGUSR2."""
-    return _handler_stem(run_dir, stream, index) + ".next"
-
-
 def handler_status_paths(run_dir: str) -> list[str]:
     """Every handler status file, sorted by name."""
     return sorted(glob.glob(handler_status_path(glob.escape(run_dir), "*", "*")))
 
 
 def handler_files(run_dir: str) -> list[str]:
-    """Every file a handler leaves in the run directory (status, settings, temporaries)."""
-    return [os.path.join(run_dir, name) for name in os.listdir(run_dir) if name.startswith(_HANDLER_PREFIX)]
+    """Every file a handler leaves in the run directory (status, and temporaries: ``.handler-…``)."""
+    return [os.path.join(run_dir, name) for name in os.listdir(run_dir)
+            if name.lstrip(".").startswith(_HANDLER_PREFIX)]
 
 
-def handover_address(run_dir: str, stream: str, index: int) -> str:
-    """Where a running handler offers its sockets to its successor. Abstract unix namespace: no file to go
-    stale, no 108-byte path limit to hit with a deep run dir."""
-    digest = hashlib.sha1(run_dir.encode()).hexdigest()[:16]
-    return f"\0fast_ipfix_balancer/{digest}/{stream.lower()}/{index}"
+class RunDirError(Exception):
+    """The run directory cannot be trusted or used; the message says why and what to do."""
+
+
+def unsafe_reason(st: os.stat_result, what: str) -> str | None:
+    """Why a directory (lstat result) must not be trusted by this process, or None: it must be a real
+    directory owned by the effective user, not writable by group or others (``what`` names it)."""
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{what} is not a directory (a symlink or a file)"
+    if st.st_uid != os.geteuid():
+        return f"{what} is owned by uid {st.st_uid}, not by this user (uid {os.geteuid()})"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{what} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def secure(run_dir: str) -> None:
+    """Create the run directory 0700 if missing, then refuse it unless it is safe (``unsafe_reason``)."""
+    try:
+        os.mkdir(run_dir, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise RunDirError(f"cannot create run dir {run_dir}: {exc.strerror}") from None
+    reason = unsafe_reason(os.lstat(run_dir), f"run dir {run_dir}")
+    if reason is not None:
+        raise RunDirError(f"{reason}: refusing it (use a directory only this user can write, e.g. mode 0700)")
+
+
+def lock_path(run_dir: str) -> str:
+    return os.path.join(run_dir, _SUPERVISOR_LOCK)
+
+
+def lock(run_dir: str) -> int | None:
+    """Take the supervisor lock of ``run_dir``: its descriptor, or None when another supervisor holds it."""
+    try:
+        fd = os.open(lock_path(run_dir), os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:  # ELOOP: a symlink planted there
+        raise RunDirError(f"cannot open {lock_path(run_dir)}: {exc.strerror}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def lock_holder(run_dir: str) -> int | None:
+    """The pid holding the supervisor lock (from /proc/locks), or None when nobody does."""
+    try:
+        st = os.stat(lock_path(run_dir), follow_symlinks=False)
+        with open("/proc/locks") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    inode = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()  # "1: FLOCK  ADVISORY  WRITE 8108 fe:00:2148071 0 EOF"
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == inode:
+            return int(fields[4])
+    return None
 
 
 def write_atomic(path: str, text: str) -> None:
-    """Write to a temporary name, then rename: readers see the old file or the new one, never half."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    """Write to an unpredictable temporary name (created exclusively, never through a symlink), then
+    rename over ``path`` (a symlink there is replaced, not followed): readers see the old file or the new
+    one, never half."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=os.path.dirname(path) or ".")
+    try:
+        os.fchmod(fd, 0o640)  # the service group may read status (the directory decides who gets in)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json(path: str, doc: dict) -> None:
@@ -99,7 +168,7 @@ def write_json(path: str, doc: dict) -> None:
 def read_json(path: str) -> dict | None:
     """The document at path, or None when it is missing or unreadable."""
     try:
-        with open(path) as f:
+        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
             return json.load(f)
     except (OSError, ValueError):
         return None

@@ -7,6 +7,7 @@ poll, the handler's loop), so the signal is acted on within one turn, outside th
 
 from __future__ import annotations
 
+import ctypes
 import os
 import signal
 import socket
@@ -60,3 +61,17 @@ def notify_supervisor() -> None:
         os.kill(ppid, ROTATED)
     except OSError:
         pass
+
+
+_PR_SET_PDEATHSIG = 1
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a forked child where loading is unsafe
+
+
+def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:
+    """In a child before exec: ask the kernel for ``sig`` when the parent dies (a SIGKILLed supervisor
+    must not leave handlers holding the ports), then check the parent did not die before we asked.
+    The setting survives exec (not for setuid programs)."""
+    if _libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    if os.getppid() != parent_pid:
+        os._exit(1)

@@ -16,6 +16,7 @@ from typing import Any
 import psutil
 
 from . import rundir
+from .signals import SUPERVISOR_NAME
 
 
 def _known(cls, doc: dict, **nested) -> Any:
@@ -202,13 +203,14 @@ def read_supervisor_status(run_dir: str) -> SupervisorStatus | None:
 
 
 def supervisor_pid(run_dir: str) -> int | None:
-    """The running supervisor's pid, or None (no pid file, or its process is gone)."""
+    """The running supervisor's pid, or None. It is the process holding the run dir's supervisor lock and
+    named like a supervisor: ``supervisor.pid`` is not believed (stale, or forged to make root signal a
+    process of the forger's choice)."""
+    pid = rundir.lock_holder(run_dir)
     try:
-        with open(rundir.supervisor_pid_path(run_dir)) as f:
-            pid = int(f.read().strip())
-    except (OSError, ValueError):
+        return pid if pid is not None and psutil.Process(pid).name() == SUPERVISOR_NAME else None
+    except psutil.Error:
         return None
-    return pid if psutil.pid_exists(pid) else None
 
 
 # -- ipfix-balancer status -------------------------------------------------------------------------

@@ -1,11 +1,12 @@
 """Handing a running handler's sockets to its successor, so a restart or an upgrade is invisible to
 exporters: no reconnect, no message lost.
 
-The old handler listens on an abstract unix socket named after the run directory and the receiver. A new
-handler for the same receiver connects to it; the old one stops accepting and reading, and sends its
-listening socket and every exporter connection (SCM_RIGHTS), with per session the bytes of a message it
-had begun to read and the session's templates. It then flushes its output queues and exits. Meanwhile
-the kernel keeps buffering what the exporters send, and the new handler reads on from there.
+The supervisor gives the old handler and its successor the two ends of one socketpair (``control/channel.py``):
+there is no named socket another process could reach. When the successor is ready it sends one request
+byte; the old one stops accepting and reading, and sends its listening socket and every exporter connection
+(SCM_RIGHTS), with per session the bytes of a message it had begun to read and the session's templates. It
+then flushes its output queues and exits. Meanwhile the kernel keeps buffering what the exporters send, and
+the new handler reads on from there.
 """
 
 from __future__ import annotations
@@ -19,12 +20,7 @@ _LENGTH = struct.Struct("!I")
 _FDS_PER_MESSAGE = 250  # the kernel takes at most 253 descriptors in one SCM_RIGHTS message
 
 
-def listen(addr: str) -> socket.socket:
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    server.bind(addr)
-    server.listen(1)
-    server.setblocking(False)
-    return server
+REQUEST = b"T"
 
 
 def encode(data: bytes) -> str:
@@ -44,16 +40,11 @@ def offer(conn: socket.socket, state: dict, fds: list[int]) -> None:
         socket.send_fds(conn, [b"F"], fds[i:i + _FDS_PER_MESSAGE])
 
 
-def take(addr: str, timeout: float = 30.0) -> tuple[dict, list[int]] | None:
-    """Ask the handler listening at ``addr`` for its sockets; None when no handler is there."""
-    conn = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+def take(conn: socket.socket, timeout: float = 30.0) -> tuple[dict, list[int]]:
+    """Ask the predecessor at the other end of ``conn`` for its sockets (OSError, ValueError: it failed)."""
     conn.settimeout(timeout)
-    try:
-        conn.connect(addr)
-    except (ConnectionRefusedError, FileNotFoundError):
-        conn.close()
-        return None
     with conn:
+        conn.sendall(REQUEST)
         size = _LENGTH.unpack(_recv_exactly(conn, _LENGTH.size))[0]
         state = json.loads(_recv_exactly(conn, size))
         fds: list[int] = []

@@ -9,6 +9,7 @@ import calendar
 import errno
 import os
 import re
+import stat
 import time
 
 from ..core.wire import MAX_MESSAGE
@@ -68,11 +69,11 @@ class DumpWriter:
     def open(self, base: str) -> str:
         """Create ``<base>.part`` (or ``<base>.1.part``…: an existing .part is never overwritten) in the
         directory, made if missing. Returns its path; raises OSError."""
-        os.makedirs(self.dir, exist_ok=True)
+        make_safe_dir(self.dir)
         for i in range(MAX_PART_SUFFIX):
             path = os.path.join(self.dir, f"{base}{PART}" if i == 0 else f"{base}.{i}{PART}")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
                 break
             except FileExistsError:  # never overwrite a .part (one a recovery could not rename)
                 continue
@@ -128,6 +129,27 @@ class DumpWriter:
         if not self.flushed:
             unlink(self.path)
         return self.flushed
+
+
+def make_safe_dir(path: str) -> None:
+    """Make the dump directory if missing; refuse (PermissionError) one that others may write, or that
+    belongs to a user other than us or root: they could plant names there (symlinks, FIFOs) for the
+    recorder to open."""
+    os.makedirs(path, mode=0o750, exist_ok=True)
+    st = os.stat(path)
+    if st.st_mode & stat.S_IWOTH or st.st_uid not in (0, os.geteuid()):
+        raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: refused "
+                              "(must belong to this user or root, not writable by others)", path)
+
+
+def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+    """``os.open`` that never follows a symlink (ELOOP) and accepts only a regular file: a FIFO, device or
+    directory planted under a dump's name is refused (EINVAL) without blocking on it."""
+    fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", path)
+    return fd
 
 
 def unlink(path: str) -> None:

@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..core.wire import UDP_MAX_PAYLOAD, walk
 from ..net.loop import READ, WRITE, Loop
+from .dumpfile import open_regular
 
 EXPORT_CHUNK = 1024 * 1024       # bytes read from a dump at a time for export
 EXPORT_TURN_BYTES = 4 * 1024 * 1024   # TCP bytes sent per loop turn per target (traffic keeps its turns)
@@ -131,14 +132,14 @@ class ExportTarget:
     # -- one transfer ----------------------------------------------------------------------------
     def _start(self, name: str) -> None:
         try:
-            self.fh = open(os.path.join(self.dir, name), "rb", buffering=0)
+            self.fh = open(open_regular(os.path.join(self.dir, name), os.O_RDONLY), "rb", buffering=0)
             self._size = os.fstat(self.fh.fileno()).st_size
-        except FileNotFoundError:
-            self.on_vanished(name)
-            self.loop.call_later(0, self.kick)
-            return
         except OSError as exc:
-            self._fail(exc)
+            if exc.errno not in (errno.ENOENT, errno.ELOOP, errno.EINVAL):
+                self._fail(exc)
+                return
+            self.on_vanished(name)  # gone, or not a regular file of ours (a planted symlink, a FIFO)
+            self.loop.call_later(0, self.kick)
             return
         ep = self.ep
         tcp = ep.proto == "tcp"

@@ -9,10 +9,11 @@ import errno
 import mmap
 import os
 import re
+import stat
 from typing import TYPE_CHECKING
 
 from ..core.wire import HEADER_LEN, walk
-from .dumpfile import DUMP, PART, PART_RE, fsync_dir, parse_stamp, stamp, unlink
+from .dumpfile import DUMP, PART, PART_RE, fsync_dir, make_safe_dir, open_regular, parse_stamp, stamp, unlink
 
 if TYPE_CHECKING:  # the spool uses a target's token, ep, queue, add and drop
     from .export import ExportTarget
@@ -34,7 +35,7 @@ def whole_messages(path: str) -> tuple[int, int]:
         nonlocal count
         count += 1
 
-    with open(path, "rb") as f:
+    with open(open_regular(path, os.O_RDONLY), "rb") as f:
         size = os.fstat(f.fileno()).st_size
         if size < HEADER_LEN:
             return 0, 0
@@ -44,7 +45,7 @@ def whole_messages(path: str) -> tuple[int, int]:
 
 
 def _touch(path: str) -> None:
-    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644))
+    os.close(open_regular(path, os.O_WRONLY | os.O_CREAT))
 
 
 class Spool:
@@ -70,8 +71,9 @@ class Spool:
     def load(self) -> None:
         """Recover leftover ``.part`` files, then take stock of the dumps and markers: queue each dump for the
         targets it is pending for, delete what every target has, forget markers of removed targets and of
-        missing dumps. Raises OSError when the directory cannot be made or listed."""
-        os.makedirs(self.dir, exist_ok=True)
+        missing dumps. Only regular files count: anything else under a dump's name is ignored. Raises
+        OSError when the directory cannot be made or listed, or others may write it."""
+        make_safe_dir(self.dir)
         for name in sorted(n for n in os.listdir(self.dir) if n.endswith(PART)):
             self.recover(name)
         names = os.listdir(self.dir)
@@ -84,8 +86,10 @@ class Spool:
         for name in names:
             if name.endswith(DUMP):
                 try:
-                    st = os.stat(os.path.join(self.dir, name))
+                    st = os.lstat(os.path.join(self.dir, name))
                 except OSError:
+                    continue
+                if not stat.S_ISREG(st.st_mode):
                     continue
                 dumps.append((st.st_mtime, name, st.st_size))
         dumps.sort()
@@ -122,7 +126,10 @@ class Spool:
             self.log.warning("dump_part_unknown", file=name, action="not a dump of this recorder; left alone")
             return
         try:
-            st = os.stat(path)
+            st = os.lstat(path)
+            if not stat.S_ISREG(st.st_mode):
+                self.log.warning("dump_part_unknown", file=name, action="not a regular file; left alone")
+                return
             size, mtime = st.st_size, st.st_mtime  # the last write: before the truncation below changes it
             good, count = whole_messages(path)
             if good == 0:
@@ -133,10 +140,10 @@ class Spool:
                 else:
                     os.unlink(path)
                 return
-            if good < size:
-                os.truncate(path, good)
-            fd = os.open(path, os.O_RDONLY)
+            fd = open_regular(path, os.O_WRONLY)
             try:
+                if good < size:
+                    os.ftruncate(fd, good)
                 os.fsync(fd)
             finally:
                 os.close(fd)

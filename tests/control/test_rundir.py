@@ -1,12 +1,13 @@
 """control/rundir.py: the run-directory names every process agrees on, and atomic JSON documents."""
 import os
 
+import pytest
+
 from ipfix_balancer.control import rundir
 
 
 def test_handler_file_names():
     assert rundir.handler_status_path("/run/b", "FULLFLOW", 1) == "/run/b/handler-fullflow-1.json"
-    assert rundir.next_config_path("/run/b", "CLICKSTREAM", 0) == "/run/b/handler-clickstream-0.next"
 
 
 def test_supervisor_file_names():
@@ -14,22 +15,15 @@ def test_supervisor_file_names():
         "/r/supervisor.pid", "/r/supervisor.json", "/r/supervisor.adopt.json"]
 
 
-def test_handover_address_is_abstract_and_per_run_dir_and_receiver():
-    a = rundir.handover_address("/run/a", "FULLFLOW", 0)
-    assert a.startswith("\0fast_ipfix_balancer/") and a.endswith("/fullflow/0")
-    assert len({a, rundir.handover_address("/run/b", "FULLFLOW", 0), rundir.handover_address("/run/a", "DNSFLOW", 0),
-                rundir.handover_address("/run/a", "FULLFLOW", 1)}) == 4
-
-
 def test_status_files_are_found_and_handler_files_removable(tmp_path):
     for name in ("handler-fullflow-0.json", "handler-fullflow-0.next", "handler-dnsflow-2.json",
-                 "handler-dnsflow-2.json.tmp", "supervisor.json"):
+                 ".handler-dnsflow-2.json.k3x9", "supervisor.json", ".supervisor.json.a1b2"):
         (tmp_path / name).write_text("{}")
     run = str(tmp_path)
     assert rundir.handler_status_paths(run) == [rundir.handler_status_path(run, "DNSFLOW", 2),
                                                 rundir.handler_status_path(run, "FULLFLOW", 0)]
     assert sorted(os.path.basename(p) for p in rundir.handler_files(run)) == [
-        "handler-dnsflow-2.json", "handler-dnsflow-2.json.tmp", "handler-fullflow-0.json", "handler-fullflow-0.next"]
+        ".handler-dnsflow-2.json.k3x9", "handler-dnsflow-2.json", "handler-fullflow-0.json", "handler-fullflow-0.next"]
 
 
 def test_json_documents_are_replaced_whole(tmp_path):
@@ -47,3 +41,37 @@ def test_resolve_run_dir_precedence(monkeypatch):
     assert rundir.resolve_run_dir(None) == rundir.DEFAULT_RUN_DIR == "/run/fast_ipfix_balancer"
     monkeypatch.setenv("IPFIX_BALANCER_RUN_DIR", "/env")
     assert rundir.resolve_run_dir(None) == "/env" and rundir.resolve_run_dir("/cli") == "/cli"
+
+
+def test_a_symlink_in_the_run_dir_is_replaced_not_followed(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    run = tmp_path / "run"
+    rundir.secure(str(run))
+    (run / "supervisor.json").symlink_to(victim)
+    rundir.write_json(str(run / "supervisor.json"), {"a": 1})
+    assert victim.read_text() == "keep" and rundir.read_json(str(run / "supervisor.json")) == {"a": 1}
+    assert (run / "supervisor.json").stat().st_mode & 0o777 == 0o640 and sorted(os.listdir(run)) == ["supervisor.json"]
+
+
+def test_run_dir_is_made_private_and_a_loose_or_foreign_one_refused(tmp_path):
+    run = tmp_path / "run"
+    rundir.secure(str(run))
+    assert run.stat().st_mode & 0o777 == 0o700
+    run.chmod(0o770)
+    with pytest.raises(rundir.RunDirError, match="writable by group or others"):
+        rundir.secure(str(run))
+    (tmp_path / "link").symlink_to(run)
+    with pytest.raises(rundir.RunDirError, match="not a directory"):
+        rundir.secure(str(tmp_path / "link"))
+
+
+def test_the_lock_is_exclusive_and_its_holder_known(tmp_path):
+    run = str(tmp_path)
+    assert rundir.lock_holder(run) is None
+    fd = rundir.lock(run)
+    try:
+        assert rundir.lock(run) is None and rundir.lock_holder(run) == os.getpid()
+    finally:
+        os.close(fd)
+    assert rundir.lock_holder(run) is None

@@ -1,0 +1,61 @@
+"""Who the balancer runs as: the service user, with only the capabilities its configuration needs.
+
+Under systemd the unit sets the user (README "Security"). ``ipfix-balancer run`` started by root by hand
+drops to the same user itself when it exists, keeping the needed capabilities as *ambient* ones so that
+they survive the exec of every handler and of the supervisor's own re-execution.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+
+SERVICE_USER = "ipfix-balancer"  # created by the RPM; $IPFIX_BALANCER_USER overrides, empty: never drop
+CAP_NET_BIND_SERVICE = 10
+_CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE"}
+_PR_SET_KEEPCAPS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 47, 2
+_LINUX_CAPABILITY_VERSION_3 = 0x20080522
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def capabilities(config) -> tuple[str, ...]:
+    """What a configuration needs beyond an ordinary user: CAP_NET_BIND_SERVICE for a port < 1024."""
+    return ("CAP_NET_BIND_SERVICE",) if any(rc.listen.port < 1024 for rc in config.receivers) else ()
+
+
+def service_user() -> pwd.struct_passwd | None:
+    """The user to drop to: only when we are root outside a unit (systemd sets INVOCATION_ID; the unit
+    chooses the user there) and the user exists."""
+    name = os.environ.get("IPFIX_BALANCER_USER", SERVICE_USER)
+    if os.geteuid() != 0 or not name or os.environ.get("INVOCATION_ID"):
+        return None
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        return None
+
+
+def drop(user: pwd.struct_passwd, caps: tuple[str, ...], own: list[str]) -> None:
+    """Become ``user`` keeping ``caps`` (ambient). ``own``: directories made for it first if missing
+    (the run dir, dump dirs); existing ones are left as they are."""
+    for path in own:
+        if not os.path.lexists(path):
+            os.makedirs(path, 0o750)
+            os.chown(path, user.pw_uid, user.pw_gid)
+    numbers = [n for n, name in _CAP_NAMES.items() if name in caps]
+    _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
+    os.setgroups([])
+    os.setgid(user.pw_gid)
+    os.setuid(user.pw_uid)
+    mask = sum(1 << n for n in numbers)
+    header = (ctypes.c_uint32 * 2)(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (ctypes.c_uint32 * 6)(mask, mask, mask, 0, 0, 0)  # effective, permitted, inheritable (x2 words)
+    _check(_libc.capset(header, data), "capset")
+    for n in numbers:
+        _check(_libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, n, 0, 0), "PR_CAP_AMBIENT_RAISE")
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        raise OSError(ctypes.get_errno(), f"{what} failed")

@@ -24,15 +24,17 @@ class StreamFramer:
     queued message keeps its whole chunk alive, so one small read per chunk would let a few thousand
     small queued messages pin gigabytes.
 
-    Chunks are allocated at the first read, start small, and grow only for a connection whose reads fill
-    them (x4 per full read, up to ``chunk_size``): a busy exporter soon reads 256 KiB at a time, while
-    thousands of idle or trickling connections cost a few KiB each. ``release()`` lets go of the chunk of
+    Chunks are allocated at the first read, start small, and grow only for a busy connection: one that
+    filled its chunk in at most ``BUSY_READS`` reads gets one four times larger next (up to ``chunk_size``).
+    A busy exporter soon reads 256 KiB at a time, whatever its reads return, while thousands of idle or
+    trickling connections cost a few KiB each. ``release()`` lets go of the chunk of
     a connection gone quiet.
     """
 
-    __slots__ = ("chunk_size", "_size", "_view", "_start", "_end", "_held")
+    __slots__ = ("chunk_size", "_size", "_view", "_start", "_end", "_held", "_reads")
     MIN_READ = 64 * 1024  # free room asked of a full-size chunk (a quarter of it)
     FIRST_CHUNK = 16 * 1024
+    BUSY_READS = 4  # reads that filled a chunk: at most this many, and the connection is busy
 
     def __init__(self, chunk_size: int = 256 * 1024, tail: bytes = b""):
         # Room for a whole message of the largest size plus a worthwhile read, whatever is asked.
@@ -45,7 +47,7 @@ class StreamFramer:
     def _new_chunk(self, carry) -> None:
         view = memoryview(bytearray(max(self._size, 2 * len(carry))))  # 2x: a long message always fits in time
         view[:len(carry)] = carry
-        self._view, self._start, self._end = view, 0, len(carry)
+        self._view, self._start, self._end, self._reads = view, 0, len(carry), 0
 
     def get_buffer(self) -> memoryview:
         """Where the next read goes (at least a quarter of the chunk)."""
@@ -54,6 +56,8 @@ class StreamFramer:
             self._new_chunk(self._held)
             self._held = b""
         elif len(view) - self._end < len(view) >> 2:
+            if self._reads <= self.BUSY_READS and self._size < self.chunk_size:
+                self._size = min(self._size * 4, self.chunk_size)
             self._new_chunk(view[self._start:self._end])
         return self._view[self._end:]
 
@@ -62,9 +66,8 @@ class StreamFramer:
         error when a header cannot be IPFIX. Messages before a bad header are returned, the bytes after it
         discarded: a TCP stream offers no safe point to resynchronise, so the caller closes the session."""
         self._end += n
+        self._reads += 1
         view = self._view
-        if self._end == len(view) and self._size < self.chunk_size:  # the read filled the chunk: a busy exporter
-            self._size = min(self._size * 4, self.chunk_size)
         out: list[memoryview] = []
         self._start, error = walk(view, self._start, self._end, out.append)
         if error is not None:

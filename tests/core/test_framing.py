@@ -157,3 +157,20 @@ def test_chunks_start_small_grow_for_a_busy_connection_and_go_when_quiet():
     messages, error = feed(framer, rest)
     assert error is None and b"".join(map(bytes, messages)) == data[pos - pos % 1000:]
     assert len(framer._view) == StreamFramer.FIRST_CHUNK, "after a release the next chunk starts small"
+
+
+def test_a_connection_is_busy_by_reads_per_chunk_not_by_read_size():
+    """Reads smaller than the free room (what a socket returns under load) still grow the chunk when few
+    of them fill it; a trickle of tiny reads keeps the first size."""
+    data = b"".join(message(b"z" * 984, i) for i in range(2000))
+    for piece, grows in ((20_000, True), (100, False)):
+        framer, pos, sizes = StreamFramer(), 0, set()
+        while pos < 600_000:
+            buf = framer.get_buffer()
+            n = min(len(buf), piece)
+            buf[:n] = data[pos:pos + n]
+            pos += n
+            framer.feed(n)
+            sizes.add(len(framer._view))
+        assert (max(sizes) == framer.chunk_size) is grows, (piece, sorted(sizes))
+        assert grows or sizes == {StreamFramer.FIRST_CHUNK}

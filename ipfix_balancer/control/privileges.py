@@ -13,15 +13,19 @@ import pwd
 
 SERVICE_USER = "ipfix-balancer"  # created by the RPM; $IPFIX_BALANCER_USER overrides, empty: never drop
 CAP_NET_BIND_SERVICE = 10
-_CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE"}
+CAP_NET_RAW = 13
+_CAP_NAMES = {CAP_NET_BIND_SERVICE: "CAP_NET_BIND_SERVICE", CAP_NET_RAW: "CAP_NET_RAW"}
 _PR_SET_KEEPCAPS, _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE = 8, 47, 2
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
 def capabilities(config) -> tuple[str, ...]:
-    """What a configuration needs beyond an ordinary user: CAP_NET_BIND_SERVICE for a port < 1024."""
-    return ("CAP_NET_BIND_SERVICE",) if any(rc.listen.port < 1024 for rc in config.receivers) else ()
+    """What a configuration needs beyond an ordinary user: CAP_NET_BIND_SERVICE for a port < 1024,
+    CAP_NET_RAW for source-address preservation (BALANCER_SUB_SOURCE=exporter writes raw IPv4 datagrams)."""
+    needs = {"CAP_NET_BIND_SERVICE": any(rc.listen.port < 1024 for rc in config.receivers),
+             "CAP_NET_RAW": any(rc.forwarding.sub_source == "exporter" for rc in config.receivers)}
+    return tuple(cap for cap, needed in needs.items() if needed)
 
 
 def service_user() -> pwd.struct_passwd | None:

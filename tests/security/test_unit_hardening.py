@@ -39,3 +39,14 @@ def test_a_port_below_1024_gets_only_net_bind_service(tmp_path):
     assert exposure(text, tmp_path) < 3.0
     env.write_text("IPFIX_FULLFLOW_PORT[0]=1500\n")
     assert render.capabilities(config.load(str(env))) == ()
+
+
+def test_source_preservation_gets_net_raw_as_well(tmp_path):
+    env = tmp_path / "raw.env"
+    env.write_text("IPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_PORT_TYPE[0]=udp\nIPFIX_FULLFLOW_BALANCER[0]=All\n"
+                   "IPFIX_FULLFLOW_BALANCER_SUB[0]=10.0.0.2/9995\nIPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]=udp\n"
+                   "IPFIX_FULLFLOW_BALANCER_SUB_SOURCE[0]=exporter\n")
+    caps = render.capabilities(config.load(str(env)))
+    assert caps == ("CAP_NET_RAW",)
+    text = render.unit(caps)
+    assert "AmbientCapabilities=CAP_NET_RAW\n" in text and "CapabilityBoundingSet=CAP_NET_RAW\n" in text

@@ -51,6 +51,10 @@ def test_run_dir_is_private_and_its_files_are_replaced_not_followed(attacker, re
         for name in ("supervisor.pid", "supervisor.json", "handler-fullflow-0.json"):
             (bal.run_dir / name).symlink_to(victim)  # as if planted earlier, by whoever
         bal.start()
+        # the planted links answer "not JSON" until the balancer has replaced them: wait for that first
+        wait_until(lambda: not any((bal.run_dir / n).is_symlink() for n in ("supervisor.json",
+                                                                            "handler-fullflow-0.json")),
+                   "the planted status links replaced", bal)
         bal.wait_ready()
         assert bal.run_dir.stat().st_mode & 0o777 == 0o700
         assert victim.read_text() == "root secret\n"

@@ -5,7 +5,7 @@ import struct
 
 import pytest
 
-from ipfix_balancer.core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
+from ipfix_balancer.core.framing import ChunkPool, DatagramReader, FramingError, StreamFramer, check_datagram
 
 
 def message(body: bytes, seq: int = 0, odid: int = 1) -> bytes:
@@ -174,3 +174,41 @@ def test_a_connection_is_busy_by_reads_per_chunk_not_by_read_size():
             sizes.add(len(framer._view))
         assert (max(sizes) == framer.chunk_size) is grows, (piece, sorted(sizes))
         assert grows or sizes == {StreamFramer.FIRST_CHUNK}
+
+
+def test_a_pooled_chunk_is_reused_only_when_no_message_points_into_it():
+    """Reuse must never overwrite a message still queued or kept for a re-send: the pool hands a chunk out
+    again only once every view of it is gone."""
+    pool = ChunkPool(StreamFramer().chunk_size, keep=2)
+    first = pool.take()
+    view = memoryview(first)[100:200]
+    second = pool.take()
+    assert second is not first, "a chunk with a live view is not handed out"
+    view2 = memoryview(second)[-1:]
+    third = pool.take()
+    assert third is not first and third is not second, "both kept chunks are in use: a plain allocation"
+    del view
+    assert pool.take() is first, "no view left: reused"
+    assert pool.take() is not second and bytes(view2) == b"\0"
+
+
+def test_messages_kept_across_many_pooled_chunks_keep_their_bytes():
+    """A busy connection cycles through pooled chunks; messages kept meanwhile (every seventh, as a
+    stalled collector's queue would) still read what was sent."""
+    pool = ChunkPool(StreamFramer().chunk_size, keep=3)
+    framer = StreamFramer(pool=pool)
+    msgs = [message(bytes([i % 251]) * 1400, i) for i in range(3000)]
+    data = b"".join(msgs)
+    kept, pos = {}, 0
+    while pos < len(data):
+        buf = framer.get_buffer()
+        n = min(len(buf), len(data) - pos)
+        buf[:n] = data[pos:pos + n]
+        pos += n
+        for m in framer.feed(n)[0]:
+            seq = struct.unpack_from("!I", m, 8)[0]
+            if seq % 7 == 0:
+                kept[seq] = m
+    assert len(kept) == len(range(0, 3000, 7))
+    assert all(bytes(m) == msgs[seq] for seq, m in kept.items())
+    assert len({id(m.obj) for m in kept.values()}) > 3, "more chunks than the pool keeps were in use"

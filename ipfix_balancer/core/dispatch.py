@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..config import Mode
-from .sendqueue import MSG, SendQueue, State
+from .sendqueue import MSG, SendQueue, State, entries_size
 from .wire import MAX_MESSAGE
 
 
@@ -69,6 +69,10 @@ class RoundRobin:
         waiting_ok = not queues[0].budget.exhausted(size)
         for i in range(count):
             queue = queues[(start + i) % count]
+            if queue.pending_bytes + size > queue.limit and queue.state is State.UP:
+                # A read batch can exceed a small queue: the kernel may take some first, rather than the
+                # message waiting at a collector that is down or stalled.
+                queue.transport.flush()
             if queue.pending_bytes + size <= queue.limit:
                 if queue.state is State.UP:
                     self._next = (start + i + 1) % count
@@ -101,7 +105,7 @@ class RoundRobin:
             start = self._next
             for k in range(min(n, len(entries))):
                 part = entries[k::n]
-                queues[(start + k) % n].enqueue_many(part, sum([len(e[MSG]) for e in part]))
+                queues[(start + k) % n].enqueue_many(part, entries_size(part))
             self._next = (start + len(entries)) % n
             return
         for entry in entries:

@@ -21,12 +21,21 @@ from __future__ import annotations
 import bisect
 import enum
 from collections import deque
+from itertools import accumulate, repeat
+from operator import itemgetter
 from typing import Callable, Protocol
 
 from .templates import Snapshot
 from .wire import SEQUENCE, U32
 
 MSG, ODID, NREC, SNAP = range(4)
+_msg_of, _odid_of, _nrec_of = itemgetter(MSG), itemgetter(ODID), itemgetter(NREC)
+_consume = deque(maxlen=0).extend  # runs an iterator to its end at C speed
+
+
+def entries_size(entries) -> int:
+    """The bytes of the messages of ``entries`` (C-level steps: this runs per batch on the hot path)."""
+    return sum(map(len, map(_msg_of, entries)))
 Entry = tuple  # (memoryview | bytes, int, int, Snapshot)
 IOV_MAX = 1024          # buffers per sendmsg (Linux's UIO_MAXIOV; sysconf is I/O's business)
 _ENTRY_IOV = 3          # buffers one entry may take (a shared template message: header, sequence, rest)
@@ -65,8 +74,10 @@ class Transport(Protocol):
 
 class Budget:
     """The bytes every send queue of a handler holds together, bounded by ``limit`` (MEMORY_BYTES): per-queue
-    bounds multiply with sessions x subreceivers, this one does not. Queues keep ``used`` current; when it
-    would pass the limit, the largest queues lose their oldest unsent messages (reason ``memory_budget``)."""
+    bounds multiply with sessions x subreceivers, this one does not. Queues keep ``used`` current: messages
+    not yet written, and written ones kept until acknowledged (``SendQueue.held``). When it would pass the
+    limit, the kept copies go first (that loses nothing unless their connection then fails), then the
+    largest queues lose their oldest unsent messages (reason ``memory_budget``)."""
 
     __slots__ = ("limit", "used", "queues")
 
@@ -82,6 +93,11 @@ class Budget:
         """Free room for ``size`` more bytes, and a sixteenth of the budget besides, so that the scan for
         the largest queue runs once per many messages, not per message."""
         target = self.limit - self.limit / 16
+        for queue in self.queues:
+            if self.used + size <= target:
+                return
+            if queue.held:
+                queue.let_go(self.used + size - target)
         while self.used + size > target and self.queues:
             largest = max(self.queues, key=lambda q: q.pending_bytes)
             if not largest.pending:  # only messages already committed to the kernel are left
@@ -109,7 +125,9 @@ class SubreceiverStats:
 
     def drop(self, reason: str, entries) -> None:
         """Count ``entries`` as lost for ``reason`` (one of DROP_REASONS)."""
-        msgs, records = len(entries), sum([e[NREC] for e in entries])
+        self.drop_counts(reason, len(entries), sum([e[NREC] for e in entries]))
+
+    def drop_counts(self, reason: str, msgs: int, records: int) -> None:
         self.drops += msgs
         self.drop_records += records
         self.drops_by_reason[reason] = self.drops_by_reason.get(reason, 0) + msgs
@@ -168,7 +186,10 @@ class SendQueue:
         self.track_acks = False
         self.sent_total = 0   # bytes the kernel took
         self.acked = 0        # bytes the collector's TCP acknowledged
-        self._unacked: deque = deque()  # (base offset, ends from base, entries): one per write, unacknowledged
+        # One item per write not yet acknowledged whole: (base offset, ends from base, entries); once let go
+        # under memory pressure (``let_go``), the entries are replaced by their record counts (a tuple).
+        self._unacked: deque = deque()
+        self.held = 0  # bytes of the entries kept in _unacked (the budget counts them)
         self.tentative = False  # up, not yet shown to work: a UDP output that failed, a TCP one that stalled
         # True while the queue still holds every message of the session since it had no templates: then the
         # first connection learns the templates from those messages, and a replay would only duplicate them.
@@ -241,7 +262,7 @@ class SendQueue:
         """Hand over every unsent entry (RoundRobin re-dispatch on failure)."""
         entries = list(self.pending)
         self.pending.clear()
-        self.pending_bytes -= sum(len(e[MSG]) for e in entries)
+        self.pending_bytes -= entries_size(entries)
         self._complete = False
         return entries
 
@@ -279,9 +300,9 @@ class SendQueue:
         Returns (messages queued again that had been written whole, True when this is news: the subreceiver
         was up, or had no error yet, so the caller logs it once)."""
         entries, ends = self._entries, self._ends
-        back = self._take_unacked()
+        back = self._take_unacked(CONNECTION_LOST)
         resent = len(back)
-        returned = sum([len(e[MSG]) for e in back])
+        returned = entries_size(back)
         if entries and len(entries[0][MSG]) > ends[0]:  # the head message was partly written
             back.append(entries[0])
             returned += len(entries[0][MSG]) - ends[0]  # its unwritten rest is still counted
@@ -299,20 +320,54 @@ class SendQueue:
 
     def acknowledged(self, upto: int) -> None:
         """The collector's TCP acknowledged this connection's stream up to byte ``upto``: forget the
-        messages that end by then (once per flush; a write batch at a time)."""
+        messages that end by then (a write batch at a time)."""
         self.acked = upto
         unacked = self._unacked
+        released = 0
         while unacked and unacked[0][0] + unacked[0][1][-1] <= upto:
-            unacked.popleft()
+            _base, ends, entries = unacked.popleft()
+            if entries.__class__ is list:
+                released += ends[-1]
+        if released:
+            self.held -= released
+            self.budget.used -= released
 
-    def _take_unacked(self) -> list:
-        """The written messages not acknowledged whole, oldest first; the record of them is cleared."""
+    def let_go(self, nbytes: int) -> None:
+        """The handler's memory budget needs ``nbytes``: stop keeping the oldest written messages for a
+        re-send (at least ``nbytes`` of them, or all). Nothing is lost by that unless this connection then
+        fails before the collector acknowledged them; then they are counted as lost."""
+        unacked, released = self._unacked, 0
+        for i in range(len(unacked)):
+            if released >= nbytes:
+                break
+            base, ends, entries = unacked[i]
+            if entries.__class__ is list:
+                unacked[i] = (base, ends, tuple(map(_nrec_of, entries)))
+                released += ends[-1]
+        self.held -= released
+        self.budget.used -= released
+
+    def _take_unacked(self, reason: str) -> list:
+        """The written messages not acknowledged whole, oldest first; the record of them is cleared. Those
+        let go under memory pressure cannot be sent again: counted as lost for ``reason``."""
         out: list = []
-        acked = self.acked
+        acked, msgs, records = self.acked, 0, 0
         for base, ends, entries in self._unacked:
-            out += entries[bisect.bisect_right(ends, acked - base):]
-        self._unacked.clear()
+            first = bisect.bisect_right(ends, acked - base)
+            if entries.__class__ is list:
+                out += entries[first:]
+            else:
+                msgs += len(entries) - first
+                records += sum(entries[first:])
+        if msgs:
+            self.stats.drop_counts(reason, msgs, records)
+        self._release_unacked()
         return out
+
+    def _release_unacked(self) -> None:
+        self._unacked.clear()
+        self.budget.used -= self.held
+        self.held = 0
 
     def stalled(self, reason: str) -> bool:
         """The collector has taken nothing for ``stall`` seconds while data waits. Committed messages not
@@ -361,7 +416,7 @@ class SendQueue:
         entries = [(memoryview(m), U32.unpack_from(m, 12)[0], 0, snapshot)
                    for m in snapshot.messages(self.next_sequence, now)]
         self.pending.extendleft(reversed(entries))
-        self.pending_bytes += sum(len(e[MSG]) for e in entries)
+        self.pending_bytes += entries_size(entries)
 
     def refresh_templates(self, now: int) -> None:
         """Re-announce the current templates after everything queued (UDP collectors expire templates)."""
@@ -395,55 +450,80 @@ class SendQueue:
 
     def _commit(self, room: int) -> list:
         """Commit queued entries while fewer than ``room`` buffers are committed. This is the one place
-        the sequence number is rewritten (TCP and UDP alike)."""
-        bufs, ends, entries, pending = self.bufs, self._ends, self._entries, self.pending
-        if not pending or len(bufs) >= room:
+        the sequence number is rewritten (TCP and UDP alike). A run of entries is taken and measured by
+        C-level steps; only the rewrite is a Python step per message."""
+        bufs, ends, pending = self.bufs, self._ends, self.pending
+        free = room - len(bufs)
+        if not pending or free <= 0:
             return bufs
-        total = ends[-1] if ends else 0
-        popleft, pack_into, pack = pending.popleft, U32.pack_into, U32.pack
+        if self.rewrite_seq:  # a template message takes 3 buffers: take no more than fit in any case
+            free = max(1, (free + _ENTRY_IOV - 1) // _ENTRY_IOV)
+        if len(pending) <= free:
+            batch = list(pending)
+            pending.clear()
+        else:
+            popleft = pending.popleft
+            batch = [popleft() for _ in range(free)]
+        self._entries += batch
+        msgs = list(map(_msg_of, batch))
         if self.rewrite_seq:
-            seq = self._seq
-            while pending and len(bufs) < room:
-                entry = popleft()
-                entries.append(entry)
-                msg, odid, nrec, _snap = entry
-                n = seq.get(odid, 0)
+            seq, pack_into, pack = self._seq, U32.pack_into, U32.pack
+            nrecs = list(map(_nrec_of, batch))
+            odid = batch[0][ODID]
+            n = seq.get(odid, 0)
+            last = n + sum(nrecs)
+            if last <= _SEQ_MASK and 0 not in nrecs and len(set(map(_odid_of, batch))) == 1:
+                # The common run, data messages of one ODID: numbered in C-level steps. (A template message
+                # or another ODID in the run, or the counter wrapping, take the step per message below.)
+                _consume(map(pack_into, msgs, repeat(SEQUENCE), accumulate(nrecs, initial=n)))
+                bufs += msgs
+                seq[odid] = last
+                batch = ()
+            current = n = None  # the ODID being numbered, and its next sequence number
+            for msg, odid, nrec, _snap in batch:
+                if odid != current:
+                    if current is not None:
+                        seq[current] = n
+                    current, n = odid, seq.get(odid, 0)
                 if nrec:  # a data message: RoundRobin gave it to this output alone, rewrite it in place
                     pack_into(msg, SEQUENCE, n)
                     bufs.append(msg)
+                    n = (n + nrec) & _SEQ_MASK
                 else:  # template messages may be shared with other outputs (or immutable): copy the header
                     bufs += (msg[:SEQUENCE], pack(n), msg[SEQUENCE + 4:])
-                seq[odid] = (n + nrec) & _SEQ_MASK
-                total += len(msg)
-                ends.append(total)
+            if current is not None:
+                seq[current] = n
         else:
-            while pending and len(bufs) < room:
-                entry = popleft()
-                entries.append(entry)
-                msg = entry[MSG]
-                bufs.append(msg)
-                total += len(msg)
-                ends.append(total)
+            bufs += msgs
+        sizes = accumulate(map(len, msgs), initial=ends[-1] if ends else 0)
+        next(sizes)  # the starting offset itself
+        ends += sizes
         return bufs
 
     def written(self, sent: int) -> bool:
         """The kernel took ``sent`` bytes of ``bufs``: account them. True when all committed bytes went."""
         ends, stats, entries = self._ends, self.stats, self._entries
         stats.bytes_out += sent
-        self.pending_bytes -= sent
         base = self.sent_total
         self.sent_total = base + sent
         if sent == ends[-1]:
             stats.msgs_out += len(ends)
             self._last_written = entries[-1]
-            if self.track_acks:
+            if self.track_acks:  # kept until acknowledged: the bytes stay in the budget, held not pending
                 self._unacked.append((base, ends, entries))
+                self._pending_bytes -= sent
+                self.held += sent
+            else:
+                self.pending_bytes -= sent
             self.bufs, self._ends, self._entries = [], [], []
             return True
+        self.pending_bytes -= sent
         done = bisect.bisect_right(ends, sent)
         stats.msgs_out += done
         if done and self.track_acks:
             self._unacked.append((base, ends[:done], entries[:done]))
+            self.held += ends[done - 1]
+            self.budget.used += ends[done - 1]
         self._ends = [e - sent for e in ends[done:]]
         del entries[:done]
         bufs = self.bufs
@@ -476,13 +556,14 @@ class SendQueue:
         if self.state is State.CLOSED:
             return 0
         stalled = self.state is State.STALLED or (self.state is State.UP and self.tentative)
-        lost = list(self.pending) + self._entries + (self._take_unacked() if stalled else [])
+        reason = STALLED if self.state in (State.UP, State.STALLED) else CONNECTION_LOST
+        lost = list(self.pending) + self._entries + (self._take_unacked(reason) if stalled else [])
         if lost:
-            self.stats.drop(STALLED if self.state in (State.UP, State.STALLED) else CONNECTION_LOST, lost)
+            self.stats.drop(reason, lost)
         self.pending.clear()
         self.pending_bytes = 0
         self.bufs, self._ends, self._entries = [], [], []
-        self._unacked.clear()
+        self._release_unacked()
         self.state = State.CLOSED
         self.stats.queues.discard(self)
         self.budget.queues.discard(self)

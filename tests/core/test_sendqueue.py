@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ipfix_balancer.core.sendqueue import OVERSIZE, SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.sendqueue import OVERSIZE, Budget, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.templates import EMPTY, TemplateTracker
 from ipfix_balancer.core.wire import HEADER, walk
 
@@ -367,6 +367,7 @@ ops = st.lists(st.one_of(
     st.tuples(st.just("up"), st.just(0)),
     st.tuples(st.just("ack"), st.integers(min_value=0, max_value=600)),
     st.tuples(st.just("stall"), st.just(0)),
+    st.tuples(st.just("pressure"), st.integers(min_value=1, max_value=600)),
 ), max_size=60)
 
 
@@ -374,7 +375,8 @@ ops = st.lists(st.one_of(
 @given(ops, st.integers(min_value=100, max_value=1000), st.booleans(), st.booleans())
 def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite, track):
     """With acknowledgement tracking, a collector gets only what its TCP acknowledged before a failure
-    (the rest of what was written is lost with the connection); without, everything written."""
+    (the rest of what was written is sent again, or, when memory pressure made the queue let it go, counted
+    as lost); without, everything written."""
     queue, stats = make_queue(limit=limit, rewrite_seq=rewrite, track_acks=track)
     sent_ids: list[int] = []
     connections: list[bytes] = []   # what each collector connection received
@@ -391,18 +393,22 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
             current += write(queue, arg)
         elif op == "ack" and current is not None:
             queue.acknowledged(min(len(current), queue.acked + arg))
+        elif op == "pressure":
+            queue.let_go(arg)
         elif op == "stall" and queue.state is State.UP:
             queue.stalled("stalled")
             queue.confirm()
         elif op == "lose" and current is not None:
+            connections.append(received())  # before: a lost connection's stream offsets start again at 0
             queue.connection_lost("reset")
-            connections.append(received())
             current = None
         elif op == "up" and queue.state is not State.UP:
             queue.connection_up(0)
             current = b""
         queued = sum(len(e[0]) for e in queue.pending) + (sum(len(b) for b in queue.bufs))
-        assert queue.pending_bytes == queued == queue.budget.used, "the handler-wide budget tracks every byte"
+        kept = sum(ends[-1] for _base, ends, entries in queue._unacked if isinstance(entries, list))
+        assert queue.pending_bytes == queued and queue.held == kept
+        assert queue.budget.used == queued + kept, "the handler-wide budget tracks every byte"
         # the bound: the limit, plus at most the newest message (committed bytes cannot be dropped)
         assert queue.pending_bytes <= limit + 200
     if current is not None:
@@ -412,7 +418,8 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
     still = [ident_of(e[0]) for e in queue.pending] + [ident_of(e[0]) for e in queue._entries]
     assert len(delivered) == len(set(delivered)), "a message was delivered twice"
     assert not set(delivered) & set(still)
-    assert len(delivered) == stats.msgs_out - stats.resent
+    let_go_lost = stats.drops_by_reason.get("connection_lost", 0)  # (only let_go counts that reason here)
+    assert len(delivered) == stats.msgs_out - stats.resent - let_go_lost
     # what is neither delivered nor still held was counted as dropped, exactly
     gone = set(sent_ids) - set(delivered) - set(still)
     assert len(gone) == stats.drops
@@ -430,3 +437,31 @@ def test_close_of_an_output_not_yet_shown_to_work_counts_the_unacknowledged_and_
     confirmed, stats = three_queued(track_acks=True)
     write(confirmed)
     assert confirmed.close() == 0 and not confirmed.transport.aborted, "a working connection delivers on close"
+
+
+def test_memory_pressure_lets_go_of_kept_copies_before_dropping_anything():
+    """The budget counts written messages kept until acknowledged; when it runs out, the kept copies go first
+    (nothing is lost by that), unsent messages only after them."""
+    budget = Budget(10_000)
+    held, stats = make_queue(track_acks=True)
+    held.budget = budget
+    budget.queues.add(held)
+    held.connection_up(0)
+    for i in range(5):
+        held.enqueue(entry(i, size=1000))
+    write(held)  # 5,000 bytes written, not acknowledged
+    assert held.held == 5000 and budget.used == 5000
+    waiting, waiting_stats = make_queue(limit=100_000)
+    waiting.budget = budget
+    budget.queues.add(waiting)
+    for i in range(6):
+        waiting.enqueue(entry(10 + i, size=1000))  # down: queued, 11,000 bytes in all
+    assert budget.used <= 10_000
+    assert waiting_stats.drops == 0 and stats.drops == 0, "letting go of copies loses nothing"
+    assert held.held < 5000 and len(waiting.pending) == 6
+    held.acknowledged(2000)
+    resent, _ = held.connection_lost("reset")
+    # the two acknowledged arrived; of the three others, the ones let go are counted, the rest sent again
+    assert resent + stats.drops_by_reason.get("connection_lost", 0) == 3 and stats.drops_by_reason
+    assert stats.drop_records == 2 * stats.drops and held.held == 0
+    assert budget.used == held.pending_bytes + waiting.pending_bytes

@@ -4,11 +4,11 @@ It owns the socket, the connect/backoff cycle and the refresh and close timers, 
 ``core.sendqueue.SendQueue``: ``next_iovec`` -> ``sendmsg`` -> ``written``; any error -> ``connection_lost``.
 Every failure goes through ``_fail``, once per state change in the log.
 
-A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush and tells
-the queue how far the collector acknowledged; while bytes wait, a timer checks that the acknowledged offset
-advances, and marks the output stalled when it has not for the queue's ``stall`` seconds. A UDP output that
-failed comes back tentatively: it sends one datagram, and is up again (its backoff reset, the rest of its
-queue sent) only when a check of the socket's error finds no refusal of it.
+A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush, before
+writing, and tells the queue how far the collector acknowledged; while bytes wait, a timer checks that the
+acknowledged offset advances, and marks the output stalled when it has not for the queue's ``stall``
+seconds. A UDP output that failed comes back tentatively: it sends one datagram, and is up again (its
+backoff reset, the rest of its queue sent) only when a check of the socket's error finds no refusal of it.
 """
 
 from __future__ import annotations
@@ -287,9 +287,14 @@ class OutputConnection:
             queue.close()
 
     def _flush_stream(self) -> None:
-        if self._write(self.queue.next_iovec, READ | WRITE):
+        queue = self.queue
+        if queue.sent_total != queue.acked:
+            # Before writing: what the collector acknowledged since the last flush is let go now, so the
+            # chunks it held are free for the reads to come.
+            self._acknowledge()
+        if self._write(queue.next_iovec, READ | WRITE):
             self.loop.watch(self.sock, READ, self._on_event)  # all sent: watch for the collector closing
-        if self._acknowledge() and self._check_timer is None:  # bytes wait for the collector: watch progress
+        if queue.sent_total != queue.acked and self._check_timer is None:  # bytes may wait: watch progress
             self._progress = time.monotonic()
             self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
 

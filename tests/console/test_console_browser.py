@@ -1,8 +1,10 @@
 """The web console in a real browser (Debian's chromium driven by playwright) against a real balancer:
 login, the receiver table, the manual's three cases done in the form, refusals, delete, logs, status.
 
-Each page's screenshot is saved to docs/console/ (shown in the README's "Console" section)."""
+Each page's screenshot is saved to $CONSOLE_SCREENSHOTS (set it to docs/console to refresh the README's
+"Console" section), else to a temporary directory: a test run leaves the tree as it was."""
 import os
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -13,7 +15,7 @@ import pytest
 from ipfixkit import TcpExporter, TcpSink, extract_serials, free_port, make_stream, wait_until
 
 CHROMIUM = "/usr/bin/chromium"
-SHOTS = Path(__file__).resolve().parents[2] / "docs" / "console"
+SHOTS = Path(os.environ.get("CONSOLE_SCREENSHOTS") or Path(tempfile.gettempdir()) / "ipfix-balancer-console")
 pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM), reason="Debian's chromium not installed "
                                 "(scripts/install-deps installs it)")
 

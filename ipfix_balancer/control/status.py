@@ -132,7 +132,7 @@ class HandlerStatus:
     drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
-    queued_bytes: int = 0  # held by every send queue together (MEMORY_BYTES bounds it)
+    queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
     memory_bytes: int = 0
 
     def to_dict(self) -> dict:

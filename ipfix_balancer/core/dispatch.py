@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..config import Mode
-from .sendqueue import MSG, SendQueue, State, entries_size
+from .sendqueue import MSG, UP, SendQueue, entries_size
 from .wire import MAX_MESSAGE
 
 
@@ -69,17 +69,17 @@ class RoundRobin:
         waiting_ok = not queues[0].budget.exhausted(size)
         for i in range(count):
             queue = queues[(start + i) % count]
-            if queue.pending_bytes + size > queue.limit and queue.state is State.UP:
+            if queue.pending_bytes + size > queue.limit and queue.state is UP:
                 # A read batch can exceed a small queue: the kernel may take some first, rather than the
                 # message waiting at a collector that is down or stalled.
                 queue.transport.flush()
             if queue.pending_bytes + size <= queue.limit:
-                if queue.state is State.UP:
+                if queue.state is UP:
                     self._next = (start + i + 1) % count
                     return queue
                 if fallback is None and waiting_ok:
                     fallback = (i, queue)
-            elif fallback is None and not waiting_ok and queue.state is State.UP:
+            elif fallback is None and not waiting_ok and queue.state is UP:
                 fallback = (i, queue)  # it drops its own oldest, where a down output would only grow
         i, queue = fallback if fallback is not None else (0, queues[start % count])
         self._next = (start + i + 1) % count
@@ -101,7 +101,10 @@ class RoundRobin:
         queues = self.queues
         n = len(queues)
         share = size // n + MAX_MESSAGE + 1  # shares differ by at most one message
-        if all(q.state is State.UP and q.pending_bytes + share <= q.limit for q in queues):
+        for q in queues:  # (a loop, not all() over a generator: this runs per datagram on UDP)
+            if q.state is not UP or q.pending_bytes + share > q.limit:
+                break
+        else:
             start = self._next
             for k in range(min(n, len(entries))):
                 part = entries[k::n]
@@ -114,7 +117,7 @@ class RoundRobin:
     def on_down(self, queue: SendQueue) -> None:
         """Move the failed output's unsent messages to outputs that are up, so an outage of one collector
         loses nothing that was still queued (a template re-sent to a collector that has it is harmless)."""
-        if any(q.state is State.UP for q in self.queues if q is not queue):
+        if any(q.state is UP for q in self.queues if q is not queue):
             for entry in queue.take_pending():
                 self._choose(len(entry[MSG])).enqueue(entry)
 

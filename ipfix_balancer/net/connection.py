@@ -1,7 +1,8 @@
 """The connection of one output: a TCP connection or a connected UDP socket to one subreceiver.
 
 It owns the socket, the connect/backoff cycle and the refresh and close timers, and drives a
-``core.sendqueue.SendQueue``: ``next_iovec`` -> ``sendmsg`` -> ``written``; any error -> ``connection_lost``.
+``core.sendqueue.SendQueue``: TCP ``next_iovec`` -> ``sendmsg`` -> ``written``; UDP ``send_datagrams(send)``;
+any error -> ``connection_lost``.
 Every failure goes through ``_fail``, once per state change in the log.
 
 A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush, before
@@ -21,7 +22,7 @@ import struct
 import termios
 import time
 
-from ..core.sendqueue import OVERSIZE, SendQueue, State
+from ..core.sendqueue import MSG, OVERSIZE, UP, SendQueue, State
 from ..logs import Throttle
 from .loop import READ, WRITE, Loop
 
@@ -75,7 +76,7 @@ class OutputConnection:
     def close_when_drained(self) -> None:
         self._cancel_timer()
         self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._give_up)
-        if self.queue.state is State.UP:
+        if self.queue.state is UP:
             self.flush()
 
     def close(self, abort: bool = False) -> None:
@@ -104,7 +105,7 @@ class OutputConnection:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
         self.sock = sock
-        self._send = sock.sendmsg
+        self._send = sock.sendmsg if self._tcp else sock.send  # a stream's iovec, a datagram's one buffer
         if not self._tcp:
             try:
                 if self.source is not None:
@@ -156,7 +157,7 @@ class OutputConnection:
         self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
 
     def _raw_sender(self, sock: socket.socket, sub):
-        """sendmsg for a raw socket: IPv4 and UDP headers with the exporter's address and port. The kernel
+        """send for a raw socket: IPv4 and UDP headers with the exporter's address and port. The kernel
         fills the IP length, id and checksum; UDP checksum 0 means none (RFC 768). A datagram beyond the
         path MTU fails with EMSGSIZE (no fragmentation with our own headers): counted as oversize."""
         ip = _IPV4.pack(0x45, 0, 0, 0, 0, 64, socket.IPPROTO_UDP, 0, socket.inet_aton(self.source[0]),
@@ -164,16 +165,15 @@ class OutputConnection:
         sport, dport, dest = self.source[1], sub.port, (sub.host, 0)
         sendmsg, pack = sock.sendmsg, _UDP.pack
 
-        def send(bufs: list) -> int:
-            size = sum([len(b) for b in bufs])
-            return sendmsg([ip, pack(sport, dport, _UDP.size + size, 0), *bufs], (), 0, dest) - _HEADERS
+        def send(data) -> int:
+            return sendmsg([ip, pack(sport, dport, _UDP.size + len(data), 0), data], (), 0, dest) - _HEADERS
         return send
 
     def _confirm_udp(self) -> None:
         """A returning UDP output: a refusal of what went out shows as the socket's error by now."""
         self._check_timer = None
         queue = self.queue
-        if self.sock is None or queue.state is not State.UP:
+        if self.sock is None or queue.state is not UP:
             return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -273,7 +273,7 @@ class OutputConnection:
     def flush(self) -> None:
         queue = self.queue
         queue.armed = False
-        if queue.state is not State.UP or self.sock is None:
+        if queue.state is not UP or self.sock is None:
             return
         try:
             if self._tcp:
@@ -292,7 +292,7 @@ class OutputConnection:
             # Before writing: what the collector acknowledged since the last flush is let go now, so the
             # chunks it held are free for the reads to come.
             self._acknowledge()
-        if self._write(queue.next_iovec, READ | WRITE):
+        if self._write():
             self.loop.watch(self.sock, READ, self._on_event)  # all sent: watch for the collector closing
         if queue.sent_total != queue.acked and self._check_timer is None:  # bytes may wait: watch progress
             self._progress = time.monotonic()
@@ -314,7 +314,7 @@ class OutputConnection:
         stalled output makes it up again."""
         self._check_timer = None
         queue = self.queue
-        if self.sock is None or queue.state not in (State.UP, State.STALLED):
+        if self.sock is None or queue.state not in (UP, State.STALLED):
             return
         before = self._progress
         waiting = self._acknowledge()
@@ -358,38 +358,45 @@ class OutputConnection:
 
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send
-        refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch."""
-        if self._write(self._probe if self.queue.tentative else self.queue.next_datagram, WRITE):
+        refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch. A returning output
+        sends one datagram until its refusal check: a collector still down costs that one (counted), not a
+        burst nobody could count."""
+        queue = self.queue
+        while True:
+            try:
+                if not queue.tentative:
+                    sent_all = queue.send_datagrams(self._send)
+                else:
+                    sent_all = queue.sent_total > 0 or queue.send_datagrams(self._send, 1)
+            except OSError as exc:
+                if exc.errno != errno.EMSGSIZE:
+                    raise
+                self._oversize(len(queue.pending[0][MSG]))
+                continue
+            break
+        if sent_all:
             self.loop.unwatch(self.sock)
+        else:
+            self.loop.watch(self.sock, WRITE, self._on_event)
 
-    def _probe(self) -> list:
-        """A returning UDP output sends one datagram until the refusal check: a collector still down costs
-        that one (counted), not a burst nobody could count."""
-        return [] if self.queue.sent_total else self.queue.next_datagram()
-
-    def _write(self, take, blocked_events: int) -> bool:
-        """Send what ``take`` commits until the queue is empty (True) or the kernel is full (False: watch
-        for ``blocked_events``, the write resumes on the next event)."""
-        sock, send, written = self.sock, self._send, self.queue.written
+    def _write(self) -> bool:
+        """Write what the queue commits until it is empty (True) or the kernel is full (False: the write
+        resumes on the next WRITE event)."""
+        sock, send, take, written = self.sock, self._send, self.queue.next_iovec, self.queue.written
         while bufs := take():
             try:
                 sent = send(bufs)
             except BlockingIOError:
                 sent = 0
-            except OSError as exc:
-                if exc.errno != errno.EMSGSIZE or self._tcp:
-                    raise
-                self._oversize(sum(len(b) for b in bufs))
-                continue
             if not written(sent):
-                self.loop.watch(sock, blocked_events, self._on_event)
+                self.loop.watch(sock, READ | WRITE, self._on_event)
                 return False
         return True
 
     def _oversize(self, size: int) -> None:
         """A message no UDP datagram can carry (TCP in, UDP out): dropped and counted, never retried."""
         queue = self.queue
-        queue.drop_committed(OVERSIZE)
+        queue.drop_first(OVERSIZE)
         if not self._oversize_logged:  # once per output session
             self._oversize_logged = True
             self.log.error("message_oversize", subreceiver=str(queue.subreceiver), size=size,

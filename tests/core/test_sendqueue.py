@@ -2,6 +2,7 @@
 stall, drop-oldest, drops by reason, template replay, sequence rewrite, and the accounting property (every
 message delivered once, queued, or counted)."""
 
+import errno
 import struct
 
 import pytest
@@ -68,10 +69,8 @@ def write(queue: SendQueue, budget: int | None = None) -> bytes:
 
 def datagrams(queue: SendQueue) -> list[bytes]:
     """Send everything queued as datagrams, one message each."""
-    out = []
-    while bufs := queue.next_datagram():
-        out.append(b"".join(bytes(b) for b in bufs))
-        queue.written(len(out[-1]))
+    out: list[bytes] = []
+    assert queue.send_datagrams(lambda data: out.append(bytes(data)))
     return out
 
 
@@ -213,17 +212,20 @@ def test_a_stalled_queue_drops_its_oldest_as_stalled():
 
 def test_an_oversize_datagram_is_dropped_and_the_next_goes_out():
     queue, stats = three_queued()
-    queue.next_datagram()
-    queue.drop_committed(OVERSIZE)
+
+    def too_big(data):
+        raise OSError(errno.EMSGSIZE, "Message too long")
+    with pytest.raises(OSError):
+        queue.send_datagrams(too_big)
+    assert len(queue.pending) == 3, "a message leaves the queue only once sent"
+    queue.drop_first(OVERSIZE)
     assert [ident_of(d) for d in datagrams(queue)] == [1, 2]
     assert stats.drops_by_reason == {"oversize": 1} and queue.pending_bytes == 0
 
 
 def test_a_refusal_counts_the_datagram_that_drew_it():
     queue, stats = three_queued()
-    queue.next_datagram()
-    queue.written(40)
-    queue.next_datagram()  # committed, not sent when the refusal is reported
+    queue.send_datagrams(lambda data: None, 1)
     queue.refused()
     queue.connection_lost("Connection refused")
     assert stats.drops_by_reason == {"refused": 1} and stats.drop_records == 2

@@ -16,6 +16,7 @@ def test_one_minute_soak_stays_within_its_bounds():
     assert result.returncode == 0, result.stdout + result.stderr
     assert report["ok"] and report["balancer_exit"] == 0
     assert report["collector_kills"] >= 5 and report["collector_hangs"] >= 2 and report["reloads"] == 1
+    assert report["reload_failures"] == 0
     assert report["stalls_logged"] >= report["collector_hangs"], "each hung collector is shown stalled"
     for name, stream in report["streams"].items():
         assert stream["sent"] > 30000, name

@@ -23,7 +23,7 @@ class ChunkPool:
 
     A fresh bytearray costs a zero fill and, whenever the allocator had given the memory back to the
     kernel, a page fault per 4 KiB. Messages written and not yet acknowledged keep their chunks alive for
-    a while, and that pattern made glibc trim and re-fault the heap about once per 25 messages (10% of a
+    a while, and that pattern made glibc trim and re-fault the heap about once per 25 messages (8% of a
     handler's CPU). A chunk is free when it can be resized: a bytearray refuses that (BufferError) while
     any memoryview of it lives, which is exactly "no message points into it". Bounded: at most ``keep``
     chunks are kept; beyond that, chunks are plain allocations again.

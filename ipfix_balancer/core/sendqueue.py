@@ -9,8 +9,8 @@ another subreceiver when a connection fails, and lets the sequence number be rew
 The queue decides; a transport (``net.connection.OutputConnection``) does. A stream transport asks for
 buffers (``next_iovec``), writes them, and reports what the kernel took (``written``); a datagram transport
 hands the queue its send call (``send_datagrams``). It reports a new connection (``connection_up``) and a
-lost one (``connection_lost``). A message handed to the kernel is *committed* to
-that connection; a message still queued is not. Every count of loss lives here, by reason (``DROP_REASONS``).
+lost one (``connection_lost``). A message handed to the kernel is *committed* to that connection; a message
+still queued is not. Every count of loss lives here, by reason (``DROP_REASONS``).
 
 A TCP transport also reports, once per flush, how far the collector's TCP has acknowledged the stream
 (``acknowledged``): a message written but not yet acknowledged is kept, and goes back to the queue when the
@@ -32,15 +32,15 @@ from .wire import SEQUENCE, U32
 MSG, ODID, NREC, SNAP = range(4)
 _msg_of, _odid_of, _nrec_of = itemgetter(MSG), itemgetter(ODID), itemgetter(NREC)
 _consume = deque(maxlen=0).extend  # runs an iterator to its end at C speed
+Entry = tuple  # (memoryview | bytes, int, int, Snapshot)
+IOV_MAX = 1024          # buffers per sendmsg (Linux's UIO_MAXIOV; sysconf is I/O's business)
+_ENTRY_IOV = 3          # buffers one entry may take (a shared template message: header, sequence, rest)
+_SEQ_MASK = 0xFFFFFFFF
 
 
 def entries_size(entries) -> int:
     """The bytes of the messages of ``entries`` (C-level steps: this runs per batch on the hot path)."""
     return sum(map(len, map(_msg_of, entries)))
-Entry = tuple  # (memoryview | bytes, int, int, Snapshot)
-IOV_MAX = 1024          # buffers per sendmsg (Linux's UIO_MAXIOV; sysconf is I/O's business)
-_ENTRY_IOV = 3          # buffers one entry may take (a shared template message: header, sequence, rest)
-_SEQ_MASK = 0xFFFFFFFF
 
 
 #: why a message was not delivered (status and logs show drops per reason, in messages and records)

@@ -145,3 +145,19 @@ def test_round_robin_at_the_memory_budget_skips_outputs_that_are_not_up():
     assert len(up.pending) == 5 and contents([up])[0][-1] == 39, "the up output has the newest"
     assert len(down.pending) == 3, "the down output filled only up to the budget"
     assert budget.used == 800
+
+
+def test_a_full_live_output_is_flushed_before_a_stalled_one_is_chosen():
+    """Two reads per turn can outgrow a small queue: the live output's kernel may take some first, rather
+    than the message waiting at a collector that does not read."""
+    live, stalled = queues(2, [State.UP, State.STALLED], limit=100)
+    rr = RoundRobin([live, stalled])
+
+    class Writes(FakeTransport):
+        def flush(self):  # the kernel takes everything queued
+            super().flush()
+            live.take_pending()
+    live.transport = Writes()
+    for msg, odid, nrec, snap in entries([60, 60]):
+        rr.dispatch(msg, odid, nrec, None, snap)
+    assert live.transport.flushed == 1 and contents([live, stalled]) == [[1], []]

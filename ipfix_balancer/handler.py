@@ -11,7 +11,6 @@ import errno
 import functools
 import ipaddress
 import os
-import resource
 import signal
 import socket
 import time
@@ -20,6 +19,7 @@ from .config import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
 from .control.ports import listen_failure
+from .control.privileges import raise_fd_limit
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
@@ -396,12 +396,13 @@ class Handler:
         rc, counters = self.rc, self.counters
         cpu = os.times()
         outs = self.subreceivers + self.retired_subreceivers
-        rates = self.rates.update(time.monotonic(), {
+        beat = time.monotonic()
+        rates = self.rates.update(beat, {
             "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
             "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         by_reason = self.drops_by_reason()
         doc = HandlerStatus(
-            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
+            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(), beat=beat,
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
                                 listening=self.listening),
             mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset,
@@ -441,17 +442,6 @@ class Handler:
                 self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
 
 
-def _raise_fd_limit() -> None:
-    """Each exporter session takes a descriptor per subreceiver: use all the descriptors we may (the soft
-    limit is often 1024 while the hard one is far higher). At the limit the handler pauses accepting."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):  # e.g. a hard limit above fs.nr_open: keep the soft one
-            pass
-
-
 def main(control_fd: int, run_dir: str, log_format: str) -> int:
     """Entry point of ``ipfix-balancer handler``: read the settings (and, for a restart in place, the
     handover socket) from the supervisor's channel, set up the process, run, exit with the loop's verdict."""
@@ -471,7 +461,7 @@ def main(control_fd: int, run_dir: str, log_format: str) -> int:
     set_process_name(rc.proc_name)
     if rc.taskset is not None:
         os.sched_setaffinity(0, {rc.taskset})
-    _raise_fd_limit()
+    raise_fd_limit()
     handler = Handler(rc, run_dir, log, control)
     try:
         return handler.run(predecessor)

@@ -402,7 +402,8 @@ class Handler:
             "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         by_reason = self.drops_by_reason()
         doc = HandlerStatus(
-            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(), beat=beat,
+            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
+            beat=beat,
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
                                 listening=self.listening),
             mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset,

@@ -272,12 +272,10 @@ class Supervisor:
         """Start ``child`` to take the sockets over from its predecessor, which is still running (also
         when an earlier successor died before taking them). The two ends of one socketpair: only these
         two handlers can ever meet there."""
-        self.children[child.name] = child
-        try:
-            theirs, successor = channel.handover_pair()
-        except OSError as exc:
-            self._start_failed(child, exc)
+        pair = self._pair_for(child, channel.handover_pair)
+        if pair is None:
             return
+        theirs, successor = pair
         with theirs, successor:
             try:
                 channel.send(self.retiring[child.predecessor], {"handover": True}, (theirs.fileno(),))
@@ -308,12 +306,10 @@ class Supervisor:
         """Start a handler; its settings (and the handover socket to ``predecessor``'s handler) go over
         its channel, not on its command line."""
         rc = child.rc
-        self.children[rc.name] = child
-        try:
-            mine, theirs = channel.pair()
-        except OSError as exc:
-            self._start_failed(child, exc)
+        pair = self._pair_for(child, channel.pair)
+        if pair is None:
             return
+        mine, theirs = pair
         with theirs:
             cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--control-fd", str(theirs.fileno()),
                    "--run-dir", self.run_dir, "--log-format", self.log_format]
@@ -365,6 +361,16 @@ class Supervisor:
         child.restart_at = None
         self.log.info("console_spawned", console_pid=child.proc.pid, host=child.settings.host,
                       port=child.settings.port)
+
+    def _pair_for(self, child: Child, make) -> tuple[socket.socket, socket.socket] | None:
+        """``child`` is ours from now on (so ``_reap`` retries it); ``make()``'s socketpair for starting it,
+        or None when there is none to be had (no descriptor left: ``_start_failed``)."""
+        self.children[child.name] = child
+        try:
+            return make()
+        except OSError as exc:
+            self._start_failed(child, exc)
+            return None
 
     def _start_failed(self, child: Child, exc: Exception) -> None:
         """A handler (or the console) could not be started: out of descriptors or processes, say. Logged and

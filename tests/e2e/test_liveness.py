@@ -12,7 +12,8 @@ import urllib.request
 import psutil
 import pytest
 
-from ipfixkit import REPO_ROOT, TcpSink, forwarding_env, free_port, run_cli, wait_until
+from ipfixkit import (REPO_ROOT, TcpExporter, TcpSink, fault_env, forwarding_env, free_port, make_stream, run_cli,
+                      wait_until)
 
 
 class FakeSystemd:
@@ -133,3 +134,40 @@ def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, systemd):
 def test_the_unit_is_type_notify_with_a_watchdog():
     unit = (REPO_ROOT / "etc" / "systemd" / "fast_ipfix_balancer.service").read_text().splitlines()
     assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=60"} <= set(unit)
+
+
+# Test-only fault: while the flag file exists, the supervisor cannot make a socketpair (its descriptors
+# are exhausted, as under the metrics flood of issue 20).
+NO_SOCKETPAIR = """
+import errno, os, socket, sys
+if sys.argv[1:2] == ["run"]:
+    real = socket.socketpair
+    def socketpair(*args, **kwargs):
+        if os.path.exists({flag!r}):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(*args, **kwargs)
+    socket.socketpair = socketpair
+"""
+
+
+def test_a_handler_that_cannot_be_started_is_logged_and_retried_with_backoff(balancer, tmp_path):
+    flag, port = tmp_path / "emfile", free_port()
+    with TcpSink() as sink:
+        fault = fault_env(tmp_path / "fault", NO_SOCKETPAIR.format(flag=str(flag)))
+        bal = balancer(forwarding_env(port, [sink]), env=fault)
+        bal.wait_ready()
+        first = bal.handler_pid("fullflow[0]")
+        flag.touch()
+        os.kill(first, signal.SIGKILL)
+        failed = [bal.wait_log(lambda line, n=n: line.get("event") == "handler_start_failed"
+                               and line["restarts"] == n, timeout=20) for n in (1, 2)]
+        assert [f["restart_in"] for f in failed] == [2.0, 4.0]  # the backoff goes on doubling
+        assert "Too many open files" in failed[0]["reason"]
+        flag.unlink()
+        new = bal.wait_status("fullflow[0]", lambda s: s["pid"] != first and s["listen"]["listening"], timeout=20)
+        assert bal.running and bal.supervisor()["handlers"][0]["pid"] == new["pid"]
+        stream = make_stream(20)
+        with TcpExporter(port) as exporter:
+            exporter.send(stream)
+            assert sink.wait_messages(20)
+        assert not [line for line in bal.logs() if line.get("event") == "supervisor_turn_failed"]

@@ -3,7 +3,7 @@
 A slot is worth what it delivers: a session counts as active only by its *whole* messages (a byte a second
 keeps no slot), one that has not delivered its first whole message within FIRST_MESSAGE_SECONDS is closed,
 and at a cap the sessions that never delivered one go first, then one idle for IDLE_EVICT_SECONDS, before
-a new exporter is refused. Sources are counted as an operator blocks them: an IPv4 address, an IPv6 /64
+a new exporter is refused (a session younger than SILENT_GRACE has not had its turn yet and is spared). Sources are counted as an operator blocks them: an IPv4 address, an IPv6 /64
 (one host owns a whole /64). New UDP sessions are rate-limited (``Rate``): spoofed source ports cannot
 make the balancer open connections to its collectors faster than that.
 
@@ -17,6 +17,7 @@ from typing import Generic, Hashable, TypeVar
 
 FIRST_MESSAGE_SECONDS = 10.0  # a TCP session's first whole message must come within this
 IDLE_EVICT_SECONDS = 10.0  # at a cap, a session without a whole message for this long makes room
+SILENT_GRACE = 1.0  # ... and one without any after this long: a connection just accepted has had no turn yet
 UDP_NEW_PER_SECOND = 100.0  # new UDP exporter sessions per second (the burst is the same number)
 
 K = TypeVar("K", bound=Hashable)
@@ -76,13 +77,16 @@ class Admission(Generic[K]):
         return None, evict
 
     def _victim(self, now: float, source: str | None = None) -> K | None:
-        """The session to close for a new one: the oldest that never delivered a whole message, else the
-        one idle longest if that is IDLE_EVICT_SECONDS or more (``source``: among that source's only)."""
+        """The session to close for a new one: the oldest that never delivered a whole message in the
+        SILENT_GRACE since it opened, else the one idle longest if that is IDLE_EVICT_SECONDS or more
+        (``source``: among that source's only)."""
         never, idlest, idle_for = None, None, IDLE_EVICT_SECONDS
         for key, slot in self._slots.items():
             if source is not None and slot.source != source:
                 continue
             if slot.last_message is None:
+                if now - slot.opened < SILENT_GRACE:
+                    continue
                 if never is None or slot.opened < self._slots[never].opened:
                     never = key
             elif now - slot.last_message >= idle_for:

@@ -84,7 +84,7 @@ class TcpExporter:
         self.open = True
         self._room = 0       # the size of the buffer of the last read
         self.active = False  # read since the last idle sweep (its chunk is kept)
-        self.delivered = False  # a whole message since the last idle sweep (what counts as activity)
+        self.delivered = False  # a whole message since the last idle sweep, told to the admission
         self.loop.watch(sock, READ, self._on_readable)
 
     def _on_readable(self, _mask) -> None:
@@ -112,7 +112,9 @@ class TcpExporter:
         if n:
             messages, error = self.framer.feed(n)
             if messages:
-                self.delivered = True
+                if not self.delivered:  # the first since the last sweep: told at once, so that a new
+                    self.delivered = True  # exporter is not taken for a silent one at the cap
+                    self.listener.admission.delivered(self, time.monotonic())
                 refused = self.session.deliver(messages)  # over a template limit: counted and logged already
                 if refused is not None:
                     self.close(reason=str(refused))
@@ -298,9 +300,7 @@ class TcpListener(Listener):
         for exporter in list(self.exporters.values()):
             if not exporter.open:
                 continue
-            if exporter.delivered:
-                exporter.delivered = False
-                admission.delivered(exporter, now)
+            exporter.delivered = False
             if exporter.active:
                 exporter.active = False
             else:

@@ -1,6 +1,7 @@
 """core/admission.py with a fake clock: evictions at the caps, the first-message deadline, idleness in whole
 messages, sources as an operator blocks them, the rate of new UDP sessions."""
-from ipfix_balancer.core.admission import FIRST_MESSAGE_SECONDS, IDLE_EVICT_SECONDS, Admission, Rate, source_of
+from ipfix_balancer.core.admission import (FIRST_MESSAGE_SECONDS, IDLE_EVICT_SECONDS, SILENT_GRACE, Admission, Rate,
+                                           source_of)
 
 
 def filled(n: int, per_source: int = 100, source: str = "10.0.0.1", now: float = 0.0) -> Admission:
@@ -44,6 +45,12 @@ def test_at_the_cap_the_oldest_silent_session_goes_first_then_the_idlest_then_a_
     adm.delivered("s0", 5.0)
     # s2 has been quiet for IDLE_EVICT_SECONDS: it makes room; the longest quiet first
     assert adm.admit("10.0.0.3", 1.0 + IDLE_EVICT_SECONDS + 1) == (None, ["s2"])
+
+
+def test_a_session_just_accepted_is_not_taken_for_a_silent_one():
+    adm = filled(2, now=10.0)
+    assert adm.admit("10.0.0.2", 10.0 + SILENT_GRACE - 0.01) == ("max_sessions", [])
+    assert adm.admit("10.0.0.2", 10.0 + SILENT_GRACE) == (None, ["s0"])
 
 
 def test_the_per_source_cap_evicts_only_that_sources_silent_sessions():

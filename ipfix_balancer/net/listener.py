@@ -15,6 +15,7 @@ from ..config import Limits
 from ..core.admission import Admission, Rate, source_of
 from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
 from ..core.session import ExporterSession
+from ..core.templates import TemplateTracker
 from ..logs import Throttle
 from . import handover
 from .loop import READ, Loop
@@ -386,21 +387,27 @@ class UdpListener(Listener):
                 continue
             now = clock()
             if session is None:
-                session = self._new_session(addr, now)
+                session = self._new_session(addr, msg, now)
                 if session is None:
                     continue
             if session.deliver((msg,)) is None:
                 delivered(addr, now)
 
-    def _new_session(self, addr: tuple, now: float) -> ExporterSession | None:
-        """A session for a new source address+port, or None (the datagram is dropped, counted): at most
-        UDP_NEW_PER_SECOND new ones a second, and at a cap one that never delivered a valid message, else
-        one idle for IDLE_EVICT_SECONDS, makes room (``core.admission``): a flood from many source ports
-        must not open outputs (descriptors, queues, connections to collectors) without bound, and a steady
-        exporter that was there first keeps its session."""
+    def _new_session(self, addr: tuple, msg, now: float) -> ExporterSession | None:
+        """A session for a new source address+port whose datagram ``msg`` is a valid message (its sets
+        parse), or None (the datagram is dropped, counted): at most UDP_NEW_PER_SECOND new ones a second,
+        and at a cap one that never delivered a valid message, else one idle for IDLE_EVICT_SECONDS, makes
+        room (``core.admission``): a flood from many source ports must not open outputs (descriptors,
+        queues, connections to collectors) without bound, and a steady exporter that was there first keeps
+        its session."""
         peer = peer_name(addr)
         if not self.new_sessions.take(now):
             self._limit("new_session_rate", peer, "datagram dropped")
+            return None
+        try:
+            TemplateTracker().inspect(msg)  # on a scratch tracker: no outputs for a source that sent junk
+        except FramingError as exc:
+            self.count_malformed(exc, peer)
             return None
         reason, evict = self.admission.admit(source_of(addr[0]), now)
         if reason is not None:

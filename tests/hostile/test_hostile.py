@@ -7,6 +7,7 @@ heavy versions.
 """
 
 import socket
+import struct
 import threading
 import time
 
@@ -261,6 +262,22 @@ def test_udp_source_port_flood_opens_few_connections_to_collectors(balancer):
         wait_until(lambda: sum(1 for m in a.messages() + c.messages() if m in steady) >= len(steady) - 1,
                    "the steady exporter's messages", b)
         assert b.handler_pid(HANDLER) == pid
+
+
+def test_udp_junk_from_new_source_ports_opens_no_session(balancer):
+    """A new UDP session (and its connections to the collectors) only for a valid message: a set that
+    does not parse is counted as malformed and opens nothing."""
+    port = free_port("udp")
+    junk = struct.pack("!HHIII", 10, 20, 0, 0, 1) + struct.pack("!HH", 256, 2)  # a set length of 2
+    with TcpSink() as sink:
+        b, pid = start(balancer, port, [sink.port], proto="udp")
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(junk, ("127.0.0.1", port))
+        st = b.wait_status(HANDLER, lambda s: s["malformed_by_reason"].get("set_length") == 50)
+        assert st["connections_total"] == 0 and st["msgs_in"] == 0
+        time.sleep(0.5)
+        assert sink.connection_count == 0 and b.handler_pid(HANDLER) == pid
 
 
 # -- 4. descriptor exhaustion -----------------------------------------------------------------------------

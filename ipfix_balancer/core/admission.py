@@ -146,3 +146,29 @@ class Rate:
             return False
         self._tokens -= 1
         return True
+
+
+class FailureThrottle:
+    """Failed attempts (console logins) counted per address and in all over a sliding ``window``: past
+    ``per_address`` for one address, or ``overall`` in all, further attempts are refused unheard until the
+    window lets the oldest failures go. Guessing stays slow from any number of addresses, and the table
+    holds at most ``overall`` failures."""
+
+    def __init__(self, per_address: int = 5, overall: int = 20, window: float = 60.0):
+        self.per_address, self.overall, self.window = per_address, overall, window
+        self._failures: list[tuple[float, str]] = []  # (when, address), oldest first
+
+    def _forget(self, now: float) -> None:
+        while self._failures and now - self._failures[0][0] >= self.window:
+            self._failures.pop(0)
+
+    def blocked(self, address: str, now: float) -> bool:
+        """May ``address`` not try now?"""
+        self._forget(now)
+        return (len(self._failures) >= self.overall
+                or sum(1 for _, a in self._failures if a == address) >= self.per_address)
+
+    def failed(self, address: str, now: float) -> None:
+        self._forget(now)
+        self._failures.append((now, address))
+        del self._failures[:-self.overall]  # never more than ``overall`` kept

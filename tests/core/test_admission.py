@@ -1,6 +1,7 @@
 """core/admission.py with a fake clock: evictions at the caps, the first-message deadline, idleness in whole
 messages, sources as an operator blocks them, the rate of new UDP sessions."""
-from ipfix_balancer.core.admission import (FIRST_MESSAGE_SECONDS, IDLE_EVICT_SECONDS, SILENT_GRACE, Admission, Rate,
+from ipfix_balancer.core.admission import (FIRST_MESSAGE_SECONDS, IDLE_EVICT_SECONDS, SILENT_GRACE, Admission,
+                                           FailureThrottle, Rate,
                                            source_of)
 
 
@@ -101,3 +102,19 @@ def test_new_session_rate_is_a_token_bucket():
     assert rate.take(100.25)  # one token per 0.25 s
     assert not rate.take(100.25)
     assert sum(rate.take(200.0) for _ in range(50)) == 4  # refilled, never beyond the burst
+
+
+def test_failed_attempts_are_throttled_per_address_and_overall():
+    throttle = FailureThrottle(per_address=3, overall=5, window=60.0)
+    for t in range(3):
+        assert not throttle.blocked("a", t)
+        throttle.failed("a", t)
+    assert throttle.blocked("a", 3.0) and not throttle.blocked("b", 3.0)
+    throttle.failed("b", 4.0)
+    throttle.failed("c", 5.0)
+    assert throttle.blocked("d", 5.0), "5 failures in all: everyone waits"
+    assert not throttle.blocked("d", 60.0)  # the first failure left the window
+    assert not throttle.blocked("a", 61.0)  # a: one failure left in the window
+    for t in range(100):
+        throttle.failed("e", 100.0 + t * 0.01)
+    assert len(throttle._failures) == 5, "bounded by the overall limit"

@@ -34,14 +34,20 @@ def answers(port: int) -> bool:
         return False
 
 
-def test_console_process_is_restarted_when_it_dies_or_the_supervisor_restarts_and_stops_when_turned_off(balancer, tmp_path):
+def with_console(balancer, tmp_path) -> tuple:
+    """A running balancer with a console that answers: (balancer, receiver port, console port)."""
     port, console = free_port(), free_port()
     bal = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
                    f"IPFIX_BALANCER_CONSOLE=127.0.0.1/{console}\n"
                    f"IPFIX_BALANCER_CONSOLE_TOKEN_FILE={tmp_path / 'token'}\n")
     bal.wait_ready()
-    handler = bal.handler_pid("fullflow[0]")
     wait_until(lambda: answers(console), "the console to answer", bal)
+    return bal, port, console
+
+
+def test_console_process_is_restarted_when_it_dies_or_the_supervisor_restarts_and_stops_when_turned_off(balancer, tmp_path):
+    bal, port, console = with_console(balancer, tmp_path)
+    handler = bal.handler_pid("fullflow[0]")
     [first] = console_pids(bal)
     assert first not in {h["pid"] for h in bal.supervisor()["handlers"]}  # not a handler, not the supervisor
     psutil.Process(first).send_signal(signal.SIGKILL)
@@ -114,12 +120,7 @@ def test_console_with_tls_serves_https_with_a_secure_cookie(balancer, tmp_path):
 
 def test_a_huge_unauthenticated_post_is_refused_without_the_console_growing(balancer, tmp_path):
     """Issue 20: a 300 MB POST /login was buffered whole (RSS 38 -> 335 MB). Now 413 at the header."""
-    port, console = free_port(), free_port()
-    bal = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
-                   f"IPFIX_BALANCER_CONSOLE=127.0.0.1/{console}\n"
-                   f"IPFIX_BALANCER_CONSOLE_TOKEN_FILE={tmp_path / 'token'}\n")
-    bal.wait_ready()
-    wait_until(lambda: answers(console), "the console to answer", bal)
+    bal, _port, console = with_console(balancer, tmp_path)
     [pid] = console_pids(bal)
     before = psutil.Process(pid).memory_info().rss
     chunk = b"x" * (1 << 20)

@@ -47,7 +47,7 @@ def drop(user: pwd.struct_passwd, caps: tuple[str, ...], own: list[str]) -> None
     for path in own:
         if not os.path.lexists(path):
             os.makedirs(path, 0o750)
-            os.chown(path, user.pw_uid, user.pw_gid)
+            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
     numbers = [n for n, name in _CAP_NAMES.items() if name in caps]
     _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
     os.setgroups([])

@@ -6,6 +6,8 @@ and the counters and log lines the attack must leave. Sizes are small here; ``sc
 heavy versions.
 """
 
+import collections
+import contextlib
 import socket
 import struct
 import threading
@@ -17,6 +19,7 @@ from hostilekit import LimitedBalancer, Probe, Process, connect, env, health_che
     short_burst, short_sessions, stopped, trickle, udp_source_ports
 from ipfixkit import TcpSink, UdpSink, free_port, make_stream, udp_send, wait_until
 from ipfix_balancer.core.admission import FIRST_MESSAGE_SECONDS, SILENT_GRACE
+from ipfix_balancer.logs import Throttle
 
 HANDLER = "fullflow[0]"
 DELAY = 5.0  # seconds: the worst delay of the probe under a (contended) test machine's load
@@ -278,6 +281,30 @@ def test_udp_junk_from_new_source_ports_opens_no_session(balancer):
         assert st["connections_total"] == 0 and st["msgs_in"] == 0
         time.sleep(0.5)
         assert sink.connection_count == 0 and b.handler_pid(HANDLER) == pid
+
+
+def test_junk_from_thousands_of_sources_writes_a_bounded_number_of_lines(balancer):
+    """Issue 20: the throttle was per source only: junk from 2,000 sources wrote 4,000 lines over UDP and
+    6,000 over TCP. Now each event writes at most Throttle.PER_EVENT lines a minute, all sources together."""
+    udp_port, tcp_port = free_port("udp"), free_port()
+    with UdpSink() as sink:
+        udp, _ = start(balancer, udp_port, [sink.port], **UDP)
+        tcp, _ = start(balancer, tcp_port, [sink.port], sub_proto="udp")
+        sources = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(2000)]
+        for host in sources:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, 0))
+                s.sendto(b"junk", ("127.0.0.1", udp_port))
+        for host in sources[:500]:
+            with contextlib.suppress(OSError), connect(tcp_port, source=host) as s:
+                s.sendall(b"junk" * 5)
+        udp.wait_status(HANDLER, lambda s: s["malformed"] == 2000)
+        tcp.wait_status(HANDLER, lambda s: s["malformed"] == 500 and s["connections"] == 0)
+        for b in (udp, tcp):
+            by_event = collections.Counter(line["event"] for line in b.logs() if line.get("stream") == "FULLFLOW")
+            noisy = {e: n for e, n in by_event.items() if n > Throttle.PER_EVENT}
+            assert not noisy, noisy
+        assert len(events(udp, "malformed_ipfix")) == Throttle.PER_EVENT
 
 
 # -- 4. descriptor exhaustion -----------------------------------------------------------------------------

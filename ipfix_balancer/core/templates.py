@@ -345,8 +345,9 @@ class TemplateTracker:
         template/options template sets; otherwise a new bytes IPFIX message with the same header (length
         adjusted) holding only its template and options template sets, in order. Template sets update the
         tracker. A data set with an unknown template counts in ``unknown_template`` and contributes 0 records
-        (forwarded: the template may have been sent before the balancer saw the session). Sets 4..255 are
-        skipped. Raises MalformedSet or TemplateLimit, and then changes nothing.
+        (forwarded: the template may have been sent before the balancer saw the session). A set with a reserved
+        id (0, 1, 4..255) makes the message malformed. Raises MalformedSet or TemplateLimit, and then changes
+        nothing.
         """
         end = len(msg)
         if end < _FIRST_SET_END:  # no room for a set header: nothing to walk
@@ -388,7 +389,8 @@ class TemplateTracker:
                     pending = _Pending(self._store, odid)
                 tsets.append((pos, nxt))
                 _template_set(msg, pos + 4, nxt, set_id, pending)
-            # set ids 4..255 are reserved: skipped
+            else:  # no collector can read it, and it is not ours to forward
+                raise MalformedSet("reserved_set_id", f"set id {set_id} at offset {pos} is reserved (0, 1, 4..255)")
             pos = nxt
             if pos + 4 > end:
                 if pos != end:

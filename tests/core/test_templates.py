@@ -238,7 +238,7 @@ def test_mixed_message_template_only_copy():
     t = TemplateTracker()
     ts = ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(82, VAR)]))
     os_ = ipfix_set(3, otrec(258, [field(149, 4)], [field(41, 8)]), pad=2)
-    msg = message(ts, ipfix_set(256, b"1234" * 3), ipfix_set(100, b"reserved"), os_, ipfix_set(257, varlen(b"q")),
+    msg = message(ts, ipfix_set(256, b"1234" * 3), os_, ipfix_set(257, varlen(b"q")),
                   odid=77, seq=123456, export_time=987654)
     odid, n, tmpl = inspect(t, msg)
     assert (odid, n) == (77, 4)
@@ -408,11 +408,13 @@ def test_header_only_and_stray_bytes():
     assert malformed(t, message(b"\0\0\0", odid=3)) == "stray_bytes"
 
 
-def test_reserved_sets_skipped():
+def test_reserved_set_ids_make_the_message_malformed():
     t = TemplateTracker()
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
-    assert inspect(t, message(ipfix_set(4, b"zzzz"), ipfix_set(255, b""), ipfix_set(256, b"1234"))) == (1, 1, None)
-    assert t.unknown_template == 0
+    for reserved in (0, 1, 4, 255):
+        assert malformed(t, message(ipfix_set(256, b"1234"), ipfix_set(reserved, b"zzzz"))) == "reserved_set_id"
+    assert malformed(t, message(ipfix_set(1, b""), ipfix_set(2, trec(300, [field(8, 4)])))) == "reserved_set_id"
+    assert t.unknown_template == 0 and len(t.snapshot) == 1, "nothing learnt"
 
 
 # --- properties ---------------------------------------------------------------------------------------------

@@ -358,6 +358,14 @@ def test_udp_sources_at_the_descriptor_limit(tmp_path):
 
 
 # -- 5. who may export --------------------------------------------------------------------------------------
+def test_an_ipv4_mapped_allow_range_admits_ipv4_exporters(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_ALLOW[0]=::ffff:127.0.0.0/104\n")
+    probe.start(port)  # from 127.0.0.1: inside the mapped range (it used to be refused)
+    unharmed(b, pid, probe)
+    assert not b.status(HANDLER)["limited"]
+
+
 def test_allowlist_refuses_tcp_at_accept(probe, balancer):
     port = free_port()
     b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_ALLOW[0]=127.0.0.1, 10.0.0.0/8\n")

@@ -25,7 +25,7 @@ from .control.status import HandlerStatus, ListenStatus, PeriodRates, Subreceive
 from .core.framing import FramingError
 from .core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
-from .core.templates import TemplateLimit
+from .core.templates import TemplateLimit, TemplatePool
 from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
@@ -34,6 +34,7 @@ from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
 EXIT_CANNOT_LISTEN = 75  # EX_TEMPFAIL: the port may be free later, the supervisor retries with backoff
+TEMPLATE_MEMORY_SHARE = 8  # the templates of all sessions together may take MEMORY_BYTES / 8
 
 
 class ListenError(Exception):
@@ -52,6 +53,7 @@ class Handler:
         self.loop = Loop()
         self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.budget = Budget(rc.limits.memory_bytes)  # shared by every send queue of this handler
+        self.template_pool = TemplatePool(rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE)  # every session's
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
@@ -133,6 +135,7 @@ class Handler:
                                   self._session_refused)
         session.configure(self._forwarding())
         session.on_templates = self._templates_announced
+        session.tracker.pool = self.template_pool
         self.sessions.add(session)
         self.connections_total += 1
         return session
@@ -161,6 +164,7 @@ class Handler:
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:
+        session.tracker.release()
         self.sessions.discard(session)
         if self.listener is not None:
             self.listener.forget(session)
@@ -304,6 +308,7 @@ class Handler:
             return
         self.rc = rc
         self.budget.limit = rc.limits.memory_bytes
+        self.template_pool.limit = rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE
         if self.listener is not None:
             self.listener.set_limits(rc.limits)
         kept = {s.subreceiver: s for s in self.subreceivers}

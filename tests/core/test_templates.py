@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipfix_balancer.core.wire import HEADER, HEADER_LEN, MAX_MESSAGE
-from ipfix_balancer.core.templates import EMPTY, MalformedSet, Snapshot, TemplateTracker
+from ipfix_balancer.core.templates import (EMPTY, TEMPLATE_OVERHEAD, MalformedSet, Snapshot, TemplateLimit,
+                                           TemplatePool, TemplateTracker)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))  # scripts/fuzz raises it
 
@@ -636,3 +637,34 @@ def test_changes_within_one_message_apply_in_order():
     assert inspect(t, msg)[:2] == (1, 6)  # 256 and the last 259 unknown (withdrawn before), 5 + 1 counted
     assert t.unknown_template == 2
     assert snapshot_contents(t.snapshot) == {1: {600: (3, otrec(600, [field(149, 4)], []))}}
+
+
+def test_the_handlers_template_pool_bounds_all_sessions_together():
+    pool = TemplatePool(limit=3 * (8 + TEMPLATE_OVERHEAD))  # three one-field templates
+    a, b = TemplateTracker(), TemplateTracker()
+    a.pool = b.pool = pool
+    inspect(a, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(12, 4)]))))
+    inspect(b, message(ipfix_set(2, trec(256, [field(8, 4)]))))
+    assert pool.used == pool.limit
+    with pytest.raises(TemplateLimit, match="template_memory"):
+        inspect(b, message(ipfix_set(2, trec(300, [field(8, 4)]))))
+    assert len(b.snapshot) == 1 and pool.used == pool.limit, "nothing learnt, nothing charged"
+    inspect(b, message(ipfix_set(2, trec(256, [field(8, 4)]))))  # a refresh, unchanged: always accepted
+    inspect(a, message(ipfix_set(2, struct.pack("!HH", 257, 0))))  # a withdrawal frees its bytes
+    inspect(b, message(ipfix_set(2, trec(300, [field(8, 4)]))))
+    assert pool.used == pool.limit
+    a.release()
+    assert pool.used == 2 * (8 + TEMPLATE_OVERHEAD)
+    b.release()
+    b.release()
+    assert pool.used == 0
+
+
+def test_templates_learnt_before_the_pool_are_never_taken_out_of_it():
+    adopted = TemplateTracker()
+    inspect(adopted, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(12, 4)]))))
+    adopted.pool = pool = TemplatePool(limit=1000)
+    inspect(adopted, message(ipfix_set(2, struct.pack("!HH", 257, 0))))
+    assert pool.used == 0
+    adopted.release()
+    assert pool.used == 0

@@ -134,12 +134,14 @@ class OutputLifecycle:
         self.retry_at = None
         self._go(Event.CONNECT)
 
-    def connected(self, now: float) -> State:
+    def connected(self, now: float, window: int = 0) -> State:
         """The connection is established: on probation if the output failed or stalled before it showed
         it reads (a hung collector's kernel accepts connections; a UDP socket connects whatever the peer
-        does). Returns the new state."""
+        does). ``window``: what the collector offered in the handshake, with its buffer empty (never scaled):
+        what it offers again once its process has read everything. Returns the new state."""
         self.up_at = self.progress_at = now
-        self.window = self.window_now = self.acked = self.proof_from = 0
+        self.window = self.window_now = window
+        self.acked = self.proof_from = 0
         self.proven = False
         self._go(Event.PROBE if self.suspect else Event.CONNECTED)
         return self.state
@@ -149,8 +151,10 @@ class OutputLifecycle:
         attempt; the delay doubles each time, up to ``SUSPECT_CAP`` once the collector stalled."""
         if stalled:
             self.suspect = self.stalled_before = True
-        elif self.state is not State.CONNECTING and not self.proven:
-            self.suspect = True  # it failed before it showed it reads: the next connection probes
+        elif self.state is not State.CONNECTING and (self.unread or not self.stream):
+            # It failed holding data it had not shown it read (a datagram socket shows nothing): the next
+            # connection probes.
+            self.suspect = True
         self._go(Event.LOST)
         delay = self.backoff
         if stalled:
@@ -166,7 +170,7 @@ class OutputLifecycle:
         could hold unread, or ``READ`` when its window is back to the largest it advertised while nothing
         waits: its process read everything it acknowledged."""
         progress = acked > self.acked
-        if window is not None and acked:  # (before any data, the window is the handshake's, unscaled)
+        if window is not None:
             progress = progress or window > self.window_now
             self.window_now = window
             if window > self.window:

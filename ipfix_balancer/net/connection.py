@@ -198,7 +198,7 @@ class OutputConnection:
 
     def _up(self) -> None:
         queue = self.queue
-        state = self.life.connected(time.monotonic())
+        state = self.life.connected(time.monotonic(), (peer_window(self.sock) or 0) if self._tcp else 0)
         queue.tail_bytes = self.life.proof_bytes if self._tcp else 0  # until it shows it reads
         queue.connection_up(int(time.time()))
         if state is UP:

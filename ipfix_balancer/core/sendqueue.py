@@ -44,8 +44,9 @@ def entries_size(entries) -> int:
 
 
 #: why a message was not delivered (status and logs show drops per reason, in messages and records)
-QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE = DROP_REASONS = (
-    "queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused", "drain_deadline")
+QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE, DRAIN_LIMIT = \
+    DROP_REASONS = ("queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused",
+                    "drain_deadline", "drain_limit")
 
 #: ``State.UP`` and ``State.PROBATION``, for the hot paths: an enum member lookup costs about 65 ns on
 #: Python 3.11 (a module global 10), several times per UDP datagram
@@ -289,6 +290,19 @@ class SendQueue:
     def settled(self) -> bool:
         """Idle, and (TCP) everything written was acknowledged: nothing can come back to the queue."""
         return not self.pending and not self._entries and not self._unacked and not self.life.unread
+
+    def held_counts(self) -> tuple[int, int]:
+        """(messages, data records) the queue holds: queued, committed, written and not acknowledged. What
+        a killed process loses (the supervisor counts it from the last status)."""
+        msgs = len(self.pending) + len(self._entries)
+        records = sum(map(_nrec_of, self.pending)) + sum(map(_nrec_of, self._entries))
+        upto = self.acked
+        for base, ends, entries in self._unacked:
+            first = bisect.bisect_right(ends, upto - base)
+            counts = entries if entries.__class__ is tuple else tuple(map(_nrec_of, entries))
+            msgs += len(counts) - first
+            records += sum(counts[first:])
+        return msgs, records
 
     @property
     def outstanding(self) -> int:

@@ -3,12 +3,14 @@ closes while collectors are away (down, restarting, hung), and what it sent stil
 counted. Also: a steady export with a collector that stays hung, and a collector that resets every
 connection."""
 
+import os
+import signal
 import socket
 import struct
 import threading
 import time
 
-from ipfixkit import TcpExporter, TcpSink, free_port, make_stream
+from ipfixkit import TcpExporter, TcpSink, free_port, make_stream, run_cli, udp_send, wait_until
 
 from test_noloss import HANDLER, RCVBUF, at_most_a_receive_buffer, env, serials, sub
 
@@ -163,3 +165,58 @@ def test_a_collector_that_resets_every_connection_loses_nothing_uncounted(balanc
             assert bad.accepted >= 2
     finally:
         bad.close()
+
+
+def test_a_handler_killed_as_hung_has_what_its_queues_held_counted_as_handler_killed(balancer):
+    """Collectors down, messages queued; the handler is SIGSTOPped and the supervisor kills it: what its last
+    status said it held is counted by the supervisor (log, its document, ``status``), not silently gone."""
+    port = free_port()
+    with TcpSink(up=False) as a, TcpSink(up=False) as b:
+        bal = balancer(env(port, [f"127.0.0.1/{a.port}", f"127.0.0.1/{b.port}"],
+                           extra="IPFIX_BALANCER_HANG_SECONDS=2\n"))
+        bal.wait_ready()
+        stream = make_stream(500, target_size=SIZE)
+        rpm = len(serials(stream[1:2]))
+        with TcpExporter(port) as exporter:
+            exporter.send(stream)
+            st = bal.wait_status(HANDLER, lambda s: s["msgs_in"] == len(stream) and s["queued_msgs"] >= 500)
+            assert st["queued_records"] == 500 * rpm
+            hung = st["pid"]
+            os.kill(hung, signal.SIGSTOP)
+            try:
+                line = bal.wait_log("handler_killed_with_loss", timeout=20)
+            finally:
+                try:
+                    os.kill(hung, signal.SIGCONT)
+                except ProcessLookupError:
+                    pass
+        assert line["lost_messages"] == st["queued_msgs"] and line["lost_records"] == 500 * rpm
+        wait_until(lambda: bal.supervisor()["handlers"][0]["killed_records"] == 500 * rpm, "counted", bal)
+        out = run_cli("status", "--run-dir", str(bal.run_dir)).stdout
+        assert f"handler_killed: {st['queued_msgs']}/{500 * rpm} msgs/records" in out
+
+
+def test_udp_sessions_evicted_at_the_cap_drain_and_past_the_cap_are_counted_at_once(balancer):
+    """MAX_SESSIONS=2 with the collector down: UDP exporters from six source ports. Evicted sessions keep their
+    messages while they drain; past MAX_SESSIONS draining ones, the first to leave are closed and what they
+    held is counted as ``drain_limit`` right away, not when the handler stops."""
+    port = free_port("udp")
+    with TcpSink(up=False) as a:
+        bal = balancer(env(port, [f"127.0.0.1/{a.port}"], listen="udp",
+                           extra="IPFIX_FULLFLOW_MAX_SESSIONS[0]=2\n"))
+        bal.wait_ready()
+        stream = make_stream(20, target_size=SIZE)
+        rpm = len(serials(stream[1:2]))
+        for _ in range(6):
+            udp_send(port, stream, delay=0.001)
+        st = bal.wait_status(HANDLER, lambda s: s["msgs_in"] == 6 * len(stream)
+                             and s["drops_by_reason"].get("drain_limit", 0) > 0)
+        assert st["draining"] <= 2 and st["connections"] == 2
+        held = st["queued_msgs"]
+        lost = st["drops_by_reason"]["drain_limit"]
+        assert lost + held == 6 * len(stream), "every message held or counted"
+        assert st["drop_records_by_reason"]["drain_limit"] == (lost // len(stream)) * 20 * rpm
+        a.up()
+        st = bal.wait_status(HANDLER, lambda s: s["queued_msgs"] == 0, timeout=30)
+        assert a.wait_quiet(0.5)
+        assert len(serials(a.messages())) == 6 * 20 * rpm - st["drop_records"]

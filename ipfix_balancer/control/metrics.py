@@ -38,6 +38,7 @@ COUNTERS = {
     "ipfix_balancer_bytes_sent": ("Bytes handed to a subreceiver's connection", ("subreceiver",)),
     "ipfix_balancer_dropped_messages": ("Messages that did not reach a subreceiver (per copy) or the dump "
                                         "file, by reason", ("subreceiver", "reason")),
+    "ipfix_balancer_dropped_records": ("Data records in the dropped messages, by reason", ("subreceiver", "reason")),
     "ipfix_balancer_malformed": ("Invalid IPFIX headers (TCP: session closed; UDP: datagram dropped)", ("reason",)),
     "ipfix_balancer_recorder_files_written": ("Dump files completed", ()),
     "ipfix_balancer_recorder_files_exported": ("Dump files delivered to an export target", ("target",)),
@@ -54,6 +55,7 @@ GAUGES = {
     "ipfix_balancer_handler_cpu_percent": ("CPU use of the handler process over its last status period", ()),
 }
 RESTARTS = "ipfix_balancer_handler_restarts"
+DROPPED, DROPPED_RECORDS = "ipfix_balancer_dropped_messages", "ipfix_balancer_dropped_records"
 
 
 def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
@@ -68,6 +70,8 @@ def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
         out["ipfix_balancer_bytes_sent", s] = sub.bytes_out
         for reason, n in {**sub.drops_by_reason, **_rest(sub.drops, sub.drops_by_reason)}.items():
             out["ipfix_balancer_dropped_messages", s + (("reason", reason),)] = n
+        for reason, n in sub.drop_records_by_reason.items():
+            out[DROPPED_RECORDS, s + (("reason", reason),)] = n
     if doc.recorder is not None:
         rec = doc.recorder
         out["ipfix_balancer_recorder_files_written", ()] = rec.files_completed

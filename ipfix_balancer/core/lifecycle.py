@@ -93,7 +93,7 @@ class OutputLifecycle:
 
     __slots__ = ("state", "stall", "move_stalled", "stream", "backoff", "retry_at", "suspect", "stalled_before",
                  "progress_at",
-                 "up_at", "window", "window_now", "acked", "proven", "proof_from", "drain_until", "stalled_at",
+                 "up_at", "window", "window_now", "shrunk", "acked", "proven", "proof_from", "drain_until", "stalled_at",
                  "on_state")
 
     def __init__(self, *, stall: float = 0.0, move_stalled: bool = False, stream: bool = True):
@@ -110,6 +110,7 @@ class OutputLifecycle:
         self.up_at = 0.0
         self.window = 0             # the largest receive window the collector advertised on this connection
         self.window_now = 0         # the one it advertised last
+        self.shrunk = False         # it fell below half the largest since it last showed it read
         self.acked = 0              # this connection's stream offset acknowledged so far
         self.proven = False         # this connection's collector acknowledged more than it could hold unread
         self.proof_from = 0         # the acknowledged offset the proof counts from (a stall restarts it)
@@ -134,12 +135,15 @@ class OutputLifecycle:
         self.retry_at = None
         self._go(Event.CONNECT)
 
-    def connected(self, now: float) -> State:
+    def connected(self, now: float, window: int = 0) -> State:
         """The connection is established: on probation if the output failed or stalled before it showed
         it reads (a hung collector's kernel accepts connections; a UDP socket connects whatever the peer
-        does). Returns the new state."""
+        does). ``window``: what the collector offered in the handshake, with its buffer empty (never scaled):
+        what it offers again once its process has read everything. Returns the new state."""
         self.up_at = self.progress_at = now
-        self.window = self.window_now = self.acked = self.proof_from = 0
+        self.window = self.window_now = window
+        self.acked = self.proof_from = 0
+        self.shrunk = False
         self.proven = False
         self._go(Event.PROBE if self.suspect else Event.CONNECTED)
         return self.state
@@ -149,8 +153,10 @@ class OutputLifecycle:
         attempt; the delay doubles each time, up to ``SUSPECT_CAP`` once the collector stalled."""
         if stalled:
             self.suspect = self.stalled_before = True
-        elif self.state is not State.CONNECTING and not self.proven:
-            self.suspect = True  # it failed before it showed it reads: the next connection probes
+        elif self.state is not State.CONNECTING and (self.unread or not self.stream):
+            # It failed holding data it had not shown it read (a datagram socket shows nothing): the next
+            # connection probes.
+            self.suspect = True
         self._go(Event.LOST)
         delay = self.backoff
         if stalled:
@@ -162,15 +168,18 @@ class OutputLifecycle:
     def observe(self, now: float, acked: int, window: int | None = None) -> Action | None:
         """What the collector's TCP reports now: the stream acknowledged up to ``acked``, and (while the
         connection is not proven) the receive window it advertises. Progress is the offset advancing or the
-        window opening (the collector's process read). Returns ``PROVEN`` once it acknowledged more than it
-        could hold unread, or ``READ`` when its window is back to the largest it advertised while nothing
-        waits: its process read everything it acknowledged."""
+        window opening again after it shrank (the collector's process read). Returns ``PROVEN`` once it
+        acknowledged more than it could hold unread, or ``READ`` when its window, having shrunk below half the
+        largest it advertised, is back above that: its process read what it had acknowledged. (A window that
+        only grows proves nothing: a kernel grows it as data arrives, whether its process reads or not.)"""
         progress = acked > self.acked
-        if window is not None and acked:  # (before any data, the window is the handshake's, unscaled)
-            progress = progress or window > self.window_now
+        if window is not None:
+            progress = progress or (self.shrunk and window > self.window_now)
             self.window_now = window
             if window > self.window:
                 self.window = window
+            if 2 * window < self.window:
+                self.shrunk = True
         self.acked = acked
         if not progress:
             return None
@@ -186,8 +195,9 @@ class OutputLifecycle:
             self.proven = True
             self._healthy()
             return Action.PROVEN
-        if self.unread:
+        if self.unread or not self.shrunk:
             return None
+        self.shrunk = False
         self._healthy()  # its process read what it acknowledged: that shows it reads as well
         return Action.READ
 

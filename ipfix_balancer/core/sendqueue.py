@@ -44,16 +44,18 @@ def entries_size(entries) -> int:
 
 
 #: why a message was not delivered (status and logs show drops per reason, in messages and records)
-QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE = DROP_REASONS = (
-    "queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused", "drain_deadline")
+QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE, DRAIN_LIMIT = \
+    DROP_REASONS = ("queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused",
+                    "drain_deadline", "drain_limit")
 
 #: ``State.UP`` and ``State.PROBATION``, for the hot paths: an enum member lookup costs about 65 ns on
 #: Python 3.11 (a module global 10), several times per UDP datagram
 UP, PROBATION = State.UP, State.PROBATION
 
 
-#: what a connection's loss means for messages its collector acknowledged (``connection_lost``)
-DELIVERED, RESEND, COUNT = "delivered", "resend", "count"
+#: what a connection's loss means for messages its collector acknowledged and may not have read
+#: (``connection_lost``): delivered, or counted as lost (``connection_lost``)
+DELIVERED, COUNT = "delivered", "count"
 
 
 class Transport(Protocol):
@@ -197,11 +199,9 @@ class SendQueue:
         # under memory pressure (``let_go``), the entries are replaced by their record counts (a tuple).
         self._unacked: deque = deque()
         self.held = 0  # bytes of the entries kept in _unacked (the budget counts them)
-        # Until the collector showed it reads (``life.proven``), acknowledged messages are kept too: a reset
-        # for a stall makes its kernel discard what it acknowledged, and they can go elsewhere.
-        self.hold_acked = False
-        # Proven connections: (end offset, messages, records) of the last acknowledged writes, ``tail_bytes``
-        # of them: what a reset for a stall may have cost (counted, not known).
+        # (end offset, messages, records) of the last acknowledged writes, ``tail_bytes`` of them (0: none
+        # kept, as for UDP): what may sit unread in the collector's buffer, counted as lost if a reset for a
+        # stall, or the collector's own, discards it. Cleared when the collector shows it read it.
         self._acked_tail: deque = deque()
         self.tail_bytes = 0
         # True while the queue still holds every message of the session since it had no templates: then the
@@ -289,7 +289,20 @@ class SendQueue:
     @property
     def settled(self) -> bool:
         """Idle, and (TCP) everything written was acknowledged: nothing can come back to the queue."""
-        return not self.pending and not self._entries and not self._unacked
+        return not self.pending and not self._entries and not self._unacked and not self.life.unread
+
+    def held_counts(self) -> tuple[int, int]:
+        """(messages, data records) the queue holds: queued, committed, written and not acknowledged. What
+        a killed process loses (the supervisor counts it from the last status)."""
+        msgs = len(self.pending) + len(self._entries)
+        records = sum(map(_nrec_of, self.pending)) + sum(map(_nrec_of, self._entries))
+        upto = self.acked
+        for base, ends, entries in self._unacked:
+            first = bisect.bisect_right(ends, upto - base)
+            counts = entries if entries.__class__ is tuple else tuple(map(_nrec_of, entries))
+            msgs += len(counts) - first
+            records += sum(counts[first:])
+        return msgs, records
 
     @property
     def outstanding(self) -> int:
@@ -319,10 +332,9 @@ class SendQueue:
         order (a dispatcher may move them elsewhere): written but not acknowledged (``resent``), cut in the
         middle (a collector drops a partial message with its connection), committed but not written.
 
-        ``acked`` says what became of messages its TCP acknowledged and we still keep (``hold_acked``):
-        ``DELIVERED`` (it closed cleanly: its process read them), ``RESEND`` (we reset it for a stall before
-        it showed it reads: its kernel discards them, they go back to the queue), ``COUNT`` (unknown: counted
-        as lost, with what the acknowledged tail of a proven connection may have cost).
+        ``acked`` says what became of messages its TCP acknowledged that may sit unread in its buffer (the
+        acknowledged tail): ``DELIVERED`` (it closed cleanly: its process read them), or ``COUNT`` (a reset,
+        ours for a stall or the collector's: counted as lost, an upper bound).
         Returns (messages queued again that had been written whole, True when this is news: the subreceiver
         had no error yet, so the caller logs it once)."""
         entries, ends = self._entries, self._ends
@@ -345,10 +357,8 @@ class SendQueue:
 
     def acknowledged(self, upto: int) -> None:
         """The collector's TCP acknowledged this connection's stream up to byte ``upto``: forget the
-        messages that end by then (a write batch at a time), unless they are still kept (``hold_acked``)."""
+        messages that end by then (a write batch at a time)."""
         self.acked = upto
-        if self.hold_acked:
-            return
         unacked = self._unacked
         released = 0
         tail, keep_tail = self._acked_tail, self.tail_bytes
@@ -366,12 +376,9 @@ class SendQueue:
         while tail and tail[0][0] < upto - keep_tail:
             tail.popleft()
 
-    def release_acked(self, keep_holding: bool = False) -> None:
-        """The collector read what it acknowledged: that need not be kept any longer (``keep_holding``:
-        what it acknowledges later is kept again, until it shows it reads that too)."""
-        self.hold_acked = False
-        self.acknowledged(self.acked)
-        self.hold_acked = keep_holding
+    def read_all(self) -> None:
+        """The collector showed it read everything it acknowledged: nothing of it can be lost any more."""
+        self._acked_tail.clear()
 
     def let_go(self, nbytes: int) -> None:
         """The handler's memory budget needs ``nbytes``: stop keeping the oldest written messages for a
@@ -389,14 +396,14 @@ class SendQueue:
         self.budget.used -= released
 
     def _take_unacked(self, reason: str, acked: str = DELIVERED) -> list:
-        """The written messages not acknowledged whole, oldest first (with ``acked`` = ``RESEND``, the kept
-        acknowledged ones too); the record of them is cleared. Those let go under memory pressure cannot be
-        sent again: counted as lost for ``reason``, and so are the kept acknowledged ones with ``COUNT``."""
+        """The written messages not acknowledged whole, oldest first; the record of them is cleared. Those let
+        go under memory pressure cannot be sent again: counted as lost for ``reason``; with ``COUNT``, so is
+        the acknowledged tail."""
         out: list = []
         upto, msgs, records = self.acked, 0, 0
         lost: list = []
         for base, ends, entries in self._unacked:
-            first = 0 if acked is RESEND else bisect.bisect_right(ends, upto - base)
+            first = bisect.bisect_right(ends, upto - base)
             if entries.__class__ is list:
                 out += entries[first:]
                 if acked is COUNT:

@@ -8,6 +8,7 @@ is injected (``make_output``): the session decides, the ``net`` package connects
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import Callable
 
 from ..config import Mode, TemplateLimits
@@ -57,6 +58,9 @@ class Forwarding:
         self.stall_seconds = stall_seconds  # 0: no stall detection
         self.template_limits = template_limits
         self.drain_seconds = drain_seconds  # after the exporter left: how long its queues may wait
+
+
+_left = itertools.count()  # the order in which sessions began to drain
 
 
 class ExporterSession:
@@ -173,10 +177,15 @@ class ExporterSession:
         if self.state is not Lifecycle.OPEN:
             return
         self.state = Lifecycle.DRAINING
+        self.left = next(_left)
         self.counters.unknown_template += self.tracker.unknown_template
         for queue in list(self.queues):
             queue.close_when_drained()
         self._queue_closed(None)
+
+    def abandon(self, reason: str) -> int:
+        """Close every output now, counting what it holds for ``reason``; returns the messages lost."""
+        return sum(q.close(reason) for q in list(self.queues))
 
     @property
     def queued_bytes(self) -> int:

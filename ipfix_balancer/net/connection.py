@@ -25,7 +25,7 @@ import termios
 import time
 
 from ..core.lifecycle import Action, State
-from ..core.sendqueue import COUNT, DELIVERED, DRAIN_DEADLINE, MSG, OVERSIZE, PROBATION, RESEND, UP, SendQueue
+from ..core.sendqueue import COUNT, DELIVERED, DRAIN_DEADLINE, MSG, OVERSIZE, PROBATION, UP, SendQueue
 from ..logs import Throttle
 from .loop import READ, WRITE, Loop
 
@@ -147,8 +147,8 @@ class OutputConnection:
             self._stall()
         elif action is Action.RESET:
             # Still stalled: RoundRobin gives the connection up (reset, so the kernel delivers none of it)
-            # and moves everything not acknowledged, and what was acknowledged but never shown read, to the
-            # live subreceivers.
+            # and moves everything not acknowledged to the live subreceivers; what its kernel acknowledged
+            # and its process may not have read is counted.
             self._fail(ConnectionAbortedError(self.queue.stats.last_error), reset=True)
         elif action is Action.CLOSE:
             self._give_up()
@@ -198,9 +198,8 @@ class OutputConnection:
 
     def _up(self) -> None:
         queue = self.queue
-        state = self.life.connected(time.monotonic())
-        queue.hold_acked = self._tcp  # until the collector shows it reads what its kernel acknowledges
-        queue.tail_bytes = 0
+        state = self.life.connected(time.monotonic(), (peer_window(self.sock) or 0) if self._tcp else 0)
+        queue.tail_bytes = self.life.proof_bytes if self._tcp else 0  # until it shows it reads
         queue.connection_up(int(time.time()))
         if state is UP:
             self._healthy()
@@ -275,10 +274,10 @@ class OutputConnection:
         if reset:
             self._reset()
         self._release()
-        if not self._tcp or clean or (not reset and life.proven):
-            acked = DELIVERED
-        else:  # reset by us before it showed it reads: its kernel discards what it holds, send it elsewhere
-            acked = RESEND if reset and not life.proven else COUNT
+        # A reset, ours or the collector's, discards what its process had not read: at most the tail
+        # acknowledged since it last showed it read, counted. (A collector that worked, then reset, most
+        # likely had read everything: not counted.)
+        acked = COUNT if self._tcp and not clean and (reset or not life.proven) else DELIVERED
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         resent, news = queue.connection_lost(reason, acked)
         delay = life.lost(time.monotonic(), stalled=reset)
@@ -353,11 +352,10 @@ class OutputConnection:
             queue.acknowledged(acked)
         action = life.observe(now, acked, None if life.proven else peer_window(self.sock))
         if action is Action.PROVEN:
-            queue.release_acked()
             queue.tail_bytes = life.probe_bytes  # what a later reset for a stall may cost: counted
             self._healthy(reason="takes data again")
         elif action is Action.READ:
-            queue.release_acked(keep_holding=True)
+            queue.read_all()
             if queue.stats.last_error:
                 self._healthy(reason="takes data again")
         if queue.closing:

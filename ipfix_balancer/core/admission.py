@@ -3,11 +3,12 @@
 A slot is worth what it delivers: a session counts as active only by its *whole* messages (a byte a second
 keeps no slot), one that has not delivered its first whole message within FIRST_MESSAGE_SECONDS is closed,
 and at a cap the sessions that never delivered one go first, then one idle for IDLE_EVICT_SECONDS, before
-a new exporter is refused (a session younger than SILENT_GRACE has not had its turn yet and is spared). Sources are counted as an operator blocks them: an IPv4 address, an IPv6 /64
-(one host owns a whole /64). New UDP sessions are rate-limited (``Rate``): spoofed source ports cannot
-make the balancer open connections to its collectors faster than that.
+a new exporter is refused (a session younger than SILENT_GRACE has not had its turn yet and is spared).
+Sources are counted as an operator blocks them: an IPv4 address, an IPv6 /64 (one host owns a whole /64).
+New UDP sessions are rate-limited (``Rate``): spoofed source ports cannot make the balancer open
+connections to its collectors faster than that. Failed console logins are throttled (``FailureThrottle``).
 
-Pure: the listener passes the time in and carries the verdicts out (``net/listener.py``).
+Pure: the callers pass the time in and carry the verdicts out (``net/listener.py``, ``console/app.py``).
 """
 
 from __future__ import annotations

@@ -182,7 +182,8 @@ class Listener:
 
     def set_limits(self, limits: Limits) -> None:
         self.limits = limits
-        self.admission.max_sessions, self.admission.max_per_source = limits.max_sessions, limits.max_sessions_per_source
+        self.admission.max_sessions = limits.max_sessions
+        self.admission.max_per_source = limits.max_sessions_per_source
         self._verdicts.clear()
 
     def _allowed(self, host: str) -> bool:

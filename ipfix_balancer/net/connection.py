@@ -266,19 +266,23 @@ class OutputConnection:
         delivers none of what goes elsewhere. ``clean``: the collector closed (FIN): a process that closes
         with unread data resets instead, so everything it acknowledged was read."""
         queue, life = self.queue, self.life
-        if self._tcp and self.sock is not None:
-            acked = queue.sent_total - unsent_bytes(self.sock)  # the last word (valid after a reset)
+        if self._tcp and self.sock is not None and life.state is not State.CONNECTING:
+            # The last word on what its TCP acknowledged, and the window it last advertised (both valid
+            # after a reset).
+            acked = queue.sent_total - unsent_bytes(self.sock)
             if acked > queue.acked:
                 queue.acknowledged(acked)
-        elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+            life.observe(time.monotonic(), acked, peer_window(self.sock))
+        elif not self._tcp and isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
             queue.refused()
         if reset:
             self._reset()
         self._release()
-        # A reset, ours or the collector's, discards what its process had not read: at most the tail it
-        # acknowledged since it last showed it read, counted. A collector whose process closes with nothing
-        # unread sends FIN (``clean``), one that closes or dies with data unread sends RST.
-        acked = COUNT if self._tcp and not clean else DELIVERED
+        # A reset discards what the collector's process had not read: what it acknowledged since it last
+        # showed it read, up to what its buffer can hold, is counted when the evidence says it sat unread:
+        # we reset it for a stall (its window was closed), or its window was below half the largest it
+        # advertised. (A process that closes with nothing unread sends FIN: ``clean``.)
+        acked = COUNT if self._tcp and not clean and (reset or life.unread) else DELIVERED
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         resent, news = queue.connection_lost(reason, acked)
         delay = life.lost(time.monotonic(), stalled=reset)

@@ -30,6 +30,7 @@ UNIT = "fast_ipfix_balancer.service"
 PROG = "ipfix-balancer"
 PATHS = {
     "config_path": DEFAULT_CONFIG_PATH,
+    "config_dir": os.path.dirname(DEFAULT_CONFIG_PATH),
     "run_dir": "/run/fast_ipfix_balancer",
     "dump_root": DUMP_ROOT,
     "bindir": "/usr/bin",

@@ -3,6 +3,7 @@ ipfix_balancer/skel/, click's commands), and the hash-pinned lock files every in
 from __future__ import annotations
 
 import configparser
+import os
 import re
 import subprocess
 import sys
@@ -48,7 +49,9 @@ def test_unit_paths_are_the_products_defaults():
     text = render.unit()
     assert f"Environment=IPFIX_BALANCER_CONFIG={config.DEFAULT_CONFIG_PATH}\n" in text
     assert "ExecStart=/usr/bin/ipfix-balancer run\n" in text
-    assert f"ReadWritePaths=-{config.DUMP_ROOT} /run/fast_ipfix_balancer\n" in text
+    # the console's Apply and token need the .env's directory (README "Console")
+    assert (f"ReadWritePaths=-{config.DUMP_ROOT} -{os.path.dirname(config.DEFAULT_CONFIG_PATH)} "
+            "/run/fast_ipfix_balancer\n") in text
     assert "{{" not in text and "{%" not in text
 
 

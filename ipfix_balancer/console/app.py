@@ -293,7 +293,13 @@ async def _write_and_reload(console: ConsoleState, request: Request, session: Se
     except (reload_mod.NotRunning, TimeoutError) as exc:
         return await receivers(console, request, session, problems=[f"written, but not applied: {exc}"])
     if outcome.result == reload_mod.REFUSED:
-        return await receivers(console, request, session, problems=outcome.lines())
+        # (a new port another process holds): the file goes back to what runs, so the table, the next
+        # restart and the file on disk all tell the same story
+        if new != old:
+            envfile.write_atomic(console.config_path, old, new)
+            console.log.warning("console_config_restored", config=console.config_path)
+        return await receivers(console, request, session, problems=outcome.lines() + (
+            [f"{console.config_path} was restored to the running configuration"] if new != old else []))
     return await receivers(console, request, session, message=outcome.lines())
 
 

@@ -144,12 +144,13 @@ def stop(run_dir, timeout) -> None:
 @main.command()
 @_run_dir_option
 @click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for the supervisor's outcome")
-def reload(run_dir, timeout) -> None:
+@click.option("--main-pid", type=int, default=None, hidden=True, help="the unit's $MAINPID (ExecReload)")
+def reload(run_dir, timeout, main_pid) -> None:
     """Validate the file the running supervisor reads, ask it to apply it (SIGHUP) and print what it did:
     settings applied in place, handlers replaced, started or stopped. Exit 1 when refused (nothing changed)."""
     from .control import reload as reload_mod
     try:
-        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout)
+        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout, main_pid)
     except (reload_mod.NotRunning, TimeoutError) as exc:
         click.echo(f"ipfix-balancer: {exc}", err=True)
         sys.exit(1)

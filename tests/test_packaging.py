@@ -335,7 +335,7 @@ def test_unit_settings(root):
     one = {k: v[-1] for k, v in s.items()}
     assert one["Type"] in ("simple", "notify")
     assert one["ExecStart"] == "/usr/bin/ipfix-balancer run"
-    assert one["ExecReload"] == "/usr/bin/ipfix-balancer reload"  # waits for the outcome: a bad file fails
+    assert one["ExecReload"] == "/usr/bin/ipfix-balancer reload --main-pid $MAINPID"  # waits for the outcome: a bad file fails
     assert one["Restart"] == "on-failure"
     assert one["KillMode"] == "mixed"      # SIGTERM to the supervisor only: it orchestrates the drain
     assert int(one["TimeoutStopSec"]) > 15  # handlers drain 10 s, the supervisor kills them after 15 s

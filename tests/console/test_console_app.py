@@ -145,3 +145,16 @@ def test_an_apply_the_supervisor_refuses_restores_the_file_and_shows_why(client,
     assert "was restored to the running configuration" in answer.text
     assert client.path.read_text() == ENV
     assert "IPFIX_FULLFLOW_PORT[0]=2000" in (client.path.parent / ".env.previous").read_text()
+
+
+def test_apply_checks_a_subreceiver_on_the_listening_port_off_the_event_loop(client):
+    """The manual's example sends Fullflow from port 1500 to collectors' port 1500: the checker then asks
+    netlink whether the collector is this host (a loop), and pyroute2 refuses inside a running event loop."""
+    client.path.write_text(ENV.replace("10.0.0.1/1", "10.0.0.1/1500"))
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "PORT_TYPE": "tcp",
+                                                   "BALANCER": "RoundRobin", "BALANCER_SUB_PROTO": "tcp",
+                                                   "BALANCER_AUTO": "Disabled"})
+    assert answer.status_code == 200, answer.text
+    assert "cannot check the configuration" not in answer.text
+    assert "IPFIX_FULLFLOW_BALANCER[0]=RoundRobin" in client.path.read_text()

@@ -230,7 +230,7 @@ def test_systemctl_reload_applies_a_good_file_and_refuses_a_bad_one_or_an_unbind
     dns = box.handler("dnsflow[0]")["pid"]
     box.sh(f"cat > {CONFIG}", input=good.replace("IPFIX_DNSFLOW_BALANCER[0]=RoundRobin", "IPFIX_DNSFLOW_BALANCER[0]=All"))
     box.sh(f"systemctl reload {UNIT}")
-    assert box.handler("dnsflow[0]")["pid"] == dns and box.handler("dnsflow[0]")["mode"] == "All"
+    assert box.wait_handler("dnsflow[0]", lambda h: h["mode"] == "All")["pid"] == dns
     sent = box.export("DNSFLOW", dns_port, 4)
     assert box.delivered("DNSFLOW", sent) == sorted(sent * 2), "All: each collector has every record"
 
@@ -249,7 +249,7 @@ def test_systemctl_reload_applies_a_good_file_and_refuses_a_bad_one_or_an_unbind
 
     box.sh(f"cat > {CONFIG}", input=good)
     box.sh(f"systemctl reload {UNIT}")
-    assert box.handler("dnsflow[0]")["mode"] == "RoundRobin"
+    box.wait_handler("dnsflow[0]", lambda h: h["mode"] == "RoundRobin")
 
 
 def test_the_watchdog_replaces_a_stopped_supervisor(box):
@@ -292,7 +292,7 @@ def test_console_token_login_and_apply_work_under_the_shipped_unit(box):
     page = box.out(f"python3 - {token_file} <<'EOF'\n{CONSOLE_CLIENT}\nEOF")
     assert "applied in place: clickstream[0]" in page, page[-2000:]
     assert "IPFIX_CLICKSTREAM_BALANCER[0]=All" in box.out(f"cat {CONFIG}")
-    assert box.handler("clickstream[0]")["mode"] == "All"
+    box.wait_handler("clickstream[0]", lambda h: h["mode"] == "All")
     port, _ = _receivers(_manual_config())["CLICKSTREAM"]
     sent = box.export("CLICKSTREAM", port, 4)
     assert box.delivered("CLICKSTREAM", sent) == sorted(sent * 2)
@@ -318,7 +318,7 @@ def test_root_outside_systemd_drops_to_the_service_user_and_is_found_stopped_and
     status = box.status()  # exit 0: it is found
     pid = status["supervisor_pid"]
     assert status["running"] and len(status["handlers"]) == 3, status
-    assert box.out(f"ps -o user=,comm= -p {pid}").split() == ["ipfix-balancer", "ipfix-balancer"]
+    assert box.out(f"ps -o user:20=,comm= -p {pid}").split() == ["ipfix-balancer", "ipfix-balancer"]
     assert "reloaded" in box.out("ipfix-balancer reload")
     box.sh("ipfix-balancer-stop")
     assert box.sh(f"kill -0 {pid}", check=False).returncode != 0

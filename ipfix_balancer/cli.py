@@ -84,6 +84,12 @@ def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
     except OSError as exc:
         log.error("not_started", reason=f"cannot become {user.pw_name}: {exc}")
         sys.exit(3)
+    problem = privileges.out_of_reach(config_path, run_dir)
+    if problem is not None:  # one line now, not a traceback from the first handler or file that fails
+        log.error("not_started", reason=f"started as root, it runs as {user.pw_name}, who {problem}; install it "
+                  f"where that user can read it (the RPM: /usr/bin/ipfix-balancer), or set IPFIX_BALANCER_USER= "
+                  "(empty) to run as root")
+        sys.exit(3)
     log.info("privileges_dropped", user=user.pw_name, capabilities=list(caps))
 
 

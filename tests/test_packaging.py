@@ -82,6 +82,7 @@ def _product_env(root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTHON", "IPFIX_BALANCER_", "JOURNAL_STREAM", "VIRTUAL_ENV"))}
     env["PATH"] = f"{root}/usr/bin:{env.get('PATH', '/usr/bin:/bin')}"
+    env["IPFIX_BALANCER_USER"] = ""  # hermetic: root stays root where the RPM made the service user
     env.update(extra)
     return env
 

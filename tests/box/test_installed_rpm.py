@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from ipfixkit import TcpExporter, TcpSink, extract_serials, make_stream, wait_until
+from ipfixkit import InNs, TcpExporter, TcpSink, extract_serials, make_stream, manual_receivers, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BOX = REPO / "scripts" / "systemd-box"
@@ -43,16 +43,6 @@ def _manual_config() -> str:
     text = (REPO / "etc" / "manual-example.env").read_text()
     return ("".join(line for line in text.splitlines(keepends=True) if "_BALANCER_TASKSET[" not in line)
             + "IPFIX_BALANCER_CONSOLE=127.0.0.1/8480\n")
-
-
-def _receivers(text: str) -> dict[str, tuple[int, list[tuple[str, int]]]]:
-    """STREAM -> (port, [(collector address, port), ...]) of receiver [0] as the file says."""
-    out = {}
-    for stream in ("FULLFLOW", "CLICKSTREAM", "DNSFLOW"):
-        port = int(re.search(rf"^IPFIX_{stream}_PORT\[0\]=(\d+)$", text, re.M).group(1))
-        subs = re.search(rf"^IPFIX_{stream}_BALANCER_SUB\[0\]=(\S+)$", text, re.M).group(1)
-        out[stream] = (port, [(h, int(p)) for h, p in (s.split("/") for s in subs.split(","))])
-    return out
 
 
 class Box:
@@ -97,17 +87,9 @@ class Box:
             return h if predicate(h) else None
         return wait_until(matched, f"{name}'s status", timeout=20, diag=lambda: json.dumps(self.handler(name)))
 
-    def in_col(self):
-        """Sockets made in this block belong to the collectors' namespace (setns on this thread only)."""
-        box = self
-
-        class _In:
-            def __enter__(self):
-                box.netns.pushns(box.col)
-
-            def __exit__(self, *exc):
-                box.netns.popns()
-        return _In()
+    def in_col(self) -> InNs:
+        """Sockets made in this block belong to the collectors' namespace."""
+        return InNs(self.netns, self.col)
 
     def export(self, stream: str, port: int, n: int, exporter: TcpExporter | None = None) -> list[int]:
         """Send n data messages of 3 records (and the template) to the receiver on port; the serials sent."""
@@ -168,7 +150,7 @@ def box(tmp_path_factory):
              f"printf '[Service]\\nWatchdogSec={WATCHDOG_SEC}\\n' > /etc/systemd/system/{UNIT}.service.d/test.conf "
              "&& systemctl daemon-reload")
         with b.in_col():
-            for stream, (_port, subs) in _receivers(_manual_config()).items():
+            for stream, (_port, subs) in manual_receivers(_manual_config()).items():
                 b.sinks[stream] = [TcpSink(port, host=host).__enter__() for host, port in subs]
         yield b
     finally:
@@ -189,7 +171,7 @@ def test_systemctl_start_waits_for_ready_and_every_record_reaches_the_manuals_co
     assert all(h["listen"]["listening"] for h in box.status()["handlers"])
     assert box.show("StatusText").startswith("3/3 handlers healthy"), box.show("StatusText")
     assert took < 20
-    for stream, (port, subs) in _receivers(_manual_config()).items():
+    for stream, (port, subs) in manual_receivers(_manual_config()).items():
         sent = box.export(stream, port, 12)
         assert box.delivered(stream, sent) == sent, f"{stream}: every record exactly once"
     for name in ("fullflow[0]", "clickstream[0]", "dnsflow[0]"):
@@ -207,7 +189,7 @@ def test_the_manuals_journal_command_shows_the_balancers_lines(box):
 
 
 def test_ipfix_balancer_restart_keeps_the_exporter_connected(box):
-    port, _ = _receivers(_manual_config())["FULLFLOW"]
+    port, _ = manual_receivers(_manual_config())["FULLFLOW"]
     main_pid = box.show("MainPID")
     old = box.handler("fullflow[0]")["pid"]
     with box.in_col():
@@ -226,7 +208,7 @@ def test_ipfix_balancer_restart_keeps_the_exporter_connected(box):
 
 def test_systemctl_reload_applies_a_good_file_and_refuses_a_bad_one_or_an_unbindable_port(box):
     good = _manual_config()
-    dns_port, _ = _receivers(good)["DNSFLOW"]
+    dns_port, _ = manual_receivers(good)["DNSFLOW"]
     dns = box.handler("dnsflow[0]")["pid"]
     box.sh(f"cat > {CONFIG}", input=good.replace("IPFIX_DNSFLOW_BALANCER[0]=RoundRobin", "IPFIX_DNSFLOW_BALANCER[0]=All"))
     box.sh(f"systemctl reload {UNIT}")
@@ -261,7 +243,7 @@ def test_the_watchdog_replaces_a_stopped_supervisor(box):
                "the new handlers to listen", timeout=30, diag=box.journal)
     assert "Watchdog timeout" in box.out(f"journalctl -u {UNIT} --no-pager")
     assert box.show("NRestarts") == "1"
-    port, _ = _receivers(_manual_config())["CLICKSTREAM"]
+    port, _ = manual_receivers(_manual_config())["CLICKSTREAM"]
     sent = box.export("CLICKSTREAM", port, 4)
     assert box.delivered("CLICKSTREAM", sent) == sent
 
@@ -293,7 +275,7 @@ def test_console_token_login_and_apply_work_under_the_shipped_unit(box):
     assert "applied in place: clickstream[0]" in page, page[-2000:]
     assert "IPFIX_CLICKSTREAM_BALANCER[0]=All" in box.out(f"cat {CONFIG}")
     box.wait_handler("clickstream[0]", lambda h: h["mode"] == "All")
-    port, _ = _receivers(_manual_config())["CLICKSTREAM"]
+    port, _ = manual_receivers(_manual_config())["CLICKSTREAM"]
     sent = box.export("CLICKSTREAM", port, 4)
     assert box.delivered("CLICKSTREAM", sent) == sorted(sent * 2)
 

@@ -169,8 +169,11 @@ def test_rpm_file_list(rpm_file):
                COMPLETION)
     stray = [f for f in files if f and not f.startswith(allowed)]
     assert not stray, stray
-    # The venv is not vendoring pip or test tooling.
+    # The venv is not vendoring pip or test tooling, nor activate scripts, tools of its dependencies or headers.
     assert not any(f"{site}/pip/" in f or f"{site}/pytest/" in f for f in files)
+    assert {f for f in files if f.startswith(f"{APPDIR}/bin/")} == {
+        f"{APPDIR}/bin/{name}" for name in ("ipfix-balancer", "python", "python3", "python3.11")}
+    assert not any(f.startswith(f"{APPDIR}/include") for f in files)
 
 
 def test_rpm_requires_the_distribution_python(rpm_file):

@@ -64,7 +64,10 @@ def _child_setup(parent_pid: int) -> None:
     """In the child before exec: die with the supervisor; and SIGHUP (rotation relay) is ignored until
     the handler installs its own handlers, so one arriving while it starts (imports take a while) does
     not kill it: its default action is to terminate, and SIG_IGN survives exec. SIGUSR2 (new settings,
-    before the channel) stays ignored: a supervisor of an earlier version may still send it."""
+    before the channel) stays ignored: a supervisor of an earlier version may still send it. A process
+    group of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches the supervisor only,
+    which stops the children in order, instead of interrupting them mid-import ("Aborted!")."""
+    os.setpgid(0, 0)
     die_with_parent(parent_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
@@ -388,7 +391,9 @@ class Supervisor:
                 self.log.error("handler_kill", handler=child.name, reason="did not stop in time")
                 child.proc.kill()
                 code = child.proc.wait()
-            if code != 0:
+            if child is self.console and code in (0, -signal.SIGTERM):
+                pass  # uvicorn re-raises the SIGTERM it handled: the console stopped as asked
+            elif code != 0:
                 clean = False
                 self.log.error("handler_exit", handler=child.name, exit_code=code)
             child.proc = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -33,9 +34,20 @@ def _load_or_exit(config_path: str | None, refusal: str) -> tuple[str, config_mo
         return path, config_mod.load(path)
     except config_mod.ConfigError as err:
         click.echo(f"{refusal}{path}: {len(err.problems)} problem(s):", err=True)
-        for problem in err.problems:
+        for problem in _with_lines(path, err.problems):
             click.echo(f"  - {problem}", err=True)
         sys.exit(1)
+
+
+def _with_lines(path: str, messages) -> list[str]:
+    """``line N: `` before each message about a key written on line N of the file."""
+    lines = config_mod.key_lines(path)
+    out = []
+    for message in messages:
+        key = re.match(r"IPFIX_\w+(\[[^\]=]*\])?", message)
+        line = lines.get(key.group()) if key else None
+        out.append(f"line {line}: {message}" if line else message)
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -98,7 +110,7 @@ def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
 def check_config(config_path) -> None:
     """Validate the .env: print every problem at once; exit 1 if there is any."""
     path, cfg = _load_or_exit(config_path, "")
-    for warning in cfg.warnings:
+    for warning in _with_lines(path, cfg.warnings):
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: OK, {len(cfg.receivers)} receiver(s)")
     for rc in cfg.receivers:

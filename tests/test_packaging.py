@@ -31,6 +31,7 @@ CONFIG = "/var/fast_ipfix_balancer/backend/.env"
 SCRIPTS = ("ipfix-balancer-stop", "ipfix-balancer-restart", "ipfix-balancer-status")
 PYTHON = "/usr/bin/python3.11"   # the distribution's interpreter the venv is built from and links to
 MANPAGE = "/usr/share/man/man8/ipfix-balancer.8"
+ENV_MANPAGE = "/usr/share/man/man5/ipfix-balancer.env.5"
 COMPLETION = "/usr/share/bash-completion/completions/ipfix-balancer"
 
 pytestmark = pytest.mark.skipif(
@@ -166,6 +167,7 @@ def test_rpm_file_list(rpm_file):
     assert any(f.endswith(".pyc") and "/ipfix_balancer/__pycache__/" in f for f in files), "no bytecode"
     # Nothing outside the product's own places (no stray /usr/lib/python3*, no build paths).
     allowed = (APPDIR, "/usr/bin/ipfix-balancer", "/usr/lib/systemd/system/", "/var/fast_ipfix_balancer", MANPAGE,
+               ENV_MANPAGE,
                COMPLETION)
     stray = [f for f in files if f and not f.startswith(allowed)]
     assert not stray, stray
@@ -251,6 +253,8 @@ def test_man_page_and_completion(rpm_file, root, tmp_path):
     if shutil.which("groff"):
         res = _run(["groff", "-man", "-Tutf8", "-ww", str(man)])
         assert res.returncode == 0 and res.stderr == "", res.stderr
+    # ipfix-balancer.env(5): every .env key (tests/test_render.py checks the text)
+    assert any(f in (ENV_MANPAGE, ENV_MANPAGE + ".gz") for f in files), files
     # Bash completion: click's script, asking the installed command itself.
     script = root / COMPLETION.lstrip("/")
     probe = (f"source '{script}'; COMP_WORDS=(ipfix-balancer check); COMP_CWORD=1; "

@@ -55,9 +55,10 @@ def test_root_run_drops_to_the_service_user_with_only_the_needed_capability(serv
     low, high = free_low_port(), free_port()
     with TcpSink() as sink:
         bal = reachable_balancer(
-            f"IPFIX_FULLFLOW_PORT[0]={low}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+            # All, not the default Disabled: a recorder would write into the real /var/fast_ipfix_balancer/dump
+            f"IPFIX_FULLFLOW_PORT[0]={low}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\nIPFIX_FULLFLOW_BALANCER[0]=All\n"
             f"IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}\n"
-            f"IPFIX_CLICKSTREAM_PORT[0]={high}\nIPFIX_CLICKSTREAM_BIND[0]=127.0.0.1\n"
+            f"IPFIX_CLICKSTREAM_PORT[0]={high}\nIPFIX_CLICKSTREAM_BIND[0]=127.0.0.1\nIPFIX_CLICKSTREAM_BALANCER[0]=All\n"
             f"IPFIX_CLICKSTREAM_BALANCER_SUB[0]=127.0.0.1/{sink.port}\n",
             env={"IPFIX_BALANCER_USER": service_user})
         bal.config_path.chmod(0o644)

@@ -1258,3 +1258,14 @@ class InNs:
 
     def __exit__(self, *exc):
         self.netns.popns()
+
+
+def link_up(netns_name: str, ifname: str, addrs: Iterable[str], prefixlen: int = 24) -> None:
+    """In network namespace ``netns_name``: loopback up, ``ifname`` up with ``addrs`` (pyroute2)."""
+    from pyroute2 import NetNS
+    with NetNS(netns_name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        index = ns.link_lookup(ifname=ifname)[0]
+        for addr in addrs:
+            ns.addr("add", index=index, address=addr, prefixlen=prefixlen)
+        ns.link("set", index=index, state="up")

@@ -25,7 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from ipfixkit import InNs, TcpExporter, TcpSink, extract_serials, make_stream, manual_receivers, wait_until
+from ipfixkit import InNs, TcpExporter, TcpSink, extract_serials, link_up, make_stream, manual_receivers, \
+    wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 BOX = REPO / "scripts" / "systemd-box"
@@ -120,7 +121,7 @@ class Box:
 def box(tmp_path_factory):
     for tool in ("systemd-nspawn", "debootstrap", "rpmbuild", "nsenter", "unshare"):
         assert shutil.which(tool), f"{tool} not found: scripts/install-deps installs it"
-    from pyroute2 import IPRoute, NetNS, netns
+    from pyroute2 import IPRoute, netns
     tmp = tmp_path_factory.mktemp("box")
     built = subprocess.run([str(REPO / "scripts" / "build-rpm"), "-o", str(tmp / "dist")], capture_output=True,
                            text=True, timeout=300)
@@ -136,12 +137,7 @@ def box(tmp_path_factory):
         veth = (state / "veth").read_text().strip()
         with IPRoute() as ipr:
             ipr.link("set", index=ipr.link_lookup(ifname=veth)[0], net_ns_fd=col)
-        with NetNS(col) as ns:
-            ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-            index = ns.link_lookup(ifname=veth)[0]
-            for addr in COLLECTOR_ADDRS:
-                ns.addr("add", index=index, address=addr, prefixlen=24)
-            ns.link("set", index=index, state="up")
+        link_up(col, veth, COLLECTOR_ADDRS)
         b.sh(f"ip link set lo up && ip addr add {BAL_ADDR}/24 dev host0 && ip link set host0 up")
         b.sh("cat > /root/balancer.rpm", input=rpm.read_bytes())
         b.sh("rpm -i --nodeps --force-debian /root/balancer.rpm")

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ipfixkit import InNs, TcpExporter, TcpSink, make_stream, manual_receivers, product_env, set_ids, status_filename, \
-    wait_until
+from ipfixkit import InNs, TcpExporter, TcpSink, link_up, make_stream, manual_receivers, product_env, set_ids, \
+    status_filename, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MANUAL = REPO / "etc" / "manual-example.env"
@@ -35,7 +35,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
 @pytest.fixture
 def namespaces():
     pyroute2 = pytest.importorskip("pyroute2")
-    from pyroute2 import IPRoute, NetNS, netns
+    from pyroute2 import IPRoute, netns
     tag = f"{os.getpid() % 100000}"
     bal, col = f"ipfixbal-dpi{tag}", f"ipfixbal-qoe{tag}"
     veth_bal, veth_col = f"ipfb{tag}", f"ipfc{tag}"
@@ -52,13 +52,8 @@ def namespaces():
             ipr.link("add", ifname=veth_bal, kind="veth", peer=veth_col)
             ipr.link("set", index=ipr.link_lookup(ifname=veth_bal)[0], net_ns_fd=bal)
             ipr.link("set", index=ipr.link_lookup(ifname=veth_col)[0], net_ns_fd=col)
-        for name, ifname, addrs in ((bal, veth_bal, (BAL_ADDR,)), (col, veth_col, COLLECTOR_ADDRS)):
-            with NetNS(name) as ns:
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-                index = ns.link_lookup(ifname=ifname)[0]
-                for addr in addrs:
-                    ns.addr("add", index=index, address=addr, prefixlen=24)
-                ns.link("set", index=index, state="up")
+        link_up(bal, veth_bal, (BAL_ADDR,))
+        link_up(col, veth_col, COLLECTOR_ADDRS)
         yield bal, col, netns
     finally:
         for name in (bal, col):   # removing a namespace removes its end of the veth pair, and so the pair

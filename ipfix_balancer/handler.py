@@ -19,7 +19,7 @@ import time
 from .config import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
-from .control.ports import listen_failure
+from .control.ports import bind, listen_failure
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
@@ -29,7 +29,7 @@ from .core.templates import TemplateLimit
 from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import TcpListener, UdpListener, bind, peer_host
+from .net.listener import TcpListener, UdpListener, peer_host
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0

@@ -93,7 +93,7 @@ class ConsoleState:
     # -- data ------------------------------------------------------------------------------------
     def receiver_rows(self, text: str, report: status_mod.StatusReport) -> list[dict]:
         """One row per receiver of the file (its effective settings when the file is valid, else as
-        written), joined with its handler's live state."""
+        written), joined with its handler's live state. Called in a worker thread (see _check)."""
         try:
             effective = {(rc.stream, rc.index): rc for rc in config_mod.load_text(text, self.config_path).receivers}
         except config_mod.ConfigError:
@@ -188,7 +188,7 @@ async def _table(console: ConsoleState) -> dict:
     """The receiver table's rows, and the digest of the file they come from (for Delete)."""
     text = envfile.read(console.config_path)
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
-    return {"rows": console.receiver_rows(text, report), "digest": envfile.digest(text)}
+    return {"rows": await run_in_threadpool(console.receiver_rows, text, report), "digest": envfile.digest(text)}
 
 
 async def receivers(console: ConsoleState, request: Request, session: Session, message: list[str] | None = None,
@@ -262,7 +262,7 @@ async def apply_receiver(console: ConsoleState, request: Request, session: Sessi
     env.set_receiver(stream, index, values)
     new_text = env.text()
     try:
-        config_mod.load_text(new_text, console.config_path)
+        await _check(console, new_text)
     except config_mod.ConfigError as err:
         by_field, rest = fields.field_problems(err.problems, stream, index)
         return again(422, errors=by_field, problems=rest)
@@ -278,10 +278,16 @@ async def delete_receiver(console: ConsoleState, request: Request, session: Sess
     env = envfile.EnvFile(text)
     env.delete_receiver(stream, index)
     try:
-        config_mod.load_text(env.text(), console.config_path)
+        await _check(console, env.text())
     except config_mod.ConfigError as err:
         return await receivers(console, request, session, problems=err.problems)
     return await _write_and_reload(console, request, session, text, env.text())
+
+
+async def _check(console: ConsoleState, text: str) -> None:
+    """check-config's checker, off the event loop: it asks netlink (pyroute2) for this host's addresses,
+    which refuses to run inside a running asyncio loop. Raises ConfigError."""
+    await run_in_threadpool(config_mod.load_text, text, console.config_path)
 
 
 async def _write_and_reload(console: ConsoleState, request: Request, session: Session, old: str, new: str) -> Response:
@@ -293,7 +299,13 @@ async def _write_and_reload(console: ConsoleState, request: Request, session: Se
     except (reload_mod.NotRunning, TimeoutError) as exc:
         return await receivers(console, request, session, problems=[f"written, but not applied: {exc}"])
     if outcome.result == reload_mod.REFUSED:
-        return await receivers(console, request, session, problems=outcome.lines())
+        # (a new port another process holds): the file goes back to what runs, so the table, the next
+        # restart and the file on disk all tell the same story
+        if new != old:
+            envfile.write_atomic(console.config_path, old, new)
+            console.log.warning("console_config_restored", config=console.config_path)
+        return await receivers(console, request, session, problems=outcome.lines() + (
+            [f"{console.config_path} was restored to the running configuration"] if new != old else []))
     return await receivers(console, request, session, message=outcome.lines())
 
 

@@ -127,3 +127,34 @@ def test_a_refused_type_change_keeps_the_form_on_the_receiver_being_edited(clien
                                                    "PORT": "1501"})
     assert "IPFIX_CLICKSTREAM_PORT[0]=1501\n" in client.path.read_text()
     assert "FULLFLOW" not in client.path.read_text()
+
+
+def test_an_apply_the_supervisor_refuses_restores_the_file_and_shows_why(client, monkeypatch):
+    """Transactional Apply: a new port another process holds is refused by the supervisor after the file
+    was written; the file goes back to the running configuration and the page says so."""
+    from ipfix_balancer.console import app as app_mod
+    problem = "fullflow[0]: cannot listen on tcp 0.0.0.0:2000: address already in use by pid 7 (nc)"
+    monkeypatch.setattr(app_mod.reload_mod, "request", lambda run_dir: app_mod.reload_mod.Outcome(
+        generation=3, result="refused", config=str(client.path), problems=[problem]))
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "PORT": "2000", "PORT_TYPE": "tcp",
+                                                   "BALANCER": "All", "BALANCER_SUB_PROTO": "tcp",
+                                                   "BALANCER_AUTO": "Disabled"})
+    assert "reload refused, the running configuration stays" in answer.text
+    assert problem in answer.text
+    assert "was restored to the running configuration" in answer.text
+    assert client.path.read_text() == ENV
+    assert "IPFIX_FULLFLOW_PORT[0]=2000" in (client.path.parent / ".env.previous").read_text()
+
+
+def test_apply_checks_a_subreceiver_on_the_listening_port_off_the_event_loop(client):
+    """The manual's example sends Fullflow from port 1500 to collectors' port 1500: the checker then asks
+    netlink whether the collector is this host (a loop), and pyroute2 refuses inside a running event loop."""
+    client.path.write_text(ENV.replace("10.0.0.1/1", "10.0.0.1/1500"))
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "PORT_TYPE": "tcp",
+                                                   "BALANCER": "RoundRobin", "BALANCER_SUB_PROTO": "tcp",
+                                                   "BALANCER_AUTO": "Disabled"})
+    assert answer.status_code == 200, answer.text
+    assert "cannot check the configuration" not in answer.text
+    assert "IPFIX_FULLFLOW_BALANCER[0]=RoundRobin" in client.path.read_text()

@@ -184,10 +184,14 @@ def reload(run_dir, timeout, main_pid) -> None:
 @click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the new handlers")
 def restart(config_path, run_dir, timeout) -> None:
     """Restart in place without dropping exporters: new supervisor code and new handlers take the
-    sockets over from the running ones. Refused (nothing changes) when the config is invalid."""
-    _path, cfg = _load_or_exit(config_path, "restart refused, the running balancer keeps running: ")
+    sockets over from the running ones. Refused (nothing changes) when the config is invalid: the file the
+    running supervisor reads (it is the one the restarted supervisor reads again), --config only when its
+    status names none."""
     run_dir = rundir.resolve_run_dir(run_dir)
     supervised = status_mod.read_supervisor_status(run_dir)
+    if supervised is not None and supervised.config:
+        config_path = supervised.config
+    _path, cfg = _load_or_exit(config_path, "restart refused, the running balancer keeps running: ")
     before = {h.pid for h in supervised.handlers} if supervised is not None else set()
     pid = _signal_supervisor(run_dir, signal.SIGUSR2)
     deadline = time.monotonic() + timeout

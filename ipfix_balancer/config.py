@@ -165,7 +165,12 @@ class Limits:
 
     @functools.cached_property
     def _networks(self) -> list:
-        return [ipaddress.ip_network(net) for net in self.allow]
+        """The ALLOW networks; an IPv4-mapped range (``::ffff:10.0.0.0/104``) as the IPv4 one it maps, since
+        a peer's address is compared as IPv4 (``allows``)."""
+        nets = [ipaddress.ip_network(net) for net in self.allow]
+        return [ipaddress.ip_network(f"{n.network_address.ipv4_mapped}/{n.prefixlen - 96}")
+                if n.version == 6 and n.prefixlen >= 96 and n.network_address.ipv4_mapped is not None else n
+                for n in nets]
 
 
 @dataclasses.dataclass(frozen=True)

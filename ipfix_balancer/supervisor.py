@@ -39,6 +39,7 @@ from .control import reload as reload_outcome
 from .control.health import Watch
 from .control.metrics import MetricsServer
 from .control.ports import bind_failure, listen_failure
+from .control.privileges import raise_fd_limit
 from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
 from .control.status import SupervisedHandler, SupervisorStatus
@@ -136,6 +137,7 @@ class Supervisor:
         self.started_at = time.monotonic()
         self.metrics: MetricsServer | None = None
         self.metrics_at = None  # the endpoint self.metrics was asked for
+        self.unreadable: set[str] = set()  # handlers whose status document could not be read last turn
 
     # -- lifecycle -----------------------------------------------------------------------------
     def run(self) -> int:
@@ -162,6 +164,7 @@ class Supervisor:
             for path in rundir.handler_files(self.run_dir):
                 os.unlink(path)
         set_process_name(SUPERVISOR_NAME)
+        raise_fd_limit()
         rundir.write_atomic(rundir.supervisor_pid_path(self.run_dir), f"{os.getpid()}\n")
         self.watch = Watch(self.run_dir, self.config.hang_seconds)
         restarts = self.watch.load() if self.adopt else {}
@@ -179,9 +182,12 @@ class Supervisor:
         try:
             while not self.stopping:
                 select.select([wake.sock], [], [], 0.5)
-                self._handle_signals(wake.take())
-                self._reap()
-                self._watch_handlers()
+                try:
+                    self._handle_signals(wake.take())
+                    self._reap()
+                    self._watch_handlers()
+                except Exception:  # a supervisor that exits takes every handler with it: log, go on
+                    self.log.exception("supervisor_turn_failed")
         finally:
             self.notify.send("STOPPING=1")
             if self.metrics is not None:
@@ -269,7 +275,10 @@ class Supervisor:
         """Start ``child`` to take the sockets over from its predecessor, which is still running (also
         when an earlier successor died before taking them). The two ends of one socketpair: only these
         two handlers can ever meet there."""
-        theirs, successor = channel.handover_pair()
+        pair = self._pair_for(child, channel.handover_pair)
+        if pair is None:
+            return
+        theirs, successor = pair
         with theirs, successor:
             try:
                 channel.send(self.retiring[child.predecessor], {"handover": True}, (theirs.fileno(),))
@@ -300,19 +309,33 @@ class Supervisor:
         """Start a handler; its settings (and the handover socket to ``predecessor``'s handler) go over
         its channel, not on its command line."""
         rc = child.rc
-        mine, theirs = channel.pair()
+        pair = self._pair_for(child, channel.pair)
+        if pair is None:
+            return
+        mine, theirs = pair
         with theirs:
             cmd = [sys.executable, "-m", "ipfix_balancer", "handler", "--control-fd", str(theirs.fileno()),
                    "--run-dir", self.run_dir, "--log-format", self.log_format]
             parent = os.getpid()
-            child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
-                                          preexec_fn=lambda: _child_setup(parent))
-        channel.send(mine, {"receiver": rc.to_json(), "handover": predecessor is not None},
-                     () if predecessor is None else (predecessor.fileno(),))
+            try:
+                child.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                                              preexec_fn=lambda: _child_setup(parent))
+            except (OSError, subprocess.SubprocessError) as exc:
+                mine.close()
+                self._start_failed(child, exc)
+                return
+        try:
+            channel.send(mine, {"receiver": rc.to_json(), "handover": predecessor is not None},
+                         () if predecessor is None else (predecessor.fileno(),))
+        except OSError as exc:  # it would wait for settings that never come
+            mine.close()
+            child.proc.kill()
+            child.proc.wait()
+            self._start_failed(child, exc)
+            return
         child.control = mine
         child.started = time.monotonic()
         child.restart_at = None
-        self.children[rc.name] = child
         self.log.info("handler_spawned", handler=rc.name, handler_pid=child.proc.pid, cpu=rc.taskset)
         self._write_status()
 
@@ -329,14 +352,39 @@ class Supervisor:
 
     def _spawn_console(self) -> None:
         child, parent = self.console, os.getpid()
-        child.proc = subprocess.Popen(
-            [sys.executable, "-m", "ipfix_balancer", "console", "--settings", child.settings.to_json(), "--config",
-             self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format], stdin=subprocess.DEVNULL,
-            preexec_fn=lambda: _child_setup(parent))
+        try:
+            child.proc = subprocess.Popen(
+                [sys.executable, "-m", "ipfix_balancer", "console", "--settings", child.settings.to_json(),
+                 "--config", self.config_path, "--run-dir", self.run_dir, "--log-format", self.log_format],
+                stdin=subprocess.DEVNULL, preexec_fn=lambda: _child_setup(parent))
+        except (OSError, subprocess.SubprocessError) as exc:
+            self._start_failed(child, exc)
+            return
         child.started = time.monotonic()
         child.restart_at = None
         self.log.info("console_spawned", console_pid=child.proc.pid, host=child.settings.host,
                       port=child.settings.port)
+
+    def _pair_for(self, child: Child, make) -> tuple[socket.socket, socket.socket] | None:
+        """``child`` is ours from now on (so ``_reap`` retries it); ``make()``'s socketpair for starting it,
+        or None when there is none to be had (no descriptor left: ``_start_failed``)."""
+        self.children[child.name] = child
+        try:
+            return make()
+        except OSError as exc:
+            self._start_failed(child, exc)
+            return None
+
+    def _start_failed(self, child: Child, exc: Exception) -> None:
+        """A handler (or the console) could not be started: out of descriptors or processes, say. Logged and
+        retried with the backoff of a handler that died (``_reap``), never fatal to the supervisor."""
+        child.proc = None
+        child.restart_at = time.monotonic() + child.backoff
+        self.log.error("handler_start_failed", handler=child.name, reason=str(exc), restart_in=child.backoff,
+                       restarts=child.restarts)
+        child.backoff = min(child.backoff * 2, RESTART_CAP)
+        if child is not self.console:
+            self._write_status()
 
     def _children(self) -> list[Child]:
         return list(self.children.values()) + ([self.console] if self.console is not None else [])
@@ -482,6 +530,10 @@ class Supervisor:
         """Replace hung handlers, tell systemd (READY=1 once all listen, STATUS=, WATCHDOG=1 while healthy)."""
         now = time.monotonic()
         hung = self.watch.turn(self.children.values(), now)
+        for name in self.watch.unreadable.keys() - self.unreadable:  # once per episode
+            self.log.error("status_unreadable", handler=name, reason=self.watch.unreadable[name],
+                           effect="not taken for silence: liveness is judged again once it can be read")
+        self.unreadable = set(self.watch.unreadable)
         for child, silent in hung:
             # SIGKILL: a stopped or hung process handles no SIGTERM; _reap restarts it with the usual backoff
             self.log.error("handler_hung", handler=child.rc.name, handler_pid=child.pid, silent_s=round(silent, 1),

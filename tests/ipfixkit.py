@@ -976,6 +976,14 @@ def product_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def fault_env(directory: Path, code: str) -> dict[str, str]:
+    """The environment that makes every product process run ``code`` first (a ``sitecustomize`` in
+    ``directory``): test-only faults, switched by the files ``code`` looks at."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": f"{directory}:{REPO_ROOT}"}
+
+
 def forwarding_env(port: int, sinks, mode: str = "RoundRobin", extra: str = "") -> str:
     """The .env of one Fullflow receiver on 127.0.0.1:``port`` forwarding to ``sinks``, plus ``extra`` lines."""
     subs = ",".join(f"127.0.0.1/{s.port}" for s in sinks)

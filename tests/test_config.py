@@ -704,6 +704,9 @@ def test_hostile_input_limits_parse_with_defaults_a_dpi_never_meets():
     assert not limits.allows("10.0.0.2") and not limits.allows("2001:db9::1")
     rc = receiver({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": "10.0.0.0/8"})
     assert ReceiverConfig.from_json(rc.to_json()) == rc
+    mapped = receiver({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": "::ffff:10.0.0.0/104, ::ffff:192.0.2.7"}).limits
+    assert mapped.allows("10.9.8.7") and mapped.allows("::ffff:10.0.0.1") and mapped.allows("192.0.2.7")
+    assert not mapped.allows("11.0.0.1") and not mapped.allows("192.0.2.8")
 
 
 def test_hostile_input_limits_refuse_bad_values():

@@ -78,7 +78,6 @@ class ExporterSession:
         self.queues: list[SendQueue] = []  # every open queue: the dispatcher's, and retired ones draining
         self.state = Lifecycle.OPEN
         self.dispatcher: Dispatcher | None = None
-        self.last_seen = 0.0  # UDP: when the last datagram came (the listener's clock)
         self.on_templates: Callable[[ExporterSession, int], None] | None = None  # after a template message
 
     def configure(self, fw: Forwarding) -> None:

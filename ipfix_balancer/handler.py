@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import itertools
 import os
 import resource
 import signal
@@ -21,7 +22,8 @@ from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
 from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
-from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
+from .control.status import (SESSIONS_LISTED, ExporterSessionStatus, HandlerStatus, ListenStatus, PeriodRates,
+                             SubreceiverStatus)
 from .core.framing import FramingError
 from .core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
@@ -54,6 +56,7 @@ class Handler:
         self.budget = Budget(rc.limits.memory_bytes)  # shared by every send queue of this handler
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
+        self.opened: dict[ExporterSession, float] = {}  # session -> when it was opened, for the status
         self.counters = Counters()
         self.malformed: dict[str, int] = {}
         self.connections_total = 0
@@ -134,6 +137,7 @@ class Handler:
         session.configure(self._forwarding())
         session.on_templates = self._templates_announced
         self.sessions.add(session)
+        self.opened[session] = time.time()
         self.connections_total += 1
         return session
 
@@ -162,6 +166,7 @@ class Handler:
 
     def _session_gone(self, session: ExporterSession) -> None:
         self.sessions.discard(session)
+        self.opened.pop(session, None)
         if self.listener is not None:
             self.listener.forget(session)
 
@@ -416,7 +421,10 @@ class Handler:
             queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
-            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)
+            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates,
+            sessions=list(itertools.islice((ExporterSessionStatus(s.peer, since, sorted(s.tracker.snapshot.odids()))
+                                            for s, since in self.opened.items() if s.state is Lifecycle.OPEN),
+                                           SESSIONS_LISTED)))
         try:
             self._write_status_file(doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic

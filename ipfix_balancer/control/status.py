@@ -103,6 +103,17 @@ class ListenStatus:
 
 
 @dataclasses.dataclass
+class ExporterSessionStatus:
+    """One open exporter session (at most SESSIONS_LISTED per document, so its size stays bounded)."""
+    peer: str
+    since: float  # when this handler process opened or took it over (epoch seconds)
+    odids: list[int]  # the observation domains it has templates for
+
+
+SESSIONS_LISTED = 100
+
+
+@dataclasses.dataclass
 class HandlerStatus:
     """The document a handler publishes every second."""
     stream: str
@@ -134,6 +145,7 @@ class HandlerStatus:
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
     memory_bytes: int = 0
+    sessions: list[ExporterSessionStatus] = dataclasses.field(default_factory=list)  # the first SESSIONS_LISTED
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -146,6 +158,7 @@ class HandlerStatus:
         recorder = doc.get("recorder")
         return _known(cls, doc, listen=_known(ListenStatus, doc["listen"]),
                       subreceivers=[SubreceiverStatus.from_dict(s) for s in doc.get("subreceivers", [])],
+                      sessions=[_known(ExporterSessionStatus, s) for s in doc.get("sessions", [])],
                       recorder=None if recorder is None else RecorderStatus.from_dict(recorder))
 
 

@@ -13,8 +13,9 @@ from markupsafe import Markup, escape
 
 from ..core.history import History
 
-WIDTH, HEIGHT, LEFT, TOP, BOTTOM = 600, 150, 56, 8, 20  # viewBox units: plot area is the rest
+WIDTH, HEIGHT, LEFT, TOP, BOTTOM = 600, 160, 60, 10, 26  # viewBox units: plot area is the rest
 PLOT_W, PLOT_H = WIDTH - LEFT - 4, HEIGHT - TOP - BOTTOM
+LEAST_SPAN = 600.0  # seconds: the shortest time a chart covers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,18 +82,19 @@ def render(history: History, key: str, spec: Spec, now: float) -> Markup:
     """One chart of key's last hour: a figure with its title, the plot (with the subject's state as a band
     under it), and a legend saying each line's latest value."""
     lines = tuple(Line(m.split(":", 1)[1], m) for m in history.metrics(key, "drops:")) if spec.drops else spec.lines
-    chart = history.chart(key, now, [ln.metric for ln in lines], peak=spec.peak)
+    chart = history.chart(key, now, [ln.metric for ln in lines], peak=spec.peak,
+                          span=history.span(key, now, LEAST_SPAN))
     series = [[None if v is None else v / ln.scale for v in chart.lines.get(ln.metric, [])] for ln in lines]
     top = _ceiling(max((v for s in series for v in s if v is not None), default=0.0))
     out = [f'<figure class="chart"><figcaption>{escape(spec.title)}</figcaption>',
            f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(_summary(spec, lines, series))}">',
            f'<line class="axis" x1="{LEFT}" y1="{TOP + PLOT_H}" x2="{LEFT + PLOT_W}" y2="{TOP + PLOT_H}"/>',
            f'<line class="grid" x1="{LEFT}" y1="{TOP}" x2="{LEFT + PLOT_W}" y2="{TOP}"/>',
-           f'<text class="tick" x="{LEFT - 4}" y="{TOP + 10}" text-anchor="end">{_number(top)}</text>',
+           f'<text class="tick" x="{LEFT - 4}" y="{TOP + 12}" text-anchor="end">{_number(top)}</text>',
            f'<text class="tick" x="{LEFT - 4}" y="{TOP + PLOT_H}" text-anchor="end">0</text>']
-    span = (chart.times[-1] - chart.times[0]) / 60 if len(chart.times) > 1 else 0
+    minutes = (chart.times[-1] - chart.times[0] + history.step) / 60
     for frac, anchor in ((0.0, "start"), (0.5, "middle"), (1.0, "end")):
-        label = "now" if frac == 1.0 else f"-{span * (1 - frac):.0f} min"
+        label = "now" if frac == 1.0 else f"-{minutes * (1 - frac):.0f} min"
         out.append(f'<text class="tick" x="{LEFT + PLOT_W * frac:.0f}" y="{HEIGHT - 4}" '
                    f'text-anchor="{anchor}">{label}</text>')
     for i, (ln, values) in enumerate(zip(lines, series)):

@@ -92,11 +92,20 @@ class History:
         """The metrics seen for key in the window that start with prefix, sorted."""
         return sorted({name for b in self._buckets.get(key, ()) for name in b.count if name.startswith(prefix)})
 
-    def chart(self, key: str, now: float, metrics: list[str], peak: bool = False) -> Chart:
-        """Every bucket of the window ending at now, oldest first: per metric its mean (``peak``: its
-        maximum, for a gauge such as queued bytes whose peaks matter) or None where nothing was sampled."""
+    def span(self, key: str, now: float, least: float) -> float:
+        """The time a chart of key should cover: back to its oldest sample, at least ``least``, at most the
+        window (a console started a minute ago charts ten minutes, not a nearly empty hour)."""
+        buckets = self._buckets.get(key)
+        covered = (math.floor(now / self.step) - buckets[0].number + 1) * self.step if buckets else 0.0
+        return min(self.window, max(least, covered))
+
+    def chart(self, key: str, now: float, metrics: list[str], peak: bool = False, span: float | None = None) -> Chart:
+        """Every bucket of the ``span`` (default: the window) ending at now, oldest first: per metric its mean
+        (``peak``: its maximum, for a gauge such as queued bytes whose peaks matter) or None where nothing
+        was sampled."""
         last = math.floor(now / self.step)
-        numbers = range(last - self.size + 1, last + 1)
+        count = min(self.size, math.ceil((self.window if span is None else span) / self.step))
+        numbers = range(last - count + 1, last + 1)
         found = {b.number: b for b in self._buckets.get(key, ())}
         lines: dict[str, list[float | None]] = {m: [] for m in metrics}
         states: list[str | None] = []

@@ -67,3 +67,15 @@ def test_a_sample_from_before_the_current_bucket_is_ignored():
     h.record("r", T0 + 15, gauges={"q": 1})
     h.record("r", T0 + 5, gauges={"q": 7})  # the wall clock stepped back
     assert h.chart("r", T0 + 15, ["q"]).lines["q"][-2:] == [None, 1.0]
+
+
+def test_a_chart_covers_back_to_the_oldest_sample_at_least_the_least_span_at_most_the_window():
+    h = History(window=600, step=10)
+    assert h.span("r", T0, least=60) == 60  # nothing yet
+    h.record("r", T0, gauges={"q": 1})
+    assert h.span("r", T0 + 30, least=60) == 60
+    assert h.span("r", T0 + 200, least=60) == 210  # 21 buckets: the oldest sample's to now's
+    assert h.span("r", T0 + 5000, least=60) == 600
+    chart = h.chart("r", T0 + 200, ["q"], span=210)
+    assert len(chart.times) == 21 and chart.times[-1] == T0 + 200 and chart.times[0] == T0
+    assert chart.lines["q"][0] == 1

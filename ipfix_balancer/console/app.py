@@ -391,7 +391,10 @@ async def logs_download(console: ConsoleState, request: Request, session: Sessio
 async def status_page(console: ConsoleState, request: Request, session: Session) -> Response:
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
     name = "status_table.html" if request.query_params.get("part") == "table" else "status.html"
-    return console.render(request, name, session, report=report, now=time.time())
+    now = time.time()
+    overview = [charts.render(console.history, h.doc.name, charts.HANDLER[0], now, caption=h.doc.name)
+                for h in report.handlers]
+    return console.render(request, name, session, report=report, now=now, overview=overview)
 
 
 async def receiver_page(console: ConsoleState, request: Request, session: Session) -> Response:

@@ -78,15 +78,16 @@ def _path(values: list[float | None], top: float) -> tuple[str, list[tuple[float
     return " ".join(parts), lone
 
 
-def render(history: History, key: str, spec: Spec, now: float) -> Markup:
+def render(history: History, key: str, spec: Spec, now: float, caption: str = "") -> Markup:
     """One chart of key's last hour: a figure with its title, the plot (with the subject's state as a band
-    under it), and a legend saying each line's latest value."""
+    under it), and a legend saying each line's latest value. ``caption`` goes before the spec's title."""
     lines = tuple(Line(m.split(":", 1)[1], m) for m in history.metrics(key, "drops:")) if spec.drops else spec.lines
     chart = history.chart(key, now, [ln.metric for ln in lines], peak=spec.peak,
                           span=history.span(key, now, LEAST_SPAN))
     series = [[None if v is None else v / ln.scale for v in chart.lines.get(ln.metric, [])] for ln in lines]
     top = _ceiling(max((v for s in series for v in s if v is not None), default=0.0))
-    out = [f'<figure class="chart"><figcaption>{escape(spec.title)}</figcaption>',
+    title = f"{caption}: {spec.title}" if caption else spec.title
+    out = [f'<figure class="chart"><figcaption>{escape(title)}</figcaption>',
            f'<svg viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{escape(_summary(spec, lines, series))}">',
            f'<line class="axis" x1="{LEFT}" y1="{TOP + PLOT_H}" x2="{LEFT + PLOT_W}" y2="{TOP + PLOT_H}"/>',
            f'<line class="grid" x1="{LEFT}" y1="{TOP}" x2="{LEFT + PLOT_W}" y2="{TOP}"/>',
@@ -133,7 +134,7 @@ def _summary(spec: Spec, lines: tuple[Line, ...], series: list[list[float | None
     parts = [f"{ln.label} now {_latest(values)}, highest "
              f"{_number(max((v for v in values if v is not None), default=0.0))}"
              for ln, values in zip(lines, series)]
-    return f"{spec.title} over the last hour: " + ("; ".join(parts) if parts else "none")
+    return f"{spec.title}: " + ("; ".join(parts) if parts else "none")
 
 
 def charts(history: History, key: str, specs: tuple[Spec, ...], now: float) -> list[Markup]:

@@ -23,7 +23,7 @@ def test_a_chart_says_its_latest_values_and_shows_states_as_runs():
     for i, state in enumerate(("up", "up", "up", "down", "down")):
         h.record("r", T0 + 20 * i, counters={"msgs_in": 1000 * i, "drops:queue_full": 10 * i}, state=state)
     svg = "".join(charts.charts(h, "r", charts.HANDLER, T0 + 80))
-    assert 'aria-label="Messages/s over the last hour: in now 50, highest 50; out now -, highest 0"' in svg
+    assert 'aria-label="Messages/s: in now 50, highest 50; out now -, highest 0"' in svg
     assert "in: 50 msg/s" in svg and "queue_full: 0.5 msg/s" in svg
     assert len(re.findall(r'class="state st-up"', svg)) == 4 and len(re.findall(r'class="state st-down"', svg)) == 4
     assert "-10 min" in svg  # a young history: ten minutes, not an almost empty hour

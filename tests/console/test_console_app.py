@@ -215,3 +215,4 @@ def test_a_receivers_page_charts_its_history_and_lists_its_exporter_sessions(cli
     status = client.get("/status?part=table").text
     assert re.search(r'data-label="State" class="state-down">down</td>', status)
     assert "connection refused" in status and "connection_lost: 3" in status
+    assert "<figcaption>fullflow[0]: Messages/s</figcaption>" in status  # the overview chart

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import hmac
+import json
 import os
 import secrets
 import time
@@ -175,17 +175,20 @@ def renumbered(effective: dict[tuple[str, int], config_mod.ReceiverConfig], writ
                index: int) -> list[str]:
     """What deleting (stream, index) renumbers, in words: with DPI_ID -1 (the default) a receiver's DPI ID
     is its position in its stream, so each later receiver of the stream that keeps the default moves down
-    one, and so do the names of its dump files."""
+    one, and so do the names of the dump files it records (itself, or its balancer-auto recorders)."""
     same = sorted(i for s, i in effective if s == stream)
     if index not in same:
         return []  # the file does not load as it is: nothing to compare
     out = []
     for later in same[same.index(index) + 1:]:
         if written.get((stream, later), {}).get("DPI_ID", "").strip() in ("", "-1"):
-            old = effective[(stream, later)].recording.dpi_id
-            name = f"{stream.lower()}[{later}]"
-            out.append(f"{name}: DPI ID {old} becomes {old - 1}; its dump files are named "
-                       f"{dump_prefix(stream, old - 1)}… instead of {dump_prefix(stream, old)}…")
+            rc = effective[(stream, later)]
+            old = rc.recording.dpi_id
+            line = f"{stream.lower()}[{later}]: DPI ID {old} becomes {old - 1}"
+            if rc.forwarding.mode is config_mod.Mode.DISABLED or rc.forwarding.balancer_auto:
+                line += (f"; its dump files are named {dump_prefix(stream, old - 1)}… instead of "
+                         f"{dump_prefix(stream, old)}…")
+            out.append(line)
     return out
 
 
@@ -420,13 +423,18 @@ async def home(console: ConsoleState, request: Request, session: Session) -> Res
 
 
 async def _sampler(console: ConsoleState) -> None:
-    """Feed the charts' history for as long as the console runs, whether or not anyone looks."""
+    """Feed the charts' history for as long as the console runs, whether or not anyone looks. A failure is
+    logged when it starts, not every period."""
+    failing = False
     while True:
         try:
             report = await run_in_threadpool(status_mod.collect, console.run_dir)
             console.sample(report, time.time())
+            failing = False
         except Exception as exc:  # noqa: BLE001 - the charts must not stop for one bad look
-            console.log.warning("console_sample_failed", reason=f"{type(exc).__name__}: {exc}")
+            if not failing:
+                console.log.warning("console_sample_failed", reason=f"{type(exc).__name__}: {exc}")
+            failing = True
         await asyncio.sleep(SAMPLE_PERIOD)
 
 

@@ -149,6 +149,7 @@ def test_delete_names_the_receivers_it_renumbers_and_their_dump_names(client):
     client.path.write_text(
         "IPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_PORT[1]=1600\nIPFIX_FULLFLOW_DPI_ID[1]=-1\n"
         "IPFIX_FULLFLOW_PORT[2]=1700\nIPFIX_FULLFLOW_DPI_ID[2]=7\nIPFIX_FULLFLOW_PORT[3]=1800\n"
+        "IPFIX_FULLFLOW_PORT[4]=1900\nIPFIX_FULLFLOW_BALANCER[4]=All\nIPFIX_FULLFLOW_BALANCER_SUB[4]=10.0.0.1/1\n"
         "IPFIX_CLICKSTREAM_PORT[0]=1501\n")
     page = client.get("/receivers").text
     confirms = dict(re.findall(r'action="/receivers/(\w+/\d)/delete" class="inline"\s+data-confirm="([^"]*)"', page))
@@ -156,7 +157,8 @@ def test_delete_names_the_receivers_it_renumbers_and_their_dump_names(client):
     assert "fullflow[1]: DPI ID 1 becomes 0; its dump files are named fullflow_0_… instead of fullflow_1_…" in first
     assert "fullflow[3]: DPI ID 3 becomes 2; its dump files are named fullflow_2_… instead of fullflow_3_…" in first
     assert "fullflow[2]" not in first and "clickstream" not in first  # a set DPI ID, another stream: unchanged
-    assert "renumbers" not in confirms["FULLFLOW/3"] and "renumbers" not in confirms["CLICKSTREAM/0"]
+    assert first.endswith("\n- fullflow[4]: DPI ID 4 becomes 3")  # it forwards: no dump file to rename
+    assert "renumbers" not in confirms["FULLFLOW/4"] and "renumbers" not in confirms["CLICKSTREAM/0"]
 
 
 def test_every_receiver_setting_has_a_field_with_a_written_label_and_the_manuals_receiver_types():

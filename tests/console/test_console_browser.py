@@ -317,8 +317,7 @@ def test_charts_fill_with_traffic_a_collector_going_down_shows_at_once_and_pages
             console.row("fullflow[0]").get_by_role("button", name="Delete").click()
             question = console.dialogs[-1]
             assert question.startswith("Delete Netflow [0] (fullflow[0])? Its handler stops")
-            assert "fullflow[1]: DPI ID 1 becomes 0; its dump files are named fullflow_0_… instead of fullflow_1_…" \
-                in question and "fullflow[2]: DPI ID 2 becomes 1" in question
+            assert "renumbers:\n- fullflow[1]: DPI ID 1 becomes 0\n- fullflow[2]: DPI ID 2 becomes 1" in question
             assert console.bal.config_path.read_bytes() == before  # cancelled: nothing written
         finally:
             console.close()

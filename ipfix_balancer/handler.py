@@ -126,7 +126,7 @@ class Handler:
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
         return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder,
                           stall_seconds=fw.stall_seconds if fw.sub_proto == "tcp" else 0,
-                          template_limits=self.rc.template_limits)
+                          template_limits=self.rc.template_limits, drain_seconds=fw.drain_seconds)
 
     def _open_session(self, key, peer: str, templates=()) -> ExporterSession:
         make_output = self._make_output
@@ -405,6 +405,7 @@ class Handler:
             "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
             "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         by_reason = self.drops_by_reason()
+        draining = [s for s in self.sessions if s.state is Lifecycle.DRAINING]
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
@@ -419,6 +420,7 @@ class Handler:
             drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
             limited=dict(self.listener.limited) if self.listener is not None else {},
             queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
+            draining=len(draining), draining_bytes=sum(s.queued_bytes for s in draining),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates,

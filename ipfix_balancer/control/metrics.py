@@ -41,6 +41,8 @@ GAUGES = {
     "ipfix_balancer_handler_up": ("1 when the handler runs and its status is fresh", ()),
     "ipfix_balancer_subreceiver_up": ("1 when at least one connection to the subreceiver is up", ("subreceiver",)),
     "ipfix_balancer_exporter_sessions": ("Open exporter sessions", ()),
+    "ipfix_balancer_draining_sessions": ("Sessions whose exporter left, still delivering what they hold", ()),
+    "ipfix_balancer_draining_bytes": ("Bytes held by sessions whose exporter left", ()),
     "ipfix_balancer_queue_bytes": ("Bytes queued for a subreceiver, not yet handed to the kernel", ("subreceiver",)),
     "ipfix_balancer_recorder_files_pending": ("Completed dump files not yet delivered to an export target",
                                               ("target",)),
@@ -79,6 +81,8 @@ def _rest(total: int, by_reason: dict[str, int]) -> dict[str, int]:
 
 def gauge_samples(doc: HandlerStatus) -> Iterator[tuple[str, Labels, float]]:
     yield "ipfix_balancer_exporter_sessions", (), doc.connections
+    yield "ipfix_balancer_draining_sessions", (), doc.draining
+    yield "ipfix_balancer_draining_bytes", (), doc.draining_bytes
     yield "ipfix_balancer_handler_cpu_percent", (), doc.cpu_percent
     for sub in doc.subreceivers:
         s = (("subreceiver", sub.endpoint),)

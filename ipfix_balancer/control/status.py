@@ -29,7 +29,7 @@ def _known(cls, doc: dict, **nested) -> Any:
 class SubreceiverStatus:
     """Counters for one subreceiver, summed over every output session to it."""
     endpoint: str
-    state: str  # up | stalled | down | idle (no exporter session open)
+    state: str  # up | probation | stalled | down | idle (no exporter session open)
     sessions: int
     msgs_out: int
     bytes_out: int
@@ -41,6 +41,7 @@ class SubreceiverStatus:
     drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     resent: int = 0  # written but not acknowledged when a connection failed: sent again
     unacked_bytes: int = 0  # written, not yet acknowledged by the collector's TCP
+    draining: int = 0  # outputs of sessions whose exporter left, still delivering
 
     @classmethod
     def from_dict(cls, doc: dict) -> SubreceiverStatus:
@@ -145,6 +146,8 @@ class HandlerStatus:
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
     memory_bytes: int = 0
+    draining: int = 0  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)
+    draining_bytes: int = 0  # what those still hold
     sessions: list[ExporterSessionStatus] = dataclasses.field(default_factory=list)  # the first SESSIONS_LISTED
 
     def to_dict(self) -> dict:

@@ -195,7 +195,7 @@ def handler_doc(t: float, msgs_in: int, sub_state: str) -> dict:
                          listen=ListenStatus("tcp", "0.0.0.0", 1500, True), mode="All", dpi_id=0, cpu=None,
                          msgs_in=msgs_in, bytes_in=msgs_in * 100, malformed=0, malformed_by_reason={},
                          unknown_template=0, connections=1, connections_total=1, drops=3, subreceivers=[sub],
-                         drops_by_reason={"connection_lost": 3},
+                         drops_by_reason={"connection_lost": 3}, draining=2, draining_bytes=2048,
                          sessions=[ExporterSessionStatus("192.0.2.7:40000", t - 65, [1, 5])]).to_dict()
 
 
@@ -204,7 +204,7 @@ def test_a_receivers_page_charts_its_history_and_lists_its_exporter_sessions(cli
     from ipfix_balancer.control import status as status_mod
     console = client.app.state.console
     run = str(client.path.parent / "run")
-    now = time.time()
+    now = time.time() - 5  # the looks are in the past of the page's "now"
     for i, state in enumerate(("up", "up", "down")):  # three looks, 2 s apart: 100 messages/s
         rundir.write_json(rundir.handler_status_path(run, "FULLFLOW", 0), handler_doc(now + 2 * i, 200 * i, state))
         console.sample(status_mod.collect(run), now + 2 * i)
@@ -218,3 +218,4 @@ def test_a_receivers_page_charts_its_history_and_lists_its_exporter_sessions(cli
     assert re.search(r'data-label="State" class="state-down">down</td>', status)
     assert "connection refused" in status and "connection_lost: 3" in status
     assert "<figcaption>fullflow[0]: Messages/s</figcaption>" in status  # the overview chart
+    assert '<td data-label="Exporter sessions">1 <span class="hint">(+2 draining, 2.0 KiB)</span></td>' in status

@@ -52,14 +52,14 @@ def test_memory_is_one_window_of_buckets_and_silent_subjects_are_forgotten():
     h = History(window=60, step=10)
     for i in range(1000):
         h.record("r", T0 + i, gauges={"q": i})
-    assert len(h._buckets["r"]) == 6
+    assert len(h._subjects["r"].numbers) == 6 and len(h._subjects["r"].metrics["q"][0]) == 6
     chart = h.chart("r", T0 + 999, ["q"], peak=True)
     assert chart.lines["q"] == [949, 959, 969, 979, 989, 999]
     h.record("gone", T0 + 999, gauges={"q": 1})
     h.expire(T0 + 999 + 59)
     assert sorted(h.keys()) == ["gone", "r"]
     h.expire(T0 + 999 + 71)
-    assert h.keys() == [] and not h._last
+    assert h.keys() == []
 
 
 def test_a_sample_from_before_the_current_bucket_is_ignored():
@@ -79,3 +79,12 @@ def test_a_chart_covers_back_to_the_oldest_sample_at_least_the_least_span_at_mos
     chart = h.chart("r", T0 + 200, ["q"], span=210)
     assert len(chart.times) == 21 and chart.times[-1] == T0 + 200 and chart.times[0] == T0
     assert chart.lines["q"][0] == 1
+
+
+def test_a_metric_no_longer_sampled_leaves_the_chart_when_its_buckets_are_reused():
+    h = History(window=60, step=10)
+    h.record("r", T0, gauges={"drops:old": 1, "q": 1})
+    assert h.metrics("r", "drops:") == ["drops:old"]
+    for i in range(1, 7):
+        h.record("r", T0 + 10 * i, gauges={"q": 1})
+    assert h.metrics("r", "drops:") == [] and h.chart("r", T0 + 60, ["q"]).lines["q"] == [1.0] * 6

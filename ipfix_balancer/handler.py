@@ -424,7 +424,7 @@ class Handler:
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates,
-            sessions=list(itertools.islice((ExporterSessionStatus(s.peer, since, sorted(s.tracker.snapshot.odids()))
+            sessions=list(itertools.islice((ExporterSessionStatus(s.peer, since, sorted(s.tracker.snapshot.odids()), s.msgs_in)
                                             for s, since in self.opened.items() if s.state is Lifecycle.OPEN),
                                            SESSIONS_LISTED)))
         try:

@@ -109,6 +109,7 @@ class ExporterSessionStatus:
     peer: str
     since: float  # when this handler process opened or took it over (epoch seconds)
     odids: list[int]  # the observation domains it has templates for
+    msgs_in: int = 0  # since then
 
 
 SESSIONS_LISTED = 100

@@ -76,6 +76,7 @@ class ExporterSession:
         self.dispatcher: Dispatcher | None = None
         self.last_seen = 0.0  # UDP: when the last datagram came (the listener's clock)
         self.on_templates: Callable[[ExporterSession, int], None] | None = None  # after a template message
+        self.msgs_in = 0  # this session's messages (the status lists them per exporter)
 
     def configure(self, fw: Forwarding) -> None:
         """(Re)build the dispatcher from ``fw``, keeping what can be kept.
@@ -159,6 +160,7 @@ class ExporterSession:
         counters = self.counters
         counters.msgs_in += len(messages)
         counters.bytes_in += size
+        self.msgs_in += len(messages)
         return refused
 
     def _refuse(self, error: FramingError) -> None:

@@ -196,7 +196,7 @@ def handler_doc(t: float, msgs_in: int, sub_state: str) -> dict:
                          msgs_in=msgs_in, bytes_in=msgs_in * 100, malformed=0, malformed_by_reason={},
                          unknown_template=0, connections=1, connections_total=1, drops=3, subreceivers=[sub],
                          drops_by_reason={"connection_lost": 3}, draining=2, draining_bytes=2048,
-                         sessions=[ExporterSessionStatus("192.0.2.7:40000", t - 65, [1, 5])]).to_dict()
+                         sessions=[ExporterSessionStatus("192.0.2.7:40000", t - 65, [1, 5], 1234)]).to_dict()
 
 
 def test_a_receivers_page_charts_its_history_and_lists_its_exporter_sessions(client):
@@ -213,7 +213,8 @@ def test_a_receivers_page_charts_its_history_and_lists_its_exporter_sessions(cli
     assert int(points["msgs_in"]) >= 1 and int(points["bytes_out"]) >= 1 and int(points["drops:connection_lost"]) >= 1
     assert "in: 100 msg/s" in page and 'class="state st-down"' in page  # the collector down in the band
     assert re.search(r'192\.0\.2\.7:40000</td>\s*<td data-label="Since \(UTC\)">[^<]+</td>\s*'
-                     r'<td data-label="For">1 min \d+ s</td>\s*<td data-label="ODIDs">1, 5</td>', page)
+                     r'<td data-label="For">1 min \d+ s</td>\s*<td data-label="Messages">1234</td>\s*'
+                     r'<td data-label="ODIDs">1, 5</td>', page)
     status = client.get("/status?part=table").text
     assert re.search(r'data-label="State" class="state-down">down</td>', status)
     assert "connection refused" in status and "connection_lost: 3" in status

@@ -288,6 +288,8 @@ def test_charts_fill_with_traffic_a_collector_going_down_shows_at_once_and_pages
                 wait_until(lambda: session.count() == 1, "the exporter session listed", console.bal)
                 assert session.inner_text() == f"127.0.0.1:{exporter.local_port}"
                 assert page.locator("table.sessions td[data-label=ODIDs]").inner_text() == "1"
+                count = page.locator("table.sessions td[data-label=Messages]")
+                wait_until(lambda: count.inner_text() == "201", "the session's 201 messages", console.bal)
                 assert page.locator("tr[data-subreceiver] td[data-label=State]").inner_text() == "up"
 
                 sink.down()

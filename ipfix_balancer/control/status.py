@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 
+from ..core import liveness
 from . import rundir
 from .signals import SUPERVISOR_NAME
 
@@ -149,6 +150,14 @@ class HandlerStatus:
     memory_bytes: int = 0
     draining: int = 0  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)
     draining_bytes: int = 0  # what those still hold
+    queued_msgs: int = 0  # messages every output holds, queued or not yet acknowledged: lost if the process dies
+    queued_records: int = 0  # the data records in them
+    beat: float | None = None  # time.monotonic() at writing: the heartbeat (core/liveness.py); None: older handler
+
+    def age(self, mono: float, wall: float) -> float:
+        """Seconds since the document was written, on the monotonic clock (no wall-clock step moves it);
+        by the wall clock only for a document of a handler from before ``beat``."""
+        return wall - self.time if self.beat is None else mono - self.beat
     sessions: list[ExporterSessionStatus] = dataclasses.field(default_factory=list)  # the first SESSIONS_LISTED
 
     def to_dict(self) -> dict:
@@ -167,7 +176,6 @@ class HandlerStatus:
 
 
 RATES = ("msgs_in", "bytes_in", "msgs_out", "bytes_out")
-STALE_PERIODS = 3  # a document older than this many of its periods: the handler is not turning
 
 
 class PeriodRates:
@@ -194,6 +202,8 @@ class SupervisedHandler:
     index: int
     pid: int | None  # None while waiting for a restart
     restarts: int
+    killed_msgs: int = 0  # lost with processes of it the supervisor killed (hung) or that crashed
+    killed_records: int = 0
 
 
 @dataclasses.dataclass
@@ -234,7 +244,7 @@ def supervisor_pid(run_dir: str) -> int | None:
 @dataclasses.dataclass
 class HandlerReport:
     """A handler's own document plus what ``status`` observes of its process (None: could not tell).
-    ``stale``: the document is older than STALE_PERIODS of its periods (a hung or stopped handler)."""
+    ``stale``: the document is older than liveness.STALE_PERIODS of its periods (a hung or stopped handler)."""
     doc: HandlerStatus
     alive: bool
     uptime: float
@@ -242,9 +252,11 @@ class HandlerReport:
     rss: int | None = None
     stale: bool = False
     restarts: int | None = None  # from the supervisor's document
+    killed: tuple[int, int] = (0, 0)  # from the supervisor's document: messages, records lost with killed processes
 
     def to_dict(self) -> dict:
-        observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts}
+        observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts,
+                    "handler_killed": list(self.killed) if self.killed[0] else None}
         return {**self.doc.to_dict(), "alive": self.alive, "stale": self.stale,
                 **{k: v for k, v in observed.items() if v is not None}, "uptime": self.uptime}
 
@@ -267,21 +279,32 @@ def collect(run_dir: str) -> StatusReport:
     """Supervisor facts, and each handler's document plus process facts."""
     pid = supervisor_pid(run_dir)
     sup = read_supervisor_status(run_dir)
-    restarts = {} if sup is None else {h.name: h.restarts for h in sup.handlers}
+    supervised = {} if sup is None else {h.name: h for h in sup.handlers}
     handlers = []
     for doc in read_handler_documents(run_dir):
         report = _observe(doc)
-        report.restarts = restarts.get(doc.name)
+        if doc.name in supervised:
+            report.restarts = supervised[doc.name].restarts
+            report.killed = (supervised[doc.name].killed_msgs, supervised[doc.name].killed_records)
         handlers.append(report)
     return StatusReport(running=pid is not None, supervisor_pid=pid, config=None if sup is None else sup.config,
                         run_dir=run_dir, handlers=handlers)
 
 
-def read_handler_document(path: str) -> HandlerStatus | None:
-    """The handler document at path; None when missing, empty or not a handler document."""
+def load_handler_document(path: str) -> HandlerStatus | None:
+    """The handler document at path; None when missing, empty or not a handler document; OSError when it
+    could not be read (``rundir.load_json``)."""
     try:
-        return HandlerStatus.from_dict(rundir.read_json(path) or {})
+        return HandlerStatus.from_dict(rundir.load_json(path) or {})
     except (TypeError, KeyError, AttributeError):
+        return None
+
+
+def read_handler_document(path: str) -> HandlerStatus | None:
+    """The handler document at path; None when it is not there or could not be read."""
+    try:
+        return load_handler_document(path)
+    except OSError:
         return None
 
 
@@ -290,13 +313,13 @@ def read_handler_documents(run_dir: str) -> list[HandlerStatus]:
     return [doc for path in rundir.handler_status_paths(run_dir) if (doc := read_handler_document(path)) is not None]
 
 
-def is_stale(doc: HandlerStatus, now: float) -> bool:
-    return now - doc.time > STALE_PERIODS * doc.period
+def is_stale(doc: HandlerStatus, mono: float, wall: float) -> bool:
+    return liveness.stale(doc.age(mono, wall), doc.period)
 
 
 def _observe(doc: HandlerStatus) -> HandlerReport:
     now = time.time()
-    report = HandlerReport(doc, alive=False, uptime=now - doc.started, stale=is_stale(doc, now))
+    report = HandlerReport(doc, alive=False, uptime=now - doc.started, stale=is_stale(doc, time.monotonic(), now))
     try:
         proc = psutil.Process(doc.pid)
         with proc.oneshot():
@@ -356,7 +379,7 @@ def render(report: StatusReport) -> str:
         d = h.doc
         state = "" if h.alive else "  (not running)"
         if h.alive and h.stale:
-            state = f"  STALE: no status for {time.time() - d.time:.0f}s"
+            state = f"  STALE: no status for {d.age(time.monotonic(), time.time()):.0f}s"
         psr = "-" if h.psr is None else h.psr
         rate = {k: d.rates.get(k, 0.0) for k in RATES}
         lines.append(
@@ -369,6 +392,10 @@ def render(report: StatusReport) -> str:
                          f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
                          + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
+        if d.draining:
+            lines.append(f"    draining: {d.draining} session(s) whose exporter left, {_size(d.draining_bytes)} held")
+        if h.killed[0]:
+            lines.append(f"    handler_killed: {h.killed[0]}/{h.killed[1]} msgs/records lost with killed processes")
         if d.limited:  # README "Hostile input": sessions refused or closed by a limit
             lines.append("    limited: " + " ".join(f"{k}={v}" for k, v in sorted(d.limited.items())))
         if d.recorder is not None:

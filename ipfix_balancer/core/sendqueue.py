@@ -44,8 +44,9 @@ def entries_size(entries) -> int:
 
 
 #: why a message was not delivered (status and logs show drops per reason, in messages and records)
-QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE = DROP_REASONS = (
-    "queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused", "drain_deadline")
+QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE, DRAIN_LIMIT = \
+    DROP_REASONS = ("queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused",
+                    "drain_deadline", "drain_limit")
 
 #: ``State.UP`` and ``State.PROBATION``, for the hot paths: an enum member lookup costs about 65 ns on
 #: Python 3.11 (a module global 10), several times per UDP datagram
@@ -290,6 +291,19 @@ class SendQueue:
         """Idle, and (TCP) everything written was acknowledged: nothing can come back to the queue."""
         return not self.pending and not self._entries and not self._unacked and not self.life.unread
 
+    def held_counts(self) -> tuple[int, int]:
+        """(messages, data records) the queue holds: queued, committed, written and not acknowledged. What
+        a killed process loses (the supervisor counts it from the last status)."""
+        msgs = len(self.pending) + len(self._entries)
+        records = sum(map(_nrec_of, self.pending)) + sum(map(_nrec_of, self._entries))
+        upto = self.acked
+        for base, ends, entries in self._unacked:
+            first = bisect.bisect_right(ends, upto - base)
+            counts = entries if entries.__class__ is tuple else tuple(map(_nrec_of, entries))
+            msgs += len(counts) - first
+            records += sum(counts[first:])
+        return msgs, records
+
     @property
     def outstanding(self) -> int:
         """Bytes queued or written and not yet acknowledged: what a probe measures."""
@@ -402,9 +416,9 @@ class SendQueue:
             for _end, n, nrec in self._acked_tail:
                 msgs += n
                 records += nrec
-            self._acked_tail.clear()
             if lost:
                 self.stats.drop(reason, lost)
+        self._acked_tail.clear()
         if msgs:
             self.stats.drop_counts(reason, msgs, records)
         self._release_unacked()
@@ -648,16 +662,18 @@ class SendQueue:
 
     def close(self, reason: str | None = None) -> int:
         """Final: whatever is still queued or committed is counted as dropped (``reason``, else ``stalled``
-        when the collector was connected but not taking it, else ``connection_lost``). On a stalled
-        connection, or one on probation, also what was written and kept, and the transport resets it (else
-        the kernel still delivers that after we close). Returns that count."""
+        when the collector was connected but not taking it, else ``connection_lost``). A stalled connection,
+        or one on probation that still holds something, is reset (else the kernel still delivers after we
+        close what we count as lost): what was written and not acknowledged is counted too, and what it
+        acknowledged and (by its window) has not read. Returns that count."""
         state = self.state
         if state is State.CLOSED:
             return 0
-        abort = state is State.STALLED or state is PROBATION
+        abort = (state is State.STALLED or state is PROBATION) and not self.settled
         if reason is None:
             reason = STALLED if state is UP or abort else CONNECTION_LOST
-        lost = list(self.pending) + self._entries + (self._take_unacked(reason, COUNT) if abort else [])
+        acked = COUNT if self.life.unread or state is State.STALLED else DELIVERED
+        lost = list(self.pending) + self._entries + (self._take_unacked(reason, acked) if abort else [])
         if lost:
             self.stats.drop(reason, lost)
         self.pending.clear()

@@ -8,6 +8,7 @@ is injected (``make_output``): the session decides, the ``net`` package connects
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import Callable
 
 from ..config import Mode, TemplateLimits
@@ -59,6 +60,9 @@ class Forwarding:
         self.drain_seconds = drain_seconds  # after the exporter left: how long its queues may wait
 
 
+_left = itertools.count()  # the order in which sessions began to drain
+
+
 class ExporterSession:
     def __init__(self, peer: str, counters: Counters, make_output: OutputFactory,
                  on_gone: Callable[[ExporterSession], None], templates=(), on_refused: RefusalReport | None = None):
@@ -74,7 +78,6 @@ class ExporterSession:
         self.queues: list[SendQueue] = []  # every open queue: the dispatcher's, and retired ones draining
         self.state = Lifecycle.OPEN
         self.dispatcher: Dispatcher | None = None
-        self.last_seen = 0.0  # UDP: when the last datagram came (the listener's clock)
         self.on_templates: Callable[[ExporterSession, int], None] | None = None  # after a template message
         self.msgs_in = 0  # this session's messages (the status lists them per exporter)
 
@@ -176,10 +179,15 @@ class ExporterSession:
         if self.state is not Lifecycle.OPEN:
             return
         self.state = Lifecycle.DRAINING
+        self.left = next(_left)
         self.counters.unknown_template += self.tracker.unknown_template
         for queue in list(self.queues):
             queue.close_when_drained()
         self._queue_closed(None)
+
+    def abandon(self, reason: str) -> int:
+        """Close every output now, counting what it holds for ``reason``; returns the messages lost."""
+        return sum(q.close(reason) for q in list(self.queues))
 
     @property
     def queued_bytes(self) -> int:

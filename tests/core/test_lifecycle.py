@@ -104,7 +104,7 @@ def test_a_stalled_connection_that_reads_again_is_on_probation_until_it_shows_it
 def test_proof_by_volume_no_buffer_holds_that_much_unread():
     life = OutputLifecycle(stall=2)
     connected(life)
-    assert life.observe(0.1, 64 * KiB, 64 * KiB) is Action.READ
+    assert life.observe(0.1, 64 * KiB, 64 * KiB) is None, "a window that never shrank proves nothing"
     life.observe(0.2, PROOF_MIN - 1, 0)
     assert not life.proven and life.unread
     assert life.observe(0.3, PROOF_MIN, 0) is Action.PROVEN and life.proven
@@ -156,9 +156,9 @@ def test_a_slow_reader_is_not_stalled_while_the_window_opens():
     life = OutputLifecycle(stall=1, move_stalled=True)
     connected(life)
     life.waiting(0)
-    window = 10_000
-    for i in range(1, 40):  # acknowledgements stop, but its process reads: the window grows
-        life.observe(i * 0.5, 5000, window + i)
+    life.observe(0.1, 5000, 0)  # its buffer is full
+    for i in range(1, 40):  # acknowledgements stop, but its process reads: the window opens, slowly
+        life.observe(i * 0.5, 5000, 100 * i)
         assert life.tick(i * 0.5, True) == []
     assert life.state is S.UP
 
@@ -200,6 +200,18 @@ def test_udp_outputs_never_stall_and_come_back_on_probation_until_confirmed():
 def test_a_collector_that_read_what_it_acknowledged_and_then_closed_comes_back_healthy():
     life = OutputLifecycle(stall=5)
     connected(life)
-    assert life.observe(0.1, 1400, 64 * KiB) is Action.READ
+    assert life.observe(0.1, 1400, 64 * KiB) is None and not life.unread
     life.lost(0.2)
     assert connected(life, 0.4) is S.UP and life.backoff == BACKOFF_FIRST * 2
+
+
+def test_a_window_that_grows_as_a_hung_kernel_takes_data_is_not_taken_for_reading():
+    """On a new connection a kernel grows the window it offers as data arrives, whether its process reads or
+    not: only a window that opens again after it shrank shows reading."""
+    life = OutputLifecycle(stall=1, move_stalled=True)
+    life.suspect = True
+    assert connected(life, window=65535) is S.PROBATION
+    assert life.observe(0.01, 60 * KiB, 120 * KiB) is None and life.state is S.PROBATION
+    assert life.observe(0.02, 200 * KiB, 0) is None and life.unread
+    life.waiting(0.02)
+    assert life.tick(1.02, True) == [Action.STALLED]

@@ -38,7 +38,7 @@ from .control import channel, rundir
 from .control import reload as reload_outcome
 from .control.health import Watch
 from .control.metrics import MetricsServer
-from .control.ports import listen_failure
+from .control.ports import bind_failure, listen_failure
 from .control.privileges import raise_fd_limit
 from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
@@ -65,7 +65,10 @@ def _child_setup(parent_pid: int) -> None:
     """In the child before exec: die with the supervisor; and SIGHUP (rotation relay) is ignored until
     the handler installs its own handlers, so one arriving while it starts (imports take a while) does
     not kill it: its default action is to terminate, and SIG_IGN survives exec. SIGUSR2 (new settings,
-    before the channel) stays ignored: a supervisor of an earlier version may still send it."""
+    before the channel) stays ignored: a supervisor of an earlier version may still send it. A process
+    group of its own: a terminal's Ctrl-C (SIGINT to the foreground group) reaches the supervisor only,
+    which stops the children in order, instead of interrupting them mid-import ("Aborted!")."""
+    os.setpgid(0, 0)
     die_with_parent(parent_pid)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
@@ -173,8 +176,7 @@ class Supervisor:
         for name, n in restarts.items():  # restarts before a restart in place still count
             if name in self.children:
                 self.children[name].restarts = n
-        if restarts:
-            self._write_status()
+        self._write_status()  # also with no receivers: reload and the console's Apply look for it
         self._serve_metrics()
         self._set_console(self.config.console)
         try:
@@ -445,7 +447,9 @@ class Supervisor:
                 self.log.error("handler_kill", handler=child.name, reason="did not stop in time")
                 child.proc.kill()
                 code = child.proc.wait()
-            if code != 0:
+            if child is self.console and code in (0, -signal.SIGTERM):
+                pass  # uvicorn re-raises the SIGTERM it handled: the console stopped as asked
+            elif code != 0:
                 clean = False
                 self.log.error("handler_exit", handler=child.name, exit_code=code)
             child.proc = None
@@ -461,9 +465,10 @@ class Supervisor:
 
     # -- reload / rotation ---------------------------------------------------------------------
     def reload(self) -> bool:
-        """Re-read the config and apply it. A bad file changes nothing. A receiver whose listening socket
-        and CPU stay is reconfigured in place (its exporters stay connected); otherwise its handler is
-        replaced, and the old one is waited for (up to DRAIN_TIMEOUT + 5 s) before the new one binds."""
+        """Re-read the config and apply it. A bad file, or a new listening socket that cannot be bound,
+        changes nothing. A receiver whose listening socket and CPU stay is reconfigured in place (its
+        exporters stay connected); otherwise its handler is replaced, and the old one is waited for (up to
+        DRAIN_TIMEOUT + 5 s) before the new one binds."""
         previous = reload_outcome.read_outcome(self.run_dir)  # numbering continues across a restart in place
         outcome = reload_outcome.Outcome(generation=1 + (previous.generation if previous else 0),
                                          result=reload_outcome.APPLIED, config=self.config_path)
@@ -483,6 +488,18 @@ class Supervisor:
         replaced = [n for n in changed if n not in in_place]
         removed = [n for n in old if n not in fresh]
         added = [n for n in fresh if n not in old]
+        # Transactional: a new socket that cannot be bound refuses the whole reload before any handler is
+        # stopped. Sockets our handlers hold now are freed by the reload itself, so they are not probed.
+        held = {rc.listen for rc in old.values()}
+        unbindable = [f"{n}: {failure}" for n in replaced + added if fresh[n].listen not in held
+                      and (failure := bind_failure(fresh[n].listen.port_type, fresh[n].listen.bind,
+                                                   fresh[n].listen.port))]
+        if unbindable:
+            for problem in unbindable:
+                self.log.error("reload_refused", config=self.config_path, problem=problem)
+            outcome.result, outcome.problems = reload_outcome.REFUSED, unbindable
+            self._write_reload_outcome(outcome)
+            return False
         for name in in_place:
             child = self.children[name]
             child.rc = fresh[name]  # also what a restart after a crash will use

@@ -11,6 +11,7 @@ import ctypes
 import os
 import pwd
 import resource
+import sys
 
 SERVICE_USER = "ipfix-balancer"  # created by the RPM; $IPFIX_BALANCER_USER overrides, empty: never drop
 CAP_NET_BIND_SERVICE = 10
@@ -59,6 +60,20 @@ def drop(user: pwd.struct_passwd, caps: tuple[str, ...], own: list[str]) -> None
     _check(_libc.capset(header, data), "capset")
     for n in numbers:
         _check(_libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, n, 0, 0), "PR_CAP_AMBIENT_RAISE")
+
+
+def out_of_reach(config_path: str, run_dir: str) -> str | None:
+    """After ``drop``: what the service user cannot reach of what the balancer needs (the interpreter the
+    handlers are started with, the package, the .env, the run dir), as "may not ... PATH"; None when all is
+    in reach. A virtualenv under /root, or a checkout in a private home, is the usual case."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path, mode, what in ((sys.executable, os.X_OK, "run the interpreter"),
+                             (package, os.R_OK | os.X_OK, "read the package"),
+                             (config_path, os.R_OK, "read the configuration"),
+                             (run_dir, os.W_OK | os.X_OK, "write the run directory")):
+        if not os.access(path, mode):
+            return f"may not {what} {path}"
+    return None
 
 
 def _check(result: int, what: str) -> None:

@@ -416,9 +416,9 @@ class SendQueue:
             for _end, n, nrec in self._acked_tail:
                 msgs += n
                 records += nrec
-            self._acked_tail.clear()
             if lost:
                 self.stats.drop(reason, lost)
+        self._acked_tail.clear()
         if msgs:
             self.stats.drop_counts(reason, msgs, records)
         self._release_unacked()
@@ -662,16 +662,18 @@ class SendQueue:
 
     def close(self, reason: str | None = None) -> int:
         """Final: whatever is still queued or committed is counted as dropped (``reason``, else ``stalled``
-        when the collector was connected but not taking it, else ``connection_lost``). On a stalled
-        connection, or one on probation, also what was written and kept, and the transport resets it (else
-        the kernel still delivers that after we close). Returns that count."""
+        when the collector was connected but not taking it, else ``connection_lost``). A stalled connection,
+        or one on probation that still holds something, is reset (else the kernel still delivers after we
+        close what we count as lost): what was written and not acknowledged is counted too, and what it
+        acknowledged and (by its window) has not read. Returns that count."""
         state = self.state
         if state is State.CLOSED:
             return 0
-        abort = state is State.STALLED or state is PROBATION
+        abort = (state is State.STALLED or state is PROBATION) and not self.settled
         if reason is None:
             reason = STALLED if state is UP or abort else CONNECTION_LOST
-        lost = list(self.pending) + self._entries + (self._take_unacked(reason, COUNT) if abort else [])
+        acked = COUNT if self.life.unread or state is State.STALLED else DELIVERED
+        lost = list(self.pending) + self._entries + (self._take_unacked(reason, acked) if abort else [])
         if lost:
             self.stats.drop(reason, lost)
         self.pending.clear()

@@ -70,6 +70,7 @@ class OutputConnection:
         self._refresh_timer = None  # UDP template refresh
         self._check_timer = None    # UDP refusal check
         self._oversize_logged = False
+        self._failed: OSError | None = None  # a write failed: handled after the loop turn (``_fail_later``)
         self._tcp = queue.subreceiver.proto == "tcp"
         self.life.stream = self._tcp
         queue.track_acks = self._tcp
@@ -199,7 +200,7 @@ class OutputConnection:
     def _up(self) -> None:
         queue = self.queue
         state = self.life.connected(time.monotonic(), (peer_window(self.sock) or 0) if self._tcp else 0)
-        queue.tail_bytes = self.life.proof_bytes if self._tcp else 0  # until it shows it reads
+        queue.tail_bytes = self.life.unread_bound if self._tcp else 0
         queue.connection_up(int(time.time()))
         if state is UP:
             self._healthy()
@@ -265,19 +266,22 @@ class OutputConnection:
         delivers none of what goes elsewhere. ``clean``: the collector closed (FIN): a process that closes
         with unread data resets instead, so everything it acknowledged was read."""
         queue, life = self.queue, self.life
-        if self._tcp and self.sock is not None:
-            acked = queue.sent_total - unsent_bytes(self.sock)  # the last word (valid after a reset)
+        if self._tcp and self.sock is not None and life.state is not State.CONNECTING:
+            # The last word on what its TCP acknowledged, and the window it last advertised (both valid
+            # after a reset).
+            acked = queue.sent_total - unsent_bytes(self.sock)
             if acked > queue.acked:
                 queue.acknowledged(acked)
-        elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+            life.observe(time.monotonic(), acked, peer_window(self.sock))
+        elif not self._tcp and isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
             queue.refused()
         if reset:
             self._reset()
         self._release()
-        # A reset, ours or the collector's, discards what its process had not read: at most the tail
-        # acknowledged since it last showed it read, counted. (A collector that worked, then reset, most
-        # likely had read everything: not counted.)
-        acked = COUNT if self._tcp and not clean and (reset or not life.proven) else DELIVERED
+        # A reset discards what the collector's process had not read: what it acknowledged since it last
+        # showed it read, up to what its buffer can hold, is counted (an upper bound). A process that closes
+        # or dies with nothing unread sends FIN (``clean``); its kernel resets only with data unread.
+        acked = COUNT if self._tcp and not clean else DELIVERED
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         resent, news = queue.connection_lost(reason, acked)
         delay = life.lost(time.monotonic(), stalled=reset)
@@ -289,6 +293,11 @@ class OutputConnection:
             queue.on_down(queue)
         queue.check_settled()
         self._schedule()
+
+    def _fail_later(self) -> None:
+        exc, self._failed = self._failed, None
+        if exc is not None and self.sock is not None:
+            self._fail(exc)
 
     def _give_up(self) -> None:
         """The drain deadline passed with messages still queued: they are lost, counted and logged."""
@@ -350,9 +359,12 @@ class OutputConnection:
         acked = queue.sent_total - unsent_bytes(self.sock)
         if acked > queue.acked:
             queue.acknowledged(acked)
-        action = life.observe(now, acked, None if life.proven else peer_window(self.sock))
+        if life.proven:
+            action = life.observe(now, acked)
+        else:
+            action = life.observe(now, acked, peer_window(self.sock))
+            queue.tail_bytes = life.unread_bound
         if action is Action.PROVEN:
-            queue.tail_bytes = life.probe_bytes  # what a later reset for a stall may cost: counted
             self._healthy(reason="takes data again")
         elif action is Action.READ:
             queue.read_all()
@@ -383,10 +395,13 @@ class OutputConnection:
 
     # -- sending -------------------------------------------------------------------------------
     def flush(self) -> None:
+        """Write what the kernel takes now. Core calls this too, from inside ``enqueue`` and a dispatcher's
+        choice: a failure is therefore handled after the loop turn, never re-entrantly (the dispatcher would
+        otherwise re-dispatch this queue while it is dispatching into it)."""
         queue = self.queue
         queue.armed = False
         state = queue.state
-        if (state is not UP and state is not PROBATION) or self.sock is None:
+        if (state is not UP and state is not PROBATION) or self.sock is None or self._failed is not None:
             return
         try:
             if self._tcp:
@@ -394,7 +409,8 @@ class OutputConnection:
             else:
                 self._flush_datagrams()
         except OSError as exc:
-            self._fail(exc)
+            self._failed = exc
+            self.loop.after_turn(-id(self), self._fail_later)  # (a wake must not replace it)
             return
         if queue.closing:
             queue.check_settled()

@@ -30,35 +30,11 @@ VERDICTS = 4096            # allowlist verdicts remembered per source address
 #: accept() errors that mean "no descriptor or memory now": pause instead of spinning on a readable listener
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 DRAIN_READS = 4096         # reads at stop before an exporter connection is closed anyway
-RCVBUF = 8 * 1024 * 1024
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value: Python 3.11 does not name it
 
 #: ``open_session(key, peer, templates=()) -> ExporterSession``
 SessionOpener = Callable[..., ExporterSession]
 #: ``count_malformed(error, peer)``
 MalformedCounter = Callable[[FramingError, str], None]
-
-
-def bind(port_type: str, host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    kind = socket.SOCK_STREAM if port_type == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(family, kind)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if kind == socket.SOCK_DGRAM:
-        _set_rcvbuf(sock, RCVBUF)
-    sock.bind((host, port))
-    sock.setblocking(False)
-    if kind == socket.SOCK_STREAM:
-        sock.listen(128)
-    return sock
-
-
-def _set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """Ask for a big receive buffer (UDP bursts); as root, beyond net.core.rmem_max."""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def peer_name(addr) -> str:

@@ -97,7 +97,7 @@ def test_idle_connections_to_the_metrics_port_stop_nothing_and_lose_nothing(atta
         assert not events & {"handler_hung", "handler_died", "handler_start_failed", "supervisor_turn_failed"}, events
         assert bal.running and bal.handler_pid("fullflow[0]") == handler
         opened, closed, _held = map(int, out.split())
-        assert opened > 2 * LIMIT, f"the attack ran: {out}"
+        assert opened > LIMIT, f"the attack ran past the supervisor's descriptor limit: {out}"
         assert closed > 0, "connections over the cap or past their deadline are closed"
         assert peak[0] < 64, f"the supervisor held {peak[0]} descriptors"
         assert not errors

@@ -2,7 +2,6 @@
 and the sd_notify messages the supervisor sends to systemd."""
 
 import contextlib
-import glob
 import json
 import os
 import signal
@@ -15,7 +14,7 @@ import psutil
 import pytest
 
 from ipfixkit import (REPO_ROOT, TcpExporter, TcpSink, extract_serials, fault_env, forwarding_env, free_port,
-                      make_stream, run_cli, wait_until)
+                      make_stream, run_cli, split_messages, wait_until)
 
 
 class FakeSystemd:
@@ -176,21 +175,32 @@ def test_a_handler_that_cannot_be_started_is_logged_and_retried_with_backoff(bal
         assert not [line for line in bal.logs() if line.get("event") == "supervisor_turn_failed"]
 
 
-def _faketime() -> str | None:
-    found = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
-    return found[0] if found else None
+# Test-only: every product process reads its wall clock (time.time) shifted by the seconds in a file, so a
+# test steps the balancer's clock without touching the machine's; the monotonic clock is left alone.
+WALL_OFFSET = """
+import time
+_real = time.time
+def _stepped():
+    try:
+        with open({path!r}) as f:
+            return _real() + float(f.read())
+    except (OSError, ValueError):
+        return _real()
+time.time = _stepped
+"""
+
+
+def stepped_clock(tmp_path) -> tuple:
+    """(the file holding the offset in seconds, the environment that makes the balancer read it)."""
+    offset = tmp_path / "wall-offset"
+    offset.write_text("0")
+    return offset, fault_env(tmp_path / "clock", WALL_OFFSET.format(path=str(offset)))
 
 
 def test_wall_clock_steps_kill_no_handler_and_lose_no_record(balancer, tmp_path):
-    """The balancer's processes read a wall clock that steps +20 s, then back an hour (libfaketime, from a
-    file: the machine's clock is never touched); their monotonic clock runs on."""
-    lib = _faketime()
-    if lib is None:
-        pytest.skip("needs libfaketime (scripts/install-deps installs it)")
-    offset = tmp_path / "wall-offset"
-    offset.write_text("+0s\n")
-    fake = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
-            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    """The balancer's processes read a wall clock that steps +20 s, then back an hour (``stepped_clock``: the
+    machine's clock is never touched); their monotonic clock runs on."""
+    offset, fake = stepped_clock(tmp_path)
     port, metrics = free_port(), free_port()
     stream = make_stream(500, records_per_message=2)
     with TcpSink() as sink:
@@ -202,7 +212,7 @@ def test_wall_clock_steps_kill_no_handler_and_lose_no_record(balancer, tmp_path)
             exporter.send(stream[:1])
             sent = 1
             for step in (20, -3600):
-                offset.write_text(f"{step:+d}s\n")
+                offset.write_text(str(step))
                 # proof that the handler reads the stepped clock: its document's wall time moved
                 bal.wait_status("fullflow[0]", lambda s, step=step: abs(s["time"] - time.time() - step) < 2)
                 for message in stream[sent:sent + 200]:  # 4 s: longer than HANG_SECONDS
@@ -217,3 +227,32 @@ def test_wall_clock_steps_kill_no_handler_and_lose_no_record(balancer, tmp_path)
         assert sorted(extract_serials(sink.messages())) == list(range(1000)), "every record, once"
         assert bal.running and bal.handler_pid("fullflow[0]") == handler
         assert not [line for line in bal.logs() if line.get("event") in ("handler_hung", "handler_died")]
+        assert bal.stop() == 0
+
+
+def test_dump_names_stay_in_time_order_when_the_wall_clock_steps_back(balancer, tmp_path):
+    """Files sorted by name hold the records in the order they came, across a step back of an hour and the
+    step forward again."""
+    offset, fake = stepped_clock(tmp_path)
+    port, dump = free_port(), tmp_path / "dump"
+    bal = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+                   f"IPFIX_FULLFLOW_BALANCER[0]=Disabled\nIPFIX_FULLFLOW_DUMP_DIR[0]={dump}\n"
+                   "IPFIX_FULLFLOW_FW_MAX_QUEUE_SIZE[0]=100\nIPFIX_FULLFLOW_ROTATE_MINUTES[0]=0\n", env=fake)
+    bal.wait_ready()
+    stream = make_stream(60, records_per_message=10)  # a file per 10 messages
+    with TcpExporter(port) as exporter:
+        exporter.send(stream[:31])
+        wait_until(lambda: bal.status("fullflow[0]")["msgs_in"] == 31, "the first half", bal)
+        offset.write_text("-3600")
+        bal.wait_status("fullflow[0]", lambda s: abs(s["time"] - time.time() + 3600) < 2)
+        exporter.send(stream[31:50])
+        wait_until(lambda: bal.status("fullflow[0]")["msgs_in"] == 50, "the second part", bal)
+        offset.write_text("0")  # and forward again
+        bal.wait_status("fullflow[0]", lambda s: abs(s["time"] - time.time()) < 2)
+        exporter.send(stream[50:])
+        wait_until(lambda: bal.status("fullflow[0]")["msgs_in"] == len(stream), "the last part", bal)
+    assert bal.stop() == 0
+    names = sorted(p.name for p in dump.glob("*.ipfix"))
+    assert len(names) >= 6
+    serials = [s for name in names for s in extract_serials(split_messages((dump / name).read_bytes()))]
+    assert serials == list(range(600)), "sorted by name is sorted by time"

@@ -27,7 +27,8 @@ AUTO_INDEX_BASE = 100  # balancer-auto recorders: index 100, 101, … of their s
 # Environment variables that share the IPFIX_ prefix; they never configure a receiver.
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
 # Global .env keys (not per receiver): key -> param, parsed with the receivers' checks.
-_GLOBALS = {"IPFIX_BALANCER_METRICS": "METRICS", "IPFIX_BALANCER_HANG_SECONDS": "HANG_SECONDS"}
+_GLOBALS = {"IPFIX_BALANCER_METRICS": "METRICS", "IPFIX_BALANCER_HANG_SECONDS": "HANG_SECONDS",
+            "IPFIX_BALANCER_METRICS_TOKEN_FILE": "METRICS_TOKEN_FILE"}
 # Global keys of the web console (console/): one per balancer, not per receiver.
 _CONSOLE_KEYS = ("IPFIX_BALANCER_CONSOLE", "IPFIX_BALANCER_CONSOLE_TLS_CERT", "IPFIX_BALANCER_CONSOLE_TLS_KEY",
                  "IPFIX_BALANCER_CONSOLE_TOKEN_FILE")
@@ -267,6 +268,7 @@ class Config:
     warnings: tuple[str, ...]
     metrics: Endpoint | None = None  # IPFIX_BALANCER_METRICS: where GET /metrics and /healthz are served
     hang_seconds: int = 15  # IPFIX_BALANCER_HANG_SECONDS
+    metrics_token_file: str = ""  # IPFIX_BALANCER_METRICS_TOKEN_FILE: GET /metrics wants its bearer token
     console: Console | None = None  # None: IPFIX_BALANCER_CONSOLE empty, no console
 
 
@@ -380,7 +382,11 @@ def _global_settings(values: Mapping[str, str | None], problems: list[str]) -> d
     metrics = g.endpoints("METRICS", "tcp")
     if len(metrics) > 1:
         g.fail("METRICS", "one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)")
-    return {"metrics": metrics[0] if metrics else None, "hang_seconds": g.integer("HANG_SECONDS", 15)}
+    token_file = (values.get("IPFIX_BALANCER_METRICS_TOKEN_FILE") or "").strip()
+    if token_file and not os.access(token_file, os.R_OK):
+        problems.append(f"IPFIX_BALANCER_METRICS_TOKEN_FILE={token_file!r}: not a file this user can read")
+    return {"metrics": metrics[0] if metrics else None, "hang_seconds": g.integer("HANG_SECONDS", 15),
+            "metrics_token_file": token_file}
 
 
 def _console(values: Mapping[str, str | None], path: str, problems: list[str]) -> Console | None:

@@ -56,6 +56,15 @@ def _inherited(fd: int) -> socket.socket:
     return socket.socket(fileno=fd)
 
 
+def _read_token(path: str) -> str:
+    """The first line of a token file (ValueError when there is none)."""
+    with open(path) as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError("holds no token")
+    return token
+
+
 def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
     """The handlers to run: the configured receivers plus the balancer-auto recorders they imply."""
     return tuple(config.receivers) + tuple(auto_receivers(config))
@@ -136,7 +145,7 @@ class Supervisor:
         self.ready_sent = False
         self.started_at = time.monotonic()
         self.metrics: MetricsServer | None = None
-        self.metrics_at = None  # the endpoint self.metrics was asked for
+        self.metrics_at = None  # the endpoint and token self.metrics was asked for
         self.unreadable: set[str] = set()  # handlers whose status document could not be read last turn
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -554,24 +563,33 @@ class Supervisor:
             self.notify.watchdog(now)
 
     def _serve_metrics(self) -> None:
-        """(Re)start the metrics server when IPFIX_BALANCER_METRICS changed. A failure is logged, never
-        fatal: metrics must not be the reason traffic is not forwarded."""
-        want = self.config.metrics
+        """(Re)start the metrics server when IPFIX_BALANCER_METRICS or its token changed. A failure is logged,
+        never fatal: metrics must not be the reason traffic is not forwarded. A token file that cannot be
+        read serves no metrics (rather than metrics to anyone)."""
+        endpoint, token_file = self.config.metrics, self.config.metrics_token_file
+        try:
+            token = _read_token(token_file) if endpoint is not None and token_file else ""
+        except (OSError, ValueError) as exc:
+            self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
+            endpoint = token = None
+        want = (endpoint, token)
         if want == self.metrics_at:
             return
         if self.metrics is not None:
             self.metrics.close()
             self.metrics = None
         self.metrics_at = want
-        if want is None:
+        if endpoint is None:
             return
         try:
-            self.metrics = MetricsServer(want.host, want.port, want.family, lambda: self.watch.snapshot)
+            self.metrics = MetricsServer(endpoint.host, endpoint.port, endpoint.family, lambda: self.watch.snapshot,
+                                         token)
         except OSError as exc:
-            self.log.error("metrics_failed", reason=listen_failure("tcp", want.host, want.port, exc))
+            self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
             return
-        host = f"[{want.host}]" if ":" in want.host else want.host
-        self.log.info("metrics_serving", url=f"http://{host}:{want.port}/metrics")
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        self.log.info("metrics_serving", url=f"http://{host}:{endpoint.port}/metrics", token=bool(token))
+
     def _write_reload_outcome(self, outcome: reload_outcome.Outcome) -> None:
         """For ``ipfix-balancer reload`` and the console, which wait for it after their SIGHUP."""
         try:

@@ -601,6 +601,16 @@ def test_global_keys_metrics_and_hang_seconds():
         "is replaced)"]
 
 
+def test_metrics_token_file_must_be_readable(tmp_path):
+    token = tmp_path / "metrics.token"
+    assert config.parse({}).metrics_token_file == ""
+    with pytest.raises(ConfigError) as err:
+        config.parse({"IPFIX_BALANCER_METRICS_TOKEN_FILE": str(token)})
+    assert err.value.problems == [f"IPFIX_BALANCER_METRICS_TOKEN_FILE={str(token)!r}: not a file this user can read"]
+    token.write_text("s3cret\n")
+    assert config.parse({"IPFIX_BALANCER_METRICS_TOKEN_FILE": f" {token} "}).metrics_token_file == str(token)
+
+
 # --- hostile and odd files (issue 11 item 9) ---------------------------------------------------------------
 
 def test_a_number_of_5000_digits_is_a_problem_quoted_short(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hmac
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -251,7 +252,8 @@ class _CappedServer(ThreadingWSGIServer):
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 / 503) on host:port."""
 
-    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], Snapshot]):
+    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], Snapshot], token: str = ""):
+        """``token``: when set, ``GET /metrics`` answers 401 without ``Authorization: Bearer <token>``."""
         registry = CollectorRegistry()
         registry.register(_Collector(snapshot))
         metrics = make_wsgi_app(registry)
@@ -264,6 +266,11 @@ class MetricsServer:
                                [("Content-Type", "text/plain; charset=utf-8")])
                 return [text.encode()]
             if path == "/metrics":
+                given = environ.get("HTTP_AUTHORIZATION", "").encode()
+                if token and not hmac.compare_digest(given, b"Bearer " + token.encode()):
+                    start_response("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
+                                                        ("WWW-Authenticate", "Bearer")])
+                    return [b"IPFIX_BALANCER_METRICS_TOKEN_FILE is set: send its token as a bearer token\n"]
                 return metrics(environ, start_response)
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"GET /metrics or /healthz\n"]

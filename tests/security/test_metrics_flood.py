@@ -109,3 +109,34 @@ def test_idle_connections_to_the_metrics_port_stop_nothing_and_lose_nothing(atta
         assert _healthz(metrics) == 200, "metrics served again once the attacker is gone"
         status = json.loads(open(bal.run_dir / "supervisor.json").read())
         assert status["pid"] == bal.pid and status["handlers"][0]["restarts"] == 0
+
+
+SCRAPE = """
+import urllib.error, urllib.request
+for path in ("/metrics", "/healthz"):
+    try:
+        with urllib.request.urlopen("http://127.0.0.1:{port}" + path, timeout=5) as r:
+            print(path, r.status, len(r.read()))
+    except urllib.error.HTTPError as e:
+        print(path, e.code)
+"""
+
+
+def test_with_a_token_file_other_users_cannot_read_the_metrics(attacker, reachable_balancer, tmp_path):
+    """Issue 20: /metrics told every local user the traffic counters. With IPFIX_BALANCER_METRICS_TOKEN_FILE
+    (0600, like the console's) a scrape needs its bearer token; /healthz stays open."""
+    token = tmp_path / "metrics.token"
+    token.write_text("s3cret-metrics\n")
+    token.chmod(0o600)
+    port, metrics = free_port(), free_port()
+    with TcpSink() as sink:
+        bal = reachable_balancer(forwarding_env(port, [sink], extra=f"IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}\n"
+                                                                   f"IPFIX_BALANCER_METRICS_TOKEN_FILE={token}\n"))
+        bal.wait_ready()
+        assert bal.wait_log("metrics_serving")["token"] is True
+        out = attacker.run(SCRAPE.format(port=metrics)).stdout.split("\n")
+        assert out[0] == "/metrics 401" and out[1].startswith("/healthz 200 "), out
+        request = urllib.request.Request(f"http://127.0.0.1:{metrics}/metrics",
+                                         headers={"Authorization": "Bearer s3cret-metrics"})
+        with urllib.request.urlopen(request, timeout=5) as answer:
+            assert answer.status == 200 and b"ipfix_balancer_messages_received_total" in answer.read()

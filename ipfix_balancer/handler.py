@@ -29,7 +29,7 @@ from .core.templates import TemplateLimit
 from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import TcpListener, UdpListener, bind, peer_host
+from .net.listener import TcpListener, UdpListener, bind, kernel_drops, peer_host
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
@@ -56,6 +56,7 @@ class Handler:
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
         self.malformed: dict[str, int] = {}
+        self.overflow = 0  # the UDP listening socket's kernel drops, as last read
         self.connections_total = 0
         self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
         self.retired_subreceivers: list[SubreceiverStats] = []  # removed by a reconfiguration
@@ -89,7 +90,7 @@ class Handler:
         if taken is None:
             lst = rc.listen
             try:
-                sock = bind(lst.port_type, lst.bind, lst.port)
+                sock = bind(lst.port_type, lst.bind, lst.port, rc.limits.rcvbuf_bytes)
             except OSError as exc:
                 raise ListenError(listen_failure(lst.port_type, lst.bind, lst.port, exc)) from None
             self._listen(sock)
@@ -371,6 +372,16 @@ class Handler:
         self.log.info("handler_stopped", msgs_in=self.counters.msgs_in, drops=self.drops())
 
     # -- status --------------------------------------------------------------------------------
+    def _rcvbuf_overflow(self) -> int:
+        """The kernel's drops on the UDP listening socket (README "Metrics"); the last value read stays
+        once the socket is closed."""
+        listener = self.listener
+        if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
+            n = kernel_drops(listener.sock)
+            if n is not None:
+                self.overflow = n
+        return self.overflow
+
     def drops(self) -> int:
         total = self.retired_drops + sum(s.drops for s in self.subreceivers + self.retired_subreceivers)
         if self.recorder is not None:
@@ -413,7 +424,7 @@ class Handler:
             drops=self.drops(), drop_records=sum(by_reason[1].values()),
             drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
             limited=dict(self.listener.limited) if self.listener is not None else {},
-            queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
+            queued_bytes=self.budget.used, memory_bytes=self.budget.limit, rcvbuf_overflow=self._rcvbuf_overflow(),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)

@@ -134,6 +134,7 @@ class HandlerStatus:
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
     memory_bytes: int = 0
+    rcvbuf_overflow: int = 0  # UDP: datagrams the kernel dropped on the listening socket (buffer full)
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -352,6 +353,8 @@ def render(report: StatusReport) -> str:
                          f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
                          + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
+        if d.rcvbuf_overflow:  # README "Metrics": lost before the handler could read them
+            lines.append(f"    rcvbuf_overflow: {d.rcvbuf_overflow} datagrams dropped by the kernel")
         if d.limited:  # README "Hostile input": sessions refused or closed by a limit
             lines.append("    limited: " + " ".join(f"{k}={v}" for k, v in sorted(d.limited.items())))
         if d.recorder is not None:

@@ -15,7 +15,7 @@ from collections import deque
 
 from .wire import HEADER_LEN, MAX_MESSAGE, VERSION_LENGTH, FramingError, header_error, walk
 
-__all__ = ["ChunkPool", "DatagramReader", "FramingError", "StreamFramer", "check_datagram"]
+__all__ = ["ChunkPool", "DatagramReader", "DatagramSlots", "FramingError", "StreamFramer", "check_datagram"]
 
 
 class ChunkPool:
@@ -158,6 +158,57 @@ class DatagramReader:
         pos = self._pos
         self._pos = pos + n
         return self._view[pos:pos + n]
+
+
+class DatagramSlots:
+    """Where a batched UDP receive (``recvmmsg``) puts its datagrams: consecutive slots of ``slot`` bytes in
+    chunks of ``count`` slots. A read fills the free slots of the current chunk from the first free one, so a
+    chunk fills up whatever the batch sizes, and a queued datagram pins about one slot, not a whole batch. A
+    chunk comes from a ``ChunkPool``: reused only once no datagram view points into it. A datagram longer
+    than its slot runs on into the spill area of its slot position (one per position, MAX_MESSAGE + 1 - slot
+    bytes, shared by every chunk) and is copied out at once: IPFIX over UDP rarely exceeds a 1,500-byte MTU."""
+
+    __slots__ = ("slot", "count", "pool", "spill", "spill_size", "chunk", "first")
+
+    def __init__(self, slot: int = 2048, count: int = 64, keep: int = 64):
+        self.slot = slot
+        self.count = count
+        self.pool = ChunkPool(slot * count, keep)
+        self.spill_size = MAX_MESSAGE + 1 - slot
+        self.spill = bytearray(self.spill_size * count)
+        self.chunk: bytearray | None = None
+        self.first = count  # the first free slot of ``chunk``
+
+    def next_read(self) -> bool:
+        """Before a read: True when it goes into a new chunk (``chunk``, from slot 0); the read may fill
+        slots ``first`` .. ``count - 1``."""
+        if self.first < self.count:
+            return False
+        self.chunk = self.pool.take()
+        self.first = 0
+        return True
+
+    def received(self, lengths: list[int]) -> list:
+        """The read filled the next ``len(lengths)`` slots with datagrams of these lengths: their views
+        (a copy for one that ran into the spill area)."""
+        slot, first = self.slot, self.first
+        view = memoryview(self.chunk)
+        out = []
+        for i, n in enumerate(lengths, first):
+            start = i * slot
+            if n <= slot:
+                out.append(view[start:start + n])
+            else:
+                spilled = i * self.spill_size
+                joined = bytearray(view[start:start + slot])  # writable: RoundRobin renumbers in place
+                joined += self.spill[spilled:spilled + n - slot]
+                out.append(memoryview(joined))
+        self.first = first + len(lengths)
+        return out
+
+    def release(self) -> None:
+        """Let go of the current chunk (a quiet receiver): queued datagrams keep what they use."""
+        self.chunk, self.first = None, self.count
 
 
 def check_datagram(msg: memoryview) -> None:

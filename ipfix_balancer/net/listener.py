@@ -7,20 +7,22 @@ sockets into it (TCP through a ``core.framing.StreamFramer``, UDP one datagram p
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from typing import Callable
 
 from ..config import Limits
-from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
+from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, check_datagram
 from ..core.session import ExporterSession
 from ..logs import Throttle
-from . import handover
+from . import handover, mmsg
 from .loop import READ, Loop
 
 UDP_SESSION_IDLE = 300.0   # seconds without a datagram before a UDP exporter session is closed
 UDP_EXPIRY_PERIOD = 30.0   # how often idle UDP sessions are looked for
 UDP_BATCH = 256            # datagrams read per readiness event, so TCP sessions and timers get turns
+UDP_SLOTS = 64             # datagrams per recvmmsg: the slots of one chunk (core.framing.DatagramSlots)
 ACCEPT_BATCH = 64          # connections accepted per readiness event
 ACCEPT_RETRY = 0.5         # seconds between attempts to accept again while at the descriptor limit
 IDLE_SWEEP = 1.0           # how often TCP exporter connections are looked at for quiet (chunk release, timeout)
@@ -28,7 +30,6 @@ VERDICTS = 4096            # allowlist verdicts remembered per source address
 #: accept() errors that mean "no descriptor or memory now": pause instead of spinning on a readable listener
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 DRAIN_READS = 4096         # reads at stop before an exporter connection is closed anyway
-RCVBUF = 8 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value: Python 3.11 does not name it
 
 #: ``open_session(key, peer, templates=()) -> ExporterSession``
@@ -37,13 +38,13 @@ SessionOpener = Callable[..., ExporterSession]
 MalformedCounter = Callable[[FramingError, str], None]
 
 
-def bind(port_type: str, host: str, port: int) -> socket.socket:
+def bind(port_type: str, host: str, port: int, rcvbuf: int = Limits.rcvbuf_bytes) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kind = socket.SOCK_STREAM if port_type == "tcp" else socket.SOCK_DGRAM
     sock = socket.socket(family, kind)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     if kind == socket.SOCK_DGRAM:
-        _set_rcvbuf(sock, RCVBUF)
+        set_rcvbuf(sock, rcvbuf)
     sock.bind((host, port))
     sock.setblocking(False)
     if kind == socket.SOCK_STREAM:
@@ -51,12 +52,30 @@ def bind(port_type: str, host: str, port: int) -> socket.socket:
     return sock
 
 
-def _set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """Ask for a big receive buffer (UDP bursts); as root, beyond net.core.rmem_max."""
+def set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """Ask for a big receive buffer (UDP bursts: what arrives while the handler is busy waits there); as
+    root, beyond net.core.rmem_max. (The kernel doubles the value for its bookkeeping.)"""
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
     except OSError:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on ``sock`` (receive buffer full, mostly): the drops column of its line
+    in /proc/net/udp or udp6, found by the socket's inode. None where that cannot be read."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                next(f)  # the column names
+                for line in f:
+                    fields = line.split()
+                    if fields[9] == inode:
+                        return int(fields[-1])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None
 
 
 def peer_name(addr) -> str:
@@ -343,20 +362,60 @@ class TcpListener(Listener):
 
 
 class UdpListener(Listener):
-    """Reads datagrams and hands each to the session of its exporter address+port."""
+    """Reads datagrams and hands each run of them from one exporter address+port to its session.
+
+    With ``mmsg`` (Linux): one ``recvmmsg`` reads up to UDP_SLOTS datagrams into the slots of a
+    ``DatagramSlots``; elsewhere one ``recvfrom_into`` per datagram, packed into a ``DatagramReader``."""
 
     def __init__(self, *args):
-        self.reader = DatagramReader()
         self.sessions: dict[tuple, ExporterSession] = {}
+        self._names: dict[bytes, tuple] = {}  # raw source address (recvmmsg) -> address as Python gives it
         super().__init__(*args)
+        self.receiver = mmsg.Receiver(self.sock, DatagramSlots(count=UDP_SLOTS)) if mmsg.AVAILABLE else None
+        self.reader = DatagramReader() if self.receiver is None else None
         self.loop.every(UDP_EXPIRY_PERIOD, self._expire)
 
     def adopt(self, addr: tuple, peer: str, templates) -> None:
         self.sessions[addr] = self.open_session(addr, peer, templates)
 
+    def set_limits(self, limits: Limits) -> None:
+        if limits.rcvbuf_bytes != self.limits.rcvbuf_bytes:
+            set_rcvbuf(self.sock, limits.rcvbuf_bytes)
+        super().set_limits(limits)
+
+    def rcvbuf_overflow(self) -> int | None:
+        return kernel_drops(self.sock)
+
     def _on_readable(self, _mask) -> None:
-        reader, sock, sessions = self.reader, self.sock, self.sessions
-        clock = time.monotonic  # per datagram: the idlest session at MAX_SESSIONS must be told apart in a batch
+        if self.receiver is None:
+            self._read_singly()
+            return
+        receive, names, deliver = self.receiver.receive, self._names, self._deliver
+        for _ in range(UDP_BATCH // UDP_SLOTS):
+            try:
+                msgs, sources = receive()
+            except OSError as exc:
+                self.throttle.warning("udp_receive_failed", "", error=str(exc))
+                return
+            count = len(msgs)
+            start = 0
+            while start < count:  # runs of datagrams from one source: one delivery each
+                raw = sources[start]
+                end = start + 1
+                while end < count and sources[end] == raw:
+                    end += 1
+                addr = names.get(raw)
+                if addr is None:
+                    if len(names) >= VERDICTS:
+                        names.clear()
+                    addr = names[raw] = mmsg.parse_name(raw)
+                deliver(addr, msgs[start:end])
+                start = end
+            if not self.receiver.more:  # the socket is empty
+                return
+
+    def _read_singly(self) -> None:
+        reader, sock = self.reader, self.sock
         for _ in range(UDP_BATCH):
             try:
                 n, addr = sock.recvfrom_into(reader.get_buffer())
@@ -365,20 +424,31 @@ class UdpListener(Listener):
             except OSError as exc:
                 self.throttle.warning("udp_receive_failed", "", error=str(exc))
                 return
-            msg = reader.feed(n)
-            session = sessions.get(addr)
-            if session is None and not self._allowed(addr[0]):
+            self._deliver(addr, (reader.feed(n),))
+
+    def _deliver(self, addr: tuple, msgs) -> None:
+        """Datagrams from one source, in order: each must hold one whole message; the valid ones go to
+        the session as one batch."""
+        session = self.sessions.get(addr)
+        if session is None and not self._allowed(addr[0]):
+            for _ in msgs:
                 self._limit("not_allowed", peer_name(addr), "datagram dropped")
-                continue
+            return
+        good = []
+        for msg in msgs:
             try:
                 check_datagram(msg)
             except FramingError as exc:
                 self.count_malformed(exc, peer_name(addr))
                 continue
-            if session is None:
-                session = self._new_session(addr)
-            session.last_seen = clock()
-            session.deliver((msg,))
+            good.append(msg)
+        if not good:
+            return
+        if session is None:
+            session = self._new_session(addr)
+        # The clock per run, not per read: the idlest session at MAX_SESSIONS must be told apart in a batch.
+        session.last_seen = time.monotonic()
+        session.deliver(good)
 
     def _new_session(self, addr: tuple) -> ExporterSession:
         """At MAX_SESSIONS the session idle longest goes first: a flood from many source ports must not

@@ -477,6 +477,51 @@ class SendQueue:
             self.budget.used -= nbytes
         return True
 
+    def send_datagram_batch(self, send_many: Callable[[list], int], batch: int, most: int = -1) -> bool:
+        """``send_datagrams`` with one call per up to ``batch`` datagrams (``sendmmsg``): ``send_many(bufs)``
+        returns how many of ``bufs`` the kernel took, oldest first, and raises only when it took none. Only
+        what it took leaves the queue (and advances the sequence numbers); after a short count the next call
+        starts at the first datagram not taken, and raises its error if it has one."""
+        pending, seq, last = self.pending, self._seq, self._last
+        rewrite, pack_into, numbered = self.rewrite_seq, U32.pack_into, self._numbered
+        stats = self.stats
+        while pending and most:
+            entries = [pending[i] for i in range(min(len(pending), batch if most < 0 else min(most, batch)))]
+            if not rewrite:
+                bufs = list(map(_msg_of, entries))
+            else:  # numbered as by send_datagrams; ``after``: each ODID's next number once that one went
+                bufs, after, nxt = [], [], {}
+                for msg, odid, nrec, _snap in entries:
+                    n = nxt[odid] if odid in nxt else seq.get(odid, 0)
+                    if nrec:
+                        pack_into(msg, SEQUENCE, n)
+                        bufs.append(msg)
+                        n = nxt[odid] = (n + nrec) & _SEQ_MASK
+                    else:
+                        bufs.append(b"".join(numbered((msg, odid, nrec, _snap), n)))
+                    after.append(n)
+            try:
+                sent = send_many(bufs)
+            except BlockingIOError:
+                return False
+            nbytes = 0
+            for i in range(sent):
+                entry = pending.popleft()
+                nbytes += len(entry[MSG])
+                if rewrite:
+                    seq[entry[ODID]] = after[i]
+                else:
+                    last[entry[ODID]] = entry  # for the template refresh, which only UDP outputs have
+            if sent:
+                self._last_written = entries[sent - 1]
+            stats.msgs_out += sent
+            stats.bytes_out += nbytes
+            self.sent_total += nbytes
+            self.pending_bytes -= nbytes
+            self.budget.used -= nbytes
+            most -= sent
+        return True
+
     def drop_first(self, reason: str) -> None:
         """The first queued message can never be sent (too big for a datagram): count it, go on."""
         entry = self.pending.popleft()

@@ -383,9 +383,6 @@ class UdpListener(Listener):
             set_rcvbuf(self.sock, limits.rcvbuf_bytes)
         super().set_limits(limits)
 
-    def rcvbuf_overflow(self) -> int | None:
-        return kernel_drops(self.sock)
-
     def _on_readable(self, _mask) -> None:
         if self.receiver is None:
             self._read_singly()

@@ -151,6 +151,11 @@ class Sender:
     """``sendmmsg`` on one datagram socket: ``send(bufs)`` -> how many of ``bufs`` (bytes-likes, at most
     ``count``) the kernel took, each one datagram. Raises only when it took none.
 
+    A short count hides the error that stopped it (the kernel reports an error only for the first
+    datagram), and that error may be a collector's refusal (ICMP port unreachable) of an earlier datagram,
+    which the failed send consumed. So the call after a short count sends one datagram alone: an error
+    still pending shows there, and a refusal is noticed one datagram later instead of never.
+
     ``raw``: (IPv4 header, source port, destination port, destination address) for a raw socket that writes
     the exporter's addresses (source preservation): each datagram then goes out as IP header, UDP header and
     message, to the destination."""
@@ -162,6 +167,7 @@ class Sender:
         self._hdrs, self._iovs, self._iovq = _headers(count, self._parts)
         self._base = _address_of(self._hdrs)
         self._keep: list = []
+        self._alone = False  # the last call was short: the next one sends one datagram
         if raw is not None:
             ip, self._ports, (host, _port) = raw[0], raw[1:3], raw[3]
             self._ip = ctypes.create_string_buffer(ip, len(ip))
@@ -185,15 +191,15 @@ class Sender:
             return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value
 
     def send(self, bufs) -> int:
-        count = len(bufs)
+        count = 1 if self._alone else len(bufs)
         iovq, parts, address = self._iovq, self._parts, self._address
         at = 2 * (parts - 1)  # the message's iovec within a datagram's
         if parts == 1:
-            iovq[0:2 * count:2] = _array(map(address, bufs))
-            iovq[1:2 * count:2] = _array(map(len, bufs))
+            iovq[0:2 * count:2] = _array(map(address, bufs[:count]))
+            iovq[1:2 * count:2] = _array(map(len, bufs[:count]))
         else:
             pack, sport, dport, udp = _UDP.pack_into, self._ports[0], self._ports[1], self._udp
-            for i, buf in enumerate(bufs):
+            for i, buf in enumerate(bufs[:count]):
                 n = len(buf)
                 pack(udp, 8 * i, sport, dport, 8 + n, 0)
                 iovq[2 * parts * i + at] = address(buf)
@@ -202,5 +208,6 @@ class Sender:
         self._keep.clear()
         if n < 0:
             raise _error()
+        self._alone = n < count
         return n
 

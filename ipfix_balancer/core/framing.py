@@ -206,10 +206,6 @@ class DatagramSlots:
         self.first = first + len(lengths)
         return out
 
-    def release(self) -> None:
-        """Let go of the current chunk (a quiet receiver): queued datagrams keep what they use."""
-        self.chunk, self.first = None, self.count
-
 
 def check_datagram(msg: memoryview) -> None:
     """A datagram must carry exactly one whole message: header length == datagram size."""

@@ -477,7 +477,7 @@ class SendQueue:
             self.budget.used -= nbytes
         return True
 
-    def send_datagram_batch(self, send_many: Callable[[list], int], batch: int, most: int = -1) -> bool:
+    def send_datagram_batch(self, send_many: Callable[[list], int], batch: int) -> bool:
         """``send_datagrams`` with one call per up to ``batch`` datagrams (``sendmmsg``): ``send_many(bufs)``
         returns how many of ``bufs`` the kernel took, oldest first, and raises only when it took none. Only
         what it took leaves the queue (and advances the sequence numbers); after a short count the next call
@@ -485,8 +485,8 @@ class SendQueue:
         pending, seq, last = self.pending, self._seq, self._last
         rewrite, pack_into, numbered = self.rewrite_seq, U32.pack_into, self._numbered
         stats = self.stats
-        while pending and most:
-            entries = [pending[i] for i in range(min(len(pending), batch if most < 0 else min(most, batch)))]
+        while pending:
+            entries = [pending[i] for i in range(min(len(pending), batch))]
             if not rewrite:
                 bufs = list(map(_msg_of, entries))
             else:  # numbered as by send_datagrams; ``after``: each ODID's next number once that one went
@@ -519,7 +519,6 @@ class SendQueue:
             self.sent_total += nbytes
             self.pending_bytes -= nbytes
             self.budget.used -= nbytes
-            most -= sent
         return True
 
     def drop_first(self, reason: str) -> None:

@@ -12,10 +12,13 @@ queue, or written and not yet acknowledged, can never be overwritten. Only the i
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
+from operator import add
 
-from .wire import HEADER_LEN, MAX_MESSAGE, VERSION_LENGTH, FramingError, header_error, walk
+from .wire import HEADER_LEN, MAX_MESSAGE, VERSION, VERSION_LENGTH, FramingError, header_error, walk
 
-__all__ = ["ChunkPool", "DatagramReader", "DatagramSlots", "FramingError", "StreamFramer", "check_datagram"]
+__all__ = ["ChunkPool", "DatagramReader", "DatagramSlots", "FramingError", "StreamFramer", "all_whole",
+           "check_datagram"]
 
 
 class ChunkPool:
@@ -193,16 +196,15 @@ class DatagramSlots:
         (a copy for one that ran into the spill area)."""
         slot, first = self.slot, self.first
         view = memoryview(self.chunk)
-        out = []
-        for i, n in enumerate(lengths, first):
-            start = i * slot
-            if n <= slot:
-                out.append(view[start:start + n])
-            else:
-                spilled = i * self.spill_size
-                joined = bytearray(view[start:start + slot])  # writable: RoundRobin renumbers in place
-                joined += self.spill[spilled:spilled + n - slot]
-                out.append(memoryview(joined))
+        starts = range(first * slot, (first + len(lengths)) * slot, slot)
+        out = list(map(view.__getitem__, map(slice, starts, map(add, starts, lengths))))  # C-level steps
+        if max(lengths) > slot:
+            for i, n in enumerate(lengths):
+                if n > slot:
+                    spilled = (first + i) * self.spill_size
+                    joined = bytearray(out[i][:slot])  # writable: RoundRobin renumbers in place
+                    joined += self.spill[spilled:spilled + n - slot]
+                    out[i] = memoryview(joined)
         self.first = first + len(lengths)
         return out
 
@@ -217,3 +219,11 @@ def check_datagram(msg: memoryview) -> None:
         raise error
     if length != len(msg):
         raise FramingError("length_mismatch", f"header length {length} but datagram of {len(msg)} bytes")
+
+
+def all_whole(msgs: list) -> bool:
+    """True when every datagram of a run carries exactly one whole message, checked in C-level steps (the
+    common case); otherwise ``check_datagram`` tells which do not, and why."""
+    lengths = list(map(len, msgs))
+    return min(lengths) >= HEADER_LEN and list(map(VERSION_LENGTH.unpack_from, msgs)) == list(
+        zip(repeat(VERSION), lengths))

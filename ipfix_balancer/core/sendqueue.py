@@ -22,7 +22,7 @@ from __future__ import annotations
 import bisect
 import enum
 from collections import deque
-from itertools import accumulate, repeat
+from itertools import accumulate, islice, repeat
 from operator import itemgetter
 from typing import Callable, Protocol
 
@@ -481,45 +481,57 @@ class SendQueue:
         """``send_datagrams`` with one call per up to ``batch`` datagrams (``sendmmsg``): ``send_many(bufs)``
         returns how many of ``bufs`` the kernel took, oldest first, and raises only when it took none. Only
         what it took leaves the queue (and advances the sequence numbers); after a short count the next call
-        starts at the first datagram not taken, and raises its error if it has one."""
-        pending, seq, last = self.pending, self._seq, self._last
-        rewrite, pack_into, numbered = self.rewrite_seq, U32.pack_into, self._numbered
-        stats = self.stats
+        starts at the first datagram not taken, and raises its error if it has one. As in ``_commit``, the
+        common run (data messages of one ODID) is numbered in C-level steps."""
+        pending, seq, stats = self.pending, self._seq, self.stats
+        popleft = pending.popleft
         while pending:
-            entries = [pending[i] for i in range(min(len(pending), batch))]
-            if not rewrite:
-                bufs = list(map(_msg_of, entries))
-            else:  # numbered as by send_datagrams; ``after``: each ODID's next number once that one went
-                bufs, after, nxt = [], [], {}
-                for msg, odid, nrec, _snap in entries:
-                    n = nxt[odid] if odid in nxt else seq.get(odid, 0)
-                    if nrec:
-                        pack_into(msg, SEQUENCE, n)
-                        bufs.append(msg)
-                        n = nxt[odid] = (n + nrec) & _SEQ_MASK
-                    else:
-                        bufs.append(b"".join(numbered((msg, odid, nrec, _snap), n)))
-                    after.append(n)
+            entries = list(islice(pending, batch))
+            bufs = list(map(_msg_of, entries))
+            if self.rewrite_seq:
+                after = self._number_datagrams(entries, bufs)  # each one's ODID's next number once it went
             try:
                 sent = send_many(bufs)
             except BlockingIOError:
                 return False
-            nbytes = 0
-            for i in range(sent):
-                entry = pending.popleft()
-                nbytes += len(entry[MSG])
-                if rewrite:
-                    seq[entry[ODID]] = after[i]
-                else:
-                    last[entry[ODID]] = entry  # for the template refresh, which only UDP outputs have
-            if sent:
-                self._last_written = entries[sent - 1]
+            taken = entries[:sent] if sent < len(entries) else entries
+            for _ in repeat(None, sent):
+                popleft()
+            if self.rewrite_seq:
+                seq.update(zip(map(_odid_of, taken), after))  # the last of each ODID wins
+            else:
+                self._last.update(zip(map(_odid_of, taken), taken))  # for the template refresh (UDP only)
+            self._last_written = taken[-1]
+            nbytes = entries_size(taken)
             stats.msgs_out += sent
             stats.bytes_out += nbytes
             self.sent_total += nbytes
             self.pending_bytes -= nbytes
             self.budget.used -= nbytes
         return True
+
+    def _number_datagrams(self, entries: list, bufs: list) -> list:
+        """Write this connection's sequence numbers into ``bufs`` (a template message's buffer becomes a
+        numbered copy); returns, per entry, its ODID's next number after it. ``_seq`` is left as it was."""
+        seq = self._seq
+        nrecs = list(map(_nrec_of, entries))
+        odid = entries[0][ODID]
+        n = seq.get(odid, 0)
+        if n + sum(nrecs) <= _SEQ_MASK and 0 not in nrecs and len(set(map(_odid_of, entries))) == 1:
+            numbers = list(accumulate(nrecs, initial=n))
+            _consume(map(U32.pack_into, bufs, repeat(SEQUENCE), numbers))
+            return numbers[1:]
+        after, nxt = [], {}
+        for i, entry in enumerate(entries):
+            odid, nrec = entry[ODID], entry[NREC]
+            n = nxt[odid] if odid in nxt else seq.get(odid, 0)
+            if nrec:
+                U32.pack_into(bufs[i], SEQUENCE, n)
+                n = nxt[odid] = (n + nrec) & _SEQ_MASK
+            else:
+                bufs[i] = b"".join(self._numbered(entry, n))
+            after.append(n)
+        return after
 
     def drop_first(self, reason: str) -> None:
         """The first queued message can never be sent (too big for a datagram): count it, go on."""

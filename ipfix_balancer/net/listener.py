@@ -13,7 +13,7 @@ import time
 from typing import Callable
 
 from ..config import Limits
-from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, check_datagram
+from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, all_whole, check_datagram
 from ..core.session import ExporterSession
 from ..logs import Throttle
 from . import handover, mmsg
@@ -394,22 +394,33 @@ class UdpListener(Listener):
             except OSError as exc:
                 self.throttle.warning("udp_receive_failed", "", error=str(exc))
                 return
-            count = len(msgs)
-            start = 0
-            while start < count:  # runs of datagrams from one source: one delivery each
-                raw = sources[start]
-                end = start + 1
-                while end < count and sources[end] == raw:
-                    end += 1
-                addr = names.get(raw)
-                if addr is None:
-                    if len(names) >= VERDICTS:
-                        names.clear()
-                    addr = names[raw] = mmsg.parse_name(raw)
-                deliver(addr, msgs[start:end])
-                start = end
+            if not msgs:
+                return
+            if sources.count(sources[0]) == len(msgs):  # one source (the common case): no search for runs
+                deliver(names.get(sources[0]) or self._name(sources[0]), msgs)
+            else:
+                self._deliver_runs(msgs, sources)
             if not self.receiver.more:  # the socket is empty
                 return
+
+    def _deliver_runs(self, msgs: list, sources: list) -> None:
+        """Each run of datagrams from one source, in order, as one delivery."""
+        names, count, start = self._names, len(msgs), 0
+        while start < count:
+            raw = sources[start]
+            end = start + 1
+            while end < count and sources[end] == raw:
+                end += 1
+            self._deliver(names.get(raw) or self._name(raw), msgs[start:end])
+            start = end
+
+    def _name(self, raw: bytes) -> tuple:
+        """A source address as Python gives it, remembered (bounded: a flood may come from many ports)."""
+        names = self._names
+        if len(names) >= VERDICTS:
+            names.clear()
+        addr = names[raw] = mmsg.parse_name(raw)
+        return addr
 
     def _read_singly(self) -> None:
         reader, sock = self.reader, self.sock
@@ -431,6 +442,17 @@ class UdpListener(Listener):
             for _ in msgs:
                 self._limit("not_allowed", peer_name(addr), "datagram dropped")
             return
+        good = msgs if all_whole(msgs) else self._whole(addr, msgs)
+        if not good:
+            return
+        if session is None:
+            session = self._new_session(addr)
+        # The clock per run, not per read: the idlest session at MAX_SESSIONS must be told apart in a batch.
+        session.last_seen = time.monotonic()
+        session.deliver(good)
+
+    def _whole(self, addr: tuple, msgs) -> list:
+        """The datagrams of a run that hold one whole message each; the others counted as malformed."""
         good = []
         for msg in msgs:
             try:
@@ -439,13 +461,7 @@ class UdpListener(Listener):
                 self.count_malformed(exc, peer_name(addr))
                 continue
             good.append(msg)
-        if not good:
-            return
-        if session is None:
-            session = self._new_session(addr)
-        # The clock per run, not per read: the idlest session at MAX_SESSIONS must be told apart in a batch.
-        session.last_seen = time.monotonic()
-        session.deliver(good)
+        return good
 
     def _new_session(self, addr: tuple) -> ExporterSession:
         """At MAX_SESSIONS the session idle longest goes first: a flood from many source ports must not

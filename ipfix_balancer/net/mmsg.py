@@ -17,6 +17,7 @@ import ctypes.util
 import os
 import socket
 import struct
+from operator import add
 
 NAME_SIZE = 128  # sockaddr_storage: room for any source address
 _POINTER = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "I"  # the memoryview format of a pointer/size_t
@@ -116,6 +117,7 @@ class Receiver:
             _iovs[2 * i + 1].iov_base = spill + i * slots.spill_size
             _iovs[2 * i + 1].iov_len = slots.spill_size
         self._ints = memoryview(self._hdrs).cast("B").cast("I")
+        self._full = memoryview(array.array("I", [NAME_SIZE] * count))
         self._base = _address_of(self._hdrs)
         self.more = False
 
@@ -137,13 +139,14 @@ class Receiver:
                 if not isinstance(err, (BlockingIOError, InterruptedError)):
                     raise err
             return [], []
-        ints, step, names = self._ints, _HDR_SIZE // 4, self._names_view
-        lengths, sources = [], []
-        for i in range(first, first + n):
-            at = i * step
-            lengths.append(ints[at + _LEN_AT])
-            sources.append(bytes(names[i * NAME_SIZE:i * NAME_SIZE + ints[at + _NAMELEN_AT]]))
-            ints[at + _NAMELEN_AT] = NAME_SIZE  # the kernel wrote the length it used
+        ints, step = self._ints, _HDR_SIZE // 4
+        start, stop = first * step, (first + n) * step
+        lengths = ints[start + _LEN_AT:stop:step].tolist()
+        namelens = ints[start + _NAMELEN_AT:stop:step].tolist()
+        ints[start + _NAMELEN_AT:stop:step] = self._full[:n]  # the kernel wrote the length it used
+        names = bytes(self._names_view[first * NAME_SIZE:(first + n) * NAME_SIZE])
+        ends = map(add, range(0, n * NAME_SIZE, NAME_SIZE), namelens)
+        sources = list(map(names.__getitem__, map(slice, range(0, n * NAME_SIZE, NAME_SIZE), ends)))
         return slots.received(lengths), sources
 
 
@@ -192,14 +195,19 @@ class Sender:
 
     def send(self, bufs) -> int:
         count = 1 if self._alone else len(bufs)
+        if count < len(bufs):
+            bufs = bufs[:count]
         iovq, parts, address = self._iovq, self._parts, self._address
         at = 2 * (parts - 1)  # the message's iovec within a datagram's
         if parts == 1:
-            iovq[0:2 * count:2] = _array(map(address, bufs[:count]))
-            iovq[1:2 * count:2] = _array(map(len, bufs[:count]))
+            try:
+                iovq[0:2 * count:2] = _array(map(_address_of, map(_from_buffer, bufs)))
+            except TypeError:  # a read-only buffer among them
+                iovq[0:2 * count:2] = _array(map(address, bufs))
+            iovq[1:2 * count:2] = _array(map(len, bufs))
         else:
             pack, sport, dport, udp = _UDP.pack_into, self._ports[0], self._ports[1], self._udp
-            for i, buf in enumerate(bufs[:count]):
+            for i, buf in enumerate(bufs):
                 n = len(buf)
                 pack(udp, 8 * i, sport, dport, 8 + n, 0)
                 iovq[2 * parts * i + at] = address(buf)

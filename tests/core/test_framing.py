@@ -6,7 +6,7 @@ import struct
 import pytest
 
 from ipfix_balancer.core.framing import (ChunkPool, DatagramReader, DatagramSlots, FramingError, StreamFramer,
-                                         check_datagram)
+                                         all_whole, check_datagram)
 from ipfix_balancer.core.wire import MAX_MESSAGE
 
 
@@ -268,3 +268,15 @@ def test_datagram_slots_a_datagram_longer_than_its_slot_is_joined_with_its_spill
     with pytest.raises(FramingError, match="length_mismatch"):  # refused as today
         check_datagram(views[2])
 
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x00\x0a", message(b"abc")[:-1], message(b"abc") + b"!",
+                                 b"\x00\x09" + message(b"abc")[2:], struct.pack("!HH", 10, 8) + bytes(4)])
+def test_a_run_is_all_whole_only_when_check_datagram_passes_every_one(bad):
+    run = [memoryview(m) for m in STREAM]
+    assert all_whole(run)
+    for at in range(len(run) + 1):
+        mixed = run[:at] + [memoryview(bad)] + run[at:]
+        assert not all_whole(mixed)
+        with pytest.raises(FramingError):
+            check_datagram(mixed[at])

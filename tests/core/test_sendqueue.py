@@ -488,25 +488,29 @@ class BatchSender:
         return take
 
 
-def mixed_queue(rewrite: bool):
-    """Data messages of two ODIDs with a shared template message between them."""
+def mixed_queue(rewrite: bool, mixed: bool = True):
+    """Data messages of two ODIDs with a shared template message between them; or (not ``mixed``) of one
+    ODID only, the run numbered in C-level steps."""
     queue, stats = make_queue(rewrite_seq=rewrite)
     queue.connection_up(0)
     for i in range(7):
-        queue.enqueue((data_message(i, odid=ODID + i % 2), ODID + i % 2, 1 + i % 3, EMPTY))
-        if i == 3:
+        odid = ODID + i % 2 if mixed else ODID
+        queue.enqueue((data_message(i, odid=odid), odid, 1 + i % 3, EMPTY))
+        if i == 3 and mixed:
             queue.enqueue((memoryview(bytes(data_message(99))), ODID, 0, EMPTY))
     return queue, stats
 
 
 @pytest.mark.parametrize("rewrite", [True, False])
+@pytest.mark.parametrize("mixed", [True, False])
 @given(takes=st.lists(st.integers(1, 5), max_size=8), batch=st.integers(1, 9))
-def test_batched_datagrams_are_the_one_by_one_datagrams_whatever_the_kernel_takes_per_call(rewrite, takes, batch):
+def test_batched_datagrams_are_the_one_by_one_datagrams_whatever_the_kernel_takes_per_call(rewrite, mixed, takes,
+                                                                                           batch):
     """Short counts (the kernel took fewer than asked) change nothing: the same datagrams, numbered the
     same, each sent once; the counters as for one-by-one sends."""
-    expected_queue, expected_stats = mixed_queue(rewrite)
+    expected_queue, expected_stats = mixed_queue(rewrite, mixed)
     expected = datagrams(expected_queue)
-    queue, stats = mixed_queue(rewrite)
+    queue, stats = mixed_queue(rewrite, mixed)
     send = BatchSender(*takes)
     assert queue.send_datagram_batch(send, batch)
     assert send.out == expected and max(send.calls) <= batch

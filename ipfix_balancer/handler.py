@@ -56,7 +56,8 @@ class Handler:
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
         self.malformed: dict[str, int] = {}
-        self.overflow = 0  # the UDP listening socket's kernel drops, as last read
+        self.overflow = 0  # the UDP listening socket's kernel drops since this process has it, as last read
+        self._overflow_base = 0  # ... and when it took the socket (a handed-over socket has a past)
         self.connections_total = 0
         self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
         self.retired_subreceivers: list[SubreceiverStats] = []  # removed by a reconfiguration
@@ -113,6 +114,8 @@ class Handler:
         cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
         self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed, self.rc.limits,
                             self.throttle)
+        if cls is UdpListener:
+            self._overflow_base = kernel_drops(sock) or 0
 
     def _new_recorder(self, rc: ReceiverConfig):
         from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
@@ -373,13 +376,13 @@ class Handler:
 
     # -- status --------------------------------------------------------------------------------
     def _rcvbuf_overflow(self) -> int:
-        """The kernel's drops on the UDP listening socket (README "Metrics"); the last value read stays
-        once the socket is closed."""
+        """The kernel's drops on the UDP listening socket since this process took it (a counter per
+        process like the others, README "Metrics"); the last value read stays once the socket is closed."""
         listener = self.listener
         if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
             n = kernel_drops(listener.sock)
             if n is not None:
-                self.overflow = n
+                self.overflow = n - self._overflow_base
         return self.overflow
 
     def drops(self) -> int:

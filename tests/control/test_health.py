@@ -54,3 +54,10 @@ def test_notify_socket_and_watchdog_environment():
     other = Notifier({"NOTIFY_SOCKET": "/run/n", "WATCHDOG_USEC": "30000000", "WATCHDOG_PID": str(os.getpid() + 1)})
     assert other.watchdog_interval is None
     assert Notifier({}).send("READY=1") is False
+
+
+def test_kernel_drops_of_a_udp_listener_are_a_counter_and_a_status_line():
+    from ipfix_balancer.control.status import ListenStatus
+    udp = handler(listen=ListenStatus("udp", "0.0.0.0", 1500, True), rcvbuf_overflow=17)
+    assert counter_samples(udp)["ipfix_balancer_rcvbuf_overflow", ()] == 17
+    assert ("ipfix_balancer_rcvbuf_overflow", ()) not in counter_samples(handler()), "TCP has no such drops"

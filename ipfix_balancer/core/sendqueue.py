@@ -469,13 +469,16 @@ class SendQueue:
         except BlockingIOError:
             return False
         finally:
-            stats = self.stats
-            stats.msgs_out += msgs
-            stats.bytes_out += nbytes
-            self.sent_total += nbytes
-            self.pending_bytes -= nbytes
-            self.budget.used -= nbytes
+            self._datagrams_sent(msgs, nbytes)
         return True
+
+    def _datagrams_sent(self, msgs: int, nbytes: int) -> None:
+        stats = self.stats
+        stats.msgs_out += msgs
+        stats.bytes_out += nbytes
+        self.sent_total += nbytes
+        self.pending_bytes -= nbytes
+        self.budget.used -= nbytes
 
     def send_datagram_batch(self, send_many: Callable[[list], int], batch: int) -> bool:
         """``send_datagrams`` with one call per up to ``batch`` datagrams (``sendmmsg``): ``send_many(bufs)``
@@ -483,7 +486,7 @@ class SendQueue:
         what it took leaves the queue (and advances the sequence numbers); after a short count the next call
         starts at the first datagram not taken, and raises its error if it has one. As in ``_commit``, the
         common run (data messages of one ODID) is numbered in C-level steps."""
-        pending, seq, stats = self.pending, self._seq, self.stats
+        pending, seq = self.pending, self._seq
         popleft = pending.popleft
         while pending:
             entries = list(islice(pending, batch))
@@ -502,12 +505,7 @@ class SendQueue:
             else:
                 self._last.update(zip(map(_odid_of, taken), taken))  # for the template refresh (UDP only)
             self._last_written = taken[-1]
-            nbytes = entries_size(taken)
-            stats.msgs_out += sent
-            stats.bytes_out += nbytes
-            self.sent_total += nbytes
-            self.pending_bytes -= nbytes
-            self.budget.used -= nbytes
+            self._datagrams_sent(sent, entries_size(taken))
         return True
 
     def _number_datagrams(self, entries: list, bufs: list) -> list:

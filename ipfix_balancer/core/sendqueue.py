@@ -187,6 +187,7 @@ class SendQueue:
         self._seq: dict[int, int] = {}      # rewrite_seq: next sequence number per ODID on this connection
         self._last: dict[int, Entry] = {}   # byte-identical UDP: the last datagram committed per ODID
         self._last_written: Entry | None = None  # the newest message the kernel took (a refused datagram)
+        self._last_batch: list = []  # what the last send_datagram_batch call took (refused together)
         # Acknowledgement tracking (set by a TCP transport): offsets in this connection's byte stream.
         self.track_acks = False
         self.sent_total = 0   # bytes the kernel took
@@ -398,10 +399,14 @@ class SendQueue:
         return news
 
     def refused(self) -> None:
-        """A UDP collector refused (ICMP port unreachable): the datagram that drew it was lost."""
-        if self._last_written is not None:
-            self.stats.drop(REFUSED, (self._last_written,))
-            self._last_written = None
+        """A UDP collector refused (ICMP port unreachable): what the last send took was lost, the datagram
+        that drew it or, from ``send_datagram_batch``, every datagram of that call (the port was closed for
+        them all, unless it closed during the call: then this counts a few too many, never too few)."""
+        last = self._last_written
+        if last is not None:
+            batch = self._last_batch
+            self.stats.drop(REFUSED, batch if batch and batch[-1] is last else (last,))
+            self._last_written = self._last_batch = None
 
     def _replay_templates(self, now: int, snapshot: Snapshot | None = None) -> None:
         """Put the templates valid for the next queued message in front of it, so the collector can decode
@@ -504,7 +509,7 @@ class SendQueue:
                 seq.update(zip(map(_odid_of, taken), after))  # the last of each ODID wins
             else:
                 self._last.update(zip(map(_odid_of, taken), taken))  # for the template refresh (UDP only)
-            self._last_written = taken[-1]
+            self._last_written, self._last_batch = taken[-1], taken
             self._datagrams_sent(sent, entries_size(taken))
         return True
 

@@ -539,13 +539,29 @@ def test_an_oversize_datagram_mid_batch_is_first_when_its_error_comes():
     assert [ident_of(d) for d in send.out] == [0, 2] and stats.drops_by_reason == {"oversize": 1}
 
 
-def test_a_refusal_mid_batch_counts_the_last_datagram_taken_and_leaves_the_rest_for_re_dispatch():
-    queue, stats = three_queued()
-    send = BatchSender(2, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+def test_a_refusal_counts_what_the_last_batched_send_took_and_leaves_the_rest_for_re_dispatch():
+    """The refusal of one datagram of a call says the port was closed for the call: all of it is lost."""
+    queue, stats = make_queue()
+    queue.connection_up(0)
+    for i in range(5):
+        queue.enqueue(entry(i))
+    send = BatchSender(1, 2, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
     with pytest.raises(ConnectionRefusedError):
         queue.send_datagram_batch(send, 64)
     queue.refused()
     queue.connection_lost("Connection refused")
-    assert stats.drops_by_reason == {"refused": 1} and stats.msgs_out == 2
-    assert [ident_of(e[0]) for e in queue.pending] == [2]
+    assert stats.drops_by_reason == {"refused": 2} and stats.drop_records == 4 and stats.msgs_out == 3
+    assert [ident_of(e[0]) for e in queue.pending] == [3, 4]
+
+
+def test_a_refusal_after_a_one_by_one_send_counts_that_datagram_only():
+    queue, stats = three_queued()
+    queue.send_datagram_batch(BatchSender(2), 64)
+    queue.connection_lost("Network is unreachable")
+    queue.connection_up(0, tentative=True)
+    queue.enqueue(entry(7, nrec=5))
+    sent = []
+    queue.send_datagrams(sent.append, 1)  # a returning output sends one alone
+    queue.refused()
+    assert len(sent) == 1 and stats.drops_by_reason == {"refused": 1} and stats.drop_records == 5
 

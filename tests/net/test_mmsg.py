@@ -64,13 +64,52 @@ def test_receive_gives_ipv6_sources_as_recvfrom_does():
     assert mmsg.parse_name(sources[0]) == rx.recvfrom(10)[1] == tx.getsockname()
 
 
+def send_all(sender: mmsg.Sender, bufs) -> list[int]:
+    """Call ``send`` until everything went, as the send queue does: what each call took."""
+    taken = []
+    while sum(taken) < len(bufs):
+        taken.append(sender.send(bufs[sum(taken):]))
+    return taken
+
+
 def test_send_takes_views_bytes_and_read_only_buffers_each_as_one_datagram():
     rx, tx = udp(), udp()
     tx.connect(rx.getsockname())
     chunk = bytearray(message(1, 1400) + message(2, 9000))
     bufs = [memoryview(chunk)[:1400], memoryview(chunk)[1400:], message(3), memoryview(message(4))]
-    assert mmsg.Sender(tx, 8).send(bufs) == 4
+    assert sum(send_all(mmsg.Sender(tx, 8), bufs)) == 4
     assert [rx.recv(65536) for _ in bufs] == [bytes(b) for b in bufs]
+
+
+@pytest.mark.parametrize("gso", [True, False])
+def test_runs_of_one_size_go_as_one_segmentation_send_and_arrive_as_the_same_datagrams(gso):
+    """Without segmentation offload (here: UDP checksums off, which it needs) the same datagrams go
+    through sendmmsg."""
+    rx, tx = udp(), udp()
+    rx.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 << 20)
+    tx.connect(rx.getsockname())
+    if not gso:
+        tx.setsockopt(socket.SOL_SOCKET, 11, 1)  # SO_NO_CHECK: the kernel refuses to segment
+    sizes = [1400] * 50 + [700] + [1400] * 3 + [100, 200, 300] + [8000] * 10 + [20000] * 4 + [60] * 2
+    bufs = [message(i, n) for i, n in enumerate(sizes)]
+    sender = mmsg.Sender(tx, 64)
+    taken = send_all(sender, bufs)
+    assert [rx.recv(65536) for _ in bufs] == bufs
+    if gso:  # 46 x 1,400 B fill a packet, a shorter one may end a run, 8 x 8,000 B or 3 x 20,000 B fill one
+        assert taken == [46, 5, 4, 2, 8, 2, 3, 2, 1]
+    else:
+        assert sender._gso_max == 0 and len(taken) <= 3
+
+
+def test_gso_runs_and_starts():
+    assert mmsg.gso_run([1400] * 70, 65507) == 46
+    assert mmsg.gso_run([100] * 70, 65507) == 64, "at most 64 segments"
+    assert mmsg.gso_run([100, 100, 50, 100], 65507) == 3, "a shorter one ends a run"
+    assert mmsg.gso_run([100, 200, 200], 65507) == 0 and mmsg.gso_run([100], 65507) == 0
+    assert mmsg.gso_run([100, 50], 65507) == 2
+    assert mmsg.gso_run([2000, 2000], 1500) == 0, "beyond what the kernel would segment"
+    assert mmsg.gso_start([1, 2, 3, 3, 3], 65507) == 2 and mmsg.gso_start([1, 2, 3], 65507) == 3
+    assert mmsg.gso_start([1, 2000, 2000], 1500) == 3
 
 
 def test_an_oversize_datagram_mid_batch_ends_the_call_and_the_next_call_raises_it():
@@ -86,24 +125,23 @@ def test_an_oversize_datagram_mid_batch_ends_the_call_and_the_next_call_raises_i
     assert [rx.recv(65536) for _ in range(2)] == [bufs[0], bufs[2]]
 
 
-def test_a_refusal_shows_even_when_a_short_count_swallowed_it():
+@pytest.mark.parametrize("sizes", [[100, 200] * 4, [100] * 8], ids=["sendmmsg", "gso"])
+def test_a_refusal_shows_even_when_a_short_count_swallowed_it(sizes):
     """Loopback reports the refusal of datagram 1 at once; in a batch, datagram 2's send consumes it and
-    the count is short. The next call sends one datagram alone, so the refusal shows one datagram later."""
+    the count is short. The next call sends one datagram alone, so the refusal shows one datagram later.
+    A segmentation send is all or nothing: the next call shows it."""
     gone = udp()
     port = gone.getsockname()
     gone.close()
     tx = udp()
     tx.connect(port)
     sender = mmsg.Sender(tx, 8)
-    bufs = [message(i) for i in range(8)]
-    sent, errors = 0, []
-    for _ in range(8):
-        try:
+    bufs = [message(i, n) for i, n in enumerate(sizes)] * 3  # a stream of datagrams, 8 per call at most
+    sent = 0
+    with pytest.raises(ConnectionRefusedError):
+        while sent < len(bufs):
             sent += sender.send(bufs[sent:])
-        except ConnectionRefusedError as exc:
-            errors.append(exc)
-            break
-    assert errors and sent <= 3, f"{sent} datagrams went to a closed port before the refusal showed"
+    assert sent <= (3 if sizes[0] != sizes[1] else 8), f"{sent} went to a closed port unnoticed"
 
 
 class Session:

@@ -36,7 +36,7 @@ _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS"
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
            "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX", "STALL_SECONDS",
-           "BALANCER_SUB_SOURCE", "ALLOW", "IDLE_TIMEOUT", "MAX_SESSIONS", "MAX_SESSIONS_PER_SOURCE", "MEMORY_BYTES",
+           "DRAIN_SECONDS", "BALANCER_SUB_SOURCE", "ALLOW", "IDLE_TIMEOUT", "MAX_SESSIONS", "MAX_SESSIONS_PER_SOURCE", "MEMORY_BYTES",
            "RCVBUF_BYTES")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
@@ -63,6 +63,8 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "ODIDS_MAX": (1, None, "an integer >= 1 (ODIDs with templates per exporter session)"),
     "TEMPLATE_BYTES_MAX": (65536, None, "an integer >= 65536 (bytes of templates per exporter session)"),
     "STALL_SECONDS": (1, None, "an integer >= 1 (seconds a TCP subreceiver may take nothing before it is stalled)"),
+    "DRAIN_SECONDS": (0, None, "an integer >= 0 (seconds a leaving exporter's queued messages may wait for "
+                      "their subreceivers)"),
     "IDLE_TIMEOUT": (0, None, "an integer >= 0 (seconds; 0 = never)"),
     "MAX_SESSIONS": (1, None, "an integer >= 1 (exporter sessions)"),
     "MAX_SESSIONS_PER_SOURCE": (1, None, "an integer >= 1 (exporter sessions from one address)"),
@@ -118,6 +120,7 @@ class Forwarding:
     template_refresh: int
     balancer_auto: bool
     stall_seconds: int = 5  # a TCP subreceiver that acknowledges nothing this long is stalled
+    drain_seconds: int = 600  # after its exporter left, how long a session's queues may wait for subreceivers
     sub_source: str = "balancer"  # "exporter": UDP datagrams carry the exporter's address and port (raw socket)
 
 
@@ -573,6 +576,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
                               r.integer("ODIDS_MAX", TemplateLimits.odids_max),
                               r.integer("TEMPLATE_BYTES_MAX", TemplateLimits.template_bytes_max))
     stall_seconds = r.integer("STALL_SECONDS", 5)
+    drain_seconds = r.integer("DRAIN_SECONDS", 600)
     sub_source = r.word("BALANCER_SUB_SOURCE", _SOURCES, "balancer")
     if sub_source == "exporter":
         _check_source_preservation(r, sub_proto, bind, subs)
@@ -585,7 +589,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
                               template_refresh=template_refresh, balancer_auto=balancer_auto,
-                              stall_seconds=stall_seconds, sub_source=sub_source),
+                              stall_seconds=stall_seconds, drain_seconds=drain_seconds, sub_source=sub_source),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
                             dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes),

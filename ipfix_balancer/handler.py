@@ -23,7 +23,7 @@ from .control.ports import listen_failure
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
-from .core.sendqueue import Budget, SendQueue, State, SubreceiverStats
+from .core.sendqueue import DRAIN_LIMIT, Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from .core.templates import TemplateLimit
 from .logs import Throttle
@@ -127,7 +127,7 @@ class Handler:
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
         return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder,
                           stall_seconds=fw.stall_seconds if fw.sub_proto == "tcp" else 0,
-                          template_limits=self.rc.template_limits)
+                          template_limits=self.rc.template_limits, drain_seconds=fw.drain_seconds)
 
     def _open_session(self, key, peer: str, templates=()) -> ExporterSession:
         make_output = self._make_output
@@ -414,6 +414,8 @@ class Handler:
             "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
             "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         by_reason = self.drops_by_reason()
+        draining = self._bound_draining()
+        held = [q.held_counts() for s in self.sessions for q in s.queues]
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
@@ -428,6 +430,8 @@ class Handler:
             drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
             limited=dict(self.listener.limited) if self.listener is not None else {},
             queued_bytes=self.budget.used, memory_bytes=self.budget.limit, rcvbuf_overflow=self._rcvbuf_overflow(),
+            draining=len(draining), draining_bytes=sum(s.queued_bytes for s in draining),
+            queued_msgs=sum(m for m, _r in held), queued_records=sum(r for _m, r in held),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)
@@ -440,6 +444,19 @@ class Handler:
         else:
             self._status_error = False
 
+
+    def _bound_draining(self) -> list[ExporterSession]:
+        """Sessions whose exporter left hold descriptors while they drain: at most MAX_SESSIONS of them. Past
+        that the ones that left first are closed, what they hold counted (``drain_limit``): a flood of short
+        sessions while collectors are away must not hold the handler's descriptors. Returns those left."""
+        draining = sorted((s for s in self.sessions if s.state is Lifecycle.DRAINING), key=lambda s: s.left)
+        excess = len(draining) - self.rc.limits.max_sessions
+        if excess > 0:
+            lost = sum(s.abandon(DRAIN_LIMIT) for s in draining[:excess])
+            self.throttle.error("drain_limit", "drain_limit", sessions_closed=excess, unsent_messages=lost,
+                                max_sessions=self.rc.limits.max_sessions)
+            draining = draining[excess:]
+        return draining
 
     def _write_status_file(self, doc: dict) -> None:
         """At the descriptor limit the status matters most: a descriptor kept in reserve is lent for the write."""

@@ -79,6 +79,7 @@ class Child:
         self.control: socket.socket | None = None  # our end of its channel
         self.started = 0.0
         self.restarts = 0
+        self.killed = (0, 0)  # messages and records lost with processes of it that were killed
         self.backoff = RESTART_FIRST
         self.restart_at: float | None = None
         self.retiring = False  # being stopped on purpose (reload, shutdown): do not restart
@@ -361,6 +362,13 @@ class Supervisor:
                 child.restart_at = now + child.backoff
                 self.log.error("handler_died", handler=child.name, exit_code=code,
                                restart_in=child.backoff, restarts=child.restarts)
+                if code < 0 and child is not self.console:  # killed: no drain, no count of its own
+                    msgs, records = self.watch.killed(child.name)
+                    child.killed = (child.killed[0] + msgs, child.killed[1] + records)
+                    if msgs:
+                        self.log.error("handler_killed_with_loss", handler=child.name, lost_messages=msgs,
+                                       lost_records=records, reason="handler_killed",
+                                       detail="what its last status said its queues held")
                 child.backoff = min(child.backoff * 2, RESTART_CAP)
             if child.proc is None and child.restart_at is not None and now >= child.restart_at:
                 child.restarts += 1
@@ -511,7 +519,8 @@ class Supervisor:
     def _write_status(self) -> None:
         try:
             doc = SupervisorStatus(pid=os.getpid(), config=self.config_path, handlers=[
-                SupervisedHandler(name=c.rc.name, stream=c.rc.stream, index=c.rc.index, pid=c.pid, restarts=c.restarts)
+                SupervisedHandler(name=c.rc.name, stream=c.rc.stream, index=c.rc.index, pid=c.pid, restarts=c.restarts,
+                                  killed_msgs=c.killed[0], killed_records=c.killed[1])
                 for c in self.children.values()])
             rundir.write_json(rundir.supervisor_status_path(self.run_dir), doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to stop supervising

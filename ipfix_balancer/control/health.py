@@ -15,7 +15,9 @@ import os
 import time
 
 from . import rundir
-from .metrics import HandlerView, Sample, Snapshot, counter_samples
+from .metrics import DROPPED, DROPPED_RECORDS, HandlerView, Sample, Snapshot, counter_samples
+
+KILLED = (("subreceiver", "handler"), ("reason", "handler_killed"))
 from .status import read_handler_document
 
 
@@ -53,6 +55,10 @@ class CounterCarry:
         if c is None:
             return {}
         return {k: c.offset.get(k, 0) + c.last.get(k, 0) for k in sorted(c.offset.keys() | c.last.keys())}
+
+    def add(self, name: str, counted: dict[Sample, float]) -> None:
+        """Counts that no status document will carry (the supervisor's own, for a handler)."""
+        self._bank(self.handlers.setdefault(name, _Carried(0, {}, {})), counted)
 
     def forget(self, name: str) -> None:
         self.handlers.pop(name, None)
@@ -103,6 +109,17 @@ class Watch:
             views.append(HandlerView(rc.name, rc.stream, rc.index, doc, child.restarts, counters))
         self.snapshot = Snapshot(wall, self.hang_seconds, tuple(views))
         return hung
+
+    def killed(self, name: str) -> tuple[int, int]:
+        """The handler ``name`` died without its graceful drain (killed as hung, crashed): what its last
+        status said its queues held is lost. Counted as its drops for reason ``handler_killed`` (in the
+        carried counters: they survive the restart). Returns (messages, records)."""
+        view = next((h for h in self.snapshot.handlers if h.name == name), None)
+        if view is None or view.doc is None or not view.doc.queued_msgs:
+            return 0, 0
+        doc = view.doc
+        self.carry.add(name, {(DROPPED, KILLED): doc.queued_msgs, (DROPPED_RECORDS, KILLED): doc.queued_records})
+        return doc.queued_msgs, doc.queued_records
 
     def not_listening(self) -> list[str]:
         """The handlers whose current process has not yet written a document saying it listens."""

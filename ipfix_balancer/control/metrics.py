@@ -33,6 +33,7 @@ COUNTERS = {
     "ipfix_balancer_bytes_sent": ("Bytes handed to a subreceiver's connection", ("subreceiver",)),
     "ipfix_balancer_dropped_messages": ("Messages that did not reach a subreceiver (per copy) or the dump "
                                         "file, by reason", ("subreceiver", "reason")),
+    "ipfix_balancer_dropped_records": ("Data records in the dropped messages, by reason", ("subreceiver", "reason")),
     "ipfix_balancer_malformed": ("Invalid IPFIX headers (TCP: session closed; UDP: datagram dropped)", ("reason",)),
     "ipfix_balancer_rcvbuf_overflow": ("UDP datagrams the kernel dropped on the listening socket before the "
                                        "handler read them (receive buffer full)", ()),
@@ -43,12 +44,15 @@ GAUGES = {
     "ipfix_balancer_handler_up": ("1 when the handler runs and its status is fresh", ()),
     "ipfix_balancer_subreceiver_up": ("1 when at least one connection to the subreceiver is up", ("subreceiver",)),
     "ipfix_balancer_exporter_sessions": ("Open exporter sessions", ()),
+    "ipfix_balancer_draining_sessions": ("Sessions whose exporter left, still delivering what they hold", ()),
+    "ipfix_balancer_draining_bytes": ("Bytes held by sessions whose exporter left", ()),
     "ipfix_balancer_queue_bytes": ("Bytes queued for a subreceiver, not yet handed to the kernel", ("subreceiver",)),
     "ipfix_balancer_recorder_files_pending": ("Completed dump files not yet delivered to an export target",
                                               ("target",)),
     "ipfix_balancer_handler_cpu_percent": ("CPU use of the handler process over its last status period", ()),
 }
 RESTARTS = "ipfix_balancer_handler_restarts"
+DROPPED, DROPPED_RECORDS = "ipfix_balancer_dropped_messages", "ipfix_balancer_dropped_records"
 
 
 def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
@@ -65,6 +69,8 @@ def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
         out["ipfix_balancer_bytes_sent", s] = sub.bytes_out
         for reason, n in {**sub.drops_by_reason, **_rest(sub.drops, sub.drops_by_reason)}.items():
             out["ipfix_balancer_dropped_messages", s + (("reason", reason),)] = n
+        for reason, n in sub.drop_records_by_reason.items():
+            out[DROPPED_RECORDS, s + (("reason", reason),)] = n
     if doc.recorder is not None:
         rec = doc.recorder
         out["ipfix_balancer_recorder_files_written", ()] = rec.files_completed
@@ -83,6 +89,8 @@ def _rest(total: int, by_reason: dict[str, int]) -> dict[str, int]:
 
 def gauge_samples(doc: HandlerStatus) -> Iterator[tuple[str, Labels, float]]:
     yield "ipfix_balancer_exporter_sessions", (), doc.connections
+    yield "ipfix_balancer_draining_sessions", (), doc.draining
+    yield "ipfix_balancer_draining_bytes", (), doc.draining_bytes
     yield "ipfix_balancer_handler_cpu_percent", (), doc.cpu_percent
     for sub in doc.subreceivers:
         s = (("subreceiver", sub.endpoint),)

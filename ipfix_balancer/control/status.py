@@ -29,7 +29,7 @@ def _known(cls, doc: dict, **nested) -> Any:
 class SubreceiverStatus:
     """Counters for one subreceiver, summed over every output session to it."""
     endpoint: str
-    state: str  # up | stalled | down | idle (no exporter session open)
+    state: str  # up | probation | stalled | down | idle (no exporter session open)
     sessions: int
     msgs_out: int
     bytes_out: int
@@ -41,6 +41,7 @@ class SubreceiverStatus:
     drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     resent: int = 0  # written but not acknowledged when a connection failed: sent again
     unacked_bytes: int = 0  # written, not yet acknowledged by the collector's TCP
+    draining: int = 0  # outputs of sessions whose exporter left, still delivering
 
     @classmethod
     def from_dict(cls, doc: dict) -> SubreceiverStatus:
@@ -135,6 +136,10 @@ class HandlerStatus:
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
     memory_bytes: int = 0
     rcvbuf_overflow: int = 0  # UDP: datagrams the kernel dropped on the listening socket (buffer full)
+    draining: int = 0  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)
+    draining_bytes: int = 0  # what those still hold
+    queued_msgs: int = 0  # messages every output holds, queued or not yet acknowledged: lost if the process dies
+    queued_records: int = 0  # the data records in them
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -178,6 +183,8 @@ class SupervisedHandler:
     index: int
     pid: int | None  # None while waiting for a restart
     restarts: int
+    killed_msgs: int = 0  # lost with processes of it the supervisor killed (hung) or that crashed
+    killed_records: int = 0
 
 
 @dataclasses.dataclass
@@ -226,9 +233,11 @@ class HandlerReport:
     rss: int | None = None
     stale: bool = False
     restarts: int | None = None  # from the supervisor's document
+    killed: tuple[int, int] = (0, 0)  # from the supervisor's document: messages, records lost with killed processes
 
     def to_dict(self) -> dict:
-        observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts}
+        observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts,
+                    "handler_killed": list(self.killed) if self.killed[0] else None}
         return {**self.doc.to_dict(), "alive": self.alive, "stale": self.stale,
                 **{k: v for k, v in observed.items() if v is not None}, "uptime": self.uptime}
 
@@ -251,11 +260,13 @@ def collect(run_dir: str) -> StatusReport:
     """Supervisor facts, and each handler's document plus process facts."""
     pid = supervisor_pid(run_dir)
     sup = read_supervisor_status(run_dir)
-    restarts = {} if sup is None else {h.name: h.restarts for h in sup.handlers}
+    supervised = {} if sup is None else {h.name: h for h in sup.handlers}
     handlers = []
     for doc in read_handler_documents(run_dir):
         report = _observe(doc)
-        report.restarts = restarts.get(doc.name)
+        if doc.name in supervised:
+            report.restarts = supervised[doc.name].restarts
+            report.killed = (supervised[doc.name].killed_msgs, supervised[doc.name].killed_records)
         handlers.append(report)
     return StatusReport(running=pid is not None, supervisor_pid=pid, config=None if sup is None else sup.config,
                         run_dir=run_dir, handlers=handlers)
@@ -355,6 +366,10 @@ def render(report: StatusReport) -> str:
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
         if d.rcvbuf_overflow:  # README "Metrics": lost before the handler could read them
             lines.append(f"    rcvbuf_overflow: {d.rcvbuf_overflow} datagrams dropped by the kernel")
+        if d.draining:
+            lines.append(f"    draining: {d.draining} session(s) whose exporter left, {_size(d.draining_bytes)} held")
+        if h.killed[0]:
+            lines.append(f"    handler_killed: {h.killed[0]}/{h.killed[1]} msgs/records lost with killed processes")
         if d.limited:  # README "Hostile input": sessions refused or closed by a limit
             lines.append("    limited: " + " ".join(f"{k}={v}" for k, v in sorted(d.limited.items())))
         if d.recorder is not None:

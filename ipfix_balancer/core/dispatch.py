@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..config import Mode
-from .sendqueue import MSG, UP, SendQueue, entries_size
+from .sendqueue import MSG, PROBATION, UP, SendQueue, entries_size
 from .wire import MAX_MESSAGE
 
 
@@ -46,6 +46,9 @@ class Replicate:
     def on_down(self, _queue: SendQueue) -> None:
         """A down subreceiver keeps its queue (bounded) and gets it after reconnecting."""
 
+    def on_up(self, _queue: SendQueue) -> None:
+        """Copies are not moved: each subreceiver gets its own."""
+
 
 class RoundRobin:
     """Each data message to the next *available* output (connected, with room in its queue)."""
@@ -58,7 +61,8 @@ class RoundRobin:
         self._next = 0
 
     def _choose(self, size: int) -> SendQueue:
-        """Next queue that is up with room; else (all down: session start or outage) the next with room,
+        """Next queue that is up with room (one on probation counts while it has less than a probe's worth
+        outstanding: a collector that stalled before gets enough to show it reads, not a full share); else (all down: session start or outage) the next with room,
         where the message waits for the connection (unless the memory budget is reached); else the next one,
         which drops its oldest."""
         queues = self.queues
@@ -74,7 +78,8 @@ class RoundRobin:
                 # message waiting at a collector that is down or stalled.
                 queue.transport.flush()
             if queue.pending_bytes + size <= queue.limit:
-                if queue.state is UP:
+                if queue.state is UP or (queue.state is PROBATION
+                                         and queue.outstanding + size <= queue.life.probe_bytes):
                     self._next = (start + i + 1) % count
                     return queue
                 if fallback is None and waiting_ok:
@@ -120,6 +125,13 @@ class RoundRobin:
         if any(q.state is UP for q in self.queues if q is not queue):
             for entry in queue.take_pending():
                 self._choose(len(entry[MSG])).enqueue(entry)
+
+    def on_up(self, queue: SendQueue) -> None:
+        """An output is up (again): what waits at outputs that are still down moves to the live ones, so a
+        leaving session's messages reach the first collector back, not only their own."""
+        for other in self.queues:
+            if other is not queue and other.pending and other.state is not UP and other.state is not PROBATION:
+                self.on_down(other)
 
 
 #: the dispatcher class of each forwarding mode (``Disabled`` records instead)

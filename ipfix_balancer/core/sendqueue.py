@@ -20,12 +20,12 @@ connection fails, so a collector's death costs only what its own kernel acknowle
 from __future__ import annotations
 
 import bisect
-import enum
 from collections import deque
 from itertools import accumulate, islice, repeat
 from operator import itemgetter
 from typing import Callable, Protocol
 
+from .lifecycle import OutputLifecycle, State
 from .templates import Snapshot
 from .wire import SEQUENCE, U32
 
@@ -44,21 +44,18 @@ def entries_size(entries) -> int:
 
 
 #: why a message was not delivered (status and logs show drops per reason, in messages and records)
-QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED = DROP_REASONS = (
-    "queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused")
+QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE, DRAIN_LIMIT = \
+    DROP_REASONS = ("queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused",
+                    "drain_deadline", "drain_limit")
+
+#: ``State.UP`` and ``State.PROBATION``, for the hot paths: an enum member lookup costs about 65 ns on
+#: Python 3.11 (a module global 10), several times per UDP datagram
+UP, PROBATION = State.UP, State.PROBATION
 
 
-class State(enum.Enum):
-    DOWN = "down"              # no connection; retrying with backoff
-    CONNECTING = "connecting"
-    UP = "up"
-    STALLED = "stalled"        # connected, but the collector has taken nothing for STALL_SECONDS
-    CLOSED = "closed"          # final: the queue is empty and nothing will be sent
-
-
-#: ``State.UP``, for the hot paths: an enum member lookup costs about 65 ns on Python 3.11 (a module global
-#: 10), several times per UDP datagram
-UP = State.UP
+#: what a connection's loss means for messages its collector acknowledged and may not have read
+#: (``connection_lost``): delivered, or counted as lost (``connection_lost``)
+DELIVERED, COUNT = "delivered", "count"
 
 
 class Transport(Protocol):
@@ -71,7 +68,7 @@ class Transport(Protocol):
         """Write what the kernel takes now."""
 
     def close_when_drained(self) -> None:
-        """Deliver what is queued (bounded in time), then close."""
+        """The exporter left: start the drain deadline (the transport knows the time)."""
 
     def close(self, abort: bool = False) -> None:
         """Release the connection now (the queue counts what it still held); ``abort``: reset it, so the
@@ -142,7 +139,7 @@ class SubreceiverStats:
     def status(self) -> dict:
         states = {q.state for q in self.queues}
         # A stalled connection is what an operator must see, even when other sessions to it are up.
-        state = next((s for s in (State.STALLED, UP) if s in states),
+        state = next((s for s in (State.STALLED, PROBATION, UP) if s in states),
                      State.DOWN if states - {State.CLOSED} else None)
         return {"endpoint": str(self.subreceiver), "state": state.value if state else "idle",
                 "sessions": len(self.queues), "msgs_out": self.msgs_out, "bytes_out": self.bytes_out,
@@ -150,7 +147,8 @@ class SubreceiverStats:
                 "last_error": self.last_error, "drop_records": self.drop_records,
                 "drops_by_reason": dict(self.drops_by_reason),
                 "drop_records_by_reason": dict(self.drop_records_by_reason), "resent": self.resent,
-                "unacked_bytes": sum(q.sent_total - q.acked for q in self.queues if q.track_acks)}
+                "unacked_bytes": sum(q.sent_total - q.acked for q in self.queues if q.track_acks),
+                "draining": sum(1 for q in self.queues if q.closing)}
 
 
 class SendQueue:
@@ -159,9 +157,11 @@ class SendQueue:
 
     def __init__(self, stats: SubreceiverStats, *, limit: int, rewrite_seq: bool,
                  current_snapshot: Callable[[], Snapshot], refresh: float = 0.0, stall: float = 0.0,
-                 move_stalled: bool = False,
+                 move_stalled: bool = False, drain_seconds: float = 600.0,
                  on_down: Callable[[SendQueue], None] | None = None,
-                 on_closed: Callable[[SendQueue], None] | None = None, budget: Budget | None = None):
+                 on_closed: Callable[[SendQueue], None] | None = None,
+                 on_settled: Callable[[SendQueue], None] | None = None,
+                 on_up: Callable[[SendQueue], None] | None = None, budget: Budget | None = None):
         self.budget = budget if budget is not None else Budget(float("inf"))
         self.stats = stats
         self.subreceiver = stats.subreceiver
@@ -169,12 +169,16 @@ class SendQueue:
         self.rewrite_seq = rewrite_seq
         self.current_snapshot = current_snapshot  # the session's templates now
         self.refresh = refresh                    # seconds between template re-sends (UDP); 0 = never
-        self.stall = stall                        # seconds without progress before STALLED (TCP); 0 = never
-        self.move_stalled = move_stalled          # a stalled connection is given up, its messages moved
+        self.drain_seconds = drain_seconds        # after the exporter left: how long the queue may wait
         self.on_down = on_down                    # dispatcher hook: move unsent entries elsewhere
         self.on_closed = on_closed                # session hook: called once, when CLOSED
+        self.on_settled = on_settled              # session hook: a closing queue delivered everything
+        self.on_up = on_up                        # dispatcher hook: the output is healthy (again)
         self.transport: Transport | None = None
+        # The lifecycle decides the state; the queue mirrors it in a plain attribute for its hot paths.
+        self.life = OutputLifecycle(stall=stall, move_stalled=move_stalled)
         self.state = State.DOWN
+        self.life.on_state = self._mirror_state
         self.closing = False
         self.armed = False  # the transport was woken for this turn already
         self.pending: deque = deque()
@@ -196,12 +200,19 @@ class SendQueue:
         # under memory pressure (``let_go``), the entries are replaced by their record counts (a tuple).
         self._unacked: deque = deque()
         self.held = 0  # bytes of the entries kept in _unacked (the budget counts them)
-        self.tentative = False  # up, not yet shown to work: a UDP output that failed, a TCP one that stalled
+        # (end offset, messages, records) of the last acknowledged writes, ``tail_bytes`` of them (0: none
+        # kept, as for UDP): what may sit unread in the collector's buffer, counted as lost if a reset for a
+        # stall, or the collector's own, discards it. Cleared when the collector shows it read it.
+        self._acked_tail: deque = deque()
+        self.tail_bytes = 0
         # True while the queue still holds every message of the session since it had no templates: then the
         # first connection learns the templates from those messages, and a replay would only duplicate them.
         self._complete = not len(current_snapshot())
         stats.queues.add(self)
         self.budget.queues.add(self)
+
+    def _mirror_state(self, state: State) -> None:
+        self.state = state
 
     def _account(self, delta: int) -> None:
         """``delta`` bytes more (or fewer) not yet handed to the kernel: the handler's budget too. (A
@@ -216,14 +227,14 @@ class SendQueue:
         kernel cannot be dropped, so the bound is ``limit`` plus the newest message."""
         size = len(entry[MSG])
         if self.pending_bytes + size > self.limit:
-            if self.state is UP and self.transport is not None:
+            if (self.state is UP or self.state is PROBATION) and self.transport is not None:
                 self.transport.flush()  # a read batch can exceed a small queue: the kernel may take some first
             self._make_room(size)
         if self.budget.exhausted(size):
             self.budget.make_room(size)
         self.pending.append(entry)
         self._account(size)
-        if self.state is UP and not self.armed:
+        if (self.state is UP or self.state is PROBATION) and not self.armed:
             self.armed = True
             self.transport.wake()
 
@@ -239,7 +250,7 @@ class SendQueue:
         self.pending.extend(entries)
         self.pending_bytes += size
         budget.used += size
-        if self.state is UP and not self.armed:
+        if (self.state is UP or self.state is PROBATION) and not self.armed:
             self.armed = True
             self.transport.wake()
 
@@ -276,36 +287,59 @@ class SendQueue:
         """Nothing queued and nothing committed: everything was handed to the kernel."""
         return not self.pending and not self._entries
 
+    @property
+    def settled(self) -> bool:
+        """Idle, and (TCP) everything written was acknowledged: nothing can come back to the queue."""
+        return not self.pending and not self._entries and not self._unacked and not self.life.unread
+
+    def held_counts(self) -> tuple[int, int]:
+        """(messages, data records) the queue holds: queued, committed, written and not acknowledged. What
+        a killed process loses (the supervisor counts it from the last status)."""
+        msgs = len(self.pending) + len(self._entries)
+        records = sum(map(_nrec_of, self.pending)) + sum(map(_nrec_of, self._entries))
+        upto = self.acked
+        for base, ends, entries in self._unacked:
+            first = bisect.bisect_right(ends, upto - base)
+            counts = entries if entries.__class__ is tuple else tuple(map(_nrec_of, entries))
+            msgs += len(counts) - first
+            records += sum(counts[first:])
+        return msgs, records
+
+    @property
+    def outstanding(self) -> int:
+        """Bytes queued or written and not yet acknowledged: what a probe measures."""
+        return self.pending_bytes + (self.sent_total - self.acked if self.track_acks else 0)
+
     # -- connection events ---------------------------------------------------------------------
-    def connection_up(self, now: int, tentative: bool = False) -> bool:
-        """A new transport session: its sequence numbers start at zero, and it first gets the templates
-        valid for the next queued message (``now``: export time of the template messages). Returns True
-        when the subreceiver was failing before (the caller logs the recovery once). ``tentative``: the
-        session may still fail as before (UDP gives no handshake); ``confirm`` when it has shown to work."""
-        self.state = UP
+    def connection_up(self, now: int) -> None:
+        """A new transport session (the lifecycle has made it UP or PROBATION): its sequence numbers start at
+        zero, and it first gets the templates valid for the next queued message (``now``: export time of the
+        template messages)."""
         self._seq.clear()
+        self._acked_tail.clear()
         if not self._complete:
             self._replay_templates(now)
         self._complete = False  # whatever follows an earlier connection: a later one needs the replay
-        self.tentative = tentative
-        return False if tentative else self.confirm()
 
     def confirm(self) -> bool:
-        """The collector takes data (again): True when it was failing or stalled before (news)."""
-        self.state = UP
-        self.tentative = False
+        """The collector showed it takes data: True when it was failing or stalled before (news, logged
+        once)."""
         recovered = bool(self.stats.last_error)
         self.stats.last_error = ""
         return recovered
 
-    def connection_lost(self, reason: str) -> tuple[int, bool]:
+    def connection_lost(self, reason: str, acked: str = DELIVERED) -> tuple[int, bool]:
         """The connection failed: every message the collector may not have whole goes back to the queue, in
         order (a dispatcher may move them elsewhere): written but not acknowledged (``resent``), cut in the
         middle (a collector drops a partial message with its connection), committed but not written.
+
+        ``acked`` says what became of messages its TCP acknowledged that may sit unread in its buffer (the
+        acknowledged tail): ``DELIVERED`` (it closed cleanly: its process read them), or ``COUNT`` (a reset,
+        ours for a stall or the collector's: counted as lost, an upper bound).
         Returns (messages queued again that had been written whole, True when this is news: the subreceiver
-        was up, or had no error yet, so the caller logs it once)."""
+        had no error yet, so the caller logs it once)."""
         entries, ends = self._entries, self._ends
-        back = self._take_unacked(CONNECTION_LOST)
+        back = self._take_unacked(CONNECTION_LOST, acked)
         resent = len(back)
         returned = entries_size(back)
         if entries and len(entries[0][MSG]) > ends[0]:  # the head message was partly written
@@ -317,9 +351,8 @@ class SendQueue:
         self.bufs, self._ends, self._entries = [], [], []
         self.stats.resent += resent
         self.sent_total = self.acked = 0  # the next connection's stream starts at zero
-        news = (self.state in (UP, State.STALLED) and not self.tentative) or not self.stats.last_error
+        news = self.stats.last_error != reason
         self.stats.last_error = reason
-        self.state = State.DOWN
         self.armed = False
         return resent, news
 
@@ -329,13 +362,24 @@ class SendQueue:
         self.acked = upto
         unacked = self._unacked
         released = 0
+        tail, keep_tail = self._acked_tail, self.tail_bytes
         while unacked and unacked[0][0] + unacked[0][1][-1] <= upto:
-            _base, ends, entries = unacked.popleft()
-            if entries.__class__ is list:
+            base, ends, entries = unacked.popleft()
+            if entries.__class__ is list:  # (a tuple: let go under memory pressure, counts only)
                 released += ends[-1]
+                if keep_tail:
+                    tail.append((base + ends[-1], len(entries), sum(map(_nrec_of, entries))))
+            elif keep_tail:
+                tail.append((base + ends[-1], len(entries), sum(entries)))
         if released:
             self.held -= released
             self.budget.used -= released
+        while tail and tail[0][0] < upto - keep_tail:
+            tail.popleft()
+
+    def read_all(self) -> None:
+        """The collector showed it read everything it acknowledged: nothing of it can be lost any more."""
+        self._acked_tail.clear()
 
     def let_go(self, nbytes: int) -> None:
         """The handler's memory budget needs ``nbytes``: stop keeping the oldest written messages for a
@@ -352,18 +396,30 @@ class SendQueue:
         self.held -= released
         self.budget.used -= released
 
-    def _take_unacked(self, reason: str) -> list:
-        """The written messages not acknowledged whole, oldest first; the record of them is cleared. Those
-        let go under memory pressure cannot be sent again: counted as lost for ``reason``."""
+    def _take_unacked(self, reason: str, acked: str = DELIVERED) -> list:
+        """The written messages not acknowledged whole, oldest first; the record of them is cleared. Those let
+        go under memory pressure cannot be sent again: counted as lost for ``reason``; with ``COUNT``, so is
+        the acknowledged tail."""
         out: list = []
-        acked, msgs, records = self.acked, 0, 0
+        upto, msgs, records = self.acked, 0, 0
+        lost: list = []
         for base, ends, entries in self._unacked:
-            first = bisect.bisect_right(ends, acked - base)
+            first = bisect.bisect_right(ends, upto - base)
             if entries.__class__ is list:
                 out += entries[first:]
+                if acked is COUNT:
+                    lost += entries[:first]
             else:
-                msgs += len(entries) - first
-                records += sum(entries[first:])
+                counted = entries if acked is COUNT else entries[first:]
+                msgs += len(counted)
+                records += sum(counted)
+        if acked is COUNT:
+            for _end, n, nrec in self._acked_tail:
+                msgs += n
+                records += nrec
+            if lost:
+                self.stats.drop(reason, lost)
+        self._acked_tail.clear()
         if msgs:
             self.stats.drop_counts(reason, msgs, records)
         self._release_unacked()
@@ -393,8 +449,7 @@ class SendQueue:
                 i += 1
             self.bufs, self._ends, self._entries = bufs[:i], ends[:keep], entries[:keep]
             self.pending.extendleft(reversed(back))  # still counted in pending_bytes
-        news = self.state is UP and not self.tentative
-        self.state = State.STALLED
+        news = self.stats.last_error != reason
         self.stats.last_error = reason
         return news
 
@@ -424,7 +479,7 @@ class SendQueue:
     def refresh_templates(self, now: int) -> None:
         """Re-announce the current templates after everything queued (UDP collectors expire templates)."""
         snapshot = self.current_snapshot()
-        if self.state is UP and len(snapshot):
+        if (self.state is UP or self.state is PROBATION) and len(snapshot):
             for m in snapshot.messages(self.next_sequence, now):
                 self.enqueue((memoryview(m), U32.unpack_from(m, 12)[0], 0, snapshot))
 
@@ -644,34 +699,51 @@ class SendQueue:
 
     # -- shutdown ------------------------------------------------------------------------------
     def close_when_drained(self) -> None:
-        """Deliver what is queued, then close (the transport bounds the time)."""
+        """The exporter left, or the subreceiver was removed: deliver what is queued, then close. The
+        transport starts the drain deadline; ``on_settled`` (the session) decides when to close, because a
+        sibling output may still need this one to take its messages."""
         self.closing = True
-        if self.idle or self.state is State.CLOSED or self.transport is None:
-            self.close()
-        else:
-            self.transport.close_when_drained()
-
-    def close(self) -> int:
-        """Final: whatever is still queued or committed is counted as dropped (``stalled`` when the
-        collector was connected but not taking it, else ``connection_lost``). On a stalled connection, or
-        one not yet shown to work, also what was written and not acknowledged, and the transport resets it
-        (else the kernel still delivers that after we close). Returns that count."""
         if self.state is State.CLOSED:
+            return
+        if self.transport is None:
+            self.close()
+            return
+        self.transport.close_when_drained()
+        self.check_settled()
+
+    def check_settled(self) -> None:
+        """A closing queue that holds nothing more tells its session (or, without one, closes)."""
+        if self.closing and self.state is not State.CLOSED and self.settled:
+            if self.on_settled is not None:
+                self.on_settled(self)
+            else:
+                self.close()
+
+    def close(self, reason: str | None = None) -> int:
+        """Final: whatever is still queued or committed is counted as dropped (``reason``, else ``stalled``
+        when the collector was connected but not taking it, else ``connection_lost``). A stalled connection,
+        or one on probation that still holds something, is reset (else the kernel still delivers after we
+        close what we count as lost): what was written and not acknowledged is counted too, and what it
+        acknowledged and (by its window) has not read. Returns that count."""
+        state = self.state
+        if state is State.CLOSED:
             return 0
-        stalled = self.state is State.STALLED or (self.state is UP and self.tentative)
-        reason = STALLED if self.state in (UP, State.STALLED) else CONNECTION_LOST
-        lost = list(self.pending) + self._entries + (self._take_unacked(reason) if stalled else [])
+        abort = (state is State.STALLED or state is PROBATION) and not self.settled
+        if reason is None:
+            reason = STALLED if state is UP or abort else CONNECTION_LOST
+        acked = COUNT if self.life.unread or state is State.STALLED else DELIVERED
+        lost = list(self.pending) + self._entries + (self._take_unacked(reason, acked) if abort else [])
         if lost:
             self.stats.drop(reason, lost)
         self.pending.clear()
         self._account(-self.pending_bytes)
         self.bufs, self._ends, self._entries = [], [], []
         self._release_unacked()
-        self.state = State.CLOSED
+        self.life.close()
         self.stats.queues.discard(self)
         self.budget.queues.discard(self)
         if self.transport is not None:
-            self.transport.close(abort=stalled)
+            self.transport.close(abort=abort)
         if self.on_closed is not None:
             self.on_closed(self)
         return len(lost)

@@ -8,6 +8,7 @@ is injected (``make_output``): the session decides, the ``net`` package connects
 from __future__ import annotations
 
 import enum
+import itertools
 from typing import Callable
 
 from ..config import Mode, TemplateLimits
@@ -28,12 +29,12 @@ class Counters:
 
 class Lifecycle(enum.Enum):
     OPEN = "open"          # the exporter is there
-    DRAINING = "draining"  # the exporter left; its outputs deliver what they hold
+    DRAINING = "draining"  # the exporter left; its outputs deliver what they hold, together
     GONE = "gone"          # every output closed
 
 
-#: ``make_output(stats, limit=, rewrite_seq=, move_stalled=, refresh=, stall=, current_snapshot=, on_down=,
-#: on_closed=)``: a SendQueue whose transport is already attached (and connecting)
+#: ``make_output(stats, limit=, rewrite_seq=, move_stalled=, refresh=, stall=, drain_seconds=, current_snapshot=,
+#: on_down=, on_closed=, on_settled=)``: a SendQueue whose transport is already attached (and connecting)
 OutputFactory = Callable[..., SendQueue]
 #: ``on_refused(session, error, first)``: a message was refused (MalformedSet: dropped; TemplateLimit: the
 #: session is over a limit); ``first`` is True the first time this session is refused for that reason
@@ -44,11 +45,11 @@ class Forwarding:
     """What a session is told to do: the settings its dispatcher and queues are built from."""
 
     __slots__ = ("mode", "subreceivers", "queue_bytes", "template_refresh", "recorder", "stall_seconds",
-                 "template_limits")
+                 "template_limits", "drain_seconds")
 
     def __init__(self, mode: Mode, subreceivers: list[SubreceiverStats], queue_bytes: int,
                  template_refresh: float, recorder: Dispatcher | None = None, stall_seconds: float = 0.0,
-                 template_limits: TemplateLimits = TemplateLimits()):
+                 template_limits: TemplateLimits = TemplateLimits(), drain_seconds: float = 600.0):
         self.mode = mode
         self.subreceivers = subreceivers
         self.queue_bytes = queue_bytes
@@ -56,6 +57,10 @@ class Forwarding:
         self.recorder = recorder
         self.stall_seconds = stall_seconds  # 0: no stall detection
         self.template_limits = template_limits
+        self.drain_seconds = drain_seconds  # after the exporter left: how long its queues may wait
+
+
+_left = itertools.count()  # the order in which sessions began to drain
 
 
 class ExporterSession:
@@ -101,11 +106,13 @@ class ExporterSession:
                     queue = self.make_output(stats, limit=fw.queue_bytes, rewrite_seq=cls.rewrite_seq,
                                              move_stalled=cls.move_stalled,
                                              refresh=fw.template_refresh, stall=fw.stall_seconds,
-                                             current_snapshot=self._snapshot,
-                                             on_down=dispatcher.on_down, on_closed=self._queue_closed)
+                                             drain_seconds=fw.drain_seconds, current_snapshot=self._snapshot,
+                                             on_down=dispatcher.on_down, on_closed=self._queue_closed,
+                                             on_settled=self._queue_settled)
                 else:
                     queue.on_down, queue.limit, queue.refresh = dispatcher.on_down, fw.queue_bytes, fw.template_refresh
-                    queue.stall = fw.stall_seconds
+                    queue.life.stall, queue.drain_seconds = fw.stall_seconds, fw.drain_seconds
+                queue.on_up = dispatcher.on_up
                 active.append(queue)
         retired = [q for q in self.queues if q not in active]
         for queue in retired:
@@ -165,14 +172,34 @@ class ExporterSession:
             self.on_refused(self, error, first)
 
     def end(self) -> None:
-        """The exporter went away: flush its outputs, then close them."""
+        """The exporter went away: its outputs keep delivering (reconnecting as needed) until every one of
+        them has delivered everything, or their drain deadline passes. They close together: a RoundRobin
+        output that stalls late needs its live siblings still there to take its messages."""
         if self.state is not Lifecycle.OPEN:
             return
         self.state = Lifecycle.DRAINING
+        self.left = next(_left)
         self.counters.unknown_template += self.tracker.unknown_template
         for queue in list(self.queues):
             queue.close_when_drained()
         self._queue_closed(None)
+
+    def abandon(self, reason: str) -> int:
+        """Close every output now, counting what it holds for ``reason``; returns the messages lost."""
+        return sum(q.close(reason) for q in list(self.queues))
+
+    @property
+    def queued_bytes(self) -> int:
+        return sum(q.outstanding for q in self.queues)
+
+    def _queue_settled(self, queue: SendQueue) -> None:
+        """A closing output holds nothing more: a retired one closes now; a leaving session's outputs close
+        when all of them are settled."""
+        if self.dispatcher is None or queue not in getattr(self.dispatcher, "queues", ()):
+            queue.close()
+        elif self.state is Lifecycle.DRAINING and all(q.settled for q in self.queues):
+            for q in list(self.queues):
+                q.close()
 
     def _queue_closed(self, queue: SendQueue | None) -> None:
         if queue in self.queues:

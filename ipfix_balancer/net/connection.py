@@ -1,15 +1,17 @@
 """The connection of one output: a TCP connection or a connected UDP socket to one subreceiver.
 
-It owns the socket, the connect/backoff cycle and the refresh and close timers, and drives a
-``core.sendqueue.SendQueue``: TCP ``next_iovec`` -> ``sendmsg`` -> ``written``; UDP ``send_datagrams(send)``;
-any error -> ``connection_lost``.
-Every failure goes through ``_fail``, once per state change in the log.
+It owns the socket and the timers, and executes what the output's lifecycle (``core.lifecycle``, reached as
+``queue.life``) decides: it reports events with the time (connected, lost, what the collector's TCP
+acknowledged and the window it advertises) and carries out the actions (connect, declare a stall, reset,
+close at the drain deadline). It drives a ``core.sendqueue.SendQueue``: TCP ``next_iovec`` -> ``sendmsg`` ->
+``written``; UDP ``send_datagrams(send)``; any error -> ``connection_lost``. Every failure goes through
+``_fail``, once per state change in the log.
 
 A TCP output reads the socket's unsent+unacknowledged byte count (``SIOCOUTQ``) once per flush, before
-writing, and tells the queue how far the collector acknowledged; while bytes wait, a timer checks that the
-acknowledged offset advances, and marks the output stalled when it has not for the queue's ``stall``
-seconds. A UDP output that failed comes back tentatively: it sends one datagram, and is up again (its
-backoff reset, the rest of its queue sent) only when a check of the socket's error finds no refusal of it.
+writing, and, until the collector has shown it reads, the window it advertises (``TCP_INFO``); while bytes
+wait it polls them every ``PROGRESS_CHECK`` seconds and lets the lifecycle judge. A UDP output that failed
+comes back on probation: it sends one datagram, and is up again only when a check of the socket's error finds
+no refusal of it.
 """
 
 from __future__ import annotations
@@ -22,28 +24,33 @@ import struct
 import termios
 import time
 
-from ..core.sendqueue import MSG, OVERSIZE, UP, SendQueue, State
+from ..core.lifecycle import Action, State
+from ..core.sendqueue import COUNT, DELIVERED, DRAIN_DEADLINE, MSG, OVERSIZE, PROBATION, UP, SendQueue
 from ..logs import Throttle
 from . import mmsg
 from .loop import READ, WRITE, Loop
 
 SNDBUF = 4 * 1024 * 1024
-BACKOFF_FIRST = 0.2
-BACKOFF_CAP = 5.0
-STALL_BACKOFF_CAP = 60.0  # a collector that stalled again: each retry costs what its kernel takes unread
-CLOSE_TIMEOUT = 30.0  # after its exporter left, how long an output may keep trying to deliver its queue
-PROGRESS_CHECK = 0.5  # seconds between checks of a TCP output's acknowledged offset while bytes wait
+PROGRESS_CHECK = 0.5  # seconds between polls of a TCP output's acknowledged offset while bytes wait
 UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
 SEND_BATCH = 64       # datagrams per sendmmsg
 _INT = struct.Struct("i")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
 _HEADERS = _IPV4.size + _UDP.size
+_TCP_INFO_LEN = 232   # struct tcp_info up to tcpi_snd_wnd (Linux 5.19 and later)
+_SND_WND = struct.Struct("I")  # tcpi_snd_wnd: the peer's advertised receive window, at offset 228
 
 
 def unsent_bytes(sock: socket.socket) -> int:
     """Bytes in the socket's send queue, unsent or unacknowledged (SIOCOUTQ); still valid after a reset."""
     return _INT.unpack(fcntl.ioctl(sock, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+
+
+def peer_window(sock: socket.socket) -> int | None:
+    """The receive window the peer advertises (``tcpi_snd_wnd``); None where the kernel does not say."""
+    info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, _TCP_INFO_LEN)
+    return _SND_WND.unpack_from(info, 228)[0] if len(info) >= _TCP_INFO_LEN else None
 
 
 class OutputConnection:
@@ -52,6 +59,7 @@ class OutputConnection:
     def __init__(self, loop: Loop, queue: SendQueue, log, throttle: Throttle, source: tuple | None = None):
         self.loop = loop
         self.queue = queue
+        self.life = queue.life
         self.log = log
         self.throttle = throttle  # up/down lines: shared by every output to a subreceiver, which may flap
         self.source = source  # (IPv4 address, port) UDP datagrams claim to come from (BALANCER_SUB_SOURCE)
@@ -59,15 +67,15 @@ class OutputConnection:
         self._send = None  # sendmsg of the socket, or of the raw socket with our headers
         self._send_many = None  # UDP with mmsg: sendmmsg of the socket (or of the raw socket, our headers)
         self.closed = False
-        self._backoff = BACKOFF_FIRST
-        self._timer = None          # reconnect, or the close deadline
+        self._timer = None          # the lifecycle's next deadline, or the next acknowledgement poll
+        self._timer_at = 0.0
+        self._polling = False       # the timer is an acknowledgement poll (TCP bytes wait)
         self._refresh_timer = None  # UDP template refresh
-        self._check_timer = None    # TCP progress check, or UDP refusal check
-        self._progress = 0.0        # monotonic time the acknowledged offset last advanced
-        self._up_at = 0.0           # monotonic time the connection came up
-        self._stalled_before = False  # RoundRobin reset this collector's connection for a stall
+        self._check_timer = None    # UDP refusal check
         self._oversize_logged = False
+        self._failed: OSError | None = None  # a write failed: handled after the loop turn (``_fail_later``)
         self._tcp = queue.subreceiver.proto == "tcp"
+        self.life.stream = self._tcp
         queue.track_acks = self._tcp
         queue.transport = self
         self._connect()
@@ -77,9 +85,9 @@ class OutputConnection:
         self.loop.after_turn(id(self), self.flush)
 
     def close_when_drained(self) -> None:
-        self._cancel_timer()
-        self._timer = self.loop.call_later(CLOSE_TIMEOUT, self._give_up)
-        if self.queue.state is UP:
+        self.life.exporter_left(time.monotonic(), self.queue.drain_seconds)
+        self._schedule()
+        if self.life.sending:
             self.flush()
 
     def close(self, abort: bool = False) -> None:
@@ -93,10 +101,66 @@ class OutputConnection:
             self._reset()
         self._release()
 
+    # -- the lifecycle's clock -----------------------------------------------------------------
+    def _waiting(self) -> bool:
+        """Bytes written and not acknowledged, or acknowledged and (by the window) not yet read."""
+        queue = self.queue
+        return self._tcp and (queue.sent_total != queue.acked or self.life.unread)
+
+    def _schedule(self) -> None:
+        """Arm the one timer: the lifecycle's next deadline, or sooner the next poll while TCP bytes wait."""
+        if self.closed:
+            return
+        now = time.monotonic()
+        waiting = self._waiting()
+        when = self.life.next_deadline(waiting)
+        poll = waiting and self.sock is not None
+        if poll:
+            when = now + PROGRESS_CHECK if when is None else min(when, now + PROGRESS_CHECK)
+        if when is None:
+            self._cancel_timer()
+            return
+        if self._timer is not None and self._timer_at <= when:
+            return  # that one comes first, and schedules again
+        self._cancel_timer()
+        self._timer_at, self._polling = when, poll
+        self._timer = self.loop.call_later(max(0.0, when - now), self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self._polling = False
+        now = time.monotonic()
+        life = self.life
+        if self._tcp and self.sock is not None and life.state is not State.CONNECTING:
+            before = life.state
+            self._observe(now)
+            if self.closed:
+                return
+            if before is State.STALLED and life.state is PROBATION:
+                self._taking_again()
+        for action in life.tick(now, self._waiting()):
+            self._execute(action)
+            if self.closed:
+                return
+        self._schedule()
+
+    def _execute(self, action: Action) -> None:
+        if action is Action.CONNECT:
+            self._connect()
+        elif action is Action.STALLED:
+            self._stall()
+        elif action is Action.RESET:
+            # Still stalled: RoundRobin gives the connection up (reset, so the kernel delivers none of it)
+            # and moves everything not acknowledged to the live subreceivers; what its kernel acknowledged
+            # and its process may not have read is counted.
+            self._fail(ConnectionAbortedError(self.queue.stats.last_error), reset=True)
+        elif action is Action.CLOSE:
+            self._give_up()
+
     # -- connecting ----------------------------------------------------------------------------
     def _connect(self) -> None:
-        self._timer = None
         sub = self.queue.subreceiver
+        self.life.connecting()
         try:
             if self.source is not None:  # we write the IP and UDP headers ourselves
                 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
@@ -127,7 +191,6 @@ class OutputConnection:
         if err not in (0, errno.EINPROGRESS):
             self._fail(OSError(err, os.strerror(err)))
             return
-        self.queue.state = State.CONNECTING
         self.loop.watch(sock, WRITE, self._on_connect)
 
     def _on_connect(self, _mask) -> None:
@@ -140,22 +203,34 @@ class OutputConnection:
         self._up()
 
     def _up(self) -> None:
-        # A UDP socket connects whatever the peer does, and a hung collector's kernel accepts connections:
-        # after such a failure the output must show it works first.
-        tentative = self._stalled_before or (not self._tcp and bool(self.queue.stats.last_error))
-        self._up_at = time.monotonic()
-        if self.queue.connection_up(int(time.time()), tentative):
-            sub = str(self.queue.subreceiver)
-            self.throttle.info("subreceiver_up", sub, subreceiver=sub)
-        if not tentative:
-            self._backoff = BACKOFF_FIRST
-        elif not self._tcp:  # (TCP: the progress checks confirm it)
-            self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
+        queue = self.queue
+        state = self.life.connected(time.monotonic(), (peer_window(self.sock) or 0) if self._tcp else 0)
+        queue.tail_bytes = self.life.unread_bound if self._tcp else 0
+        queue.connection_up(int(time.time()))
+        if state is UP:
+            self._healthy()
+        else:
+            sub = str(queue.subreceiver)
+            self.throttle.info("subreceiver_probation", sub, subreceiver=sub, reason=queue.stats.last_error,
+                               action="connected; gets a probe's worth until it shows it reads")
+            if not self._tcp:
+                self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
         if self._tcp:
             self.loop.watch(self.sock, READ, self._on_event)
-        elif self.queue.refresh and self._refresh_timer is None:
-            self._refresh_timer = self.loop.call_later(self.queue.refresh, self._refresh_tick)
+        elif queue.refresh and self._refresh_timer is None:
+            self._refresh_timer = self.loop.call_later(queue.refresh, self._refresh_tick)
         self.flush()
+        self._schedule()
+
+    def _healthy(self, **why) -> None:
+        """The output is UP and shown to work: logged once per recovery; RoundRobin moves waiting messages
+        of outputs still down here."""
+        queue = self.queue
+        if queue.confirm():
+            sub = str(queue.subreceiver)
+            self.throttle.info("subreceiver_up", sub, subreceiver=sub, **why)
+        if queue.on_up is not None:
+            queue.on_up(queue)
 
     def _refresh_tick(self) -> None:
         self.queue.refresh_templates(int(time.time()))
@@ -177,10 +252,10 @@ class OutputConnection:
         return send
 
     def _confirm_udp(self) -> None:
-        """A returning UDP output: a refusal of what went out shows as the socket's error by now."""
+        """A UDP output on probation: a refusal of what went out shows as the socket's error by now."""
         self._check_timer = None
         queue = self.queue
-        if self.sock is None or queue.state is not UP:
+        if self.sock is None or queue.state is not PROBATION:
             return
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
@@ -188,53 +263,57 @@ class OutputConnection:
         elif not queue.sent_total:  # nothing went out yet: nothing to judge by
             self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
         else:
-            self._backoff = BACKOFF_FIRST
-            if queue.confirm():
-                sub = str(queue.subreceiver)
-                self.throttle.info("subreceiver_up", sub, subreceiver=sub)
+            self.life.confirmed()
+            self._healthy()
             self.flush()
 
-    def _fail(self, exc: BaseException, stalled: bool = False) -> None:
-        """The connection is gone: the queue takes back what may not have arrived, and we retry with
-        backoff. ``stalled``: we give it up ourselves (logged as the stall), with a reset, so that the
-        kernel does not deliver what goes elsewhere; it shows as stalled until the retry."""
-        queue = self.queue
-        if self._tcp and self.sock is not None:
-            self._acknowledge()  # the last word on what the collector's TCP received (valid after a reset)
-        elif isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
+    def _fail(self, exc: BaseException, reset: bool = False, clean: bool = False) -> None:
+        """The connection is gone: the queue takes back what may not have arrived, and the lifecycle says
+        when to retry. ``reset``: we give it up ourselves for a stall, with a reset, so that the kernel
+        delivers none of what goes elsewhere. ``clean``: the collector closed (FIN): a process that closes
+        with unread data resets instead, so everything it acknowledged was read."""
+        queue, life = self.queue, self.life
+        if self._tcp and self.sock is not None and life.state is not State.CONNECTING:
+            # The last word on what its TCP acknowledged, and the window it last advertised (both valid
+            # after a reset).
+            acked = queue.sent_total - unsent_bytes(self.sock)
+            if acked > queue.acked:
+                queue.acknowledged(acked)
+            life.observe(time.monotonic(), acked, peer_window(self.sock))
+        elif not self._tcp and isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
             queue.refused()
-        if stalled:
+        if reset:
             self._reset()
-            self._backoff = max(self._backoff, queue.stall)
         self._release()
+        # A reset discards what the collector's process had not read: what it acknowledged since it last
+        # showed it read, up to what its buffer can hold, is counted when the evidence says it sat unread:
+        # we reset it for a stall (its window was closed), or its window was below half the largest it
+        # advertised. (A process that closes with nothing unread sends FIN: ``clean``.)
+        acked = COUNT if self._tcp and not clean and (reset or life.unread) else DELIVERED
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-        resent, news = queue.connection_lost(reason)
-        if stalled:
-            queue.state = State.STALLED
-            if queue.closing and queue.on_down is not None:  # its exporter left: now or never (counted)
-                queue.on_down(queue)
-                queue.close()
-                return
-        elif news:  # once per state change, not per retry; and at most once a minute (sessions share a subreceiver)
+        resent, news = queue.connection_lost(reason, acked)
+        delay = life.lost(time.monotonic(), stalled=reset)
+        if news and not reset:  # once per state change, not per retry; and at most once a minute
             sub = str(queue.subreceiver)
             self.throttle.warning("subreceiver_down", sub, subreceiver=sub, reason=reason, resent=resent,
-                                  queued=len(queue.pending), retry_in=self._backoff)
-        if queue.closing and not queue.pending:
-            queue.close()
-            return
-        self._cancel_timer()
-        self._timer = self.loop.call_later(self._backoff, self._connect)
-        self._backoff = min(self._backoff * 2, STALL_BACKOFF_CAP if self._stalled_before else BACKOFF_CAP)
+                                  queued=len(queue.pending), retry_in=round(delay, 1))
         if queue.on_down is not None:
             queue.on_down(queue)
+        queue.check_settled()
+        self._schedule()
+
+    def _fail_later(self) -> None:
+        exc, self._failed = self._failed, None
+        if exc is not None and self.sock is not None:
+            self._fail(exc)
 
     def _give_up(self) -> None:
-        """The close deadline passed with messages still queued: they are lost, counted and logged."""
-        self._timer = None
-        unsent = self.queue.close()
+        """The drain deadline passed with messages still queued: they are lost, counted and logged."""
+        unsent = self.queue.close(DRAIN_DEADLINE)
         if unsent:  # per output, so per exporter session: throttled (status counts every drop)
             sub = str(self.queue.subreceiver)
-            self.throttle.error("subreceiver_closed_with_loss", sub, subreceiver=sub, unsent_messages=unsent)
+            self.throttle.error("subreceiver_drain_deadline", sub, subreceiver=sub, unsent_messages=unsent,
+                                drain_seconds=self.queue.drain_seconds)
 
     def _reset(self) -> None:
         """Close with RST: the kernel discards what it still holds for the collector."""
@@ -255,6 +334,7 @@ class OutputConnection:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._polling = False
 
     def _on_event(self, mask: int) -> None:
         if self.sock is None:  # closed since the event was reported
@@ -269,19 +349,65 @@ class OutputConnection:
                 self._fail(exc)
                 return
             if data == b"":
-                self._fail(ConnectionResetError("closed by subreceiver"))
+                self._fail(ConnectionResetError("closed by subreceiver"), clean=True)
                 return
         if mask & WRITE:
             if self.queue.state is State.STALLED:  # room in the send buffer: the collector took data
-                self._acknowledge()
-                self._resume()
+                self._observe(time.monotonic())
+                if self.closed or self.sock is None:
+                    return
+                if self.queue.state is PROBATION:
+                    self._taking_again()
             self.flush()
+
+    # -- acknowledgements ----------------------------------------------------------------------
+    def _observe(self, now: float) -> None:
+        """Tell the queue and the lifecycle how far the collector's TCP acknowledged, and (until it is
+        proven) the window it advertises; release what it has shown it read."""
+        queue, life = self.queue, self.life
+        acked = queue.sent_total - unsent_bytes(self.sock)
+        if acked > queue.acked:
+            queue.acknowledged(acked)
+        action = life.observe(now, acked, None if life.proven else peer_window(self.sock))
+        queue.tail_bytes = life.unread_bound
+        if action is Action.PROVEN:
+            self._healthy(reason="takes data again")
+        elif action is Action.READ:
+            queue.read_all()
+            if queue.stats.last_error:
+                self._healthy(reason="takes data again")
+        if queue.closing:
+            queue.check_settled()
+
+    def _taking_again(self) -> None:
+        sub = str(self.queue.subreceiver)
+        self.throttle.info("subreceiver_probation", sub, subreceiver=sub, reason="takes data again",
+                           action="on probation until it shows it reads")
+        self.flush()
+
+    def _stall(self) -> None:
+        """The connection stays, in case the collector reads again soon: RoundRobin moves its queue to the
+        live subreceivers at once (and, after another ``stall`` seconds, what it had not shown read); All
+        keeps its bounded queue."""
+        queue, life = self.queue, self.life
+        if queue.stalled(f"stalled: nothing read for {life.stall:g} s"):
+            sub = str(queue.subreceiver)
+            self.throttle.warning("subreceiver_stalled", sub, subreceiver=sub,
+                                  unacked_bytes=queue.sent_total - queue.acked, queued=len(queue.pending),
+                                  stall_seconds=life.stall,
+                                  action="moved to the live subreceivers" if life.move_stalled else "kept, bounded")
+        if queue.on_down is not None:
+            queue.on_down(queue)
 
     # -- sending -------------------------------------------------------------------------------
     def flush(self) -> None:
+        """Write what the kernel takes now. Core calls this too, from inside ``enqueue`` and a dispatcher's
+        choice: a failure is therefore handled after the loop turn, never re-entrantly (the dispatcher would
+        otherwise re-dispatch this queue while it is dispatching into it)."""
         queue = self.queue
         queue.armed = False
-        if queue.state is not UP or self.sock is None:
+        state = queue.state
+        if (state is not UP and state is not PROBATION) or self.sock is None or self._failed is not None:
             return
         try:
             if self._tcp:
@@ -289,81 +415,25 @@ class OutputConnection:
             else:
                 self._flush_datagrams()
         except OSError as exc:
-            self._fail(exc)
+            self._failed = exc
+            self.loop.after_turn(-id(self), self._fail_later)  # (a wake must not replace it)
             return
-        if queue.closing and queue.idle:
-            queue.close()
+        if queue.closing:
+            queue.check_settled()
 
     def _flush_stream(self) -> None:
         queue = self.queue
         if queue.sent_total != queue.acked:
             # Before writing: what the collector acknowledged since the last flush is let go now, so the
             # chunks it held are free for the reads to come.
-            self._acknowledge()
+            self._observe(time.monotonic())
+            if self.sock is None:
+                return
         if self._write():
             self.loop.watch(self.sock, READ, self._on_event)  # all sent: watch for the collector closing
-        if queue.sent_total != queue.acked and self._check_timer is None:  # bytes may wait: watch progress
-            self._progress = time.monotonic()
-            self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
-
-    def _acknowledge(self) -> int:
-        """Tell the queue how far the collector's TCP acknowledged; returns the bytes still unacknowledged.
-        The offset advanced means the collector takes data: a stall timer restarts from now."""
-        queue = self.queue
-        waiting = unsent_bytes(self.sock)
-        acked = queue.sent_total - waiting
-        if acked > queue.acked:
-            self._progress = time.monotonic()
-            queue.acknowledged(acked)
-        return waiting
-
-    def _check_progress(self) -> None:
-        """While bytes wait: no progress for ``stall`` seconds makes the output stalled; progress on a
-        stalled output makes it up again."""
-        self._check_timer = None
-        queue = self.queue
-        if self.sock is None or queue.state not in (UP, State.STALLED):
-            return
-        before = self._progress
-        waiting = self._acknowledge()
-        if queue.state is State.STALLED:
-            if self._progress != before or not waiting:
-                self._resume()
-                self.flush()
-            elif queue.move_stalled and time.monotonic() - self._progress >= 2 * queue.stall:
-                # Still stalled: RoundRobin gives the connection up (reset, so the kernel delivers none of
-                # it) and moves everything not acknowledged to the live subreceivers. What the collector's
-                # kernel acknowledged and its process did not read is lost with it.
-                self._stalled_before = True
-                self._fail(ConnectionAbortedError(queue.stats.last_error), stalled=True)
-                return
-        elif queue.stall and waiting and time.monotonic() - self._progress >= queue.stall:
-            self._stall(waiting)
-        elif queue.tentative and time.monotonic() - self._up_at >= queue.stall:
-            self._resume()  # connected this long without a stall: it reads again
-        if waiting or queue.state is State.STALLED:
-            self._check_timer = self.loop.call_later(PROGRESS_CHECK, self._check_progress)
-
-    def _stall(self, waiting: int) -> None:
-        """The connection stays, in case the collector reads again soon: RoundRobin moves its queue to the
-        live subreceivers at once (and, after another ``stall`` seconds, what it had not acknowledged);
-        All keeps its bounded queue."""
-        queue = self.queue
-        if queue.stalled(f"stalled: nothing acknowledged for {queue.stall:g} s"):
-            sub = str(queue.subreceiver)
-            self.throttle.warning("subreceiver_stalled", sub, subreceiver=sub, unacked_bytes=waiting,
-                                  queued=len(queue.pending), stall_seconds=queue.stall,
-                                  action="moved to the live subreceivers" if queue.move_stalled else "kept, bounded")
-        if queue.on_down is not None:
-            queue.on_down(queue)
-
-    def _resume(self) -> None:
-        self._backoff = BACKOFF_FIRST
-        self._stalled_before = False
-        if self.queue.confirm():
-            sub = str(self.queue.subreceiver)
-            self.throttle.info("subreceiver_up", sub, subreceiver=sub, reason="takes data again")
-
+        if not self._polling and self._waiting():  # bytes begin to wait: the stall clock starts now
+            self.life.waiting(time.monotonic())
+            self._schedule()
     def _flush_datagrams(self) -> None:
         """One datagram per message. A message leaves the queue only once the kernel took it, so a send
         refused by the peer (ICMP port unreachable) leaves it queued for re-dispatch. A returning output
@@ -372,7 +442,7 @@ class OutputConnection:
         queue = self.queue
         while True:
             try:
-                if not queue.tentative:
+                if queue.state is UP:
                     sent_all = (queue.send_datagrams(self._send) if self._send_many is None
                                 else queue.send_datagram_batch(self._send_many, SEND_BATCH))
                 else:

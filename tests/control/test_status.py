@@ -60,8 +60,9 @@ def test_json_keys_operators_and_scripts_read():
     assert doc["listen"] == {"proto": "tcp", "bind": "0.0.0.0", "port": 1500, "listening": True}
     assert set(doc["subreceivers"][0]) == {"endpoint", "state", "sessions", "msgs_out", "bytes_out", "drops",
                                            "queued_bytes", "last_error", "drop_records", "drops_by_reason",
-                                           "drop_records_by_reason", "resent", "unacked_bytes"}
+                                           "drop_records_by_reason", "resent", "unacked_bytes", "draining"}
     assert {"drops", "drop_records", "drops_by_reason", "drop_records_by_reason"} <= set(doc)
+    assert {"draining", "draining_bytes"} <= set(doc)
 
 
 def test_documents_of_another_release_read_with_the_keys_both_know():

@@ -8,7 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from ipfix_balancer.core.sendqueue import OVERSIZE, Budget, SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.sendqueue import DELIVERED, OVERSIZE, Budget, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.templates import EMPTY, TemplateTracker
 from ipfix_balancer.core.wire import HEADER, walk
 
@@ -33,6 +33,31 @@ class FakeTransport:
     def close(self, abort=False):
         self.closed += 1
         self.aborted = abort
+
+
+def up(queue: SendQueue, now: int = 0, probation: bool = False) -> None:
+    """What a transport does when a connection is established: the lifecycle first, then the queue."""
+    queue.life.suspect = probation
+    if queue.state is not State.DOWN:
+        queue.life.lost(now)
+    queue.life.connecting()
+    queue.life.connected(now)
+    queue.connection_up(now)
+
+
+def lose(queue: SendQueue, reason: str, acked=DELIVERED):
+    """What a transport does when a connection fails: the queue takes back, the lifecycle goes DOWN."""
+    got = queue.connection_lost(reason, acked)
+    if queue.state is not State.DOWN:
+        queue.life.lost(0)
+    return got
+
+
+def stall(queue: SendQueue, reason: str = "stalled") -> bool:
+    queue.life.waiting(0)
+    queue.life.stall = queue.life.stall or 1
+    assert queue.life.tick(10, True)
+    return queue.stalled(reason)
 
 
 def data_message(ident: int, size: int = 40, odid: int = ODID) -> memoryview:
@@ -84,7 +109,7 @@ def test_enqueue_wakes_the_transport_once_per_turn_when_up():
     queue, _ = make_queue()
     queue.enqueue(entry(1))
     assert queue.transport.woken == 0  # down: nothing to wake
-    queue.connection_up(0)
+    up(queue, 0)
     queue.enqueue(entry(2))
     queue.enqueue_many([entry(3), entry(4)], 80)
     assert queue.transport.woken == 1
@@ -97,7 +122,7 @@ def test_enqueue_wakes_the_transport_once_per_turn_when_up():
 def three_queued(track_acks: bool = False):
     """An up queue holding messages 0, 1, 2 (40 bytes, 2 records each)."""
     queue, stats = make_queue(track_acks=track_acks)
-    queue.connection_up(0)
+    up(queue, 0)
     for i in range(3):
         queue.enqueue(entry(i))
     return queue, stats
@@ -121,7 +146,7 @@ def test_connection_loss_at_every_point_of_a_batch(cut):
     cut in the middle is queued again whole (the collector drops a partial message with its connection)."""
     queue, stats = three_queued()
     sent = write(queue, cut)
-    resent, news = queue.connection_lost("reset")
+    resent, news = lose(queue, "reset")
     assert news and queue.state is State.DOWN and stats.last_error == "reset"
     whole = len(messages(sent))
     assert resent == 0 == stats.resent
@@ -138,12 +163,12 @@ def test_acknowledged_offsets_at_every_byte_boundary_and_loss_at_every_point():
             queue, stats = three_queued(track_acks=True)
             write(queue, cut)
             queue.acknowledged(ack)
-            resent, _ = queue.connection_lost("reset")
+            resent, _ = lose(queue, "reset")
             first = ack // 40  # the first message not acknowledged whole
             assert [ident_of(e[0]) for e in queue.pending] == list(range(first, 3)), (cut, ack)
             assert resent == cut // 40 - first == stats.resent, (cut, ack)  # written whole, not acknowledged
             assert queue.pending_bytes == 40 * (3 - first) and stats.drops == 0
-            queue.connection_up(0)
+            up(queue, 0)
             got = messages(write(queue))
             assert [ident_of(m) for m in got] == list(range(first, 3))
             assert [struct.unpack_from("!I", m, 8)[0] for m in got] == [2 * i for i in range(len(got))]
@@ -165,7 +190,7 @@ def test_stall_takes_back_the_committed_messages_not_started_and_their_numbers(c
     queue, stats = three_queued(track_acks=True)
     queue.enqueue(entry(3))
     first = write(queue, cut)
-    assert queue.stalled("stalled") and queue.state is State.STALLED and stats.last_error == "stalled"
+    assert stall(queue) and queue.state is State.STALLED and stats.last_error == "stalled"
     assert not queue.stalled("stalled"), "news once"
     started = -(-cut // 40)  # messages the kernel began to take
     assert [ident_of(e[0]) for e in queue.pending] == list(range(started, 4))
@@ -182,17 +207,18 @@ def test_close_of_a_stalled_queue_counts_the_unacknowledged_and_resets():
     queue.enqueue(entry(3, nrec=5))
     write(queue, 80)
     queue.acknowledged(40)
-    queue.stalled("stalled")
+    stall(queue)
     assert queue.close() == 3  # message 1 (written, not acknowledged), 2 and 3 (queued)
-    assert stats.drops_by_reason == {"stalled": 3} and stats.drop_records_by_reason == {"stalled": 9}
-    assert stats.drops == 3 and stats.drop_records == 9 and queue.transport.aborted
+    # and message 0: acknowledged, but the reset discards it if the stalled collector never read it
+    assert stats.drops_by_reason == {"stalled": 4} and stats.drop_records_by_reason == {"stalled": 11}
+    assert stats.drops == 4 and stats.drop_records == 11 and queue.transport.aborted
 
 
 def test_drops_by_reason_in_messages_and_records_sum_to_the_totals():
     queue, stats = make_queue(limit=100)
     for i in range(4):
         queue.enqueue(entry(i, nrec=3))
-    queue.connection_lost("refused")
+    lose(queue, "refused")
     queue.close()
     assert stats.drops_by_reason == {"queue_full": 2, "connection_lost": 2}
     assert stats.drop_records_by_reason == {"queue_full": 6, "connection_lost": 6}
@@ -203,8 +229,8 @@ def test_drops_by_reason_in_messages_and_records_sum_to_the_totals():
 
 def test_a_stalled_queue_drops_its_oldest_as_stalled():
     queue, stats = make_queue(limit=100)
-    queue.connection_up(0)
-    queue.stalled("stalled")
+    up(queue, 0)
+    stall(queue)
     for i in range(3):
         queue.enqueue(entry(i))
     assert stats.drops_by_reason == {"stalled": 1} and stats.status()["state"] == "stalled"
@@ -227,19 +253,20 @@ def test_a_refusal_counts_the_datagram_that_drew_it():
     queue, stats = three_queued()
     queue.send_datagrams(lambda data: None, 1)
     queue.refused()
-    queue.connection_lost("Connection refused")
+    lose(queue, "Connection refused")
     assert stats.drops_by_reason == {"refused": 1} and stats.drop_records == 2
     assert [ident_of(e[0]) for e in queue.pending] == [1, 2]
 
 
-def test_a_tentative_connection_is_news_only_when_confirmed():
+def test_a_connection_on_probation_is_news_only_when_confirmed():
     queue, stats = make_queue()
-    assert queue.connection_lost("refused")[1]
-    assert not queue.connection_up(0, tentative=True) and stats.last_error == "refused"
-    assert not queue.connection_lost("refused")[1], "a retry that fails again is no news"
-    queue.connection_up(0, tentative=True)
+    assert lose(queue, "refused")[1]
+    up(queue, 0, probation=True)
+    assert queue.state is State.PROBATION and stats.last_error == "refused"
+    assert not lose(queue, "refused")[1], "a retry that fails again is no news"
+    up(queue, 0, probation=True)
     assert queue.confirm() and stats.last_error == ""
-    assert queue.connection_lost("refused")[1]
+    assert lose(queue, "refused")[1]
 
 
 def test_drop_oldest_when_full_and_bound_holds():
@@ -252,7 +279,7 @@ def test_drop_oldest_when_full_and_bound_holds():
 
 def test_full_queue_asks_the_transport_to_flush_first_when_up():
     queue, _ = make_queue(limit=100)
-    queue.connection_up(0)
+    up(queue, 0)
     queue.enqueue(entry(0))
     queue.enqueue(entry(1))
     queue.enqueue(entry(2))
@@ -280,7 +307,7 @@ def test_reconnect_replays_the_templates_of_the_head_entry_first():
     tracker = template_session()
     queue, _ = make_queue(snapshot=tracker.snapshot)
     queue.enqueue((data_message(1), ODID, 2, tracker.snapshot))
-    queue.connection_up(1234)
+    up(queue, 1234)
     got = messages(write(queue))
     assert len(got) == 2
     version, length, export_time, seq, odid = HEADER.unpack_from(got[0])
@@ -291,7 +318,7 @@ def test_reconnect_replays_the_templates_of_the_head_entry_first():
 
 def test_a_queue_holding_the_whole_session_replays_nothing_on_first_connect():
     queue, _ = make_queue(snapshot=EMPTY)  # created before any template: the queue will carry them
-    queue.connection_up(0)
+    up(queue, 0)
     assert not queue.pending
 
 
@@ -299,7 +326,7 @@ def test_byte_identical_mode_keeps_the_exporters_numbers_and_refresh_follows_the
     tracker = template_session()
     queue, _ = make_queue(rewrite_seq=False, snapshot=tracker.snapshot)
     queue.enqueue((data_message(1), ODID, 2, tracker.snapshot))
-    queue.connection_up(0)
+    up(queue, 0)
     template, data = datagrams(queue)
     assert struct.unpack_from("!I", template, 8)[0] == 999  # the templates carry the next message's number
     assert struct.unpack_from("!I", data, 8)[0] == 999
@@ -311,7 +338,7 @@ def test_byte_identical_mode_keeps_the_exporters_numbers_and_refresh_follows_the
 def test_template_messages_are_never_rewritten_in_place():
     """A template message may be shared by several outputs: its sequence number goes in a copied header."""
     queue, _ = make_queue()
-    queue.connection_up(0)
+    up(queue, 0)
     queue.enqueue(entry(0, nrec=3))
     shared = bytes(data_message(9))
     queue.enqueue((memoryview(shared), ODID, 0, EMPTY))
@@ -333,7 +360,7 @@ def test_close_counts_what_was_left_and_is_final():
     queue = SendQueue(stats, limit=10_000, rewrite_seq=True, current_snapshot=lambda: EMPTY,
                       on_closed=closed.append)
     queue.transport = FakeTransport()
-    queue.connection_up(0)
+    up(queue, 0)
     for i in range(3):
         queue.enqueue(entry(i))
     write(queue, 50)  # one whole, one cut, one queued
@@ -355,10 +382,11 @@ def test_close_when_drained_closes_at_once_when_idle_else_asks_the_transport():
 
 def test_news_of_a_failure_once_per_state_change():
     queue, _ = make_queue()
-    assert queue.connection_lost("refused")[1]           # first error
-    assert not queue.connection_lost("refused")[1]       # still failing: no news
-    assert queue.connection_up(0)                        # recovered: news
-    assert queue.connection_lost("reset")[1]             # was up: news
+    assert lose(queue, "refused")[1]           # first error
+    assert not lose(queue, "refused")[1]       # still failing: no news
+    up(queue, 0)
+    assert queue.confirm()                     # recovered: news
+    assert lose(queue, "reset")[1]             # was up: news
 
 
 # -- the accounting property ------------------------------------------------------------------------
@@ -402,10 +430,10 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
             queue.confirm()
         elif op == "lose" and current is not None:
             connections.append(received())  # before: a lost connection's stream offsets start again at 0
-            queue.connection_lost("reset")
+            lose(queue, "reset")
             current = None
         elif op == "up" and queue.state is not State.UP:
-            queue.connection_up(0)
+            up(queue, 0)
             current = b""
         queued = sum(len(e[0]) for e in queue.pending) + (sum(len(b) for b in queue.bufs))
         kept = sum(ends[-1] for _base, ends, entries in queue._unacked if isinstance(entries, list))
@@ -431,7 +459,7 @@ def test_close_of_an_output_not_yet_shown_to_work_counts_the_unacknowledged_and_
     """After a stall, a new connection to the same collector is tentative: closing it must not leave
     unacknowledged messages to a kernel that may never deliver them, uncounted."""
     queue, stats = make_queue(track_acks=True)
-    queue.connection_up(0, tentative=True)
+    up(queue, 0, probation=True)
     for i in range(2):
         queue.enqueue(entry(i))
     write(queue)
@@ -448,7 +476,7 @@ def test_memory_pressure_lets_go_of_kept_copies_before_dropping_anything():
     held, stats = make_queue(track_acks=True)
     held.budget = budget
     budget.queues.add(held)
-    held.connection_up(0)
+    up(held, 0)
     for i in range(5):
         held.enqueue(entry(i, size=1000))
     write(held)  # 5,000 bytes written, not acknowledged
@@ -462,7 +490,7 @@ def test_memory_pressure_lets_go_of_kept_copies_before_dropping_anything():
     assert waiting_stats.drops == 0 and stats.drops == 0, "letting go of copies loses nothing"
     assert held.held < 5000 and len(waiting.pending) == 6
     held.acknowledged(2000)
-    resent, _ = held.connection_lost("reset")
+    resent, _ = lose(held, "reset")
     # the two acknowledged arrived; of the three others, the ones let go are counted, the rest sent again
     assert resent + stats.drops_by_reason.get("connection_lost", 0) == 3 and stats.drops_by_reason
     assert stats.drop_records == 2 * stats.drops and held.held == 0
@@ -492,7 +520,7 @@ def mixed_queue(rewrite: bool, mixed: bool = True):
     """Data messages of two ODIDs with a shared template message between them; or (not ``mixed``) of one
     ODID only, the run numbered in C-level steps."""
     queue, stats = make_queue(rewrite_seq=rewrite)
-    queue.connection_up(0)
+    up(queue, 0)
     for i in range(7):
         odid = ODID + i % 2 if mixed else ODID
         queue.enqueue((data_message(i, odid=odid), odid, 1 + i % 3, EMPTY))
@@ -542,14 +570,14 @@ def test_an_oversize_datagram_mid_batch_is_first_when_its_error_comes():
 def test_a_refusal_counts_what_the_last_batched_send_took_and_leaves_the_rest_for_re_dispatch():
     """The refusal of one datagram of a call says the port was closed for the call: all of it is lost."""
     queue, stats = make_queue()
-    queue.connection_up(0)
+    up(queue, 0)
     for i in range(5):
         queue.enqueue(entry(i))
     send = BatchSender(1, 2, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
     with pytest.raises(ConnectionRefusedError):
         queue.send_datagram_batch(send, 64)
     queue.refused()
-    queue.connection_lost("Connection refused")
+    lose(queue, "Connection refused")
     assert stats.drops_by_reason == {"refused": 2} and stats.drop_records == 4 and stats.msgs_out == 3
     assert [ident_of(e[0]) for e in queue.pending] == [3, 4]
 
@@ -557,8 +585,8 @@ def test_a_refusal_counts_what_the_last_batched_send_took_and_leaves_the_rest_fo
 def test_a_refusal_after_a_one_by_one_send_counts_that_datagram_only():
     queue, stats = three_queued()
     queue.send_datagram_batch(BatchSender(2), 64)
-    queue.connection_lost("Network is unreachable")
-    queue.connection_up(0, tentative=True)
+    lose(queue, "Network is unreachable")
+    up(queue, 0, probation=True)
     queue.enqueue(entry(7, nrec=5))
     sent = []
     queue.send_datagrams(sent.append, 1)  # a returning output sends one alone

@@ -9,7 +9,7 @@ from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from ipfix_balancer.core.wire import HEADER
 
-from test_sendqueue import FakeTransport, data_message, ident_of
+from test_sendqueue import FakeTransport, data_message, ident_of, lose, messages, stall, up, write
 
 
 class Outputs:
@@ -21,7 +21,8 @@ class Outputs:
     def __call__(self, stats, **settings) -> SendQueue:
         queue = SendQueue(stats, **settings)
         queue.transport = FakeTransport()
-        queue.connection_up(0)
+        queue.track_acks = True
+        up(queue)
         self.made.append(queue)
         return queue
 
@@ -119,7 +120,10 @@ def test_end_drains_then_reports_gone_once():
     assert s.state is Lifecycle.DRAINING and not gone
     queue = s.queues[0]
     queue.written(len(queue.next_iovec()[0]))
-    queue.close_when_drained()  # what the transport does once idle
+    queue.check_settled()
+    assert s.state is Lifecycle.DRAINING, "written, not yet acknowledged: it could come back"
+    queue.acknowledged(queue.sent_total)
+    queue.check_settled()  # what the transport does after each acknowledgement of a closing queue
     assert s.state is Lifecycle.GONE and gone == [s]
     s.end()
     assert gone == [s]
@@ -143,3 +147,61 @@ def test_malformed_message_dropped_reported_once_per_reason_and_limit_ends_deliv
     assert refused is not None and refused.reason == "templates_max"
     assert refusals == [("set_length", True), ("set_length", False), ("templates_max", True)]
     assert bytes(queue.pending[-1][0]) == bytes(data_message(3)) and len(s.tracker.snapshot) == 1
+
+
+# -- a session outlives its exporter ----------------------------------------------------------------
+def deliver_and_leave(mode, states, n=10):
+    subs = [SubreceiverStats(name) for name in "ab"]
+    s, gone = session()
+    s.configure(forwarding(mode, subs))
+    for queue, state in zip(s.queues, states):
+        if state is State.DOWN:
+            lose(queue, "Connection refused")
+    s.deliver([data_message(i) for i in range(n)])
+    s.end()
+    return s, gone, subs
+
+
+def collect(queue) -> list[int]:
+    """The collector of ``queue`` reads everything written (its TCP acknowledges it)."""
+    got = [ident_of(m) for m in messages(write(queue))]
+    queue.acknowledged(queue.sent_total)
+    queue.check_settled()
+    return got
+
+
+def test_all_a_collector_that_comes_back_after_the_exporter_left_gets_everything():
+    s, gone, _ = deliver_and_leave(Mode.ALL, [State.UP, State.DOWN])
+    a, b = s.queues
+    assert collect(a) == list(range(10))
+    assert s.state is Lifecycle.DRAINING and a.state is State.UP, "a stays while b still owes data"
+    up(b)
+    assert collect(b) == list(range(10)) and s.state is Lifecycle.GONE and gone == [s]
+
+
+def test_roundrobin_all_down_the_first_collector_back_gets_everything():
+    s, gone, subs = deliver_and_leave(Mode.ROUND_ROBIN, [State.DOWN, State.DOWN])
+    a, b = s.queues
+    up(a)
+    a.on_up(a)  # what the transport does once the output is up and healthy
+    assert sorted(collect(a)) == list(range(10)) and s.state is Lifecycle.GONE and gone == [s]
+    assert subs[0].drops == subs[1].drops == 0
+
+
+def test_roundrobin_a_hung_collector_after_the_exporter_left_costs_only_what_its_kernel_took_counted():
+    s, gone, subs = deliver_and_leave(Mode.ROUND_ROBIN, [State.UP, State.UP])
+    a, b = s.queues
+    got_a = collect(a)
+    assert s.state is Lifecycle.DRAINING, "a stays while b holds data"
+    b.tail_bytes = 1 << 20
+    write(b)  # its kernel takes all five, acknowledges two, its process reads none
+    b.acknowledged(80)
+    stall(b)
+    b.on_down(b)
+    lose(b, "stalled", acked="count")  # reset after another stall: the tail is counted, the rest moves
+    b.on_down(b)
+    got_a += collect(a)
+    b.check_settled()
+    assert sorted(got_a) == [i for i in range(10) if i not in (1, 3)], "b's two acknowledged are not resent"
+    assert subs[1].drops_by_reason == {"connection_lost": 2}
+    assert s.state is Lifecycle.GONE and gone == [s]

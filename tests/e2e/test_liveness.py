@@ -106,7 +106,8 @@ def test_a_stopped_handler_turns_stale_then_is_replaced_and_logged(balancer):
         assert not psutil.pid_exists(hung) or psutil.Process(hung).status() == psutil.STATUS_ZOMBIE
         wait_until(lambda: _get(healthz)[0] == 200, "healthz 200 again", bal)
         assert bal.supervisor()["handlers"][0] == {"name": "fullflow[0]", "stream": "FULLFLOW", "index": 0,
-                                                   "pid": new["pid"], "restarts": 1}
+                                                   "pid": new["pid"], "restarts": 1, "killed_msgs": 0,
+                                                   "killed_records": 0}
 
 
 def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, systemd):

@@ -72,17 +72,24 @@ def test_a_hung_collector_is_stalled_and_loses_nothing_it_did_not_count(balancer
                 assert sorted(got_b) == list(range(3000 * rpm))
             assert a.bytes_received == before
             a.resume()
-            st = bal.wait_status(HANDLER, lambda s: sub(s, 0)["state"] == "up", timeout=30)
+            # All: its kept connection's window opens again, it shows it reads: up. RoundRobin: reset, and its
+            # new connection is on probation until traffic shows it reads (this export is over)
+            back = "up" if mode == "All" else "probation"
+            st = bal.wait_status(HANDLER, lambda s: sub(s, 0)["state"] == back, timeout=30)
             assert a.wait_quiet(1.0, timeout=30)
             st = bal.wait_status(HANDLER, lambda s: sub(s, 0)["queued_bytes"] == 0, timeout=30)
         got_a = serials(a.messages())
         drops = sub(st, 0)
         assert [line["event"] for line in bal.logs()].count("subreceiver_stalled") == 1, "logged once"
-        if mode == "RoundRobin":  # its connection was reset: only what its kernel took unread is gone
+        if mode == "RoundRobin":  # its connection was reset: only what its kernel took unread may be gone
             together = got_a + got_b
             assert len(together) == len(set(together)), "nothing twice"
             missing = 3000 * rpm - len(together)
-            assert missing <= at_most_a_receive_buffer(rpm, 1000) and st["drops"] == 0, missing
+            counted = drops["drop_records_by_reason"].get("connection_lost", 0)
+            # counted as lost: what its kernel acknowledged and its process had not read when it was reset
+            # (an upper bound: this collector reads its buffer after all when it resumes)
+            assert missing <= counted <= at_most_a_receive_buffer(rpm, 1000), (missing, counted)
+            assert counted > 0 and drops["drops_by_reason"] == {"connection_lost": drops["drops"]}
             assert sub(st, 0)["resent"] > 0
         else:
             assert len(got_a) == len(set(got_a))
@@ -91,7 +98,7 @@ def test_a_hung_collector_is_stalled_and_loses_nothing_it_did_not_count(balancer
             assert drops["drops_by_reason"] == {"stalled": drops["drops"]}
             assert drops["drop_records_by_reason"] == {"stalled": missing}
             assert st["drops_by_reason"] == drops["drops_by_reason"]
-    assert bal.stop(timeout=30) == (0 if mode == "RoundRobin" else 1), "a handler exits 0 only without loss"
+    assert bal.stop(timeout=30) == 1, "a handler exits 0 only without counted loss"
 
 
 COLLECTOR = f"""
@@ -166,7 +173,9 @@ def test_a_collector_that_resets_mid_message_costs_at_most_its_receive_buffer(ba
         assert len(got) == len(set(got))
         missing = 1000 * rpm - len(got)
         assert missing <= at_most_a_receive_buffer(rpm, size), missing
-        assert st["drops"] == 0, "what the collector's kernel acknowledged is invisible to the sender"
+        # what its kernel acknowledged and its process never read is counted (an upper bound), never 0
+        counted = sub(st, 0)["drop_records_by_reason"].get("connection_lost", 0)
+        assert 0 < missing <= counted <= at_most_a_receive_buffer(rpm, size), (missing, counted)
 
 
 def big_message(first_serial: int) -> bytes:

@@ -1,9 +1,10 @@
-"""Batched UDP system calls: ``recvmmsg`` and ``sendmmsg`` through ctypes over the C library.
+"""Batched UDP system calls: ``recvmmsg`` and ``sendmmsg`` through ctypes over the C library, and UDP
+segmentation offload sends (``UDP_SEGMENT``, through ``socket.sendmsg``) for runs of one size.
 
-Python's socket module has neither; one call per datagram cost more CPU than everything else the balancer
-does with it. ctypes needs no compiler on the target (README "Performance" says why that was chosen).
-``AVAILABLE`` is False where the C library lacks them (not Linux/glibc or musl): the callers then keep the
-one-datagram-per-call path.
+Python's socket module has neither batch call; one call per datagram cost more CPU than everything else the
+balancer does with it. ctypes needs no compiler on the target (README "Performance" says why that was
+chosen). ``AVAILABLE`` is False where the C library lacks them (not Linux/glibc or musl): the callers then
+keep the one-datagram-per-call path.
 
 Only descriptors and memory are handled here; which slot a datagram goes to is ``core.framing.DatagramSlots``'
 decision, what is sent and what a partial send means is ``core.sendqueue.SendQueue``'s.

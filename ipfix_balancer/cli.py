@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import sys
 import time
@@ -33,9 +34,20 @@ def _load_or_exit(config_path: str | None, refusal: str) -> tuple[str, config_mo
         return path, config_mod.load(path)
     except config_mod.ConfigError as err:
         click.echo(f"{refusal}{path}: {len(err.problems)} problem(s):", err=True)
-        for problem in err.problems:
+        for problem in _with_lines(path, err.problems):
             click.echo(f"  - {problem}", err=True)
         sys.exit(1)
+
+
+def _with_lines(path: str, messages) -> list[str]:
+    """``line N: `` before each message about a key written on line N of the file."""
+    lines = config_mod.key_lines(path)
+    out = []
+    for message in messages:
+        key = re.match(r"IPFIX_\w+(\[[^\]=]*\])?", message)
+        line = lines.get(key.group()) if key else None
+        out.append(f"line {line}: {message}" if line else message)
+    return out
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -84,6 +96,12 @@ def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
     except OSError as exc:
         log.error("not_started", reason=f"cannot become {user.pw_name}: {exc}")
         sys.exit(3)
+    problem = privileges.out_of_reach(config_path, run_dir)
+    if problem is not None:  # one line now, not a traceback from the first handler or file that fails
+        log.error("not_started", reason=f"started as root, it runs as {user.pw_name}, who {problem}; install it "
+                  f"where that user can read it (the RPM: /usr/bin/ipfix-balancer), or set IPFIX_BALANCER_USER= "
+                  "(empty) to run as root")
+        sys.exit(3)
     log.info("privileges_dropped", user=user.pw_name, capabilities=list(caps))
 
 
@@ -92,7 +110,7 @@ def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
 def check_config(config_path) -> None:
     """Validate the .env: print every problem at once; exit 1 if there is any."""
     path, cfg = _load_or_exit(config_path, "")
-    for warning in cfg.warnings:
+    for warning in _with_lines(path, cfg.warnings):
         click.echo(f"warning: {warning}", err=True)
     click.echo(f"{path}: OK, {len(cfg.receivers)} receiver(s)")
     for rc in cfg.receivers:
@@ -144,12 +162,13 @@ def stop(run_dir, timeout) -> None:
 @main.command()
 @_run_dir_option
 @click.option("--timeout", default=60.0, show_default=True, help="seconds to wait for the supervisor's outcome")
-def reload(run_dir, timeout) -> None:
+@click.option("--main-pid", type=int, default=None, hidden=True, help="the unit's $MAINPID (ExecReload)")
+def reload(run_dir, timeout, main_pid) -> None:
     """Validate the file the running supervisor reads, ask it to apply it (SIGHUP) and print what it did:
     settings applied in place, handlers replaced, started or stopped. Exit 1 when refused (nothing changed)."""
     from .control import reload as reload_mod
     try:
-        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout)
+        outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout, main_pid)
     except (reload_mod.NotRunning, TimeoutError) as exc:
         click.echo(f"ipfix-balancer: {exc}", err=True)
         sys.exit(1)
@@ -165,10 +184,14 @@ def reload(run_dir, timeout) -> None:
 @click.option("--timeout", default=30.0, show_default=True, help="seconds to wait for the new handlers")
 def restart(config_path, run_dir, timeout) -> None:
     """Restart in place without dropping exporters: new supervisor code and new handlers take the
-    sockets over from the running ones. Refused (nothing changes) when the config is invalid."""
-    _path, cfg = _load_or_exit(config_path, "restart refused, the running balancer keeps running: ")
+    sockets over from the running ones. Refused (nothing changes) when the config is invalid: the file the
+    running supervisor reads (it is the one the restarted supervisor reads again), --config only when its
+    status names none."""
     run_dir = rundir.resolve_run_dir(run_dir)
     supervised = status_mod.read_supervisor_status(run_dir)
+    if supervised is not None and supervised.config:
+        config_path = supervised.config
+    _path, cfg = _load_or_exit(config_path, "restart refused, the running balancer keeps running: ")
     before = {h.pid for h in supervised.handlers} if supervised is not None else set()
     pid = _signal_supervisor(run_dir, signal.SIGUSR2)
     deadline = time.monotonic() + timeout

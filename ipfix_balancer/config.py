@@ -168,7 +168,12 @@ class Limits:
 
     @functools.cached_property
     def _networks(self) -> list:
-        return [ipaddress.ip_network(net) for net in self.allow]
+        """The ALLOW networks; an IPv4-mapped range (``::ffff:10.0.0.0/104``) as the IPv4 one it maps, since
+        a peer's address is compared as IPv4 (``allows``)."""
+        nets = [ipaddress.ip_network(net) for net in self.allow]
+        return [ipaddress.ip_network(f"{n.network_address.ipv4_mapped}/{n.prefixlen - 96}")
+                if n.version == 6 and n.prefixlen >= 96 and n.network_address.ipv4_mapped is not None else n
+                for n in nets]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -317,6 +322,20 @@ def load_text(text: str, path: str, cpus: Collection[int] | None = None) -> Conf
     return config
 
 
+def key_lines(path: str) -> dict[str, int]:
+    """The line each key is first written on in the file at path (empty when it cannot be read): for
+    check-config, whose key-level problems name the key as written."""
+    try:
+        text = open(path, encoding="utf-8").read()
+    except (OSError, UnicodeDecodeError):
+        return {}
+    lines: dict[str, int] = {}
+    for b in parse_stream(io.StringIO(text)):
+        if b.key and not b.error:
+            lines.setdefault(b.key, b.original.line)
+    return lines
+
+
 def _file_problems(path: str, bindings: list) -> list[str]:
     """What dotenv drops silently: unparseable lines, lines without '=', and an IPFIX_ key repeated (the
     last wins)."""
@@ -350,7 +369,8 @@ def parse(values: Mapping[str, str | None], path: str = "<memory>",
     console = _console(values, path, problems)
     if problems:
         raise ConfigError(problems)
-    warnings = list(_rotation_warnings(built)) + list(_datagram_warnings(built))
+    warnings = (list(_rotation_warnings(built)) + list(_datagram_warnings(built)) + list(_unused_warnings(built))
+                + list(_privileged_port_warnings(built)))
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
     return Config(path, tuple(rc for rc, _ in built), tuple(warnings), console=console, **settings)
@@ -481,7 +501,7 @@ class _Keys:
         text = self.value(param) or default
         ip = _ip(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
         if ip is None:
-            return self.fail(param, f"an IP address such as 0.0.0.0 or :: ({_NO_DNS})")
+            return self.fail(param, "an IP address such as 0.0.0.0 or ::", why=_not_an_ip(text))
         return str(ip)
 
     def endpoints(self, param: str, proto: str | None) -> tuple[Endpoint, ...]:
@@ -512,12 +532,15 @@ class _Keys:
         form = ("host/port/proto, e.g. 10.0.0.2/9920/tcp or [::1]/9920/udp (empty proto = tcp)" if proto is None
                 else "host/port, e.g. 10.0.0.2/9920 or [::1]/9920")
         m = _ITEM_RE.fullmatch(item)
+        if m is not None and param == "BALANCER_SUB" and m["proto"] is not None:
+            return self.fail(param, form, item, f"the protocol goes in {self.key(param + '_PROTO')} (host/port/proto "
+                                                "is the syntax of DUMP_INSERT_PROCESSES)")
         if m is None or (proto is not None and m["proto"] is not None):
             return self.fail(param, form, item)
         host = m["host"] if m["v6"] is None else m["v6"]
         ip = _ip(host)
         if ip is None:
-            return self.fail(param, form, item, f"{_q(host)} is not an IP address ({_NO_DNS})")
+            return self.fail(param, form, item, _not_an_ip(host))
         if _is_broadcast(ip):
             return self.fail(param, form, item, f"{ip} is a broadcast address: every host of the network would "
                                                 "get the stream")
@@ -702,6 +725,31 @@ def _datagram_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
                    "and are dropped, counted as oversize)")
 
 
+_RECORDING_PARAMS = ("ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE", "DUMP_INSERT_PROCESSES",
+                     "DUMP_DIR", "SPOOL_BYTES")
+
+
+def _unused_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
+    """Rotation and export keys on a receiver that records nothing: the operator expects files or inserts."""
+    for rc, r in built:
+        fw = rc.forwarding
+        unused = [f"{r.key(p)}={_q(r.value(p))}" for p in _RECORDING_PARAMS if r.value(p)]
+        if unused and fw.mode is not Mode.DISABLED and not fw.balancer_auto:
+            yield (f"{', '.join(unused)}: {rc.name} forwards ({r.describe('BALANCER', fw.mode.value)}) and records "
+                   f"nothing, so {'this key has' if len(unused) == 1 else 'these keys have'} no effect; expected "
+                   f"BALANCER=Disabled or BALANCER_AUTO=Enabled for recording")
+
+
+def _privileged_port_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
+    """The shipped unit runs without capabilities: a port below 1024 would fail to listen under it."""
+    for rc, r in built:
+        if rc.listen.port < 1024:
+            yield (f"{r.describe('PORT', rc.listen.port)}: a port below 1024 needs CAP_NET_BIND_SERVICE, which the "
+                   "shipped unit does not grant; render a unit that does (python -m ipfix_balancer.render unit "
+                   "--config PATH) or add AmbientCapabilities= and CapabilityBoundingSet=CAP_NET_BIND_SERVICE in a "
+                   "drop-in (systemctl edit fast_ipfix_balancer)")
+
+
 def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
     """True when the new settings need a new handler process (a new listening socket or CPU); forwarding
     and recording settings change in place."""
@@ -826,6 +874,14 @@ def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
         return ipaddress.ip_address(text)
     except ValueError:
         return None
+
+
+def _not_an_ip(host: str) -> str:
+    """Why host is refused: a mistyped address (10.0.0.300) is not a hostname, and hearing that hostnames
+    are not resolved would only mislead."""
+    if re.fullmatch(r"[0-9.]+|[0-9A-Fa-f:.]*:[0-9A-Fa-f:.]*", host):
+        return f"{_q(host)} is not a valid IP address"
+    return f"{_q(host)} is not an IP address ({_NO_DNS})"
 
 
 def _int(text: str) -> int | None:

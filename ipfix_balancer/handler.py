@@ -11,7 +11,6 @@ import errno
 import functools
 import ipaddress
 import os
-import resource
 import signal
 import socket
 import time
@@ -19,21 +18,23 @@ import time
 from .config import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
-from .control.ports import listen_failure
+from .control.ports import bind, listen_failure
+from .control.privileges import raise_fd_limit
 from .control.signals import Wakeup, set_process_name
 from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
 from .core.framing import FramingError
 from .core.sendqueue import DRAIN_LIMIT, Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
-from .core.templates import TemplateLimit
+from .core.templates import TemplateLimit, TemplatePool
 from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import TcpListener, UdpListener, bind, kernel_drops, peer_host
+from .net.listener import TcpListener, UdpListener, kernel_drops, peer_host
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
 EXIT_CANNOT_LISTEN = 75  # EX_TEMPFAIL: the port may be free later, the supervisor retries with backoff
+TEMPLATE_MEMORY_SHARE = 8  # the templates of all sessions together may take MEMORY_BYTES / 8
 
 
 class ListenError(Exception):
@@ -52,6 +53,7 @@ class Handler:
         self.loop = Loop()
         self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
         self.budget = Budget(rc.limits.memory_bytes)  # shared by every send queue of this handler
+        self.template_pool = TemplatePool(rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE)  # every session's
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
         self.counters = Counters()
@@ -137,6 +139,7 @@ class Handler:
                                   self._session_refused)
         session.configure(self._forwarding())
         session.on_templates = self._templates_announced
+        session.tracker.pool = self.template_pool
         self.sessions.add(session)
         self.connections_total += 1
         return session
@@ -165,6 +168,7 @@ class Handler:
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:
+        session.tracker.release()
         self.sessions.discard(session)
         if self.listener is not None:
             self.listener.forget(session)
@@ -308,6 +312,7 @@ class Handler:
             return
         self.rc = rc
         self.budget.limit = rc.limits.memory_bytes
+        self.template_pool.limit = rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE
         if self.listener is not None:
             self.listener.set_limits(rc.limits)
         kept = {s.subreceiver: s for s in self.subreceivers}
@@ -410,7 +415,8 @@ class Handler:
         rc, counters = self.rc, self.counters
         cpu = os.times()
         outs = self.subreceivers + self.retired_subreceivers
-        rates = self.rates.update(time.monotonic(), {
+        beat = time.monotonic()
+        rates = self.rates.update(beat, {
             "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
             "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
         by_reason = self.drops_by_reason()
@@ -418,6 +424,7 @@ class Handler:
         held = [q.held_counts() for s in self.sessions for q in s.queues]
         doc = HandlerStatus(
             stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
+            beat=beat,
             listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
                                 listening=self.listening),
             mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset,
@@ -472,17 +479,6 @@ class Handler:
                 self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
 
 
-def _raise_fd_limit() -> None:
-    """Each exporter session takes a descriptor per subreceiver: use all the descriptors we may (the soft
-    limit is often 1024 while the hard one is far higher). At the limit the handler pauses accepting."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft != hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):  # e.g. a hard limit above fs.nr_open: keep the soft one
-            pass
-
-
 def main(control_fd: int, run_dir: str, log_format: str) -> int:
     """Entry point of ``ipfix-balancer handler``: read the settings (and, for a restart in place, the
     handover socket) from the supervisor's channel, set up the process, run, exit with the loop's verdict."""
@@ -502,7 +498,7 @@ def main(control_fd: int, run_dir: str, log_format: str) -> int:
     set_process_name(rc.proc_name)
     if rc.taskset is not None:
         os.sched_setaffinity(0, {rc.taskset})
-    _raise_fd_limit()
+    raise_fd_limit()
     handler = Handler(rc, run_dir, log, control)
     try:
         return handler.run(predecessor)

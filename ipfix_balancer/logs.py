@@ -86,15 +86,21 @@ class Throttle:
     window is written at once; the ones after it within the window are only counted, and the next line
     written for that (event, source) carries ``suppressed=N``. ``source`` is what an operator acts on:
     a peer host, a subreceiver, or "" for the listener itself.
+
+    On top of that, one event writes at most PER_EVENT lines per ``interval`` from all sources together (junk
+    from 2,000 sources is not 2,000 lines): the lines held back by that cap are counted, and the next line of
+    the event carries ``suppressed_overall=N``.
     """
 
     MAX_KEYS = 4096  # a flood from many sources must not grow this table without bound
+    PER_EVENT = 20  # lines of one event per interval, all sources together
 
     def __init__(self, log, interval: float = 60.0, clock=time.monotonic):
         self.log = log
         self.interval = interval
         self.clock = clock
         self._windows: dict[tuple[str, str], list] = {}  # (event, source) -> [window end, suppressed]
+        self._events: dict[str, list] = {}  # event -> [window end, lines written, held back by PER_EVENT]
 
     def info(self, event: str, source: str, **fields) -> bool:
         return self._emit(self.log.info, event, source, fields)
@@ -113,12 +119,21 @@ class Throttle:
         if window is not None and now < window[0]:
             window[1] += 1
             return False
+        overall = self._events.get(event)
+        if overall is None or now >= overall[0]:
+            overall = self._events[event] = [now + self.interval, 0, overall[2] if overall else 0]
+        if overall[1] >= self.PER_EVENT:  # this source's window is not started: it is heard once the cap lifts
+            overall[2] += 1
+            return False
+        overall[1] += 1
         if window is None and len(self._windows) >= self.MAX_KEYS:
             self._prune(now)
         suppressed = window[1] if window is not None else 0
         self._windows[key] = [now + self.interval, 0]
         if suppressed:
             fields["suppressed"] = suppressed
+        if overall[2]:
+            fields["suppressed_overall"], overall[2] = overall[2], 0
         method(event, **fields)
         return True
 

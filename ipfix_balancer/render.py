@@ -30,6 +30,7 @@ UNIT = "fast_ipfix_balancer.service"
 PROG = "ipfix-balancer"
 PATHS = {
     "config_path": DEFAULT_CONFIG_PATH,
+    "config_dir": os.path.dirname(DEFAULT_CONFIG_PATH),
     "run_dir": "/run/fast_ipfix_balancer",
     "dump_root": DUMP_ROOT,
     "bindir": "/usr/bin",
@@ -59,6 +60,7 @@ FILES = {   # NAME -> file name in the output directory
     "unit": UNIT,
     "env": "fast_ipfix_balancer.env",
     "man": f"{PROG}.8",
+    "envman": f"{PROG}.env.5",
     "completion": PROG,
 }
 
@@ -130,20 +132,69 @@ def _takes_ctx(param) -> bool:
     return "ctx" in inspect.signature(param.make_metavar).parameters
 
 
-def man(date: str | None = None) -> str:
+def _stamp(date: str | None) -> dict:
+    """A man page's version and date (reproducible builds: SOURCE_DATE_EPOCH when set)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         ver = version("fast_ipfix_balancer")
     except PackageNotFoundError:
         ver = "unknown"
-    if date is None:   # reproducible builds: SOURCE_DATE_EPOCH when set
+    if date is None:
         epoch = int(os.environ.get("SOURCE_DATE_EPOCH", "0")) or None
         stamp = datetime.datetime.fromtimestamp(epoch, datetime.timezone.utc) if epoch else \
             datetime.datetime.now(datetime.timezone.utc)
         date = stamp.strftime("%Y-%m-%d")
-    return _environment().get_template(f"{PROG}.8.j2").render(
-        prog=PROG, version=ver, date=date, commands=_commands(), **PATHS)
+    return {"version": ver, "date": date}
+
+
+def man(date: str | None = None) -> str:
+    return _environment().get_template(f"{PROG}.8.j2").render(prog=PROG, commands=_commands(), **_stamp(date),
+                                                              **PATHS)
+
+
+def _readme() -> str:
+    """The README of the source tree: beside the package in a checkout, else in the working directory
+    (the RPM's %install renders from the unpacked sources with the installed package)."""
+    for path in (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+                 "README.md"):
+        if os.path.exists(path):
+            with open(path, encoding="utf-8") as f:
+                return f.read()
+    raise FileNotFoundError("README.md not found: render envman from the source tree")
+
+
+def md_roff(text: str) -> str:
+    """One line of the README's Markdown -> roff: `code` bold, **strong** bold, links as their text, other
+    than ASCII as groff's \\[uXXXX]."""
+    text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text.strip())
+    text = roff(text).replace("-", "\\-")
+    text = re.sub(r"\*\*(.+?)\*\*", r"\\fB\1\\fR", text)
+    text = re.sub(r"`([^`]+)`", r"\\fB\1\\fR", text)
+    return "".join(c if ord(c) < 128 else f"\\[u{ord(c):04X}]" for c in text)
+
+
+def envman(date: str | None = None) -> str:
+    """ipfix-balancer.env(5): the README's "Configuration reference" (paragraphs, and each table row as one
+    key's entry), so the page and the README never disagree."""
+    ref = _readme().split("\n## Configuration reference\n", 1)[1].split("\n### Configuration errors", 1)[0]
+    intro, parts, environment = [], [], ""
+    for block in (b.strip() for b in re.split(r"\n\s*\n", ref) if b.strip()):
+        lines = block.splitlines()
+        if lines[0].startswith("|"):
+            receiver = lines[0].strip("| ").startswith("Key (")
+            rows = [[c.strip() for c in line.strip().strip("|").split("|")] for line in lines[2:]]
+            parts.append({"rows": [{
+                "key": md_roff(f"`IPFIX_<STREAM>_{r[0].split('`')[1]}[i]`{r[0].split('`', 2)[2]}" if receiver else r[0]),
+                "default": md_roff(r[1]), "meaning": md_roff(r[2]), "allowed": md_roff(r[3]),
+                "mode": md_roff(r[4]) if len(r) > 4 else ""} for r in rows]})
+        elif block.startswith("Environment variables"):
+            environment = md_roff(" ".join(lines))
+        else:
+            text = md_roff(" ".join(line.removeprefix("- ") for line in lines))
+            (parts.append({"text": text}) if parts else intro.append(text))
+    return _environment().get_template(f"{PROG}.env.5.j2").render(
+        intro=intro, parts=parts, environment=environment, **_stamp(date), **PATHS)
 
 
 def completion() -> str:
@@ -156,13 +207,13 @@ def completion() -> str:
     return source if source.endswith("\n") else source + "\n"
 
 
-RENDER = {"unit": unit, "env": env, "man": man, "completion": completion}
+RENDER = {"unit": unit, "env": env, "man": man, "envman": envman, "completion": completion}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m ipfix_balancer.render", description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="+", choices=[*RENDER, "all"], metavar="NAME",
-                        help="unit, env, man, completion or all")
+                        help="unit, env, man, envman, completion or all")
     parser.add_argument("-o", "--out-dir", help=f"write each file there ({', '.join(FILES.values())})")
     parser.add_argument("--config", metavar="PATH", help="unit: grant the capabilities this .env needs")
     args = parser.parse_args(argv)

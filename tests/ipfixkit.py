@@ -976,6 +976,14 @@ def product_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def fault_env(directory: Path, code: str) -> dict[str, str]:
+    """The environment that makes every product process run ``code`` first (a ``sitecustomize`` in
+    ``directory``): test-only faults, switched by the files ``code`` looks at."""
+    directory.mkdir()
+    (directory / "sitecustomize.py").write_text(code)
+    return {"PYTHONPATH": f"{directory}:{REPO_ROOT}"}
+
+
 def forwarding_env(port: int, sinks, mode: str = "RoundRobin", extra: str = "") -> str:
     """The .env of one Fullflow receiver on 127.0.0.1:``port`` forwarding to ``sinks``, plus ``extra`` lines."""
     subs = ",".join(f"127.0.0.1/{s.port}" for s in sinks)
@@ -1233,3 +1241,39 @@ class Balancer:
             if time.monotonic() > deadline:
                 raise BalancerError(f"no log line matching {match!r} within {timeout}s\n{self.log_tail()}")
             time.sleep(0.1)
+
+
+def manual_receivers(text: str) -> dict[str, tuple[int, list[tuple[str, int]]]]:
+    """STREAM -> (listening port, [(collector host, port), ...]) of receiver [0] in the manual's example
+    (etc/manual-example.env) or a file made from it."""
+    out = {}
+    for stream in ("FULLFLOW", "CLICKSTREAM", "DNSFLOW"):
+        port = int(re.search(rf"^IPFIX_{stream}_PORT\[0\]=(\d+)$", text, re.M).group(1))
+        subs = re.search(rf"^IPFIX_{stream}_BALANCER_SUB\[0\]=(\S+)$", text, re.M).group(1)
+        out[stream] = (port, [(h, int(p)) for h, p in (s.split("/") for s in subs.split(","))])
+    return out
+
+
+class InNs:
+    """Sockets made in this block belong to namespace ``name`` (setns on this thread only; threads started
+    here stay there)."""
+
+    def __init__(self, netns, name):
+        self.netns, self.name = netns, name
+
+    def __enter__(self):
+        self.netns.pushns(self.name)
+
+    def __exit__(self, *exc):
+        self.netns.popns()
+
+
+def link_up(netns_name: str, ifname: str, addrs: Iterable[str], prefixlen: int = 24) -> None:
+    """In network namespace ``netns_name``: loopback up, ``ifname`` up with ``addrs`` (pyroute2)."""
+    from pyroute2 import NetNS
+    with NetNS(netns_name) as ns:
+        ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
+        index = ns.link_lookup(ifname=ifname)[0]
+        for addr in addrs:
+            ns.addr("add", index=index, address=addr, prefixlen=prefixlen)
+        ns.link("set", index=index, state="up")

@@ -245,13 +245,15 @@ def test_balancing_without_subreceiver_key():
 
 @pytest.mark.parametrize("item, why", [
     ("10.0.0.2", ""),
-    ("10.0.0.2/9920/tcp", ""),  # the proto of BALANCER_SUB items is BALANCER_SUB_PROTO
+    ("10.0.0.2/9920/tcp", ": the protocol goes in IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0] (host/port/proto is the "
+                          "syntax of DUMP_INSERT_PROCESSES)"),
     ("10.0.0.2/99999", ": port '99999' is not a port number 1..65535"),
     ("10.0.0.2/x", ": port 'x' is not a port number 1..65535"),
     ("::1/9920", ": IPv6 hosts go in brackets, IPv4 hosts do not"),
     ("[10.0.0.2]/9920", ": IPv6 hosts go in brackets, IPv4 hosts do not"),
-    ("10.0.0.256/9920", ": '10.0.0.256' is not an IP address (hostnames are not resolved: the balancer must not "
-                        "depend on DNS at start)"),
+    ("10.0.0.256/9920", ": '10.0.0.256' is not a valid IP address"),
+    ("collector-1/9920", ": 'collector-1' is not an IP address (hostnames are not resolved: the balancer must not "
+                         "depend on DNS at start)"),
 ])
 def test_bad_subreceiver_item(item, why):
     value = f"10.0.0.9/1, {item}"
@@ -275,8 +277,11 @@ def test_bad_export_item():
 
 def test_bad_bind():
     assert one_problem({"IPFIX_FULLFLOW_BIND[0]": "localhost"}) == (
-        "IPFIX_FULLFLOW_BIND[0]='localhost': expected an IP address such as 0.0.0.0 or :: (hostnames are not "
-        "resolved: the balancer must not depend on DNS at start)")
+        "IPFIX_FULLFLOW_BIND[0]='localhost': 'localhost' is not an IP address (hostnames are not resolved: the "
+        "balancer must not depend on DNS at start); expected an IP address such as 0.0.0.0 or ::")
+    assert one_problem({"IPFIX_FULLFLOW_BIND[0]": "10.0.0.300"}) == (
+        "IPFIX_FULLFLOW_BIND[0]='10.0.0.300': '10.0.0.300' is not a valid IP address; expected an IP address "
+        "such as 0.0.0.0 or ::")
 
 
 def test_duplicate_subreceiver():
@@ -392,6 +397,22 @@ def test_problems_of_one_receiver_are_listed_in_key_order():
     with pytest.raises(ConfigError) as err:
         parse({f"IPFIX_FULLFLOW_{k}[0]": "-9" for k in keys}, cpus=CPUS)
     assert [p.split("=")[0] for p in err.value.problems] == [f"IPFIX_FULLFLOW_{k}[0]" for k in keys]
+
+
+def test_recording_keys_on_a_forwarding_receiver_are_a_warning():
+    values = {"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/1",
+              "IPFIX_FULLFLOW_ROTATE_MINUTES[0]": "5", "IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]": "10.0.0.3/2/tcp"}
+    assert parse(values, cpus=CPUS).warnings == (
+        "IPFIX_FULLFLOW_ROTATE_MINUTES[0]='5', IPFIX_FULLFLOW_DUMP_INSERT_PROCESSES[0]='10.0.0.3/2/tcp': "
+        "fullflow[0] forwards (IPFIX_FULLFLOW_BALANCER[0]='All') and records nothing, so these keys have no "
+        "effect; expected BALANCER=Disabled or BALANCER_AUTO=Enabled for recording",)
+    assert parse({**values, "IPFIX_FULLFLOW_BALANCER_AUTO[0]": "Enabled"}, cpus=CPUS).warnings == ()  # auto recorders
+
+
+def test_a_port_below_1024_is_a_warning_naming_the_capability():
+    (warning,) = parse({"IPFIX_FULLFLOW_PORT[0]": "514"}, cpus=CPUS).warnings
+    assert warning.startswith("IPFIX_FULLFLOW_PORT[0]='514': a port below 1024 needs CAP_NET_BIND_SERVICE, which "
+                              "the shipped unit does not grant")
 
 
 def test_clickstream_rotating_sooner_than_fullflow_is_a_warning():
@@ -683,6 +704,9 @@ def test_hostile_input_limits_parse_with_defaults_a_dpi_never_meets():
     assert not limits.allows("10.0.0.2") and not limits.allows("2001:db9::1")
     rc = receiver({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": "10.0.0.0/8"})
     assert ReceiverConfig.from_json(rc.to_json()) == rc
+    mapped = receiver({**BASE, "IPFIX_FULLFLOW_ALLOW[0]": "::ffff:10.0.0.0/104, ::ffff:192.0.2.7"}).limits
+    assert mapped.allows("10.9.8.7") and mapped.allows("::ffff:10.0.0.1") and mapped.allows("192.0.2.7")
+    assert not mapped.allows("11.0.0.1") and not mapped.allows("192.0.2.8")
 
 
 def test_hostile_input_limits_refuse_bad_values():

@@ -49,6 +49,21 @@ def test_the_window_table_stays_bounded_under_a_flood_of_sources():
     throttle = Throttle(log, interval=60, clock=clock)
     for i in range(3 * Throttle.MAX_KEYS):
         throttle.info("exporter_connected", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
-        clock.now += 0.001
+        clock.now += 0.1  # 7 minutes in all: every minute PER_EVENT new sources are heard
     assert len(throttle._windows) <= Throttle.MAX_KEYS
-    assert len(log.lines) == 3 * Throttle.MAX_KEYS, "every new source is written once"
+    assert len(log.lines) <= (3 * Throttle.MAX_KEYS * 0.1 / 60 + 1) * Throttle.PER_EVENT
+
+
+def test_one_event_from_many_sources_is_capped_overall_and_the_rest_counted():
+    log, clock = Recorder(), Clock()
+    throttle = Throttle(log, interval=60, clock=clock)
+    for i in range(2000):  # junk from 2,000 sources within a minute
+        throttle.warning("malformed_ipfix", f"10.0.{i >> 8}.{i & 255}", reason="bad_version")
+    assert throttle.warning("accept_failed", ""), "another event has its own cap"
+    assert len(log.lines) == Throttle.PER_EVENT + 1
+    clock.now += 60
+    throttle.warning("malformed_ipfix", "10.0.0.0", reason="bad_version")
+    held_back = 2000 - Throttle.PER_EVENT
+    assert log.lines[-1] == ("malformed_ipfix", {"reason": "bad_version", "suppressed_overall": held_back})
+    throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
+    assert log.lines[-1] == ("malformed_ipfix", {"reason": "bad_version"}), "counted once"

@@ -31,6 +31,7 @@ CONFIG = "/var/fast_ipfix_balancer/backend/.env"
 SCRIPTS = ("ipfix-balancer-stop", "ipfix-balancer-restart", "ipfix-balancer-status")
 PYTHON = "/usr/bin/python3.11"   # the distribution's interpreter the venv is built from and links to
 MANPAGE = "/usr/share/man/man8/ipfix-balancer.8"
+ENV_MANPAGE = "/usr/share/man/man5/ipfix-balancer.env.5"
 COMPLETION = "/usr/share/bash-completion/completions/ipfix-balancer"
 
 pytestmark = pytest.mark.skipif(
@@ -82,6 +83,7 @@ def _product_env(root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PYTHON", "IPFIX_BALANCER_", "JOURNAL_STREAM", "VIRTUAL_ENV"))}
     env["PATH"] = f"{root}/usr/bin:{env.get('PATH', '/usr/bin:/bin')}"
+    env["IPFIX_BALANCER_USER"] = ""  # hermetic: root stays root where the RPM made the service user
     env.update(extra)
     return env
 
@@ -165,11 +167,15 @@ def test_rpm_file_list(rpm_file):
     assert any(f.endswith(".pyc") and "/ipfix_balancer/__pycache__/" in f for f in files), "no bytecode"
     # Nothing outside the product's own places (no stray /usr/lib/python3*, no build paths).
     allowed = (APPDIR, "/usr/bin/ipfix-balancer", "/usr/lib/systemd/system/", "/var/fast_ipfix_balancer", MANPAGE,
+               ENV_MANPAGE,
                COMPLETION)
     stray = [f for f in files if f and not f.startswith(allowed)]
     assert not stray, stray
-    # The venv is not vendoring pip or test tooling.
+    # The venv is not vendoring pip or test tooling, nor activate scripts, tools of its dependencies or headers.
     assert not any(f"{site}/pip/" in f or f"{site}/pytest/" in f for f in files)
+    assert {f for f in files if f.startswith(f"{APPDIR}/bin/")} == {
+        f"{APPDIR}/bin/{name}" for name in ("ipfix-balancer", "python", "python3", "python3.11")}
+    assert not any(f.startswith(f"{APPDIR}/include") for f in files)
 
 
 def test_rpm_requires_the_distribution_python(rpm_file):
@@ -247,6 +253,8 @@ def test_man_page_and_completion(rpm_file, root, tmp_path):
     if shutil.which("groff"):
         res = _run(["groff", "-man", "-Tutf8", "-ww", str(man)])
         assert res.returncode == 0 and res.stderr == "", res.stderr
+    # ipfix-balancer.env(5): every .env key (tests/test_render.py checks the text)
+    assert any(f in (ENV_MANPAGE, ENV_MANPAGE + ".gz") for f in files), files
     # Bash completion: click's script, asking the installed command itself.
     script = root / COMPLETION.lstrip("/")
     probe = (f"source '{script}'; COMP_WORDS=(ipfix-balancer check); COMP_CWORD=1; "
@@ -335,7 +343,7 @@ def test_unit_settings(root):
     one = {k: v[-1] for k, v in s.items()}
     assert one["Type"] in ("simple", "notify")
     assert one["ExecStart"] == "/usr/bin/ipfix-balancer run"
-    assert one["ExecReload"] == "/usr/bin/ipfix-balancer reload"  # waits for the outcome: a bad file fails
+    assert one["ExecReload"] == "/usr/bin/ipfix-balancer reload --main-pid $MAINPID"  # waits for the outcome: a bad file fails
     assert one["Restart"] == "on-failure"
     assert one["KillMode"] == "mixed"      # SIGTERM to the supervisor only: it orchestrates the drain
     assert int(one["TimeoutStopSec"]) > 15  # handlers drain 10 s, the supervisor kills them after 15 s

@@ -72,6 +72,8 @@ def _fresh_user_env(home: Path) -> dict[str, str]:
     env["PATH"] = "/usr/bin:/bin:/usr/sbin:/sbin"
     env["HOME"] = str(home)
     env["PIP_CACHE_DIR"] = os.environ.get("PIP_CACHE_DIR", str(Path.home() / ".cache" / "pip"))  # offline-friendly
+    # Hermetic: where the RPM made the service user, root would drop to it, who cannot read tmp_path.
+    env["IPFIX_BALANCER_USER"] = ""
     return env
 
 

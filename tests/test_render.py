@@ -3,7 +3,9 @@ ipfix_balancer/skel/, click's commands), and the hash-pinned lock files every in
 from __future__ import annotations
 
 import configparser
+import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -48,8 +50,24 @@ def test_unit_paths_are_the_products_defaults():
     text = render.unit()
     assert f"Environment=IPFIX_BALANCER_CONFIG={config.DEFAULT_CONFIG_PATH}\n" in text
     assert "ExecStart=/usr/bin/ipfix-balancer run\n" in text
-    assert f"ReadWritePaths=-{config.DUMP_ROOT} /run/fast_ipfix_balancer\n" in text
+    # the console's Apply and token need the .env's directory (README "Console")
+    assert (f"ReadWritePaths=-{config.DUMP_ROOT} -{os.path.dirname(config.DEFAULT_CONFIG_PATH)} "
+            "/run/fast_ipfix_balancer\n") in text
     assert "{{" not in text and "{%" not in text
+
+
+def test_env_man_page_has_an_entry_for_every_key():
+    from ipfix_balancer import config
+    text = render.envman(date="2026-01-01")
+    assert '.TH IPFIX\\-BALANCER.ENV 5 "2026-01-01" "fast_ipfix_balancer ' in text
+    entries = [line for i, line in enumerate(text.splitlines()) if text.splitlines()[i - 1] == ".TP"]
+    for param in config.receiver_params():   # (BALANCER_TASKSET's entry adds "(alias TASKSET)")
+        assert any(e.startswith(f"\\fBIPFIX_<STREAM>_{param}[i]\\fR") for e in entries), param
+    for key in [*config._GLOBALS, *config._CONSOLE_KEYS]:
+        assert f"\\fB{key}\\fR" in entries, key
+    if shutil.which("groff"):
+        done = subprocess.run(["groff", "-man", "-Tutf8", "-ww"], input=text, capture_output=True, text=True)
+        assert done.returncode == 0 and done.stderr == "", done.stderr
 
 
 def test_man_page_documents_every_visible_command():

@@ -1,9 +1,12 @@
 """The web console's pages (Starlette, server-rendered jinja2; a little JavaScript only refreshes tables).
 
-Everything but the login page and the static assets needs a session. A session is created on the first
-visit (so the login form has a CSRF token too) and replaced by a fresh one at login; it lives in this
-process's memory only, so a restarted console asks for the token again. Blocking work (reading status
-with psutil, waiting for a reload's outcome) runs in the thread pool, never on the event loop.
+Everything but the login page and the static assets needs a session. A session is created only by a
+successful login (the login form's CSRF token is signed, not stored: anonymous visitors cost no memory and
+cannot push the operator's session out of the table); it lives in this process's memory only, so a
+restarted console asks for the token again. Failed logins are throttled per address and in all
+(``core.admission.FailureThrottle``). A request body is refused past MAX_BODY before anything parses it
+(``BodyLimit``). Blocking work (reading status with psutil, waiting for a reload's outcome) runs in the
+thread pool, never on the event loop.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from collections import OrderedDict
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import RedirectResponse, Response
 from starlette.routing import Mount, Route
@@ -28,6 +33,8 @@ from .. import config as config_mod
 from ..control import reload as reload_mod
 from ..control import rundir
 from ..control import status as status_mod
+from ..core.admission import FailureThrottle
+from ..logs import Throttle
 from . import envfile, fields, logsource
 
 HERE = os.path.dirname(__file__)
@@ -35,6 +42,9 @@ COOKIE = "ipfix_console"
 SESSION_IDLE = 8 * 3600.0  # seconds without a request before a session ends
 MAX_SESSIONS = 64  # the oldest is dropped beyond: memory stays bounded whatever a client does
 WRONG_TOKEN_DELAY = 1.0  # seconds before answering a wrong token: guessing stays slow
+LOGIN_FORM_SECONDS = 3600.0  # a login form's signed CSRF token is good for this long
+MAX_BODY = 256 * 1024  # bytes of a request body: a receiver form is a few KB
+MAX_INDEX_DIGITS = 6  # a receiver index in a URL or a form: longer is no receiver (int() of 5,000 digits fails)
 LOG_LINES = 500  # shown
 LOG_SCAN = 5000  # read from the journal, before filtering
 LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -58,7 +68,10 @@ class ConsoleState:
     def __init__(self, settings: config_mod.Console, config_path: str, run_dir: str, token: str, log):
         self.settings, self.config_path, self.run_dir, self.token, self.log = \
             settings, config_path, run_dir, token, log
-        self.sessions: OrderedDict[str, Session] = OrderedDict()
+        self.sessions: OrderedDict[str, Session] = OrderedDict()  # logged-in sessions only
+        self.login_key = secrets.token_bytes(32)  # signs the login form's CSRF token
+        self.failures = FailureThrottle()
+        self.throttle = Throttle(log)  # failed and refused logins: one line per address per minute
         self.samples: dict[str, tuple[float, int]] = {}  # handler name -> (time, msgs_in) of the last look
         self.templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))  # autoescapes .html
 
@@ -73,12 +86,24 @@ class ConsoleState:
         self.sessions.move_to_end(sid)
         return sid, found
 
-    def new_session(self, authenticated: bool) -> tuple[str, Session]:
+    def new_session(self) -> tuple[str, Session]:
+        """A logged-in session (the only kind that is kept)."""
         sid = secrets.token_urlsafe(32)
-        self.sessions[sid] = found = Session(csrf=secrets.token_urlsafe(32), authenticated=authenticated)
+        self.sessions[sid] = found = Session(csrf=secrets.token_urlsafe(32), authenticated=True)
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
         return sid, found
+
+    def login_csrf(self, now: float) -> str:
+        """A login form's CSRF token: its time, signed; nothing is stored for it."""
+        stamp = str(int(now))
+        return f"{stamp}.{hmac.new(self.login_key, stamp.encode(), 'sha256').hexdigest()}"
+
+    def login_csrf_valid(self, token: str, now: float) -> bool:
+        stamp, _, mac = token.partition(".")
+        good = hmac.new(self.login_key, stamp.encode(), "sha256").hexdigest()
+        return (hmac.compare_digest(mac, good) and stamp.isdigit() and len(stamp) <= 12
+                and 0 <= now - int(stamp) <= LOGIN_FORM_SECONDS)
 
     def set_cookie(self, response: Response, sid: str) -> Response:
         response.set_cookie(COOKIE, sid, httponly=True, samesite="strict", secure=bool(self.settings.tls_cert),
@@ -93,7 +118,7 @@ class ConsoleState:
     # -- data ------------------------------------------------------------------------------------
     def receiver_rows(self, text: str, report: status_mod.StatusReport) -> list[dict]:
         """One row per receiver of the file (its effective settings when the file is valid, else as
-        written), joined with its handler's live state."""
+        written), joined with its handler's live state. Called in a worker thread (see _check)."""
         try:
             effective = {(rc.stream, rc.index): rc for rc in config_mod.load_text(text, self.config_path).receivers}
         except config_mod.ConfigError:
@@ -150,31 +175,41 @@ def _guarded(handler, method: str):
 
 
 # -- login -------------------------------------------------------------------------------------------
+def _login_form(console: ConsoleState, request: Request, status_code: int = 200, error: str = "") -> Response:
+    """The login page, with a fresh signed CSRF token (no session: one is made only by a login)."""
+    form = Session(csrf=console.login_csrf(time.time()))
+    return console.render(request, "login.html", form, status_code=status_code, error=error,
+                          token_file=console.settings.token_file)
+
+
 async def login_page(request: Request) -> Response:
     console: ConsoleState = request.app.state.console
     found = console.session(request)
     if found is not None and found[1].authenticated:
         return RedirectResponse("/receivers", status_code=303)
-    sid, session = found or console.new_session(authenticated=False)
-    return console.set_cookie(console.render(request, "login.html", session,
-                                             token_file=console.settings.token_file), sid)
+    return _login_form(console, request)
 
 
 async def login(request: Request) -> Response:
     console: ConsoleState = request.app.state.console
-    found = console.session(request)
+    client = request.client.host if request.client else ""
+    now = time.monotonic()
+    if console.failures.blocked(client, now):  # refused unheard: the token is not even compared
+        console.throttle.warning("console_login_throttled", client, client=client,
+                                 action="refused for up to a minute")
+        return _login_form(console, request, 429, "Too many wrong tokens: try again in a minute.")
     form = await request.form()
-    if found is None or not hmac.compare_digest(str(form.get("csrf", "")), found[1].csrf):
+    if not console.login_csrf_valid(str(form.get("csrf", "")), time.time()):
         return RedirectResponse("/login", status_code=303)  # stale form: a fresh one with a fresh token
     given = str(form.get("token", "")).strip()
     if not hmac.compare_digest(given.encode(), console.token.encode()):
-        console.log.warning("console_login_failed", client=request.client.host if request.client else "")
+        console.failures.failed(client, now)
+        console.throttle.warning("console_login_failed", client, client=client)
         await asyncio.sleep(WRONG_TOKEN_DELAY)
-        return console.render(request, "login.html", found[1], status_code=401, error="Wrong token.",
-                              token_file=console.settings.token_file)
-    console.sessions.pop(found[0], None)  # a new session id at login: a planted cookie gains nothing
-    sid, _session = console.new_session(authenticated=True)
-    console.log.info("console_login", client=request.client.host if request.client else "")
+        return _login_form(console, request, 401, "Wrong token.")
+    console.sessions.pop(request.cookies.get(COOKIE, ""), None)  # a new session id: a planted cookie gains nothing
+    sid, _session = console.new_session()
+    console.log.info("console_login", client=client)
     return console.set_cookie(RedirectResponse("/receivers", status_code=303), sid)
 
 
@@ -188,7 +223,7 @@ async def _table(console: ConsoleState) -> dict:
     """The receiver table's rows, and the digest of the file they come from (for Delete)."""
     text = envfile.read(console.config_path)
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
-    return {"rows": console.receiver_rows(text, report), "digest": envfile.digest(text)}
+    return {"rows": await run_in_threadpool(console.receiver_rows, text, report), "digest": envfile.digest(text)}
 
 
 async def receivers(console: ConsoleState, request: Request, session: Session, message: list[str] | None = None,
@@ -239,7 +274,7 @@ async def apply_receiver(console: ConsoleState, request: Request, session: Sessi
     original_stream = str(form.get("original_stream", stream))
     if stream not in envfile.TITLES or original_stream not in envfile.TITLES:
         return Response("unknown receiver type", status_code=400, headers=SECURITY_HEADERS)
-    index = int(original) if str(original).isdigit() else None
+    index = int(original) if str(original).isdigit() and len(str(original)) <= MAX_INDEX_DIGITS else None
     written = env.receivers().get((original_stream, index)) if index is not None else None
     values = fields.submitted(form, written if original_stream == stream else None)
     shown = {f.param: str(form.get(f.param, "")) for f in fields.FIELDS}
@@ -262,7 +297,7 @@ async def apply_receiver(console: ConsoleState, request: Request, session: Sessi
     env.set_receiver(stream, index, values)
     new_text = env.text()
     try:
-        config_mod.load_text(new_text, console.config_path)
+        await _check(console, new_text)
     except config_mod.ConfigError as err:
         by_field, rest = fields.field_problems(err.problems, stream, index)
         return again(422, errors=by_field, problems=rest)
@@ -278,10 +313,16 @@ async def delete_receiver(console: ConsoleState, request: Request, session: Sess
     env = envfile.EnvFile(text)
     env.delete_receiver(stream, index)
     try:
-        config_mod.load_text(env.text(), console.config_path)
+        await _check(console, env.text())
     except config_mod.ConfigError as err:
         return await receivers(console, request, session, problems=err.problems)
     return await _write_and_reload(console, request, session, text, env.text())
+
+
+async def _check(console: ConsoleState, text: str) -> None:
+    """check-config's checker, off the event loop: it asks netlink (pyroute2) for this host's addresses,
+    which refuses to run inside a running asyncio loop. Raises ConfigError."""
+    await run_in_threadpool(config_mod.load_text, text, console.config_path)
 
 
 async def _write_and_reload(console: ConsoleState, request: Request, session: Session, old: str, new: str) -> Response:
@@ -293,7 +334,13 @@ async def _write_and_reload(console: ConsoleState, request: Request, session: Se
     except (reload_mod.NotRunning, TimeoutError) as exc:
         return await receivers(console, request, session, problems=[f"written, but not applied: {exc}"])
     if outcome.result == reload_mod.REFUSED:
-        return await receivers(console, request, session, problems=outcome.lines())
+        # (a new port another process holds): the file goes back to what runs, so the table, the next
+        # restart and the file on disk all tell the same story
+        if new != old:
+            envfile.write_atomic(console.config_path, old, new)
+            console.log.warning("console_config_restored", config=console.config_path)
+        return await receivers(console, request, session, problems=outcome.lines() + (
+            [f"{console.config_path} was restored to the running configuration"] if new != old else []))
     return await receivers(console, request, session, message=outcome.lines())
 
 
@@ -317,6 +364,66 @@ async def home(console: ConsoleState, request: Request, session: Session) -> Res
     return RedirectResponse("/receivers", status_code=303)
 
 
+class _IndexConvertor(Convertor):
+    """A receiver index in a path: at most MAX_INDEX_DIGITS digits (more is a 404, not int()'s ValueError)."""
+    regex = f"[0-9]{{1,{MAX_INDEX_DIGITS}}}"
+
+    def convert(self, value: str) -> int:
+        return int(value)
+
+    def to_string(self, value: int) -> str:
+        return str(value)
+
+
+register_url_convertor("index", _IndexConvertor())
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyLimit:
+    """ASGI middleware: a body longer than MAX_BODY is answered 413 before any of it is parsed, by its
+    Content-Length or, streamed without one, as soon as the bytes received pass it. Memory per request
+    stays bounded whatever a client sends, before and after login."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or len(length) > 12 or int(length) > MAX_BODY:
+            return await _too_large(send)
+        seen, started = 0, False
+
+        async def limited():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > MAX_BODY:
+                raise _TooLarge
+            return message
+
+        async def watched(message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited, watched)
+        except _TooLarge:
+            if not started:
+                await _too_large(send)
+
+
+async def _too_large(send) -> None:
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"text/plain; charset=utf-8"), (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": f"request body over {MAX_BODY} bytes\n".encode()})
+
+
 def make_app(console: ConsoleState) -> Starlette:
     def get(path, handler):
         return Route(path, _guarded(handler, "GET"), methods=["GET"])
@@ -332,12 +439,12 @@ def make_app(console: ConsoleState) -> Starlette:
         get("/receivers", receivers),
         get("/receivers/table", receivers_table),
         get("/receivers/new", new_receiver),
-        get("/receivers/{stream}/{index:int}/edit", edit_receiver),
+        get("/receivers/{stream}/{index:index}/edit", edit_receiver),
         post("/receivers/apply", apply_receiver),
-        post("/receivers/{stream}/{index:int}/delete", delete_receiver),
+        post("/receivers/{stream}/{index:index}/delete", delete_receiver),
         get("/logs", logs_page),
         get("/status", status_page),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
-    ])
+    ], middleware=[Middleware(BodyLimit)])
     app.state.console = console
     return app

@@ -7,6 +7,7 @@ import secrets
 import socket
 
 from .. import config as config_mod
+from ..control.signals import CONSOLE_NAME, set_process_name
 
 
 def ensure_token(path: str) -> str:
@@ -29,6 +30,7 @@ def main(settings_json: str, config_path: str, run_dir: str, log) -> int:
     import uvicorn
 
     from .app import ConsoleState, make_app
+    set_process_name(CONSOLE_NAME)  # `ps -o comm`: found with `grep ipfix` like the handlers
     settings = config_mod.Console.from_json(settings_json)
     try:
         token = ensure_token(settings.token_file)

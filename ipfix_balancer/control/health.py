@@ -14,11 +14,12 @@ import dataclasses
 import os
 import time
 
+from ..core import liveness
 from . import rundir
 from .metrics import DROPPED, DROPPED_RECORDS, HandlerView, Sample, Snapshot, counter_samples
+from .status import load_handler_document
 
 KILLED = (("subreceiver", "handler"), ("reason", "handler_killed"))
-from .status import read_handler_document
 
 
 @dataclasses.dataclass
@@ -88,26 +89,36 @@ class Watch:
         self.run_dir = run_dir
         self.hang_seconds = hang_seconds
         self.carry = CounterCarry()
-        self.snapshot = Snapshot(time.time(), hang_seconds)
+        self.snapshot = Snapshot(time.monotonic(), time.time(), hang_seconds)
+        self.unreadable: dict[str, str] = {}  # handler name -> why its document could not be read this turn
 
     def turn(self, children, now: float) -> list[tuple[object, float]]:
         """Look at each child (the supervisor's ``Child``: rc, pid, started, restarts; ``now`` on the same
         monotonic clock as ``started``). Returns the running ones without a heartbeat for more than
-        hang_seconds, with the seconds of silence."""
-        wall = time.time()
-        views, hung = [], []
+        hang_seconds, with the seconds of silence (``core.liveness``). A document that could not be read
+        is no evidence either way: its handler keeps the view of the last turn and is named in
+        ``unreadable``."""
+        wall, previous = time.time(), {h.name: h for h in self.snapshot.handlers}
+        views, hung, self.unreadable = [], [], {}
         for child in children:
             rc, doc = child.rc, None
             if child.pid is not None:
-                doc = read_handler_document(rundir.handler_status_path(self.run_dir, rc.stream, rc.index))
-                doc = doc if doc is not None and doc.pid == child.pid else None
-                silent = wall - doc.time if doc is not None else now - child.started
-                if silent > self.hang_seconds:
+                try:
+                    doc = load_handler_document(rundir.handler_status_path(self.run_dir, rc.stream, rc.index))
+                    doc = doc if doc is not None and doc.pid == child.pid else None
+                    beat = None if doc is None else now - doc.age(now, wall)  # its heartbeat, on our clock
+                except OSError as exc:
+                    self.unreadable[rc.name] = str(exc)
+                    last = previous.get(rc.name)
+                    doc = last.doc if last is not None and last.doc is not None and last.doc.pid == child.pid else None
+                    beat = liveness.UNREADABLE
+                silent = liveness.hung(now, child.started, beat, self.hang_seconds)
+                if silent is not None:
                     hung.append((child, silent))
             counters = (self.carry.see(rc.name, doc.pid, counter_samples(doc)) if doc is not None
                         else self.carry.totals(rc.name))
             views.append(HandlerView(rc.name, rc.stream, rc.index, doc, child.restarts, counters))
-        self.snapshot = Snapshot(wall, self.hang_seconds, tuple(views))
+        self.snapshot = Snapshot(now, wall, self.hang_seconds, tuple(views))
         return hung
 
     def killed(self, name: str) -> tuple[int, int]:
@@ -128,7 +139,7 @@ class Watch:
     def summary(self) -> str:
         """One line for systemd's STATUS=."""
         views = self.snapshot.handlers
-        fresh = sum(1 for h in views if h.fresh(self.snapshot.taken))
+        fresh = sum(1 for h in views if h.fresh(self.snapshot))
         msgs = sum(h.doc.msgs_in for h in views if h.doc is not None)
         drops = sum(h.doc.drops for h in views if h.doc is not None)
         waiting = self.not_listening()

@@ -6,11 +6,16 @@ reads no file, takes no lock the supervisor waits for and never reaches a handle
 supervisor nor the traffic can be held up by it. Counters are the handlers' counters plus what earlier
 processes of the same handler had counted (``health.CounterCarry``), so they never go backwards across a
 handler restart or a restart in place.
+
+Anyone who can reach the port (every local user, on loopback) can connect: the server serves at most
+MAX_CONNECTIONS at once, each with a bounded request and deadline, so connections held open can cost the
+supervisor neither its descriptors nor its threads.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -111,32 +116,36 @@ class HandlerView:
     restarts: int
     counters: dict[Sample, float]  # carried over earlier processes of this handler
 
-    def fresh(self, now: float) -> bool:
-        return self.doc is not None and not is_stale(self.doc, now)
+    def fresh(self, taken: Snapshot) -> bool:
+        return self.doc is not None and not is_stale(self.doc, taken.mono, taken.wall)
 
 
 @dataclasses.dataclass(frozen=True)
 class Snapshot:
-    """What the supervisor's loop saw at ``taken`` (wall clock). Freshness is judged at that moment, so a
-    supervisor busy for a few seconds (waiting for a replaced handler to drain) does not make every handler
-    look stale; the supervisor itself is unhealthy when it has not looked for ``max_age`` seconds."""
-    taken: float
+    """What the supervisor's loop saw at ``mono`` (its monotonic clock; ``wall``: the wall clock at the same
+    moment, for documents of older handlers). Freshness is judged at that moment, so a supervisor busy for a
+    few seconds (waiting for a replaced handler to drain) does not make every handler look stale; the
+    supervisor itself is unhealthy when it has not looked for ``max_age`` seconds."""
+    mono: float
+    wall: float
     max_age: float
     handlers: tuple[HandlerView, ...] = ()
 
 
 def health(snapshot: Snapshot, now: float) -> tuple[bool, str]:
-    """(the supervisor turns and every handler runs with a fresh status, one line per handler)."""
-    at = snapshot.taken
+    """(the supervisor turns and every handler runs with a fresh status, one line per handler); ``now`` on
+    the monotonic clock."""
     lines = []
     for h in snapshot.handlers:
         if h.doc is None:
             lines.append(f"{h.name} not running")
-        elif not h.fresh(at):
-            lines.append(f"{h.name} pid {h.doc.pid} STALE: no status for {at - h.doc.time:.0f}s")
+        elif not h.fresh(snapshot):
+            lines.append(f"{h.name} pid {h.doc.pid} STALE: no status for "
+                         f"{h.doc.age(snapshot.mono, snapshot.wall):.0f}s")
         else:
             lines.append(f"{h.name} pid {h.doc.pid} ok")
-    ok = all(h.fresh(at) for h in snapshot.handlers)
+    ok = all(h.fresh(snapshot) for h in snapshot.handlers)
+    at = snapshot.mono
     if now - at > snapshot.max_age:
         ok = False
         lines.append(f"supervisor: has not looked at the handlers for {now - at:.0f}s")
@@ -162,16 +171,85 @@ class _Collector:
             for (name, labels), value in h.counters.items():
                 families[name].add_metric(base + [v for _, v in labels], value)
             families[RESTARTS].add_metric(base, h.restarts)
-            families["ipfix_balancer_handler_up"].add_metric(base, 1 if h.fresh(snapshot.taken) else 0)
+            families["ipfix_balancer_handler_up"].add_metric(base, 1 if h.fresh(snapshot) else 0)
             if h.doc is not None:
                 for name, labels, value in gauge_samples(h.doc):
                     families[name].add_metric(base + [v for _, v in labels], value)
         yield from families.values()
 
 
+MAX_CONNECTIONS = 16  # served at once; more are closed at accept (a scraper needs one)
+REQUEST_SECONDS = 5.0  # to send a whole request; also the timeout of each read and write
+MAX_REQUEST = 8192  # bytes of request line and headers (a scrape sends a few hundred)
+
+
+class _Bounded:
+    """The request stream of one connection: at most MAX_REQUEST bytes, within REQUEST_SECONDS in all. Past
+    either it reads as end-of-file, which ``http.server`` answers with 400 or a close: a connection that
+    trickles or never finishes its request cannot hold a thread and a descriptor for long."""
+
+    def __init__(self, raw, deadline: float):
+        self.raw, self.left, self.deadline = raw, MAX_REQUEST, deadline
+
+    def _take(self, read, size: int | None) -> bytes:
+        n = 0 if time.monotonic() > self.deadline else self.left if size is None or size < 0 else min(size, self.left)
+        data = read(n) if n else b""
+        self.left -= len(data)
+        return data
+
+    def readline(self, size: int = -1) -> bytes:
+        return self._take(self.raw.readline, size)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._take(self.raw.read, size)
+
+    def close(self) -> None:
+        self.raw.close()
+
+
 class _QuietHandler(WSGIRequestHandler):
+    timeout = REQUEST_SECONDS  # socket timeout of every read and write: an idle connection is closed
+
+    def setup(self) -> None:
+        super().setup()
+        self.rfile = _Bounded(self.rfile, time.monotonic() + REQUEST_SECONDS)
+
     def log_message(self, *args) -> None:  # scrapes every 15 s would flood the journal
         pass
+
+
+class _CappedServer(ThreadingWSGIServer):
+    """At most MAX_CONNECTIONS connections served at once (each a thread and a descriptor of the
+    supervisor); one over the cap is closed at once. An accept that fails (descriptors exhausted) waits a
+    little instead of spinning on the listening socket."""
+
+    def __init__(self, *args, **kwargs):
+        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        super().__init__(*args, **kwargs)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                time.sleep(0.1)
+            raise
+
+    def process_request(self, request, client_address) -> None:
+        if not self.slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:  # no thread to give the slot back
+            self.slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.slots.release()
 
 
 class MetricsServer:
@@ -185,7 +263,7 @@ class MetricsServer:
         def app(environ, start_response):
             path = environ.get("PATH_INFO", "")
             if path == "/healthz":
-                ok, text = health(snapshot(), time.time())
+                ok, text = health(snapshot(), time.monotonic())
                 start_response("200 OK" if ok else "503 Service Unavailable",
                                [("Content-Type", "text/plain; charset=utf-8")])
                 return [text.encode()]
@@ -194,7 +272,7 @@ class MetricsServer:
             start_response("404 Not Found", [("Content-Type", "text/plain; charset=utf-8")])
             return [b"GET /metrics or /healthz\n"]
 
-        server_class = type("MetricsHTTPServer", (ThreadingWSGIServer,), {"address_family": family})
+        server_class = type("MetricsHTTPServer", (_CappedServer,), {"address_family": family})
         self.httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
         self.thread.start()

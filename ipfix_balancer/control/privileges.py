@@ -10,6 +10,8 @@ from __future__ import annotations
 import ctypes
 import os
 import pwd
+import resource
+import sys
 
 SERVICE_USER = "ipfix-balancer"  # created by the RPM; $IPFIX_BALANCER_USER overrides, empty: never drop
 CAP_NET_BIND_SERVICE = 10
@@ -46,7 +48,7 @@ def drop(user: pwd.struct_passwd, caps: tuple[str, ...], own: list[str]) -> None
     for path in own:
         if not os.path.lexists(path):
             os.makedirs(path, 0o750)
-            os.chown(path, user.pw_uid, user.pw_gid)
+            os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
     numbers = [n for n, name in _CAP_NAMES.items() if name in caps]
     _check(_libc.prctl(_PR_SET_KEEPCAPS, 1, 0, 0, 0), "PR_SET_KEEPCAPS")
     os.setgroups([])
@@ -60,6 +62,32 @@ def drop(user: pwd.struct_passwd, caps: tuple[str, ...], own: list[str]) -> None
         _check(_libc.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_RAISE, n, 0, 0), "PR_CAP_AMBIENT_RAISE")
 
 
+def out_of_reach(config_path: str, run_dir: str) -> str | None:
+    """After ``drop``: what the service user cannot reach of what the balancer needs (the interpreter the
+    handlers are started with, the package, the .env, the run dir), as "may not ... PATH"; None when all is
+    in reach. A virtualenv under /root, or a checkout in a private home, is the usual case."""
+    package = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for path, mode, what in ((sys.executable, os.X_OK, "run the interpreter"),
+                             (package, os.R_OK | os.X_OK, "read the package"),
+                             (config_path, os.R_OK, "read the configuration"),
+                             (run_dir, os.W_OK | os.X_OK, "write the run directory")):
+        if not os.access(path, mode):
+            return f"may not {what} {path}"
+    return None
+
+
 def _check(result: int, what: str) -> None:
     if result != 0:
         raise OSError(ctypes.get_errno(), f"{what} failed")
+
+
+def raise_fd_limit() -> None:
+    """Use all the descriptors we may (the soft limit is often 1024 or 256 while the hard one is far
+    higher): a handler needs one per exporter session and subreceiver, and the supervisor must not run out
+    while someone holds connections to its metrics port."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError):  # e.g. a hard limit above fs.nr_open: keep the soft one
+            pass

@@ -61,10 +61,19 @@ class NotRunning(Exception):
     """No supervisor runs with this run directory."""
 
 
-def running_config(run_dir: str) -> str:
+def _supervisor(run_dir: str, main_pid: int | None) -> int | None:
+    """The running supervisor's pid. ``main_pid``: systemd's $MAINPID for ExecReload, which runs in a user
+    namespace of its own (PrivateUsers=) where ProtectProc=invisible hides the supervisor's /proc entry,
+    so its name cannot be read; the lock in /proc/locks still proves it."""
+    if main_pid is not None:
+        return main_pid if rundir.lock_holder(run_dir) == main_pid else None
+    return supervisor_pid(run_dir)
+
+
+def running_config(run_dir: str, main_pid: int | None = None) -> str:
     """The .env the running supervisor reads: what a reload applies, whatever the requester's default."""
     sup = read_supervisor_status(run_dir)
-    pid = supervisor_pid(run_dir)
+    pid = _supervisor(run_dir, main_pid)
     if pid is None or sup is None:
         raise NotRunning(f"supervisor is not running (run dir {run_dir})")
     if os.path.isabs(sup.config):
@@ -75,19 +84,19 @@ def running_config(run_dir: str) -> str:
         return sup.config
 
 
-def request(run_dir: str, timeout: float = 60.0) -> Outcome:
+def request(run_dir: str, timeout: float = 60.0, main_pid: int | None = None) -> Outcome:
     """Validate the running supervisor's file, SIGHUP it and return its outcome.
 
     A file that does not validate is refused here, without a signal. Raises NotRunning, or TimeoutError
     when no outcome arrives in time (a reload that stops handlers may take DRAIN_TIMEOUT + 5 s)."""
-    path = running_config(run_dir)
+    path = running_config(run_dir, main_pid)
     try:
         load(path)
     except ConfigError as err:
         return Outcome(generation=-1, result=REFUSED, config=path, problems=err.problems)
     before = read_outcome(run_dir)
     generation = -1 if before is None else before.generation
-    pid = supervisor_pid(run_dir)
+    pid = _supervisor(run_dir, main_pid)
     if pid is None:
         raise NotRunning(f"supervisor is not running (run dir {run_dir})")
     os.kill(pid, signal.SIGHUP)

@@ -165,10 +165,24 @@ def write_json(path: str, doc: dict) -> None:
     write_atomic(path, json.dumps(doc))
 
 
-def read_json(path: str) -> dict | None:
-    """The document at path, or None when it is missing or unreadable."""
+def load_json(path: str) -> dict | None:
+    """The document at path, or None when it is missing or not JSON. Any other failure to read it (EMFILE,
+    EACCES, ELOOP: a symlink) raises OSError: "could not look" must never pass for "nothing there"."""
     try:
-        with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)) as f:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with open(fd) as f:
+        try:
             return json.load(f)
-    except (OSError, ValueError):
+        except ValueError:
+            return None
+
+
+def read_json(path: str) -> dict | None:
+    """The document at path, or None when it is missing or unreadable (for readers to whom both mean
+    "nothing to show")."""
+    try:
+        return load_json(path)
+    except OSError:
         return None

@@ -13,7 +13,10 @@ import signal
 import socket
 from collections.abc import Iterable
 
+_PR_SET_PDEATHSIG, _PR_SET_NAME = 1, 15
+_libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a forked child where loading is unsafe
 SUPERVISOR_NAME = "ipfix-balancer"  # the supervisor's process name; handlers check it before signalling
+CONSOLE_NAME = "ipfix-console"
 ROTATED = signal.SIGUSR1            # recorder -> supervisor: the Fullflow recorder rotated
 
 
@@ -41,12 +44,10 @@ class Wakeup:
 
 
 def set_process_name(name: str) -> None:
-    """What ``ps -o comm`` shows (the kernel keeps 15 characters)."""
-    try:
-        with open("/proc/self/comm", "w") as f:
-            f.write(name[:15])
-    except OSError:
-        pass
+    """What ``ps -o comm`` shows (the kernel keeps 15 characters). prctl, not a write to /proc/self/comm:
+    after the drop from root to the service user the process is not dumpable, its /proc files belong to
+    root, and the write fails; status, stop and reload find the supervisor by this name."""
+    _libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
 
 
 def notify_supervisor() -> None:
@@ -63,8 +64,6 @@ def notify_supervisor() -> None:
         pass
 
 
-_PR_SET_PDEATHSIG = 1
-_libc = ctypes.CDLL(None, use_errno=True)  # loaded here, not in a forked child where loading is unsafe
 
 
 def die_with_parent(parent_pid: int, sig: int = signal.SIGTERM) -> None:

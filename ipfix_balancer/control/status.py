@@ -15,6 +15,7 @@ from typing import Any
 
 import psutil
 
+from ..core import liveness
 from . import rundir
 from .signals import SUPERVISOR_NAME
 
@@ -140,6 +141,12 @@ class HandlerStatus:
     draining_bytes: int = 0  # what those still hold
     queued_msgs: int = 0  # messages every output holds, queued or not yet acknowledged: lost if the process dies
     queued_records: int = 0  # the data records in them
+    beat: float | None = None  # time.monotonic() at writing: the heartbeat (core/liveness.py); None: older handler
+
+    def age(self, mono: float, wall: float) -> float:
+        """Seconds since the document was written, on the monotonic clock (no wall-clock step moves it);
+        by the wall clock only for a document of a handler from before ``beat``."""
+        return wall - self.time if self.beat is None else mono - self.beat
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -156,7 +163,6 @@ class HandlerStatus:
 
 
 RATES = ("msgs_in", "bytes_in", "msgs_out", "bytes_out")
-STALE_PERIODS = 3  # a document older than this many of its periods: the handler is not turning
 
 
 class PeriodRates:
@@ -225,7 +231,7 @@ def supervisor_pid(run_dir: str) -> int | None:
 @dataclasses.dataclass
 class HandlerReport:
     """A handler's own document plus what ``status`` observes of its process (None: could not tell).
-    ``stale``: the document is older than STALE_PERIODS of its periods (a hung or stopped handler)."""
+    ``stale``: the document is older than liveness.STALE_PERIODS of its periods (a hung or stopped handler)."""
     doc: HandlerStatus
     alive: bool
     uptime: float
@@ -272,11 +278,20 @@ def collect(run_dir: str) -> StatusReport:
                         run_dir=run_dir, handlers=handlers)
 
 
-def read_handler_document(path: str) -> HandlerStatus | None:
-    """The handler document at path; None when missing, empty or not a handler document."""
+def load_handler_document(path: str) -> HandlerStatus | None:
+    """The handler document at path; None when missing, empty or not a handler document; OSError when it
+    could not be read (``rundir.load_json``)."""
     try:
-        return HandlerStatus.from_dict(rundir.read_json(path) or {})
+        return HandlerStatus.from_dict(rundir.load_json(path) or {})
     except (TypeError, KeyError, AttributeError):
+        return None
+
+
+def read_handler_document(path: str) -> HandlerStatus | None:
+    """The handler document at path; None when it is not there or could not be read."""
+    try:
+        return load_handler_document(path)
+    except OSError:
         return None
 
 
@@ -285,13 +300,13 @@ def read_handler_documents(run_dir: str) -> list[HandlerStatus]:
     return [doc for path in rundir.handler_status_paths(run_dir) if (doc := read_handler_document(path)) is not None]
 
 
-def is_stale(doc: HandlerStatus, now: float) -> bool:
-    return now - doc.time > STALE_PERIODS * doc.period
+def is_stale(doc: HandlerStatus, mono: float, wall: float) -> bool:
+    return liveness.stale(doc.age(mono, wall), doc.period)
 
 
 def _observe(doc: HandlerStatus) -> HandlerReport:
     now = time.time()
-    report = HandlerReport(doc, alive=False, uptime=now - doc.started, stale=is_stale(doc, now))
+    report = HandlerReport(doc, alive=False, uptime=now - doc.started, stale=is_stale(doc, time.monotonic(), now))
     try:
         proc = psutil.Process(doc.pid)
         with proc.oneshot():
@@ -351,7 +366,7 @@ def render(report: StatusReport) -> str:
         d = h.doc
         state = "" if h.alive else "  (not running)"
         if h.alive and h.stale:
-            state = f"  STALE: no status for {time.time() - d.time:.0f}s"
+            state = f"  STALE: no status for {d.age(time.monotonic(), time.time()):.0f}s"
         psr = "-" if h.psr is None else h.psr
         rate = {k: d.rates.get(k, 0.0) for k in RATES}
         lines.append(

@@ -325,10 +325,21 @@ def _count_variable(msg, pos: int, end: int, layout) -> tuple[int, bool]:
     return n, False
 
 
+class TemplatePool:
+    """Template bytes of every session of a handler together, against one ``limit``: TEMPLATE_BYTES_MAX
+    bounds a session, this bounds their sum (1,000 sessions at 1 MiB each would be 1 GiB)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.used = 0
+
+
 class TemplateTracker:
     """Templates of one exporter session (one TCP connection, or one UDP exporter address+port)."""
 
-    __slots__ = ("snapshot", "unknown_template", "limits", "_store", "_layouts")
+    __slots__ = ("snapshot", "unknown_template", "limits", "pool", "_pooled", "_store", "_layouts")
 
     def __init__(self, limits: TemplateLimits | None = None) -> None:
         self.snapshot: Snapshot = EMPTY
@@ -337,6 +348,8 @@ class TemplateTracker:
         self._store: _Store | None = None
         # odid -> template id -> layout (see _layout); only templates whose data can be counted
         self._layouts: dict[int, dict[int, object]] = {}
+        self.pool: TemplatePool | None = None  # the handler's, once it has one for this session
+        self._pooled = 0  # bytes charged to the pool (not a predecessor's templates, learnt before it)
 
     def inspect(self, msg: memoryview) -> tuple[int, int, object]:
         """-> (odid, data_record_count, tmpl) for one whole message (header already validated by framing).
@@ -345,8 +358,9 @@ class TemplateTracker:
         template/options template sets; otherwise a new bytes IPFIX message with the same header (length
         adjusted) holding only its template and options template sets, in order. Template sets update the
         tracker. A data set with an unknown template counts in ``unknown_template`` and contributes 0 records
-        (forwarded: the template may have been sent before the balancer saw the session). Sets 4..255 are
-        skipped. Raises MalformedSet or TemplateLimit, and then changes nothing.
+        (forwarded: the template may have been sent before the balancer saw the session). A set with a reserved
+        id (0, 1, 4..255) makes the message malformed. Raises MalformedSet or TemplateLimit, and then changes
+        nothing.
         """
         end = len(msg)
         if end < _FIRST_SET_END:  # no room for a set header: nothing to walk
@@ -388,7 +402,8 @@ class TemplateTracker:
                     pending = _Pending(self._store, odid)
                 tsets.append((pos, nxt))
                 _template_set(msg, pos + 4, nxt, set_id, pending)
-            # set ids 4..255 are reserved: skipped
+            else:  # no collector can read it, and it is not ours to forward
+                raise MalformedSet("reserved_set_id", f"set id {set_id} at offset {pos} is reserved (0, 1, 4..255)")
             pos = nxt
             if pos + 4 > end:
                 if pos != end:
@@ -406,6 +421,12 @@ class TemplateTracker:
         size = HEADER_LEN + sum(b - a for a, b in tsets)
         version, _, export_time, seq, _ = HEADER.unpack_from(msg)
         return odid, count, b"".join([HEADER.pack(version, size, export_time, seq, odid), *body])
+
+    def release(self) -> None:
+        """The session is gone: its templates leave the pool."""
+        if self.pool is not None:
+            self.pool.used -= self._pooled
+        self._pooled = 0
 
     def _commit(self, odid: int, pending: _Pending) -> None:
         """Apply one message's template changes as one new version, unless they change nothing (a refresh)
@@ -445,6 +466,16 @@ class TemplateTracker:
             if nbytes > store.nbytes and nbytes > limits.template_bytes_max:
                 raise TemplateLimit("template_bytes_max", f"templates would take {nbytes} bytes; "
                                                           f"TEMPLATE_BYTES_MAX is {limits.template_bytes_max}")
+        pool = self.pool
+        if pool is not None:
+            grow = nbytes - store.nbytes
+            if grow > 0 and pool.used + grow > pool.limit:
+                raise TemplateLimit("template_memory", f"the handler's sessions would hold {pool.used + grow} "
+                                                       f"bytes of templates; the cap is {pool.limit} "
+                                                       "(MEMORY_BYTES / 8)")
+            grow = max(grow, -self._pooled)
+            pool.used += grow
+            self._pooled += grow
         version = store.version = store.version + 1
         if domain is None:
             domain = store.domains[odid] = {}

@@ -368,8 +368,11 @@ class OutputConnection:
         acked = queue.sent_total - unsent_bytes(self.sock)
         if acked > queue.acked:
             queue.acknowledged(acked)
-        action = life.observe(now, acked, None if life.proven else peer_window(self.sock))
-        queue.tail_bytes = life.unread_bound
+        if life.proven:
+            action = life.observe(now, acked)
+        else:
+            action = life.observe(now, acked, peer_window(self.sock))
+            queue.tail_bytes = life.unread_bound
         if action is Action.PROVEN:
             self._healthy(reason="takes data again")
         elif action is Action.READ:

@@ -13,8 +13,11 @@ import time
 from typing import Callable
 
 from ..config import Limits
+from ..control.ports import set_rcvbuf
+from ..core.admission import Admission, Rate, source_of
 from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, all_whole, check_datagram
 from ..core.session import ExporterSession
+from ..core.templates import TemplateTracker
 from ..logs import Throttle
 from . import handover, mmsg
 from .loop import READ, Loop
@@ -30,35 +33,11 @@ VERDICTS = 4096            # allowlist verdicts remembered per source address
 #: accept() errors that mean "no descriptor or memory now": pause instead of spinning on a readable listener
 _EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 DRAIN_READS = 4096         # reads at stop before an exporter connection is closed anyway
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value: Python 3.11 does not name it
 
 #: ``open_session(key, peer, templates=()) -> ExporterSession``
 SessionOpener = Callable[..., ExporterSession]
 #: ``count_malformed(error, peer)``
 MalformedCounter = Callable[[FramingError, str], None]
-
-
-def bind(port_type: str, host: str, port: int, rcvbuf: int = Limits.rcvbuf_bytes) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    kind = socket.SOCK_STREAM if port_type == "tcp" else socket.SOCK_DGRAM
-    sock = socket.socket(family, kind)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if kind == socket.SOCK_DGRAM:
-        set_rcvbuf(sock, rcvbuf)
-    sock.bind((host, port))
-    sock.setblocking(False)
-    if kind == socket.SOCK_STREAM:
-        sock.listen(128)
-    return sock
-
-
-def set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """Ask for a big receive buffer (UDP bursts: what arrives while the handler is busy waits there); as
-    root, beyond net.core.rmem_max. (The kernel doubles the value for its bookkeeping.)"""
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
-    except OSError:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
 
 
 def kernel_drops(sock: socket.socket) -> int | None:
@@ -101,8 +80,8 @@ class TcpExporter:
         self.framer = StreamFramer(tail=tail)
         self.open = True
         self._room = 0       # the size of the buffer of the last read
-        self.active = False  # read since the last idle sweep
-        self.quiet = 0.0     # seconds without a read, as seen by the idle sweeps
+        self.active = False  # read since the last idle sweep (its chunk is kept)
+        self.delivered = False  # a whole message since the last idle sweep, told to the admission
         self.loop.watch(sock, READ, self._on_readable)
 
     def _on_readable(self, _mask) -> None:
@@ -130,6 +109,9 @@ class TcpExporter:
         if n:
             messages, error = self.framer.feed(n)
             if messages:
+                if not self.delivered:  # the first since the last sweep: told at once, so that a new
+                    self.delivered = True  # exporter is not taken for a silent one at the cap
+                    self.listener.admission.delivered(self, time.monotonic())
                 refused = self.session.deliver(messages)  # over a template limit: counted and logged already
                 if refused is not None:
                     self.close(reason=str(refused))
@@ -188,6 +170,7 @@ class Listener:
         self.limits = limits
         self.limited: dict[str, int] = {}  # sessions refused or closed by a limit, by reason (status)
         self._verdicts: dict[str, bool] = {}  # source address -> allowed
+        self.admission = Admission(limits.max_sessions, limits.max_sessions_per_source)
         loop.watch(sock, READ, self._on_readable)
 
     def _on_readable(self, _mask) -> None:
@@ -195,6 +178,8 @@ class Listener:
 
     def set_limits(self, limits: Limits) -> None:
         self.limits = limits
+        self.admission.max_sessions = limits.max_sessions
+        self.admission.max_per_source = limits.max_sessions_per_source
         self._verdicts.clear()
 
     def _allowed(self, host: str) -> bool:
@@ -222,45 +207,42 @@ class TcpListener(Listener):
     def __init__(self, *args):
         self.exporters: dict[ExporterSession, TcpExporter] = {}
         self._handed: list[TcpExporter] = []
-        self._open_count = 0                 # exporter connections open
-        self._per_source: dict[str, int] = {}  # ... by source address
         self._retry = None       # while paused at the descriptor limit: the timer that accepts again
         self._paused_at = 0.0    # when the current pause episode began (0: not paused)
         super().__init__(*args)
         self.loop.every(IDLE_SWEEP, self._sweep)
 
     def adopt(self, sock: socket.socket, peer: str, tail: bytes, templates) -> None:
-        """An exporter connection handed over by a predecessor."""
+        """An exporter connection handed over by a predecessor: it had delivered (no first-message deadline)."""
         sock.setblocking(False)
-        self._add(sock, peer, tail, templates)
+        exporter = self._add(sock, peer, tail, templates)
+        self.admission.delivered(exporter, time.monotonic())
 
-    def _add(self, sock: socket.socket, peer: str, tail: bytes = b"", templates=()) -> None:
+    def _add(self, sock: socket.socket, peer: str, tail: bytes = b"", templates=()) -> TcpExporter:
         session = self.open_session(sock, peer, templates)
-        host = peer_host(peer)
-        self._open_count += 1
-        self._per_source[host] = self._per_source.get(host, 0) + 1
-        self.exporters[session] = TcpExporter(self, sock, session, tail)
+        exporter = self.exporters[session] = TcpExporter(self, sock, session, tail)
+        self.admission.add(exporter, source_of(peer_host(peer)), time.monotonic())
+        return exporter
 
     def closed(self, exporter: TcpExporter) -> None:
         """An exporter connection closed (or left with a handover): it no longer counts against the caps."""
-        host = peer_host(exporter.session.peer)
-        self._open_count -= 1
-        left = self._per_source[host] - 1
-        if left:
-            self._per_source[host] = left
-        else:
-            del self._per_source[host]
+        self.admission.remove(exporter)
 
-    def _refusal(self, host: str) -> str | None:
-        """Why a new connection from ``host`` is refused at accept, if it is."""
-        limits = self.limits
+    def _admit(self, host: str, peer: str) -> bool:
+        """May a new connection from ``host`` be served? At a cap, a session that never delivered a whole
+        message, else one idle for IDLE_EVICT_SECONDS, is closed to make room (``core.admission``)."""
         if not self._allowed(host):
-            return "not_allowed"
-        if self._open_count >= limits.max_sessions:
-            return "max_sessions"
-        if self._per_source.get(host, 0) >= limits.max_sessions_per_source:
-            return "max_sessions_per_source"
-        return None
+            self._limit("not_allowed", peer, "connection refused")
+            return False
+        reason, evict = self.admission.admit(source_of(host), time.monotonic())
+        if reason is not None:
+            self._limit(reason, peer, "connection refused")
+            return False
+        for exporter in evict:
+            why = "evicted_silent" if self.admission.never_delivered(exporter) else "evicted_idle"
+            self._limit(why, exporter.session.peer, f"connection closed for a new one from {host}")
+            exporter.close(reason=f"{why}: room for a new exporter")
+        return True
 
     def _on_readable(self, _mask) -> None:
         for _ in range(ACCEPT_BATCH):
@@ -269,7 +251,7 @@ class TcpListener(Listener):
             except (BlockingIOError, InterruptedError):
                 if self._paused_at:  # caught up with the backlog: the episode is over
                     self.log.info("accept_resumed", paused_seconds=round(time.monotonic() - self._paused_at, 1),
-                                  connections=self._open_count)
+                                  connections=len(self.admission))
                     self._paused_at = 0.0
                 return
             except OSError as exc:
@@ -279,10 +261,8 @@ class TcpListener(Listener):
                     self.throttle.error("accept_failed", "", error=str(exc))
                 return
             peer = peer_name(addr)
-            reason = self._refusal(addr[0])
-            if reason is not None:
+            if not self._admit(addr[0], peer):
                 conn.close()
-                self._limit(reason, peer, "connection refused")
                 continue
             conn.setblocking(False)
             self.throttle.info("exporter_connected", peer_host(peer), peer=peer)
@@ -297,7 +277,7 @@ class TcpListener(Listener):
         if not self._paused_at:
             self._paused_at = time.monotonic()
             self.limited["fd_limit"] = self.limited.get("fd_limit", 0) + 1
-            self.log.warning("accept_paused", reason=exc.strerror or str(exc), connections=self._open_count,
+            self.log.warning("accept_paused", reason=exc.strerror or str(exc), connections=len(self.admission),
                              sessions=len(self.exporters), retry_every=ACCEPT_RETRY)
 
     def _resume(self) -> None:
@@ -311,21 +291,25 @@ class TcpListener(Listener):
         self.loop.unwatch(self.sock)
 
     def _sweep(self) -> None:
-        """Every IDLE_SWEEP: a connection that read nothing since the last sweep lets go of its chunk, and
-        one quiet for IDLE_TIMEOUT is closed (a half-open or abandoned connection holds a descriptor and a
-        session forever otherwise)."""
-        timeout = self.limits.idle_timeout
+        """Every IDLE_SWEEP: a connection that read nothing since the last sweep lets go of its chunk; one
+        that has not delivered a whole message FIRST_MESSAGE_SECONDS after it opened, or none for
+        IDLE_TIMEOUT, is closed (bytes that never make a message keep no slot)."""
+        now, admission = time.monotonic(), self.admission
         for exporter in list(self.exporters.values()):
             if not exporter.open:
                 continue
+            exporter.delivered = False
             if exporter.active:
-                exporter.active, exporter.quiet = False, 0.0
-                continue
-            exporter.framer.release()
-            exporter.quiet += IDLE_SWEEP
-            if timeout and exporter.quiet >= timeout:
-                self._limit("idle_timeout", exporter.session.peer, "connection closed")
-                exporter.close(reason=f"idle for {timeout} s")
+                exporter.active = False
+            else:
+                exporter.framer.release()
+        for exporter in admission.overdue(now):
+            self._limit("first_message_deadline", exporter.session.peer, "connection closed")
+            exporter.close(reason="no whole message in time")
+        timeout = self.limits.idle_timeout
+        for exporter in admission.idle(now, timeout):
+            self._limit("idle_timeout", exporter.session.peer, "connection closed")
+            exporter.close(reason=f"no whole message for {timeout} s")
 
     def forget(self, session: ExporterSession) -> None:
         self.exporters.pop(session, None)
@@ -370,6 +354,7 @@ class UdpListener(Listener):
     def __init__(self, *args):
         self.sessions: dict[tuple, ExporterSession] = {}
         self._names: dict[bytes, tuple] = {}  # raw source address (recvmmsg) -> address as Python gives it
+        self.new_sessions = Rate()  # spoofed source ports must not open outputs to collectors at wire speed
         super().__init__(*args)
         self.receiver = mmsg.Receiver(self.sock, DatagramSlots(count=UDP_SLOTS)) if mmsg.AVAILABLE else None
         self.reader = DatagramReader() if self.receiver is None else None
@@ -377,6 +362,9 @@ class UdpListener(Listener):
 
     def adopt(self, addr: tuple, peer: str, templates) -> None:
         self.sessions[addr] = self.open_session(addr, peer, templates)
+        now = time.monotonic()
+        self.admission.add(addr, source_of(addr[0]), now)
+        self.admission.delivered(addr, now)
 
     def set_limits(self, limits: Limits) -> None:
         if limits.rcvbuf_bytes != self.limits.rcvbuf_bytes:
@@ -445,11 +433,17 @@ class UdpListener(Listener):
         good = msgs if all_whole(msgs) else self._whole(addr, msgs)
         if not good:
             return
-        if session is None:
-            session = self._new_session(addr)
         # The clock per run, not per read: the idlest session at MAX_SESSIONS must be told apart in a batch.
-        session.last_seen = time.monotonic()
-        session.deliver(good)
+        now = time.monotonic()
+        opened = 0
+        while session is None and opened < len(good):  # each datagram may open it, as if read alone
+            session = self._new_session(addr, good[opened], now)
+            opened += 1
+        if session is None:
+            return
+        # Each datagram stands alone: one refused (over a template limit, counted) does not end the run.
+        if session.deliver(good[opened - 1:] if opened else good, stop=False) is None:
+            self.admission.delivered(addr, now)
 
     def _whole(self, addr: tuple, msgs) -> list:
         """The datagrams of a run that hold one whole message each; the others counted as malformed."""
@@ -463,27 +457,48 @@ class UdpListener(Listener):
             good.append(msg)
         return good
 
-    def _new_session(self, addr: tuple) -> ExporterSession:
-        """At MAX_SESSIONS the session idle longest goes first: a flood from many source ports must not
-        open outputs (descriptors, queues) without bound, and a steady exporter is never the idlest."""
-        sessions = self.sessions
-        if len(sessions) >= self.limits.max_sessions:
-            oldest = min(sessions, key=lambda a: sessions[a].last_seen)
-            evicted = sessions.pop(oldest)
-            self._limit("max_sessions", evicted.peer, "idlest session closed")
-            evicted.end()
-        session = sessions[addr] = self.open_session(addr, peer_name(addr))
-        self.throttle.info("exporter_connected", addr[0], peer=session.peer)
+    def _new_session(self, addr: tuple, msg, now: float) -> ExporterSession | None:
+        """A session for a new source address+port whose datagram ``msg`` is a valid message (its sets
+        parse), or None (the datagram is dropped, counted): at most UDP_NEW_PER_SECOND new ones a second,
+        and at a cap one that never delivered a valid message, else one idle for IDLE_EVICT_SECONDS, makes
+        room (``core.admission``): a flood from many source ports must not open outputs (descriptors,
+        queues, connections to collectors) without bound, and a steady exporter that was there first keeps
+        its session."""
+        peer = peer_name(addr)
+        if not self.new_sessions.take(now):
+            self._limit("new_session_rate", peer, "datagram dropped")
+            return None
+        try:
+            TemplateTracker().inspect(msg)  # on a scratch tracker: no outputs for a source that sent junk
+        except FramingError as exc:
+            self.count_malformed(exc, peer)
+            return None
+        reason, evict = self.admission.admit(source_of(addr[0]), now)
+        if reason is not None:
+            self._limit(reason, peer, "datagram dropped")
+            return None
+        for old in evict:
+            why = "evicted_silent" if self.admission.never_delivered(old) else "evicted_idle"
+            self._end(old, why, "session closed for a new one")
+        session = self.sessions[addr] = self.open_session(addr, peer)
+        self.admission.add(addr, source_of(addr[0]), now)
+        self.throttle.info("exporter_connected", addr[0], peer=peer)
         return session
 
+    def _end(self, addr: tuple, reason: str, action: str) -> None:
+        session = self.sessions.pop(addr)
+        self.admission.remove(addr)
+        self._limit(reason, session.peer, action)
+        session.end()
+
     def _expire(self) -> None:
-        limit = time.monotonic() - UDP_SESSION_IDLE
-        for addr, session in list(self.sessions.items()):
-            if session.last_seen < limit:
-                del self.sessions[addr]
-                self.throttle.info("exporter_idle", peer_host(session.peer), peer=session.peer,
-                                   idle_seconds=UDP_SESSION_IDLE)
-                session.end()
+        """Sessions without a valid message for UDP_SESSION_IDLE, or none FIRST_MESSAGE_SECONDS after the
+        first datagram, end."""
+        now = time.monotonic()
+        for addr in self.admission.overdue(now):
+            self._end(addr, "first_message_deadline", "session closed")
+        for addr in self.admission.idle(now, UDP_SESSION_IDLE):
+            self._end(addr, "idle_timeout", "session closed")
 
     def stop(self, drain: bool) -> None:
         self.loop.unwatch(self.sock)

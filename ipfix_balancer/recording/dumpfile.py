@@ -73,7 +73,7 @@ class DumpWriter:
         for i in range(MAX_PART_SUFFIX):
             path = os.path.join(self.dir, f"{base}{PART}" if i == 0 else f"{base}.{i}{PART}")
             try:
-                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
                 break
             except FileExistsError:  # never overwrite a .part (one a recovery could not rename)
                 continue
@@ -132,17 +132,35 @@ class DumpWriter:
 
 
 def make_safe_dir(path: str) -> None:
-    """Make the dump directory if missing; refuse (PermissionError) one that others may write, or that
-    belongs to a user other than us or root: they could plant names there (symlinks, FIFOs) for the
-    recorder to open."""
-    os.makedirs(path, mode=0o750, exist_ok=True)
-    st = os.stat(path)
-    if st.st_mode & stat.S_IWOTH or st.st_uid not in (0, os.geteuid()):
-        raise PermissionError(errno.EPERM, f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o}: refused "
-                              "(must belong to this user or root, not writable by others)", path)
+    """Make the dump directory (and missing parents) 0750 if missing; refuse (PermissionError) it when a
+    component on the way is a symlink another user owns (it could point anywhere root may write), when it
+    is itself a symlink or not a directory, when group or others may write it, or when it belongs to a user
+    other than us or root: they could plant names there (symlinks, FIFOs) for the recorder to open."""
+    def refuse(why: str, where: str):
+        raise PermissionError(errno.EPERM, f"{why}: refused", where)
+
+    full, me = os.path.abspath(path), os.geteuid()
+    parts = full.split(os.sep)[1:]
+    for i in range(1, len(parts) + 1):
+        component = os.sep + os.path.join(*parts[:i])
+        try:
+            st = os.lstat(component)
+        except FileNotFoundError:
+            try:
+                os.mkdir(component, 0o750)  # never through a symlink at this name: EEXIST
+            except FileExistsError:
+                pass
+            st = os.lstat(component)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (0, me):
+            refuse(f"a symlink of uid {st.st_uid}", component)
+    if not stat.S_ISDIR(st.st_mode):
+        refuse("not a directory (a symlink?)", full)
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) or st.st_uid not in (0, me):
+        refuse(f"owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o} (must belong to this user or root, "
+               "not writable by group or others)", full)
 
 
-def open_regular(path: str, flags: int, mode: int = 0o644) -> int:
+def open_regular(path: str, flags: int, mode: int = 0o640) -> int:
     """``os.open`` that never follows a symlink (ELOOP) and accepts only a regular file: a FIFO, device or
     directory planted under a dump's name is refused (EINVAL) without blocking on it."""
     fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)

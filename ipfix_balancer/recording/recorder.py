@@ -52,6 +52,7 @@ class Recorder:
         now = clock()
         self.period_start = self.file_start = now
         self.due = now + self.rotate_seconds if self.rotate_seconds else None
+        self._named_until = now  # the end in the newest dump name: no later name starts before it
         self._timer = None
         # counters
         self.drops = 0
@@ -139,6 +140,9 @@ class Recorder:
 
     # -- files -----------------------------------------------------------------------------------
     def _open(self) -> bool:
+        # After the wall clock stepped back, names keep the newest name's time (same-second suffixes
+        # _001… keep them in order) until the clock passes it again: sorted by name is sorted by time.
+        self.file_start = max(self.file_start, self._named_until)
         base = f"{self.prefix}_{stamp(self.file_start)}"
         try:
             path = self._writer.open(base)
@@ -188,8 +192,9 @@ class Recorder:
         size = w.close()
         if not size:
             return None
+        self._named_until = max(end, self.file_start)
         name = self.spool.complete(w.path, PART_RE.fullmatch(os.path.basename(w.path)).group("stem"),
-                                   max(end, self.file_start), size)
+                                   self._named_until, size)
         if name is not None:
             self.files_completed += 1
             self.log.info("dump_completed", file=name, reason=reason, bytes=size, messages=w.msgs, flows=w.flows,

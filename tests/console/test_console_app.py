@@ -2,6 +2,7 @@
 import json
 import os
 import re
+import time
 import warnings
 
 import pytest
@@ -12,7 +13,8 @@ with warnings.catch_warnings():  # starlette prefers httpx2 now; httpx is still 
 
 from ipfix_balancer.config import Console
 from ipfix_balancer.console import logsource
-from ipfix_balancer.console.app import ConsoleState, make_app
+from ipfix_balancer.console import app as app_mod
+from ipfix_balancer.console.app import LOGIN_FORM_SECONDS, MAX_BODY, ConsoleState, make_app
 
 ENV = "# keep me\nIPFIX_FULLFLOW_PORT[0]=1500\nIPFIX_FULLFLOW_BALANCER[0]=All\nIPFIX_FULLFLOW_BALANCER_SUB[0]=10.0.0.1/1\n"
 
@@ -127,3 +129,133 @@ def test_a_refused_type_change_keeps_the_form_on_the_receiver_being_edited(clien
                                                    "PORT": "1501"})
     assert "IPFIX_CLICKSTREAM_PORT[0]=1501\n" in client.path.read_text()
     assert "FULLFLOW" not in client.path.read_text()
+
+
+def test_an_apply_the_supervisor_refuses_restores_the_file_and_shows_why(client, monkeypatch):
+    """Transactional Apply: a new port another process holds is refused by the supervisor after the file
+    was written; the file goes back to the running configuration and the page says so."""
+    from ipfix_balancer.console import app as app_mod
+    problem = "fullflow[0]: cannot listen on tcp 0.0.0.0:2000: address already in use by pid 7 (nc)"
+    monkeypatch.setattr(app_mod.reload_mod, "request", lambda run_dir: app_mod.reload_mod.Outcome(
+        generation=3, result="refused", config=str(client.path), problems=[problem]))
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "PORT": "2000", "PORT_TYPE": "tcp",
+                                                   "BALANCER": "All", "BALANCER_SUB_PROTO": "tcp",
+                                                   "BALANCER_AUTO": "Disabled"})
+    assert "reload refused, the running configuration stays" in answer.text
+    assert problem in answer.text
+    assert "was restored to the running configuration" in answer.text
+    assert client.path.read_text() == ENV
+    assert "IPFIX_FULLFLOW_PORT[0]=2000" in (client.path.parent / ".env.previous").read_text()
+
+
+def test_apply_checks_a_subreceiver_on_the_listening_port_off_the_event_loop(client):
+    """The manual's example sends Fullflow from port 1500 to collectors' port 1500: the checker then asks
+    netlink whether the collector is this host (a loop), and pyroute2 refuses inside a running event loop."""
+    client.path.write_text(ENV.replace("10.0.0.1/1", "10.0.0.1/1500"))
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "PORT_TYPE": "tcp",
+                                                   "BALANCER": "RoundRobin", "BALANCER_SUB_PROTO": "tcp",
+                                                   "BALANCER_AUTO": "Disabled"})
+    assert answer.status_code == 200, answer.text
+    assert "cannot check the configuration" not in answer.text
+    assert "IPFIX_FULLFLOW_BALANCER[0]=RoundRobin" in client.path.read_text()
+
+
+# -- issue 20: hostile input before and after login ----------------------------------------------------------
+class Lines(Log):
+    def __init__(self):
+        self.lines = []
+
+    def warning(self, event, **kw):
+        self.lines.append(event)
+
+    info = warning
+
+
+def fresh_app(tmp_path, log=None):
+    tmp_path.mkdir(exist_ok=True)
+    path = tmp_path / ".env"
+    path.write_text(ENV)
+    (tmp_path / "run").mkdir(exist_ok=True)
+    return make_app(ConsoleState(Console("127.0.0.1", 1, "", "", str(tmp_path / "token")), str(path),
+                                 str(tmp_path / "run"), "secret", log or Log()))
+
+
+def fresh_client(tmp_path, log=None) -> TestClient:
+    return TestClient(fresh_app(tmp_path, log), base_url="http://127.0.0.1")
+
+
+def login_csrf(c: TestClient) -> str:
+    return re.search(r'name="csrf" value="([^"]+)"', c.get("/login").text).group(1)
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(client):
+    big = b"token=" + b"x" * MAX_BODY
+    assert client.post("/login", content=big, headers={"content-type": "application/x-www-form-urlencoded"}
+                       ).status_code == 413
+    assert client.post("/login", content=b"", headers={"content-length": "9" * 20}).status_code == 413
+
+    def streamed():  # no Content-Length: chunked, cut off once past the limit
+        for _ in range(MAX_BODY // 1024 + 10):
+            yield b"x" * 1024
+    assert client.post("/login", content=streamed(),
+                       headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 413
+    assert client.post("/receivers/apply", content=streamed(),
+                       headers={"content-type": "application/x-www-form-urlencoded"}).status_code == 413
+    assert client.get("/receivers").status_code == 200  # still logged in, still serving
+
+
+def test_anonymous_visitors_make_no_session_and_cannot_log_the_operator_out(client, tmp_path):
+    state = client.app.state.console
+    assert len(state.sessions) == 1
+    with TestClient(client.app, base_url="http://127.0.0.1") as anonymous:  # the same console, no cookie
+        for _ in range(200):
+            page = anonymous.get("/login")
+            assert page.status_code == 200 and "set-cookie" not in page.headers
+    assert len(state.sessions) == 1
+    assert client.get("/receivers", follow_redirects=False).status_code == 200
+
+
+def test_a_stale_or_forged_login_form_is_sent_back(client, monkeypatch):
+    state = client.app.state.console
+    old = state.login_csrf(time.time() - LOGIN_FORM_SECONDS - 1)
+    for csrf in ("", "1.2", old, "9" * 5000 + ".x"):
+        answer = client.post("/login", data={"csrf": csrf, "token": "secret"}, follow_redirects=False)
+        assert answer.status_code == 303 and answer.headers["location"] == "/login"
+
+
+def test_failed_logins_are_throttled_per_address_and_logged_through_the_throttle(tmp_path, monkeypatch):
+    monkeypatch.setattr(app_mod, "WRONG_TOKEN_DELAY", 0.0)
+    log = Lines()
+    with fresh_client(tmp_path, log) as c:
+        csrf = login_csrf(c)
+        codes = [c.post("/login", data={"csrf": csrf, "token": f"guess{i}"}).status_code for i in range(200)]
+        assert codes == [401] * 5 + [429] * 195
+        # the right token is not even compared while the address is throttled
+        assert c.post("/login", data={"csrf": csrf, "token": "secret"}).status_code == 429
+    assert log.lines == ["console_login_failed", "console_login_throttled"], "one line per event per minute"
+
+
+def test_the_overall_limit_holds_against_many_addresses(tmp_path, monkeypatch):
+    monkeypatch.setattr(app_mod, "WRONG_TOKEN_DELAY", 0.0)
+    app, codes = fresh_app(tmp_path), []
+    for i in range(10):  # 10 addresses, 3 guesses each: past 20 failures everyone waits
+        with TestClient(app, base_url="http://127.0.0.1", client=(f"192.0.2.{i}", 1)) as c:
+            csrf = login_csrf(c)
+            codes += [c.post("/login", data={"csrf": csrf, "token": "guess"}).status_code for _ in range(3)]
+    assert codes == [401] * 20 + [429] * 10
+
+
+def test_no_input_makes_an_http_500(client):
+    edit = form_of(client.get("/receivers/FULLFLOW/0/edit").text)
+    huge = "9" * 5000
+    assert client.get(f"/receivers/FULLFLOW/{huge}/edit").status_code == 404
+    assert client.post(f"/receivers/FULLFLOW/{huge}/delete", data={"csrf": edit["csrf"]}).status_code == 404
+    answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", "index": huge})
+    assert answer.status_code < 500
+    for name in [n for n in edit if n not in ("csrf", "digest")]:
+        for value in (huge, "-" + huge, "\x00", "é" * 3000):
+            answer = client.post("/receivers/apply", data={**edit, "stream": "FULLFLOW", name: value})
+            assert answer.status_code < 500, (name, value[:10], answer.status_code)
+    assert client.path.read_text() == ENV

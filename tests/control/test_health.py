@@ -2,8 +2,11 @@
 import dataclasses
 import json
 import os
+import time
+import types
 
-from ipfix_balancer.control.health import CounterCarry
+from ipfix_balancer.control import rundir
+from ipfix_balancer.control.health import CounterCarry, Watch
 from ipfix_balancer.control.metrics import HandlerView, Snapshot, counter_samples, health
 from ipfix_balancer.control.sdnotify import Notifier
 from ipfix_balancer.control.status import SubreceiverStatus
@@ -38,7 +41,7 @@ def view(doc, name="fullflow[0]") -> HandlerView:
 
 
 def test_healthz_needs_every_handler_fresh_and_a_supervisor_that_looks():
-    ok = Snapshot(NOW, 15, (view(handler(time=NOW - 1)),))
+    ok = Snapshot(NOW, NOW, 15, (view(handler(time=NOW - 1)),))
     assert health(ok, NOW + 1) == (True, "fullflow[0] pid 4242 ok\n")
     stale = dataclasses.replace(ok, handlers=ok.handlers + (view(handler(time=NOW - 5), "fullflow[1]"),
                                                             view(None, "dnsflow[0]")))
@@ -61,3 +64,35 @@ def test_kernel_drops_of_a_udp_listener_are_a_counter_tcp_has_none():
     udp = handler(listen=ListenStatus("udp", "0.0.0.0", 1500, True), rcvbuf_overflow=17)
     assert counter_samples(udp)["ipfix_balancer_rcvbuf_overflow", ()] == 17
     assert ("ipfix_balancer_rcvbuf_overflow", ()) not in counter_samples(handler()), "TCP has no such drops"
+
+
+class _Child:
+    """What Watch.turn reads of the supervisor's Child."""
+
+    def __init__(self, pid: int, started: float):
+        self.rc = types.SimpleNamespace(stream="FULLFLOW", index=0, name="fullflow[0]")
+        self.pid, self.started, self.restarts = pid, started, 0
+
+
+def test_watch_judges_the_monotonic_heartbeat_and_never_an_unreadable_document(tmp_path):
+    run, mono = str(tmp_path), time.monotonic()
+    path = rundir.handler_status_path(run, "FULLFLOW", 0)
+    child = _Child(4242, mono - 100)
+    watch = Watch(run, 15)
+    # the wall clock stepped 1,000 s either way since the handler wrote: its monotonic beat is 1 s old
+    for step in (-1000, 1000):
+        rundir.write_json(path, handler(time=time.time() + step, beat=mono - 1).to_dict())
+        assert watch.turn([child], mono) == [] and watch.unreadable == {}
+        assert watch.summary().startswith("1/1 handlers healthy")
+    rundir.write_json(path, handler(beat=mono - 20).to_dict())
+    assert watch.turn([child], mono) == [(child, 20)]
+    # a document that cannot be read (here a planted symlink: ELOOP; EMFILE alike) is no evidence of a hang
+    rundir.write_json(path, handler(beat=mono - 1).to_dict())
+    watch.turn([child], mono)
+    os.replace(path, path + ".real")
+    os.symlink(path + ".real", path)
+    assert watch.turn([child], mono + 60) == []
+    assert "Too many levels of symbolic links" in watch.unreadable["fullflow[0]"]
+    assert watch.snapshot.handlers[0].doc.pid == 4242  # the last view is kept
+    os.unlink(path)  # gone: silence again, counted from its start
+    assert watch.turn([child], mono + 60) == [(child, 160)]

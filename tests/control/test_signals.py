@@ -68,3 +68,14 @@ def test_set_process_name_keeps_what_the_kernel_keeps():
     out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30,
                          env={**os.environ, "PYTHONPATH": str(REPO)})
     assert out.stdout.strip() == "ipfix-clickstre"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping to another user needs root")
+def test_set_process_name_works_after_dropping_root():
+    # After setuid the process is not dumpable and /proc/self/comm belongs to root: a write to it fails.
+    script = ("import os; from ipfix_balancer.control import signals; os.setgid(65534); os.setuid(65534); "
+              "signals.set_process_name('ipfix-balancer'); print(open('/proc/self/comm').read().strip())")
+    out = subprocess.run([sys.executable, "-c", script], cwd="/", capture_output=True, text=True, timeout=30,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ipfix-balancer"

@@ -3,9 +3,11 @@ a mode switch opens fresh ones, a removed subreceiver drains), and the end of a 
 
 import struct
 
+from hypothesis import given, settings, strategies as st
+
 from ipfix_balancer.config import Mode
 from ipfix_balancer.core.dispatch import Replicate, RoundRobin
-from ipfix_balancer.core.sendqueue import SendQueue, State, SubreceiverStats
+from ipfix_balancer.core.sendqueue import COUNT, DELIVERED, DRAIN_DEADLINE, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from ipfix_balancer.core.wire import HEADER
 
@@ -205,3 +207,89 @@ def test_roundrobin_a_hung_collector_after_the_exporter_left_costs_only_what_its
     assert sorted(got_a) == [i for i in range(10) if i not in (1, 3)], "b's two acknowledged are not resent"
     assert subs[1].drops_by_reason == {"connection_lost": 2}
     assert s.state is Lifecycle.GONE and gone == [s]
+
+
+# -- the accounting property, with exporters that leave ---------------------------------------------------
+session_ops = st.lists(st.one_of(
+    st.tuples(st.just("deliver"), st.integers(1, 6)),
+    st.tuples(st.sampled_from(["write", "kernel_ack", "read", "up", "refused", "fin", "reset", "stall",
+                               "deadline"]), st.integers(0, 1)),
+    st.tuples(st.just("end"), st.just(0)),
+), max_size=50)
+
+
+def held_ids(q) -> set[int]:
+    if q.state is State.CLOSED:
+        return set()
+    kept = [e for _b, _e, entries in q._unacked if isinstance(entries, list) for e in entries]
+    return {ident_of(e[0]) for e in list(q.pending) + q._entries + kept}
+
+
+@settings(max_examples=400, deadline=None)
+@given(session_ops, st.sampled_from([Mode.ROUND_ROBIN, Mode.ALL]))
+def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(steps, mode):
+    """Two outputs; collectors that come and go, close (FIN: their process read all their TCP acknowledged)
+    or reset (what their process had not read is gone), stall; an exporter that leaves; a drain deadline.
+    Every message is read by a collector's process at most once (RoundRobin: once over both), and read,
+    still held by the session, or counted as dropped — exactly."""
+    subs = [SubreceiverStats("a"), SubreceiverStats("b")]
+    s, _gone = session()
+    s.configure(forwarding(mode, subs))
+    outputs = list(s.queues)
+    stream = [b"", b""]  # each output's current connection: what its kernel took
+    done = [0, 0]        # how far the collector's process read that stream
+    read: list[list[int]] = [[], []]
+    sent = 0
+
+    def collector_reads(i: int, upto: int) -> None:
+        read[i] += [ident_of(m) for m in messages(stream[i][:upto])][len(messages(stream[i][:done[i]])):]
+        done[i] = max(done[i], upto)
+
+    for q in outputs:
+        q.tail_bytes = 1 << 30
+    for op, i in steps:
+        q = outputs[i] if op != "deliver" else None
+        if op == "deliver":
+            if s.state is Lifecycle.OPEN:
+                s.deliver([data_message(sent + n) for n in range(i)])
+                sent += i
+        elif op == "end":
+            s.end()
+        elif q.state is State.CLOSED:
+            continue
+        elif op == "write" and q.state in (State.UP, State.PROBATION):
+            stream[i] += write(q)
+        elif op == "kernel_ack" and q.state is not State.DOWN:
+            q.acknowledged(len(stream[i]))
+            q.check_settled()
+        elif op == "read" and q.state is not State.DOWN:
+            collector_reads(i, q.acked)
+            q.read_all()
+            q.check_settled()
+        elif op == "up" and q.state is State.DOWN:
+            up(q)
+            stream[i], done[i] = b"", 0
+            q.tail_bytes = 1 << 30
+            q.on_up(q)
+        elif op in ("refused", "fin", "reset") and q.state is not State.DOWN:
+            if op == "fin":
+                collector_reads(i, q.acked)
+            lose(q, op, COUNT if op == "reset" else DELIVERED)
+            stream[i], done[i] = b"", 0
+            q.on_down(q)
+            q.check_settled()
+        elif op == "stall" and q.state is State.UP:
+            stall(q)
+            q.on_down(q)
+        elif op == "deadline" and s.state is Lifecycle.DRAINING:
+            q.close(DRAIN_DEADLINE)
+    if mode is Mode.ROUND_ROBIN:
+        together = read[0] + read[1]
+        held = held_ids(outputs[0]) | held_ids(outputs[1])
+        assert len(together) == len(set(together)), "a message read twice"
+        assert not set(together) & held
+        assert len(together) + len(held) + subs[0].drops + subs[1].drops == sent
+    else:
+        for i, q in enumerate(outputs):
+            assert len(read[i]) == len(set(read[i])), "a message read twice by one collector"
+            assert len(read[i]) + len(held_ids(q)) + subs[i].drops == sent, i

@@ -10,7 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ipfix_balancer.core.wire import HEADER, HEADER_LEN, MAX_MESSAGE
-from ipfix_balancer.core.templates import EMPTY, MalformedSet, Snapshot, TemplateTracker
+from ipfix_balancer.core.templates import (EMPTY, TEMPLATE_OVERHEAD, MalformedSet, Snapshot, TemplateLimit,
+                                           TemplatePool, TemplateTracker)
 
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "200"))  # scripts/fuzz raises it
 
@@ -238,7 +239,7 @@ def test_mixed_message_template_only_copy():
     t = TemplateTracker()
     ts = ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(82, VAR)]))
     os_ = ipfix_set(3, otrec(258, [field(149, 4)], [field(41, 8)]), pad=2)
-    msg = message(ts, ipfix_set(256, b"1234" * 3), ipfix_set(100, b"reserved"), os_, ipfix_set(257, varlen(b"q")),
+    msg = message(ts, ipfix_set(256, b"1234" * 3), os_, ipfix_set(257, varlen(b"q")),
                   odid=77, seq=123456, export_time=987654)
     odid, n, tmpl = inspect(t, msg)
     assert (odid, n) == (77, 4)
@@ -408,11 +409,13 @@ def test_header_only_and_stray_bytes():
     assert malformed(t, message(b"\0\0\0", odid=3)) == "stray_bytes"
 
 
-def test_reserved_sets_skipped():
+def test_reserved_set_ids_make_the_message_malformed():
     t = TemplateTracker()
     inspect(t, message(ipfix_set(2, trec(256, [field(8, 4)]))))
-    assert inspect(t, message(ipfix_set(4, b"zzzz"), ipfix_set(255, b""), ipfix_set(256, b"1234"))) == (1, 1, None)
-    assert t.unknown_template == 0
+    for reserved in (0, 1, 4, 255):
+        assert malformed(t, message(ipfix_set(256, b"1234"), ipfix_set(reserved, b"zzzz"))) == "reserved_set_id"
+    assert malformed(t, message(ipfix_set(1, b""), ipfix_set(2, trec(300, [field(8, 4)])))) == "reserved_set_id"
+    assert t.unknown_template == 0 and len(t.snapshot) == 1, "nothing learnt"
 
 
 # --- properties ---------------------------------------------------------------------------------------------
@@ -634,3 +637,34 @@ def test_changes_within_one_message_apply_in_order():
     assert inspect(t, msg)[:2] == (1, 6)  # 256 and the last 259 unknown (withdrawn before), 5 + 1 counted
     assert t.unknown_template == 2
     assert snapshot_contents(t.snapshot) == {1: {600: (3, otrec(600, [field(149, 4)], []))}}
+
+
+def test_the_handlers_template_pool_bounds_all_sessions_together():
+    pool = TemplatePool(limit=3 * (8 + TEMPLATE_OVERHEAD))  # three one-field templates
+    a, b = TemplateTracker(), TemplateTracker()
+    a.pool = b.pool = pool
+    inspect(a, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(12, 4)]))))
+    inspect(b, message(ipfix_set(2, trec(256, [field(8, 4)]))))
+    assert pool.used == pool.limit
+    with pytest.raises(TemplateLimit, match="template_memory"):
+        inspect(b, message(ipfix_set(2, trec(300, [field(8, 4)]))))
+    assert len(b.snapshot) == 1 and pool.used == pool.limit, "nothing learnt, nothing charged"
+    inspect(b, message(ipfix_set(2, trec(256, [field(8, 4)]))))  # a refresh, unchanged: always accepted
+    inspect(a, message(ipfix_set(2, struct.pack("!HH", 257, 0))))  # a withdrawal frees its bytes
+    inspect(b, message(ipfix_set(2, trec(300, [field(8, 4)]))))
+    assert pool.used == pool.limit
+    a.release()
+    assert pool.used == 2 * (8 + TEMPLATE_OVERHEAD)
+    b.release()
+    b.release()
+    assert pool.used == 0
+
+
+def test_templates_learnt_before_the_pool_are_never_taken_out_of_it():
+    adopted = TemplateTracker()
+    inspect(adopted, message(ipfix_set(2, trec(256, [field(8, 4)]), trec(257, [field(12, 4)]))))
+    adopted.pool = pool = TemplatePool(limit=1000)
+    inspect(adopted, message(ipfix_set(2, struct.pack("!HH", 257, 0))))
+    assert pool.used == 0
+    adopted.release()
+    assert pool.used == 0

@@ -441,6 +441,9 @@ def test_bad_config_check_config_lists_all_problems_and_run_refuses(tmp_path, ba
         if value:
             assert any(value in x for x in lines)
     assert "4 problem" in out
+    # each key-level problem says where the key is written
+    assert "  - line 1: IPFIX_FULLFLOW_PORT[0]='70000'" in res.stderr
+    assert "  - line 4: IPFIX_FULLFLOW_FROBNICATE[0]='1': unknown key" in res.stderr
 
     b = balancer(bad)
     assert b.wait_exit(READY_TIMEOUT) == 2

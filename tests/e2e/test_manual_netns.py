@@ -12,7 +12,6 @@ addresses are the host's own (config._local_addresses asks netlink through pyrou
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from ipfixkit import TcpExporter, TcpSink, make_stream, product_env, set_ids, status_filename, wait_until
+from ipfixkit import InNs, TcpExporter, TcpSink, link_up, make_stream, manual_receivers, product_env, set_ids, \
+    status_filename, wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 MANUAL = REPO / "etc" / "manual-example.env"
@@ -32,20 +32,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("ip") is None,
                                 reason="network namespaces need root and iproute2's ip (scripts/install-deps)")
 
 
-def _manual_receivers(text: str) -> dict[str, tuple[int, list[tuple[str, int]]]]:
-    """STREAM -> (listening port, [(collector host, port), ...]) as the manual's example says."""
-    out = {}
-    for stream in ("FULLFLOW", "CLICKSTREAM", "DNSFLOW"):
-        port = int(re.search(rf"^IPFIX_{stream}_PORT\[0\]=(\d+)$", text, re.M).group(1))
-        subs = re.search(rf"^IPFIX_{stream}_BALANCER_SUB\[0\]=(\S+)$", text, re.M).group(1)
-        out[stream] = (port, [(h, int(p)) for h, p in (s.split("/") for s in subs.split(","))])
-    return out
-
-
 @pytest.fixture
 def namespaces():
     pyroute2 = pytest.importorskip("pyroute2")
-    from pyroute2 import IPRoute, NetNS, netns
+    from pyroute2 import IPRoute, netns
     tag = f"{os.getpid() % 100000}"
     bal, col = f"ipfixbal-dpi{tag}", f"ipfixbal-qoe{tag}"
     veth_bal, veth_col = f"ipfb{tag}", f"ipfc{tag}"
@@ -62,13 +52,8 @@ def namespaces():
             ipr.link("add", ifname=veth_bal, kind="veth", peer=veth_col)
             ipr.link("set", index=ipr.link_lookup(ifname=veth_bal)[0], net_ns_fd=bal)
             ipr.link("set", index=ipr.link_lookup(ifname=veth_col)[0], net_ns_fd=col)
-        for name, ifname, addrs in ((bal, veth_bal, (BAL_ADDR,)), (col, veth_col, COLLECTOR_ADDRS)):
-            with NetNS(name) as ns:
-                ns.link("set", index=ns.link_lookup(ifname="lo")[0], state="up")
-                index = ns.link_lookup(ifname=ifname)[0]
-                for addr in addrs:
-                    ns.addr("add", index=index, address=addr, prefixlen=24)
-                ns.link("set", index=index, state="up")
+        link_up(bal, veth_bal, (BAL_ADDR,))
+        link_up(col, veth_col, COLLECTOR_ADDRS)
         yield bal, col, netns
     finally:
         for name in (bal, col):   # removing a namespace removes its end of the veth pair, and so the pair
@@ -78,20 +63,6 @@ def namespaces():
         assert not [a for a in ipr.get_addr() if (a.get_attr("IFA_ADDRESS") or "").startswith("10.19.3.")]
 
 
-class InNs:
-    """Sockets made in this block belong to namespace ``name`` (setns on this thread only; threads started
-    here stay there)."""
-
-    def __init__(self, netns, name):
-        self.netns, self.name = netns, name
-
-    def __enter__(self):
-        self.netns.pushns(self.name)
-
-    def __exit__(self, *exc):
-        self.netns.popns()
-
-
 def _no_seq(msg: bytes) -> bytes:
     return msg[:8] + msg[12:]
 
@@ -99,7 +70,7 @@ def _no_seq(msg: bytes) -> bytes:
 def test_manual_example_delivers_to_the_manuals_collectors(namespaces, tmp_path):
     bal, col, netns = namespaces
     text = MANUAL.read_text()
-    receivers = _manual_receivers(text)
+    receivers = manual_receivers(text)
     config = tmp_path / "manual.env"
     config.write_text("".join(line for line in text.splitlines(keepends=True) if "_BALANCER_TASKSET[" not in line))
     assert {h for _, subs in receivers.values() for h, _ in subs} <= set(COLLECTOR_ADDRS)

@@ -1,6 +1,8 @@
 """Processes as operators see them: CPU pinning, names, and internal errors that end in a restart."""
 
 import json
+import os
+import signal
 import textwrap
 
 import psutil
@@ -80,3 +82,22 @@ def test_internal_error_is_logged_once_and_the_handler_exits_nonzero_and_restart
         with TcpExporter(port) as exporter:
             exporter.send(stream)
         assert sink.wait_messages(len(stream), timeout=15)
+
+
+def test_ctrl_c_stops_everything_quietly(balancer):
+    """A terminal's Ctrl-C is SIGINT to the foreground process group: only the supervisor is in it, and it
+    stops the handlers and the console in order. No "Aborted!", no error line, exit 0."""
+    port, console = free_port(), free_port()
+    bal = balancer(f"IPFIX_FULLFLOW_PORT[0]={port}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+                   f"IPFIX_FULLFLOW_BALANCER[0]=All\nIPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{free_port()}\n"
+                   f"IPFIX_BALANCER_CONSOLE=127.0.0.1/{console}\n")
+    bal.wait_ready()
+    bal.wait_log("console_started")
+    children = psutil.Process(bal.pid).children()
+    assert sorted(c.name() for c in children) == ["ipfix-console", "ipfix-fullflow"]  # `ps -o comm | grep ipfix`
+    assert all(os.getpgid(c.pid) != bal.pid for c in children)
+    os.killpg(bal.pid, signal.SIGINT)
+    assert bal.proc.wait(30) == 0, bal.log_tail()
+    assert "Aborted!" not in bal.log_text()
+    assert [line for line in bal.logs() if line.get("level") == "error"] == []
+    assert bal.wait_log("supervisor_stopped")["clean"] is True

@@ -1,5 +1,8 @@
 """Live reconfiguration: exporter sessions stay connected while subreceivers and modes change."""
 
+import json
+import socket
+
 from ipfixkit import TcpExporter, TcpSink, decode_records, extract_serials, free_port, make_stream, run_cli, \
     split_messages, wait_until
 
@@ -108,3 +111,47 @@ def test_reload_command_prints_the_outcome_of_the_running_supervisors_file(balan
 
     done = run_cli("reload", env={"IPFIX_BALANCER_RUN_DIR": str(tmp_path / "nothing")})
     assert done.returncode == 1 and "supervisor is not running" in done.stderr
+
+
+def test_reload_to_a_port_that_cannot_be_bound_is_refused_and_the_old_handler_keeps_serving(balancer, tmp_path):
+    """Transactional: the new socket is tried before the old handler is stopped; the reload fails with the
+    listen error, nothing changes (also not the other receivers' changes), traffic goes on."""
+    port = free_port()
+    with TcpSink() as a, socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen(1)
+        taken = holder.getsockname()[1]
+        bal = balancer(env(port, "RoundRobin", [a]))
+        bal.wait_ready()
+        pid = bal.handler_pid("fullflow[0]")
+        cli_env = {"IPFIX_BALANCER_RUN_DIR": str(bal.run_dir)}
+        with TcpExporter(port) as exporter:
+            stream = make_stream(20, records_per_message=2)
+            exporter.send(stream[:11])
+            assert a.wait_messages(10)
+            bal.write_config(env(taken, "All", [a]) + f"IPFIX_DNSFLOW_PORT[0]={free_port()}\n"
+                             "IPFIX_DNSFLOW_BIND[0]=127.0.0.1\n")
+            done = run_cli("reload", env=cli_env)
+            assert done.returncode == 1, done.stdout
+            assert "reload refused, the running configuration stays" in done.stderr
+            assert f"fullflow[0]: cannot listen on tcp 127.0.0.1:{taken}: address already in use" in done.stderr
+            assert bal.handler_pid("fullflow[0]") == pid
+            assert "dnsflow[0]" not in {h["name"] for h in json.loads(
+                run_cli("status", "--json", env=cli_env).stdout)["handlers"]}
+            exporter.send(stream[11:])
+            status = bal.wait_status("fullflow[0]", lambda s: s["msgs_in"] == 21)
+        assert status["connections_total"] == 1
+        assert a.wait_quiet() and serials_at([a]) == list(range(20 * 2))
+
+
+def test_supervisor_without_receivers_writes_its_document_and_reloads(balancer):
+    """Started with nothing to serve (set it up later in the console): status and reload find it."""
+    bal = balancer("IPFIX_BALANCER_HANG_SECONDS=30\n")
+    cli_env = {"IPFIX_BALANCER_RUN_DIR": str(bal.run_dir)}
+    wait_until(lambda: (bal.run_dir / "supervisor.json").exists())
+    port = free_port()
+    with TcpSink() as a:
+        bal.write_config(env(port, "All", [a]))
+        done = run_cli("reload", env=cli_env)
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.splitlines() == [f"reloaded {bal.config_path}", "handlers started: fullflow[0]"]

@@ -114,3 +114,21 @@ def test_restart_with_a_new_port_replaces_that_handler(balancer):
         stream = make_stream(3, records_per_message=2)
         tcp_send(new_port, stream)
         assert a.wait_messages(len(stream))
+
+
+def test_restart_without_config_validates_the_running_supervisors_file(balancer, tmp_path):
+    """Issue 20: without --config, restart validated $IPFIX_BALANCER_CONFIG (or the default path) instead of
+    the file the running supervisor reads: it refused a valid setup, or waited for the wrong receivers."""
+    port = free_port()
+    elsewhere = tmp_path / "other.env"
+    elsewhere.write_text("IPFIX_FULLFLOW_PORT[0]=0\n")  # invalid, and not the running balancer's
+    with TcpSink() as a:
+        bal = balancer(env(port, [a]))
+        bal.wait_ready()
+        pid = bal.handler_pid("fullflow[0]")
+        result = run_cli("restart", "--run-dir", str(bal.run_dir), env={"IPFIX_BALANCER_CONFIG": str(elsewhere)})
+        assert result.returncode == 0, result.stderr
+        assert "restarted in place" in result.stdout and bal.handler_pid("fullflow[0]") != pid
+        bal.write_config("IPFIX_FULLFLOW_PORT[0]=0\n")  # now the running file is broken: refused
+        result = run_cli("restart", "--run-dir", str(bal.run_dir))
+        assert result.returncode == 1 and "IPFIX_FULLFLOW_PORT[0]" in result.stderr

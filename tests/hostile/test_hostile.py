@@ -6,14 +6,20 @@ and the counters and log lines the attack must leave. Sizes are small here; ``sc
 heavy versions.
 """
 
+import collections
+import contextlib
 import socket
+import struct
+import threading
 import time
 
 import pytest
 
 from hostilekit import LimitedBalancer, Probe, Process, connect, env, health_checks, idle_connections, junk_datagrams, \
-    short_burst, short_sessions, stopped, udp_source_ports
-from ipfixkit import UdpSink, free_port, make_stream, udp_send, wait_until
+    short_burst, short_sessions, stopped, trickle, udp_source_ports
+from ipfixkit import TcpSink, UdpSink, free_port, make_stream, udp_send, wait_until
+from ipfix_balancer.core.admission import FIRST_MESSAGE_SECONDS, SILENT_GRACE
+from ipfix_balancer.logs import Throttle
 
 HANDLER = "fullflow[0]"
 DELAY = 5.0  # seconds: the worst delay of the probe under a (contended) test machine's load
@@ -175,25 +181,35 @@ def test_idle_connections_are_closed_and_cost_no_chunk(probe, balancer):
     unharmed(b, pid, probe)
 
 
-def test_session_caps_refuse_at_accept(probe, balancer):
+def test_at_the_caps_silent_sessions_make_room_and_active_ones_are_never_evicted(probe, balancer):
     port = free_port()
     b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_MAX_SESSIONS[0]=12\n"
                                                        "IPFIX_FULLFLOW_MAX_SESSIONS_PER_SOURCE[0]=5\n")
-    probe.start(port)  # one session from 127.0.0.1
-    local = idle_connections(port, 8)  # 4 more from 127.0.0.1 fit, 4 are refused
-    other = idle_connections(port, 10, source="127.0.0.2")  # 5 fit, the sixth is over the per-source cap
-    more = idle_connections(port, 3, source="127.0.0.3")  # 12 sessions in all: 2 fit, then max_sessions
-    st = b.wait_status(HANDLER, lambda s: sum(s["limited"].values()) == 4 + 5 + 1)
-    assert st["limited"] == {"max_sessions_per_source": 9, "max_sessions": 1}
-    assert st["connections"] == 12
-    lines = events(b, "exporter_limited")
-    assert len(lines) == 3, "once per source and reason"
-    for sock in local + other + more:
+    probe.start(port)  # one session from 127.0.0.1 that delivers
+    silent = idle_connections(port, 4)  # 127.0.0.1 at its cap
+    time.sleep(SILENT_GRACE + 0.2)
+    later = idle_connections(port, 4)  # each closes the oldest silent one of 127.0.0.1, never the probe
+    st = b.wait_status(HANDLER, lambda s: s["limited"].get("evicted_silent") == 4)
+    for sock in silent:
+        sock.settimeout(5)
+        assert sock.recv(1) == b""
+    # 127.0.0.2's sessions all deliver: none can be evicted, the sixth is refused at accept
+    message = b"".join(make_stream(1, 1, odid=9))
+    active = idle_connections(port, 5, source="127.0.0.2")
+    for sock in active:
+        sock.sendall(message)
+    b.wait_status(HANDLER, lambda s: s["msgs_in"] >= 10 + 5)
+    refused = connect(port, source="127.0.0.2")
+    st = b.wait_status(HANDLER, lambda s: s["limited"].get("max_sessions_per_source") == 1)
+    assert st["limited"] == {"evicted_silent": 4, "max_sessions_per_source": 1}
+    assert st["connections"] == 1 + 4 + 5
+    assert len(events(b, "exporter_limited")) == 2, "once per source and reason"
+    for sock in silent + later + active + [refused]:
         sock.close()
     unharmed(b, pid, probe)
 
 
-def test_udp_sessions_over_the_cap_close_the_idlest(balancer):
+def test_udp_sessions_over_the_cap_never_take_the_steady_exporters(balancer):
     port = free_port("udp")
     with UdpSink() as sink:
         b, _ = start(balancer, port, [sink.port], **UDP, extra="IPFIX_FULLFLOW_MAX_SESSIONS[0]=5\n")
@@ -203,10 +219,92 @@ def test_udp_sessions_over_the_cap_close_the_idlest(balancer):
             udp_source_ports(port, 1)
             udp_send(port, steady[2 + i:3 + i], src_port=src)
         udp_send(port, steady[12:], src_port=src, delay=0.001)
-        st = b.wait_status(HANDLER, lambda s: s["msgs_in"] == len(steady) + 10 * 2)
-        assert st["limited"] == {"max_sessions": 6}, "never the steady exporter"
+        # 4 new ports fit; the other 6 deliver too lately to be evicted: their 2 datagrams each are dropped
+        st = b.wait_status(HANDLER, lambda s: s["msgs_in"] == len(steady) + 4 * 2 and s["limited"])
+        assert st["limited"] == {"max_sessions": 12}, "never the steady exporter"
         assert st["connections"] == 5
         wait_until(lambda: sum(d in steady for d in sink.datagrams) == len(steady), "the steady exporter", b)
+
+
+def test_trickling_connections_from_ten_addresses_cannot_lock_the_exporter_out(probe, balancer):
+    """Issue 20: a byte a second kept a slot, and at MAX_SESSIONS the real exporter was refused (100 of 100
+    records lost). Now bytes that never make a message keep no slot: at the cap the oldest silent session
+    makes room, and each is closed FIRST_MESSAGE_SECONDS after it opened."""
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_MAX_SESSIONS[0]=100\n")
+    tricklers = [s for i in range(10) for s in idle_connections(port, 10, source=f"127.0.0.{10 + i}")]
+    b.wait_status(HANDLER, lambda s: s["connections"] == 100)
+    sender = threading.Thread(target=trickle, args=(tricklers, 30, 0.5))  # 15 s, a byte per 0.5 s each
+    sender.start()
+    time.sleep(SILENT_GRACE + 0.5)
+    probe.start(port)
+    st = b.wait_status(HANDLER, lambda s: s["limited"].get("first_message_deadline", 0) >= 99,
+                       timeout=FIRST_MESSAGE_SECONDS + 10)
+    assert st["limited"]["evicted_silent"] == 1 and st["connections"] == 1
+    sender.join()
+    for sock in tricklers:
+        sock.close()
+    unharmed(b, pid, probe)
+
+
+def test_udp_source_port_flood_opens_few_connections_to_collectors(balancer):
+    """Issue 20: 3,000 datagrams from new source ports made 5,824 connections to two collectors. Now one
+    source has at most MAX_SESSIONS_PER_SOURCE sessions and new ones come at most UDP_NEW_PER_SECOND."""
+    port = free_port("udp")
+    with TcpSink() as a, TcpSink() as c:
+        b, pid = start(balancer, port, [a.port, c.port], proto="udp")
+        steady = make_stream(20, 1, odid=1)
+        src = udp_send(port, steady[:10], delay=0.001)
+        udp_source_ports(port, 3000)
+        udp_send(port, steady[10:], src_port=src, delay=0.001)
+        # every datagram either delivered or counted as dropped by a limit
+        st = b.wait_status(HANDLER, lambda s: s["msgs_in"] + sum(s["limited"].values()) == len(steady) + 2 * 3000)
+        assert st["connections_total"] <= 1 + 100 and st["connections"] <= 1 + 100
+        assert a.connection_count + c.connection_count <= 2 * (1 + 100)
+        assert set(st["limited"]) <= {"new_session_rate", "max_sessions_per_source"}
+        wait_until(lambda: sum(1 for m in a.messages() + c.messages() if m in steady) >= len(steady) - 1,
+                   "the steady exporter's messages", b)
+        assert b.handler_pid(HANDLER) == pid
+
+
+def test_udp_junk_from_new_source_ports_opens_no_session(balancer):
+    """A new UDP session (and its connections to the collectors) only for a valid message: a set that
+    does not parse is counted as malformed and opens nothing."""
+    port = free_port("udp")
+    junk = struct.pack("!HHIII", 10, 20, 0, 0, 1) + struct.pack("!HH", 256, 2)  # a set length of 2
+    with TcpSink() as sink:
+        b, pid = start(balancer, port, [sink.port], proto="udp")
+        for _ in range(50):
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.sendto(junk, ("127.0.0.1", port))
+        st = b.wait_status(HANDLER, lambda s: s["malformed_by_reason"].get("set_length") == 50)
+        assert st["connections_total"] == 0 and st["msgs_in"] == 0
+        time.sleep(0.5)
+        assert sink.connection_count == 0 and b.handler_pid(HANDLER) == pid
+
+
+def test_junk_from_thousands_of_sources_writes_a_bounded_number_of_lines(balancer):
+    """Issue 20: the throttle was per source only: junk from 2,000 sources wrote 4,000 lines over UDP and
+    6,000 over TCP. Now each event writes at most Throttle.PER_EVENT lines a minute, all sources together."""
+    udp_port, tcp_port = free_port("udp"), free_port()
+    with UdpSink() as sink:
+        udp, _ = start(balancer, udp_port, [sink.port], **UDP)
+        tcp, _ = start(balancer, tcp_port, [sink.port], sub_proto="udp")
+        sources = [f"127.1.{i // 250}.{i % 250 + 1}" for i in range(2000)]
+        for host in sources:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.bind((host, 0))
+                s.sendto(b"junk", ("127.0.0.1", udp_port))
+        for host in sources[:500]:
+            with contextlib.suppress(OSError), connect(tcp_port, source=host) as s:
+                s.sendall(b"junk" * 5)
+        udp.wait_status(HANDLER, lambda s: s["malformed"] == 2000)
+        tcp.wait_status(HANDLER, lambda s: s["malformed"] == 500 and s["connections"] == 0)
+        for b in (udp, tcp):
+            by_event = collections.Counter(line["event"] for line in b.logs() if line.get("stream") == "FULLFLOW")
+            noisy = {e: n for e, n in by_event.items() if n > Throttle.PER_EVENT}
+            assert not noisy, noisy
+        assert len(events(udp, "malformed_ipfix")) == Throttle.PER_EVENT
 
 
 # -- 4. descriptor exhaustion -----------------------------------------------------------------------------
@@ -250,8 +348,8 @@ def test_udp_sources_at_the_descriptor_limit(tmp_path):
             early = make_stream(40, 1, odid=77)
             src = udp_send(port, early[:20], delay=0.001)
             assert sink.wait_messages(20)
-            udp_source_ports(port, 200)
-            b.wait_status(HANDLER, lambda s: s["connections_total"] >= 150, timeout=15)
+            udp_source_ports(port, 200)  # one source: its cap (100 sessions) and the new-session rate hold it
+            b.wait_status(HANDLER, lambda s: s["connections_total"] >= 100, timeout=15)
             udp_send(port, early[20:], src_port=src, delay=0.001)
             wait_until(lambda: sum(1 for d in sink.datagrams if d in early) == len(early), "the early exporter", b)
             assert b.handler_pid(HANDLER) == pid and Process(pid).alive
@@ -260,6 +358,14 @@ def test_udp_sources_at_the_descriptor_limit(tmp_path):
 
 
 # -- 5. who may export --------------------------------------------------------------------------------------
+def test_an_ipv4_mapped_allow_range_admits_ipv4_exporters(probe, balancer):
+    port = free_port()
+    b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_ALLOW[0]=::ffff:127.0.0.0/104\n")
+    probe.start(port)  # from 127.0.0.1: inside the mapped range (it used to be refused)
+    unharmed(b, pid, probe)
+    assert not b.status(HANDLER)["limited"]
+
+
 def test_allowlist_refuses_tcp_at_accept(probe, balancer):
     port = free_port()
     b, pid = start(balancer, port, [probe.port], extra="IPFIX_FULLFLOW_ALLOW[0]=127.0.0.1, 10.0.0.0/8\n")

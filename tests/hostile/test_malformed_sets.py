@@ -29,6 +29,7 @@ MALFORMED = {
     "varlen_past_end": message(ipfix_set(400, b"\x01a" + b"\x20" + b"z" * 5)),
     "template_id": message(ipfix_set(2, struct.pack("!HHHH", 255, 1, 8, 4))),
     "stray_bytes": message(ipfix_set(400, b"\x01a"), b"\x00\x00"),
+    "reserved_set_id": message(ipfix_set(400, b"\x01a"), ipfix_set(4, b"zzzz")),
 }
 
 

@@ -111,3 +111,37 @@ def test_udp_datagram_over_a_limit_is_dropped_and_the_session_goes_on(balancer):
         assert sink.messages() == [stream[0], stream[1], stream[2], stream[3]]  # byte-identical, in order
         lines = [entry for entry in bal.logs() if entry.get("event") == "template_limit"]
         assert [(x["reason"], x["action"]) for x in lines] == [("odids_max", "datagram dropped")]
+
+
+def test_the_templates_of_all_sessions_together_are_bounded_and_freed_with_them(balancer):
+    """Issue 20: TEMPLATE_BYTES_MAX bounded each session, nothing their sum (150 sessions x 0.79 MB took
+    264 MB). Now the handler's sessions together hold at most MEMORY_BYTES / 8 of templates: here 1 MiB,
+    so three sessions of 4,096 templates (72 bytes each) fit and the fourth is refused at its limit."""
+    port = free_port()
+    with TcpSink() as sink:
+        bal = balancer(env(port, sink, extra="IPFIX_FULLFLOW_MEMORY_BYTES[0]=8388608\n"))
+        bal.wait_ready()
+        pid = bal.handler_pid("fullflow[0]")
+        holders = [TcpExporter(port) for _ in range(3)]
+        for i, exporter in enumerate(holders):
+            exporter.send([bomb(4096)])
+            bal.wait_status("fullflow[0]", lambda s, n=4096 * (i + 1): s["msgs_in"] == n, timeout=30)
+        with TcpExporter(port) as fourth:
+            fourth.send([bomb(4096)])
+            fourth.sock.settimeout(10)
+            try:
+                closed = fourth.sock.recv(1) == b""
+            except ConnectionResetError:  # closed with bytes of ours unread
+                closed = True
+            assert closed, "closed at the handler's template limit"
+        bal.wait_status("fullflow[0]", lambda s: s["malformed_by_reason"].get("template_memory") == 1)
+        refused = [line for line in bal.logs() if line.get("event") == "template_limit"]
+        assert [line["reason"] for line in refused] == ["template_memory"]
+        for exporter in holders:  # their sessions end: their templates leave the pool
+            exporter.close()
+        bal.wait_status("fullflow[0]", lambda s: s["connections"] == 0 and s["draining"] == 0, timeout=30)
+        with TcpExporter(port) as later:
+            later.send(make_stream(10, 2))
+            wait_until(lambda: extract_serials(of_odid(sink.messages(), 1)) == list(range(20)),
+                       "a new session's records, templates and all", bal)
+        assert bal.handler_pid("fullflow[0]") == pid

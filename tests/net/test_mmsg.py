@@ -148,7 +148,8 @@ class Session:
     def __init__(self, addr, peer):
         self.addr, self.peer, self.runs, self.last_seen = addr, peer, [], 0.0
 
-    def deliver(self, msgs):
+    def deliver(self, msgs, stop=True):
+        assert not stop, "UDP datagrams stand alone: a refused one does not end the run"
         self.runs.append([bytes(m) for m in msgs])
 
     def end(self):

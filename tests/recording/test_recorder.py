@@ -324,3 +324,25 @@ def test_status_has_one_entry_per_export_target(make):
     assert st.dpi_id == 0 and st.file_msgs == 3 and st.file_flows == 6
     assert [(t.target, t.pending, t.sent) for t in st.exports] == [("127.0.0.1/9/tcp", 0, 0),
                                                                    ("127.0.0.1/10/udp", 0, 0)]
+
+def test_names_stay_in_time_order_when_the_clock_steps_back(make, tmp_path):
+    rec, clock, _, _ = make(ROTATE_DELAY_SECONDS=60)
+    exporter = Exporter(rec)
+    exporter.send(make_stream(2, 1))
+    clock.advance(30)
+    exporter.send(make_stream(2, 1, first_serial=2, with_template=False))
+    clock.advance(-3600)  # an NTP step back: rotates at once
+    assert rec.poll_time() is True
+    for i in range(2):
+        exporter.send(make_stream(1, 1, first_serial=4 + i, with_template=False))
+        clock.advance(60)
+        rec.poll_time()
+    clock.advance(3600)
+    exporter.send(make_stream(1, 1, first_serial=6, with_template=False))
+    rec.rotate("hup")
+    names = dumps(tmp_path / "dump")  # sorted by name
+    a = "20231114T221320Z"  # T0: the open file ends at its start, the time its clock last showed
+    assert names == [f"fullflow_0_{a}_{a}.ipfix", f"fullflow_0_{a}_{a}_001.ipfix", f"fullflow_0_{a}_{a}_002.ipfix",
+                     f"fullflow_0_{a}_20231114T221550Z.ipfix"]  # past T0 again: T0 + 150 s
+    files = [read_messages(tmp_path / "dump" / n) for n in names]
+    assert [extract_serials(m) for m in files] == [[0, 1, 2, 3], [4], [5], [6]]

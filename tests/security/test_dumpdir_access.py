@@ -1,9 +1,11 @@
 """Issue 13, item 3: names planted in a dump directory never make the recorder read, truncate or create a
 file elsewhere, and a directory others can write is refused."""
 import os
+import signal
+import stat
 import time
 
-from ipfixkit import TcpSink, free_port, make_stream
+from ipfixkit import TcpExporter, TcpSink, free_port, make_stream
 
 from ipfix_balancer.recording.export import target_token
 
@@ -51,5 +53,43 @@ def test_a_dump_dir_others_can_write_is_refused(balancer, shared_dir):
         b = balancer(recorder_env(free_port(), dump, target.endpoint))
         b.wait_ready(30)
         line = b.wait_log("dump_dir_unusable", timeout=20)
-        assert "not writable by others" in line["error"]
+        assert "not writable by group or others" in line["error"]
         assert os.listdir(dump) == []
+
+
+def test_a_dump_dir_that_is_another_users_symlink_is_refused(attacker, balancer, shared_dir, tmp_path):
+    """Issue 20: a DUMP_DIR that is a symlink a local user planted was followed: root wrote the recorded
+    flows into a root-only 0700 directory the symlink named."""
+    private = tmp_path / "root-only"
+    private.mkdir(mode=0o700)
+    link = shared_dir / "dump"
+    assert attacker.run(f"import os; os.symlink({str(private)!r}, {str(link)!r})").returncode == 0
+    with TcpSink() as target:
+        port = free_port()
+        b = balancer(recorder_env(port, link / "fullflow", target.endpoint))  # a component to create, too
+        b.wait_ready(30)
+        with TcpExporter(port) as exporter:
+            exporter.send(make_stream(5, 2))
+        line = b.wait_log("dump_dir_unusable", timeout=20)
+        assert "a symlink of uid" in line["error"]
+        time.sleep(1.0)
+        assert os.listdir(private) == [], "nothing created through the symlink"
+        assert b.running
+
+
+def test_dump_files_are_not_readable_by_other_users(attacker, balancer, shared_dir):
+    dump = shared_dir / "operator-dump"
+    dump.mkdir(mode=0o755)  # an operator-made directory anyone may list
+    with TcpSink(up=False) as target:  # down: the file stays in the directory
+        port = free_port()
+        b = balancer(recorder_env(port, dump, target.endpoint))
+        b.wait_ready(30)
+        with TcpExporter(port) as exporter:
+            exporter.send(make_stream(5, 2))
+        b.wait_status("fullflow[0]", lambda s: s["msgs_in"] == 6)
+        os.kill(b.handler_pid("fullflow[0]"), signal.SIGHUP)  # rotate: the file is completed
+        b.wait_log("dump_completed", timeout=20)
+        [name] = [n for n in os.listdir(dump) if n.endswith(".ipfix")]
+        assert stat.S_IMODE(os.stat(dump / name).st_mode) == 0o640
+        out = attacker.run(f"open({str(dump / name)!r}, 'rb').read(); print('READ')")
+        assert "READ" not in out.stdout and "PermissionError" in out.stderr

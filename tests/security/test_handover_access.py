@@ -8,7 +8,7 @@ import time
 import psutil
 from attack import legacy_handover_name, named_unix_sockets
 
-from ipfixkit import REPO_ROOT, TcpExporter, TcpSink, extract_serials, free_port, make_stream, run_cli
+from ipfixkit import TcpExporter, TcpSink, extract_serials, fault_env, free_port, make_stream, run_cli
 
 STEAL = """
 import socket, sys
@@ -156,12 +156,9 @@ if "handler" in sys.argv and os.path.exists({flag!r}):
 
 
 def test_a_successor_that_dies_before_asking_leaves_the_old_handler_serving(balancer, tmp_path):
-    fault, flag = tmp_path / "fault", tmp_path / "die"
-    fault.mkdir()
-    (fault / "sitecustomize.py").write_text(DIE_EARLY.format(flag=str(flag)))
-    port = free_port()
+    flag, port = tmp_path / "die", free_port()
     with TcpSink() as sink:
-        bal = balancer(env(port, [sink]), env={"PYTHONPATH": f"{fault}:{REPO_ROOT}"})
+        bal = balancer(env(port, [sink]), env=fault_env(tmp_path / "fault", DIE_EARLY.format(flag=str(flag))))
         bal.wait_ready()
         old = bal.handler_pid("fullflow[0]")
         stream = make_stream(40, records_per_message=2)

@@ -5,6 +5,7 @@ import pwd
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -54,9 +55,10 @@ def test_root_run_drops_to_the_service_user_with_only_the_needed_capability(serv
     low, high = free_low_port(), free_port()
     with TcpSink() as sink:
         bal = reachable_balancer(
-            f"IPFIX_FULLFLOW_PORT[0]={low}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n"
+            # All, not the default Disabled: a recorder would write into the real /var/fast_ipfix_balancer/dump
+            f"IPFIX_FULLFLOW_PORT[0]={low}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\nIPFIX_FULLFLOW_BALANCER[0]=All\n"
             f"IPFIX_FULLFLOW_BALANCER_SUB[0]=127.0.0.1/{sink.port}\n"
-            f"IPFIX_CLICKSTREAM_PORT[0]={high}\nIPFIX_CLICKSTREAM_BIND[0]=127.0.0.1\n"
+            f"IPFIX_CLICKSTREAM_PORT[0]={high}\nIPFIX_CLICKSTREAM_BIND[0]=127.0.0.1\nIPFIX_CLICKSTREAM_BALANCER[0]=All\n"
             f"IPFIX_CLICKSTREAM_BALANCER_SUB[0]=127.0.0.1/{sink.port}\n",
             env={"IPFIX_BALANCER_USER": service_user})
         bal.config_path.chmod(0o644)
@@ -71,3 +73,19 @@ def test_root_run_drops_to_the_service_user_with_only_the_needed_capability(serv
         assert caps["CapEff"] == caps["CapAmb"] == 1 << 10, caps  # CAP_NET_BIND_SERVICE and nothing else
         tcp_send(low, make_stream(5))
         assert sink.wait_messages(5)
+
+
+def test_a_drop_that_cannot_work_says_why_in_one_line(service_user, tmp_path):
+    """Root runs it from a place the service user cannot reach (a venv under /root, pytest's private tmp
+    dir): one line naming the path and the way out, exit 3, no traceback, nothing left running."""
+    config = tmp_path / "balancer.env"
+    config.write_text(f"IPFIX_FULLFLOW_PORT[0]={free_port()}\nIPFIX_FULLFLOW_BIND[0]=127.0.0.1\n")
+    env = {k: v for k, v in os.environ.items() if k != "INVOCATION_ID"}
+    done = subprocess.run([sys.executable, "-m", "ipfix_balancer", "run", "--config", str(config),
+                           "--run-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=60,
+                          env={**env, "IPFIX_BALANCER_USER": service_user,
+                               "PYTHONPATH": str(Path(__file__).resolve().parents[2])})
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+    [line] = [ln for ln in done.stdout.splitlines() if "not_started" in ln]
+    assert f"runs as {service_user}, who may not " in line and "IPFIX_BALANCER_USER=" in line, line

@@ -2,17 +2,20 @@
 and the sd_notify messages the supervisor sends to systemd."""
 
 import contextlib
+import glob
 import json
 import os
 import signal
 import socket
+import time
 import urllib.error
 import urllib.request
 
 import psutil
 import pytest
 
-from ipfixkit import REPO_ROOT, TcpSink, forwarding_env, free_port, run_cli, wait_until
+from ipfixkit import (REPO_ROOT, TcpExporter, TcpSink, extract_serials, fault_env, forwarding_env, free_port,
+                      make_stream, run_cli, wait_until)
 
 
 class FakeSystemd:
@@ -134,3 +137,83 @@ def test_sd_notify_ready_status_watchdog_reload_and_stopping(balancer, systemd):
 def test_the_unit_is_type_notify_with_a_watchdog():
     unit = (REPO_ROOT / "etc" / "systemd" / "fast_ipfix_balancer.service").read_text().splitlines()
     assert {"Type=notify", "NotifyAccess=main", "WatchdogSec=60"} <= set(unit)
+
+
+# Test-only fault: while the flag file exists, the supervisor cannot make a socketpair (its descriptors
+# are exhausted, as under the metrics flood of issue 20).
+NO_SOCKETPAIR = """
+import errno, os, socket, sys
+if sys.argv[1:2] == ["run"]:
+    real = socket.socketpair
+    def socketpair(*args, **kwargs):
+        if os.path.exists({flag!r}):
+            raise OSError(errno.EMFILE, os.strerror(errno.EMFILE))
+        return real(*args, **kwargs)
+    socket.socketpair = socketpair
+"""
+
+
+def test_a_handler_that_cannot_be_started_is_logged_and_retried_with_backoff(balancer, tmp_path):
+    flag, port = tmp_path / "emfile", free_port()
+    with TcpSink() as sink:
+        fault = fault_env(tmp_path / "fault", NO_SOCKETPAIR.format(flag=str(flag)))
+        bal = balancer(forwarding_env(port, [sink]), env=fault)
+        bal.wait_ready()
+        first = bal.handler_pid("fullflow[0]")
+        flag.touch()
+        os.kill(first, signal.SIGKILL)
+        failed = [bal.wait_log(lambda line, n=n: line.get("event") == "handler_start_failed"
+                               and line["restarts"] == n, timeout=20) for n in (1, 2)]
+        assert [f["restart_in"] for f in failed] == [2.0, 4.0]  # the backoff goes on doubling
+        assert "Too many open files" in failed[0]["reason"]
+        flag.unlink()
+        new = bal.wait_status("fullflow[0]", lambda s: s["pid"] != first and s["listen"]["listening"], timeout=20)
+        assert bal.running and bal.supervisor()["handlers"][0]["pid"] == new["pid"]
+        stream = make_stream(20)
+        with TcpExporter(port) as exporter:
+            exporter.send(stream)
+            assert sink.wait_messages(20)
+        assert not [line for line in bal.logs() if line.get("event") == "supervisor_turn_failed"]
+
+
+def _faketime() -> str | None:
+    found = glob.glob("/usr/lib/*/faketime/libfaketime.so.1")
+    return found[0] if found else None
+
+
+def test_wall_clock_steps_kill_no_handler_and_lose_no_record(balancer, tmp_path):
+    """The balancer's processes read a wall clock that steps +20 s, then back an hour (libfaketime, from a
+    file: the machine's clock is never touched); their monotonic clock runs on."""
+    lib = _faketime()
+    if lib is None:
+        pytest.skip("needs libfaketime (scripts/install-deps installs it)")
+    offset = tmp_path / "wall-offset"
+    offset.write_text("+0s\n")
+    fake = {"LD_PRELOAD": lib, "FAKETIME_TIMESTAMP_FILE": str(offset), "FAKETIME_NO_CACHE": "1",
+            "FAKETIME_DONT_FAKE_MONOTONIC": "1"}
+    port, metrics = free_port(), free_port()
+    stream = make_stream(500, records_per_message=2)
+    with TcpSink() as sink:
+        bal = balancer(forwarding_env(port, [sink], extra=f"IPFIX_BALANCER_METRICS=127.0.0.1/{metrics}\n"
+                                                          "IPFIX_BALANCER_HANG_SECONDS=3\n"), env=fake)
+        bal.wait_ready()
+        handler = bal.handler_pid("fullflow[0]")
+        with TcpExporter(port) as exporter:
+            exporter.send(stream[:1])
+            sent = 1
+            for step in (20, -3600):
+                offset.write_text(f"{step:+d}s\n")
+                # proof that the handler reads the stepped clock: its document's wall time moved
+                bal.wait_status("fullflow[0]", lambda s, step=step: abs(s["time"] - time.time() - step) < 2)
+                for message in stream[sent:sent + 200]:  # 4 s: longer than HANG_SECONDS
+                    exporter.send([message])
+                    time.sleep(0.02)
+                sent += 200
+                assert _get(f"http://127.0.0.1:{metrics}/healthz")[0] == 200
+                doc = json.loads(run_cli("status", "--json", "--run-dir", str(bal.run_dir)).stdout)
+                assert doc["handlers"][0]["stale"] is False  # status, on the real clock, judges the beat
+            exporter.send(stream[sent:])
+        assert sink.wait_messages(500, timeout=30) and sink.wait_quiet(0.5)
+        assert sorted(extract_serials(sink.messages())) == list(range(1000)), "every record, once"
+        assert bal.running and bal.handler_pid("fullflow[0]") == handler
+        assert not [line for line in bal.logs() if line.get("event") in ("handler_hung", "handler_died")]

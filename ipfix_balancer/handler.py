@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import itertools
 import os
 import signal
 import socket
@@ -21,7 +22,8 @@ from .control.rundir import DRAIN_TIMEOUT
 from .control.ports import bind, listen_failure
 from .control.privileges import raise_fd_limit
 from .control.signals import Wakeup, set_process_name
-from .control.status import HandlerStatus, ListenStatus, PeriodRates, SubreceiverStatus
+from .control.status import (SESSIONS_LISTED, ExporterSessionStatus, HandlerStatus, ListenStatus, PeriodRates,
+                             SubreceiverStatus)
 from .core.framing import FramingError
 from .core.sendqueue import DRAIN_LIMIT, Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
@@ -56,6 +58,7 @@ class Handler:
         self.template_pool = TemplatePool(rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE)  # every session's
         self.recorder = None
         self.sessions: set[ExporterSession] = set()
+        self.opened: dict[ExporterSession, float] = {}  # session -> when it was opened, for the status
         self.counters = Counters()
         self.malformed: dict[str, int] = {}
         self.overflow = 0  # the UDP listening socket's kernel drops since this process has it, as last read
@@ -141,6 +144,7 @@ class Handler:
         session.on_templates = self._templates_announced
         session.tracker.pool = self.template_pool
         self.sessions.add(session)
+        self.opened[session] = time.time()
         self.connections_total += 1
         return session
 
@@ -170,6 +174,7 @@ class Handler:
     def _session_gone(self, session: ExporterSession) -> None:
         session.tracker.release()
         self.sessions.discard(session)
+        self.opened.pop(session, None)
         if self.listener is not None:
             self.listener.forget(session)
 
@@ -441,7 +446,10 @@ class Handler:
             queued_msgs=sum(m for m, _r in held), queued_records=sum(r for _m, r in held),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
-            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates)
+            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates,
+            sessions=list(itertools.islice((ExporterSessionStatus(s.peer, since, sorted(s.tracker.snapshot.odids()), s.msgs_in)
+                                            for s, since in self.opened.items() if s.state is Lifecycle.OPEN),
+                                           SESSIONS_LISTED)))
         try:
             self._write_status_file(doc.to_dict())
         except OSError as exc:  # status is for operators: never a reason to drop traffic

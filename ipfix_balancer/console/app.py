@@ -12,8 +12,10 @@ thread pool, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
+import json
 import os
 import secrets
 import time
@@ -34,8 +36,10 @@ from ..control import reload as reload_mod
 from ..control import rundir
 from ..control import status as status_mod
 from ..core.admission import FailureThrottle
+from ..core.history import History
 from ..logs import Throttle
-from . import envfile, fields, logsource
+from ..recording.dumpfile import dump_prefix
+from . import charts, envfile, fields, logsource
 
 HERE = os.path.dirname(__file__)
 COOKIE = "ipfix_console"
@@ -47,6 +51,7 @@ MAX_BODY = 256 * 1024  # bytes of a request body: a receiver form is a few KB
 MAX_INDEX_DIGITS = 6  # a receiver index in a URL or a form: longer is no receiver (int() of 5,000 digits fails)
 LOG_LINES = 500  # shown
 LOG_SCAN = 5000  # read from the journal, before filtering
+SAMPLE_PERIOD = 2.0  # seconds between two samples of the status documents for the charts
 LEVELS = ("debug", "info", "warning", "error", "critical")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'; frame-ancestors 'none'; form-action 'self'",
@@ -60,10 +65,12 @@ class Session:
     csrf: str
     authenticated: bool = False
     seen: float = dataclasses.field(default_factory=time.monotonic)
+    # The outcome of the last Apply or Delete, shown once by the page it redirects to (Post/Redirect/Get).
+    outcome: tuple[list[str], list[str]] | None = None
 
 
 class ConsoleState:
-    """The state of one console process: its token, sessions and the last counters seen (for rates)."""
+    """The state of one console process: its token, sessions and the charts' history."""
 
     def __init__(self, settings: config_mod.Console, config_path: str, run_dir: str, token: str, log):
         self.settings, self.config_path, self.run_dir, self.token, self.log = \
@@ -72,8 +79,9 @@ class ConsoleState:
         self.login_key = secrets.token_bytes(32)  # signs the login form's CSRF token
         self.failures = FailureThrottle()
         self.throttle = Throttle(log)  # failed and refused logins: one line per address per minute
-        self.samples: dict[str, tuple[float, int]] = {}  # handler name -> (time, msgs_in) of the last look
+        self.history = History()  # kept by this process: a restarted console starts its charts afresh
         self.templates = Jinja2Templates(directory=os.path.join(HERE, "templates"))  # autoescapes .html
+        self.templates.env.filters.update(utc=_utc, duration=_duration)
 
     # -- sessions --------------------------------------------------------------------------------
     def session(self, request: Request) -> tuple[str, Session] | None:
@@ -111,7 +119,7 @@ class ConsoleState:
         return response
 
     def render(self, request: Request, name: str, session: Session, status_code: int = 200, **context) -> Response:
-        context.update(csrf=session.csrf, authenticated=session.authenticated)
+        context.update(csrf=session.csrf, authenticated=session.authenticated, path=request.url.path)
         return self.templates.TemplateResponse(request, name, context, status_code=status_code,
                                                headers=SECURITY_HEADERS)
 
@@ -125,35 +133,88 @@ class ConsoleState:
             effective = {}
         written = envfile.EnvFile(text).receivers()
         live = {(h.doc.stream, h.doc.index): h for h in report.handlers}
-        now = time.monotonic()
-        rows = []
-        for (stream, index), values in written.items():
-            shown = fields.form_values(values)
-            h = live.get((stream, index))
-            row = {"stream": stream, "title": envfile.TITLES[stream], "index": index, "settings": shown,
-                   "rc": effective.get((stream, index)), "handler": h, "rate": None}
-            if h is not None:
-                last = self.samples.get(h.doc.name)
-                if last is not None and now > last[0] and h.doc.msgs_in >= last[1]:
-                    row["rate"] = (h.doc.msgs_in - last[1]) / (now - last[0])
-                self.samples[h.doc.name] = (now, h.doc.msgs_in)
-            rows.append(row)
-        return rows
+        return [{"stream": stream, "title": fields.RECEIVER_TYPES[stream], "index": index,
+                 "settings": fields.form_values(values), "rc": effective.get((stream, index)),
+                 "handler": live.get((stream, index)), "renumbered": renumbered(effective, written, stream, index)}
+                for (stream, index), values in written.items()]
 
-    def log_lines(self, stream: str, level: str) -> tuple[str, list[dict]]:
-        """(source, the newest LOG_LINES lines matching the filters, newest first)."""
+    def sample(self, report: status_mod.StatusReport, now: float) -> None:
+        """Fold one look at the handlers' status documents into the charts' history."""
+        for h in report.handlers:
+            d = h.doc
+            self.history.record(
+                d.name, now, at=d.time, state="up" if h.alive and not h.stale else "down",
+                counters={"msgs_in": d.msgs_in, "bytes_in": d.bytes_in,
+                          "msgs_out": sum(s.msgs_out for s in d.subreceivers),
+                          "bytes_out": sum(s.bytes_out for s in d.subreceivers), **_drops(d.drops_by_reason)},
+                gauges={"queued_bytes": d.queued_bytes, "sessions": d.connections})
+            for s in d.subreceivers:
+                self.history.record(sub_key(d.name, s.endpoint), now, at=d.time, state=s.state,
+                                    counters={"msgs_out": s.msgs_out, "bytes_out": s.bytes_out,
+                                              **_drops(s.drops_by_reason)},
+                                    gauges={"queued_bytes": s.queued_bytes})
+        self.history.expire(now)
+
+    def log_lines(self, stream: str, level: str, text: str, limit: int = LOG_LINES) -> tuple[str, list[dict]]:
+        """(source, the newest ``limit`` lines matching the filters, newest first). ``text`` is found in any
+        value of a line, ignoring case."""
         source, lines = logsource.recent(rundir.log_ring_path(self.run_dir), LOG_SCAN)
         least = LEVELS.index(level) if level in LEVELS else 0
+        text = text.lower()
         out = []
         for doc in reversed(lines):
             if stream and str(doc.get("stream", "")).lower() != stream.lower():
                 continue
             if (LEVELS.index(doc["level"]) if doc.get("level") in LEVELS else 0) < least:
                 continue
+            if text and not any(text in str(v).lower() for v in doc.values()):
+                continue
             out.append(doc)
-            if len(out) >= LOG_LINES:
+            if len(out) >= limit:
                 break
         return source, out
+
+
+def _utc(t: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+
+
+def _duration(seconds: float) -> str:
+    """An age in the largest two units: "3 d 4 h", "5 min 2 s"."""
+    s = max(0, int(seconds))
+    parts = [(s // 86400, "d"), (s // 3600 % 24, "h"), (s // 60 % 60, "min"), (s % 60, "s")]
+    first = next((i for i, (n, _) in enumerate(parts) if n), len(parts) - 1)
+    return " ".join(f"{n} {unit}" for n, unit in parts[first:first + 2])
+
+
+def sub_key(handler: str, endpoint: str) -> str:
+    """A subreceiver's name in the history: its handler's and its own."""
+    return f"{handler} {endpoint}"
+
+
+def _drops(by_reason: dict[str, int]) -> dict[str, int]:
+    return {f"drops:{reason}": n for reason, n in by_reason.items()}
+
+
+def renumbered(effective: dict[tuple[str, int], config_mod.ReceiverConfig], written: dict, stream: str,
+               index: int) -> list[str]:
+    """What deleting (stream, index) renumbers, in words: with DPI_ID -1 (the default) a receiver's DPI ID
+    is its position in its stream, so each later receiver of the stream that keeps the default moves down
+    one, and so do the names of the dump files it records (itself, or its balancer-auto recorders)."""
+    same = sorted(i for s, i in effective if s == stream)
+    if index not in same:
+        return []  # the file does not load as it is: nothing to compare
+    out = []
+    for later in same[same.index(index) + 1:]:
+        if written.get((stream, later), {}).get("DPI_ID", "").strip() in ("", "-1"):
+            rc = effective[(stream, later)]
+            old = rc.recording.dpi_id
+            line = f"{stream.lower()}[{later}]: DPI ID {old} becomes {old - 1}"
+            if rc.forwarding.mode is config_mod.Mode.DISABLED or rc.forwarding.balancer_auto:
+                line += (f"; its dump files are named {dump_prefix(stream, old - 1)}… instead of "
+                         f"{dump_prefix(stream, old)}…")
+            out.append(line)
+    return out
 
 
 def _guarded(handler, method: str):
@@ -226,10 +287,18 @@ async def _table(console: ConsoleState) -> dict:
     return {"rows": await run_in_threadpool(console.receiver_rows, text, report), "digest": envfile.digest(text)}
 
 
-async def receivers(console: ConsoleState, request: Request, session: Session, message: list[str] | None = None,
-                    problems: list[str] | None = None) -> Response:
-    return console.render(request, "receivers.html", session, message=message or [], problems=problems or [],
+async def receivers(console: ConsoleState, request: Request, session: Session) -> Response:
+    message, problems = session.outcome or ([], [])
+    session.outcome = None  # shown once: a refresh of the page shows the table alone
+    return console.render(request, "receivers.html", session, message=message, problems=problems,
                           config_path=console.config_path, **await _table(console))
+
+
+def _outcome(session: Session, message: list[str] | None = None, problems: list[str] | None = None) -> Response:
+    """Post/Redirect/Get: the outcome goes with the session to the receiver table, so refreshing the page
+    the browser lands on submits nothing again."""
+    session.outcome = (message or [], problems or [])
+    return RedirectResponse("/receivers", status_code=303)
 
 
 async def receivers_table(console: ConsoleState, request: Request, session: Session) -> Response:
@@ -246,7 +315,8 @@ def _form(console: ConsoleState, request: Request, session: Session, *, stream: 
                           original_stream=original_stream or stream,
                           values=values, digest=digest, manual=fields.MANUAL, more=fields.MORE,
                           streams=fields.stream_choices(), errors=errors or {}, problems=problems or [],
-                          more_open=any(f.param in (errors or {}) for f in fields.MORE))
+                          more_open=any(f.param in (errors or {}) for f in fields.MORE),
+                          first_error=next((f.param for f in fields.FIELDS if f.param in (errors or {})), None))
 
 
 async def new_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
@@ -260,7 +330,7 @@ async def edit_receiver(console: ConsoleState, request: Request, session: Sessio
     text = envfile.read(console.config_path)
     written = envfile.EnvFile(text).receivers().get((stream, index))
     if written is None:
-        return await receivers(console, request, session, problems=[f"{stream.lower()}[{index}] is not in the file"])
+        return _outcome(session, problems=[f"{stream.lower()}[{index}] is not in the file"])
     return _form(console, request, session, stream=stream, index=index, values=fields.form_values(written),
                  digest=envfile.digest(text))
 
@@ -308,14 +378,14 @@ async def delete_receiver(console: ConsoleState, request: Request, session: Sess
     stream, index = request.path_params["stream"], request.path_params["index"]
     text = envfile.read(console.config_path)
     if not hmac.compare_digest(str(form.get("digest", "")), envfile.digest(text)):
-        return await receivers(console, request, session, problems=[
+        return _outcome(session, problems=[
             f"{console.config_path} changed on disk since this page was loaded; nothing was deleted."])
     env = envfile.EnvFile(text)
     env.delete_receiver(stream, index)
     try:
         await _check(console, env.text())
     except config_mod.ConfigError as err:
-        return await receivers(console, request, session, problems=err.problems)
+        return _outcome(session, problems=err.problems)
     return await _write_and_reload(console, request, session, text, env.text())
 
 
@@ -332,36 +402,87 @@ async def _write_and_reload(console: ConsoleState, request: Request, session: Se
     try:
         outcome = await run_in_threadpool(reload_mod.request, console.run_dir)
     except (reload_mod.NotRunning, TimeoutError) as exc:
-        return await receivers(console, request, session, problems=[f"written, but not applied: {exc}"])
+        return _outcome(session, problems=[f"written, but not applied: {exc}"])
     if outcome.result == reload_mod.REFUSED:
         # (a new port another process holds): the file goes back to what runs, so the table, the next
         # restart and the file on disk all tell the same story
         if new != old:
             envfile.write_atomic(console.config_path, old, new)
             console.log.warning("console_config_restored", config=console.config_path)
-        return await receivers(console, request, session, problems=outcome.lines() + (
+        return _outcome(session, problems=outcome.lines() + (
             [f"{console.config_path} was restored to the running configuration"] if new != old else []))
-    return await receivers(console, request, session, message=outcome.lines())
+    return _outcome(session, message=outcome.lines())
 
 
 # -- logs, status --------------------------------------------------------------------------------
+def _log_filters(request: Request) -> tuple[str, str, str]:
+    q = request.query_params
+    return q.get("stream", ""), q.get("level", ""), q.get("q", "")
+
+
 async def logs_page(console: ConsoleState, request: Request, session: Session) -> Response:
-    stream, level = request.query_params.get("stream", ""), request.query_params.get("level", "")
-    source, lines = await run_in_threadpool(console.log_lines, stream, level)
+    stream, level, text = _log_filters(request)
+    source, lines = await run_in_threadpool(console.log_lines, stream, level, text)
     name = "logs_table.html" if request.query_params.get("part") == "table" else "logs.html"
     return console.render(request, name, session, lines=lines, source=source, stream=stream, level=level,
-                          levels=LEVELS,
+                          q=text, levels=LEVELS,
                           streams=["supervisor", "console", *envfile.TITLES])
+
+
+async def logs_download(console: ConsoleState, request: Request, session: Session) -> Response:
+    """Every line the filters match (of the last LOG_SCAN read), oldest first, one JSON document a line."""
+    _source, lines = await run_in_threadpool(console.log_lines, *_log_filters(request), LOG_SCAN)
+    body = "".join(json.dumps(doc, default=str) + "\n" for doc in reversed(lines))
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    return Response(body, media_type="application/x-ndjson", headers={
+        **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="ipfix-balancer-logs-{stamp}.jsonl"'})
 
 
 async def status_page(console: ConsoleState, request: Request, session: Session) -> Response:
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
     name = "status_table.html" if request.query_params.get("part") == "table" else "status.html"
-    return console.render(request, name, session, table=status_mod.render(report))
+    now = time.time()
+    overview = [charts.render(console.history, h.doc.name, charts.HANDLER[0], now, caption=h.doc.name)
+                for h in report.handlers]
+    return console.render(request, name, session, report=report, now=now, overview=overview)
+
+
+async def receiver_page(console: ConsoleState, request: Request, session: Session) -> Response:
+    """One receiver: its charts, subreceivers, exporter sessions and recorder; the live part is refreshed."""
+    stream, index = request.path_params["stream"], request.path_params["index"]
+    if stream not in envfile.TITLES:
+        return Response("unknown receiver type", status_code=404, headers=SECURITY_HEADERS)
+    report = await run_in_threadpool(status_mod.collect, console.run_dir)
+    handler = next((h for h in report.handlers if (h.doc.stream, h.doc.index) == (stream, index)), None)
+    name = f"{stream.lower()}[{index}]"
+    now = time.time()
+    subs = [] if handler is None else [
+        (s, charts.charts(console.history, sub_key(name, s.endpoint), charts.SUBRECEIVER, now))
+        for s in handler.doc.subreceivers]
+    page = "receiver_live.html" if request.query_params.get("part") == "live" else "receiver.html"
+    return console.render(request, page, session, receiver=name, stream=stream, index=index,
+                          title=fields.RECEIVER_TYPES[stream], h=handler, now=now,
+                          charts=charts.charts(console.history, name, charts.HANDLER, now), subs=subs)
 
 
 async def home(console: ConsoleState, request: Request, session: Session) -> Response:
     return RedirectResponse("/receivers", status_code=303)
+
+
+async def _sampler(console: ConsoleState) -> None:
+    """Feed the charts' history for as long as the console runs, whether or not anyone looks. A failure is
+    logged when it starts, not every period."""
+    failing = False
+    while True:
+        try:
+            report = await run_in_threadpool(status_mod.collect, console.run_dir)
+            console.sample(report, time.time())
+            failing = False
+        except Exception as exc:  # noqa: BLE001 - the charts must not stop for one bad look
+            if not failing:
+                console.log.warning("console_sample_failed", reason=f"{type(exc).__name__}: {exc}")
+            failing = True
+        await asyncio.sleep(SAMPLE_PERIOD)
 
 
 class _IndexConvertor(Convertor):
@@ -425,13 +546,19 @@ async def _too_large(send) -> None:
 
 
 def make_app(console: ConsoleState) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        task = asyncio.create_task(_sampler(console))
+        yield
+        task.cancel()
+
     def get(path, handler):
         return Route(path, _guarded(handler, "GET"), methods=["GET"])
 
     def post(path, handler):
         return Route(path, _guarded(handler, "POST"), methods=["POST"])
 
-    app = Starlette(routes=[
+    app = Starlette(lifespan=lifespan, routes=[
         Route("/login", login_page, methods=["GET"]),
         Route("/login", login, methods=["POST"]),
         post("/logout", logout),
@@ -439,10 +566,12 @@ def make_app(console: ConsoleState) -> Starlette:
         get("/receivers", receivers),
         get("/receivers/table", receivers_table),
         get("/receivers/new", new_receiver),
+        get("/receivers/{stream}/{index:index}", receiver_page),
         get("/receivers/{stream}/{index:index}/edit", edit_receiver),
         post("/receivers/apply", apply_receiver),
         post("/receivers/{stream}/{index:index}/delete", delete_receiver),
         get("/logs", logs_page),
+        get("/logs/download", logs_download),
         get("/status", status_page),
         Mount("/static", StaticFiles(directory=os.path.join(HERE, "static")), name="static"),
     ], middleware=[Middleware(BodyLimit)])

@@ -6,10 +6,11 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..config import receiver_key, receiver_params
-from .envfile import TITLES
+from ..config import Forwarding, Limits, TemplateLimits, receiver_key
 
 STREAM = "stream"  # the form's name of "Receiver type": it is the STREAM part of every key, not a param
+# "Receiver type" as the manual's GUI names it (its Fullflow receiver is "Netflow"), for each stream.
+RECEIVER_TYPES = {"FULLFLOW": "Netflow", "CLICKSTREAM": "Clickstream", "DNSFLOW": "DNS flow"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,18 +42,28 @@ MANUAL = (
     Field("Balancer subreceivers type", "BALANCER_SUB_PROTO", ("tcp", "udp")),
     Field("Balancer auto", "BALANCER_AUTO", ("Disabled", "Enabled")),
 )
-# Settings the manual's form lacks: the collapsed "More" section.
-_MORE = (
+# Settings the manual's form lacks: the collapsed "More" section (tests/console check that every receiver
+# parameter of config.py has its field here or above, with a label written for people).
+MORE = (
     Field("Bind address", "BIND", placeholder="0.0.0.0"),
     Field("CPU (taskset)", "BALANCER_TASKSET", placeholder="not pinned"),
-    Field("Queue bytes", "QUEUE_BYTES", placeholder="67108864"),
-    Field("Template refresh (s)", "TEMPLATE_REFRESH", placeholder="60"),
+    Field("Queue size per subreceiver (bytes)", "QUEUE_BYTES", placeholder="67108864"),
+    Field("Template resend to UDP subreceivers (s)", "TEMPLATE_REFRESH", placeholder="60"),
     Field("Dump directory", "DUMP_DIR", placeholder="/var/fast_ipfix_balancer/dump/<stream>/"),
-    Field("Spool bytes", "SPOOL_BYTES", placeholder="0: no limit"),
+    Field("Dump spool limit (bytes)", "SPOOL_BYTES", placeholder="0: no limit"),
+    Field("Templates per session and ODID, at most", "TEMPLATES_MAX", placeholder=str(TemplateLimits.templates_max)),
+    Field("ODIDs per exporter session, at most", "ODIDS_MAX", placeholder=str(TemplateLimits.odids_max)),
+    Field("Template bytes per exporter session, at most", "TEMPLATE_BYTES_MAX", placeholder=str(TemplateLimits.template_bytes_max)),
+    Field("Subreceiver stalled after (s)", "STALL_SECONDS", placeholder="5"),
+    Field("Delivery after the exporter left, at most (s)", "DRAIN_SECONDS", placeholder=str(Forwarding.drain_seconds)),
+    Field("Source address towards subreceivers", "BALANCER_SUB_SOURCE", ("balancer", "exporter")),
+    Field("Exporters allowed (addresses or networks)", "ALLOW", placeholder="anyone"),
+    Field("Exporter idle timeout (s)", "IDLE_TIMEOUT", placeholder=f"{Limits.idle_timeout} (0: never)"),
+    Field("Exporter sessions, at most", "MAX_SESSIONS", placeholder=str(Limits.max_sessions)),
+    Field("Exporter sessions per address, at most", "MAX_SESSIONS_PER_SOURCE", placeholder=str(Limits.max_sessions_per_source)),
+    Field("Queue memory of the handler (bytes)", "MEMORY_BYTES", placeholder="1 GiB, or a quarter of the memory if less"),
+    Field("UDP receive buffer (bytes)", "RCVBUF_BYTES", placeholder=str(Limits.rcvbuf_bytes)),
 )
-# A parameter added to config.py later gets a plain text field, so the form never lacks a setting.
-MORE = _MORE + tuple(Field(p.replace("_", " ").capitalize(), p, placeholder="default")
-                     for p in receiver_params() if p not in {f.param for f in MANUAL + _MORE})
 FIELDS = MANUAL + MORE
 RECEIVER_TYPE_LABEL = "Receiver type"
 _LEADING_KEY = re.compile(r"(IPFIX_[A-Z_]+(?:\[[0-9]+\])?)[ =:]")
@@ -103,4 +114,4 @@ def field_problems(problems: list[str], stream: str, index: int) -> tuple[dict[s
 
 
 def stream_choices() -> list[tuple[str, str]]:
-    return list(TITLES.items())
+    return list(RECEIVER_TYPES.items())

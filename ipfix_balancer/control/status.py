@@ -105,6 +105,18 @@ class ListenStatus:
 
 
 @dataclasses.dataclass
+class ExporterSessionStatus:
+    """One open exporter session (at most SESSIONS_LISTED per document, so its size stays bounded)."""
+    peer: str
+    since: float  # when this handler process opened or took it over (epoch seconds)
+    odids: list[int]  # the observation domains it has templates for
+    msgs_in: int = 0  # since then
+
+
+SESSIONS_LISTED = 100
+
+
+@dataclasses.dataclass
 class HandlerStatus:
     """The document a handler publishes every second."""
     stream: str
@@ -147,6 +159,7 @@ class HandlerStatus:
         """Seconds since the document was written, on the monotonic clock (no wall-clock step moves it);
         by the wall clock only for a document of a handler from before ``beat``."""
         return wall - self.time if self.beat is None else mono - self.beat
+    sessions: list[ExporterSessionStatus] = dataclasses.field(default_factory=list)  # the first SESSIONS_LISTED
 
     def to_dict(self) -> dict:
         doc = dataclasses.asdict(self)
@@ -159,6 +172,7 @@ class HandlerStatus:
         recorder = doc.get("recorder")
         return _known(cls, doc, listen=_known(ListenStatus, doc["listen"]),
                       subreceivers=[SubreceiverStatus.from_dict(s) for s in doc.get("subreceivers", [])],
+                      sessions=[_known(ExporterSessionStatus, s) for s in doc.get("sessions", [])],
                       recorder=None if recorder is None else RecorderStatus.from_dict(recorder))
 
 

@@ -79,6 +79,7 @@ class ExporterSession:
         self.state = Lifecycle.OPEN
         self.dispatcher: Dispatcher | None = None
         self.on_templates: Callable[[ExporterSession, int], None] | None = None  # after a template message
+        self.msgs_in = 0  # this session's messages (the status lists them per exporter)
 
     def configure(self, fw: Forwarding) -> None:
         """(Re)build the dispatcher from ``fw``, keeping what can be kept.
@@ -165,6 +166,7 @@ class ExporterSession:
         counters = self.counters
         counters.msgs_in += len(messages)
         counters.bytes_in += size
+        self.msgs_in += len(messages)
         return refused
 
     def _refuse(self, error: FramingError) -> None:

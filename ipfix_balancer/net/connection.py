@@ -286,10 +286,9 @@ class OutputConnection:
             self._reset()
         self._release()
         # A reset discards what the collector's process had not read: what it acknowledged since it last
-        # showed it read, up to what its buffer can hold, is counted when the evidence says it sat unread:
-        # we reset it for a stall (its window was closed), or its window was below half the largest it
-        # advertised. (A process that closes with nothing unread sends FIN: ``clean``.)
-        acked = COUNT if self._tcp and not clean and (reset or life.unread) else DELIVERED
+        # showed it read, up to what its buffer can hold, is counted (an upper bound). A process that closes
+        # or dies with nothing unread sends FIN (``clean``); its kernel resets only with data unread.
+        acked = COUNT if self._tcp and not clean else DELIVERED
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         resent, news = queue.connection_lost(reason, acked)
         delay = life.lost(time.monotonic(), stalled=reset)

@@ -32,9 +32,14 @@ def parse_stamp(text: str) -> int:
     return calendar.timegm(time.strptime(text, "%Y%m%dT%H%M%SZ"))
 
 
+def dump_prefix(stream: str, dpi_id: int) -> str:
+    """What every dump name of a stream and DPI ID starts with."""
+    return f"{stream.lower()}_{dpi_id}_"
+
+
 def dump_name(stream: str, dpi_id: int, start: float, end: float) -> str:
     """The final name of a dump covering [start, end]."""
-    return f"{stream.lower()}_{dpi_id}_{stamp(start)}_{stamp(end)}{DUMP}"
+    return f"{dump_prefix(stream, dpi_id)}{stamp(start)}_{stamp(end)}{DUMP}"
 
 
 class WriteFailed(Exception):

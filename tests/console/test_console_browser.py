@@ -49,18 +49,24 @@ def browser():
 class Console:
     """A balancer with its console, and a browser page on it."""
 
-    def __init__(self, balancer, browser, tmp_path, sink):
+    def __init__(self, balancer, browser, tmp_path, sink, more: str = ""):
         self.port, self.console_port = free_port(), free_port()
         self.token_path = tmp_path / "console.token"
         self.bal = balancer(HEADER.format(port=self.port, sink=sink.port, console=self.console_port,
-                                          token=self.token_path))
+                                          token=self.token_path) + more)
         self.bal.wait_ready()
         self.url = f"http://127.0.0.1:{self.console_port}"
         wait_until(lambda: self._http_status("/login") == 200, "the console to listen", self.bal)
         self.context = browser.new_context(viewport={"width": 1500, "height": 800})
         self.context.set_default_timeout(15_000)
         self.page = self.context.new_page()
-        self.page.on("dialog", lambda dialog: dialog.accept())  # Delete asks first
+        self.dialogs: list[str] = []
+        self.answer = True  # Delete asks first: the answer given, each question kept
+        self.page.on("dialog", self._dialog)
+
+    def _dialog(self, dialog) -> None:
+        self.dialogs.append(dialog.message)
+        dialog.accept() if self.answer else dialog.dismiss()
 
     def _http_status(self, path: str) -> int | None:
         try:
@@ -128,7 +134,7 @@ def test_login_wrong_token_refused_right_token_accepted_and_nothing_served_witho
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict"
     row = console.row("fullflow[0]")
     pid = console.bal.handler_pid("fullflow[0]")
-    assert row.locator("td").nth(2).inner_text() == str(console.port)
+    assert row.locator(".port").inner_text() == str(console.port)
     assert f"up, pid {pid}" in row.inner_text()
     assert f"127.0.0.1/{console.sink.port}/tcp" in row.inner_text()
 
@@ -142,9 +148,9 @@ def test_the_manuals_three_cases_in_the_form_start_receivers_without_touching_th
     ports = {"All": free_port(), "RoundRobin": free_port(), "Disabled": free_port()}
     dump_dir = tmp_path / "dumps"
     with TcpSink() as a, TcpSink() as b, TcpSink() as c, TcpSink() as d:
-        cases = [("Clickstream", "All", [a, b]), ("DNS flow", "RoundRobin", [c, d]), ("Fullflow", "Disabled", [])]
+        cases = [("Clickstream", "All", [a, b]), ("DNS flow", "RoundRobin", [c, d]), ("Netflow", "Disabled", [])]
         for title, mode, sinks in cases:
-            console.page.get_by_role("link", name="+ Add receiver").click()
+            console.page.get_by_role("button", name="+ Add receiver").click()
             console.fill({"Receiver type": title, "Port type": "tcp", "Port": str(ports[mode]), "Balancer": mode,
                           "Balancer subreceivers": ",".join(f"127.0.0.1/{s.port}" for s in sinks),
                           "Balancer subreceivers type": "tcp", "Balancer auto": "Disabled",
@@ -190,6 +196,10 @@ def test_refusals_edit_delete_logs_and_status(console):
     console.apply()
     error = console.page.locator("#port-error")
     assert error.inner_text() == "Port: IPFIX_FULLFLOW_PORT[0]='notaport': expected a port number 1..65535"
+    port = console.page.get_by_label("Port", exact=True)  # announced and focused, for a screen reader too
+    assert error.get_attribute("role") == "alert" and port.get_attribute("aria-invalid") == "true"
+    assert "port-error" in port.get_attribute("aria-describedby")
+    assert console.page.evaluate("document.activeElement.id") == "port"
     console.shot("form-error")
     assert path.read_bytes() == original
 
@@ -203,6 +213,10 @@ def test_refusals_edit_delete_logs_and_status(console):
             f"SUB[0]=127.0.0.1/{console.sink.port},127.0.0.1/{second.port}\n".encode())
         assert (path.parent / (path.name + ".previous")).read_bytes() == original
         assert console.bal.handler_pid("fullflow[0]") == pid
+        applied = path.read_bytes()  # Post/Redirect/Get: a refresh shows the table, submits and writes nothing
+        assert console.page.url == console.url + "/receivers"
+        console.page.reload()
+        assert console.page.get_by_role("status").count() == 0 and path.read_bytes() == applied
 
     console.row("fullflow[0]").get_by_role("link", name="Edit").click()  # changed on disk meanwhile
     edited = path.read_bytes() + b"# an operator's edit in a shell\n"
@@ -234,7 +248,78 @@ def test_refusals_edit_delete_logs_and_status(console):
     console.page.wait_for_url("**level=error")
     assert "handler_started" not in console.page.locator("td.event").all_inner_texts()
 
+    console.page.get_by_label("Level").select_option("")
+    console.page.get_by_label("Search").fill("RELOADED")  # found in any field, whatever the case
+    console.page.get_by_role("button", name="Filter").click()
+    console.page.wait_for_url("**q=RELOADED&*")
+    assert set(console.page.locator("td.event").all_inner_texts()) == {"reloaded"}
+    assert any("removed=['fullflow[0]']" in t for t in console.page.locator("td.details").all_inner_texts())
+
     console.page.get_by_role("link", name="Status").click()
-    assert "supervisor: running" in console.page.locator("pre.status").inner_text()
-    console.shot("status")
-    assert all((SHOTS / f"{n}.png").stat().st_size > 1000 for n in ("logs", "status", "form-error"))
+    assert "running" in console.page.locator("p.supervisor").inner_text()
+    assert all((SHOTS / f"{n}.png").stat().st_size > 1000 for n in ("logs", "form-error"))
+
+
+def overflow(page) -> int:
+    """How far the document is wider than the viewport (0: no horizontal scrolling)."""
+    return page.evaluate("document.documentElement.scrollWidth - document.documentElement.clientWidth")
+
+
+def test_charts_fill_with_traffic_a_collector_going_down_shows_at_once_and_pages_fit_1280_and_420_px(
+        balancer, browser, tmp_path):
+    """A receiver's page charts its traffic; stopping its collector turns the subreceiver down in the table
+    and on the chart's state band within the refresh; no page scrolls sideways at 1,280 or 420 px; Delete
+    names the receivers it renumbers before anything happens."""
+    with TcpSink() as sink, TcpSink() as other:
+        more = "".join(f"IPFIX_FULLFLOW_PORT[{i}]={free_port()}\nIPFIX_FULLFLOW_BIND[{i}]=127.0.0.1\n"
+                       f"IPFIX_FULLFLOW_BALANCER[{i}]=All\nIPFIX_FULLFLOW_BALANCER_SUB[{i}]=127.0.0.1/{other.port}\n"
+                       for i in (1, 2))
+        console = Console(balancer, browser, tmp_path, sink, more)
+        try:
+            console.login()
+            page = console.page
+            with TcpExporter(console.port) as exporter:
+                exporter.send(make_stream(200, records_per_message=2), delay=0.005)
+                assert sink.wait_messages(201)
+                page.goto(console.url + "/receivers/FULLFLOW/0")
+                line = page.locator('[data-chart="fullflow[0]"] path[data-metric="msgs_in"]')
+                wait_until(lambda: int(line.get_attribute("data-points")) >= 1, "a rate on the chart", console.bal)
+                session = page.locator("table.sessions td.addr")
+                wait_until(lambda: session.count() == 1, "the exporter session listed", console.bal)
+                assert session.inner_text() == f"127.0.0.1:{exporter.local_port}"
+                assert page.locator("table.sessions td[data-label=ODIDs]").inner_text() == "1"
+                count = page.locator("table.sessions td[data-label=Messages]")
+                wait_until(lambda: count.inner_text() == "201", "the session's 201 messages", console.bal)
+                assert page.locator("tr[data-subreceiver] td[data-label=State]").inner_text() == "up"
+
+                sink.down()
+                started = time.monotonic()
+                exporter.send(make_stream(20, first_serial=400, with_template=False), delay=0.01)  # the balancer finds out by writing
+                state = page.locator("tr[data-subreceiver] td[data-label=State]")
+                band = page.locator(f'[data-chart="fullflow[0] 127.0.0.1/{sink.port}/tcp"] rect.st-down')
+                wait_until(lambda: state.inner_text() == "down" and band.count() > 0,
+                           "the collector down in the table and on the chart", console.bal, timeout=15)
+                # the status document (1 s), a sample (2 s) and the page's refresh (3 s), with slack
+                assert time.monotonic() - started < 9
+                console.shot("receiver-collector-down")
+
+            for width in (1280, 420):
+                page.set_viewport_size({"width": width, "height": 900})
+                for path, name in (("/receivers", "receivers"), ("/receivers/FULLFLOW/0", "receiver"),
+                                   ("/status", "status"), ("/logs", "logs"), ("/receivers/FULLFLOW/1/edit", "form")):
+                    page.goto(console.url + path)
+                    assert overflow(page) <= 0, f"{path} at {width} px scrolls sideways by {overflow(page)} px"
+                    if (name, width) in (("receivers", 420), ("status", 1280)):
+                        console.shot(name if width == 1280 else f"{name}-{width}")
+
+            page.set_viewport_size({"width": 1280, "height": 900})
+            page.goto(console.url + "/receivers")
+            before = console.bal.config_path.read_bytes()
+            console.answer = False
+            console.row("fullflow[0]").get_by_role("button", name="Delete").click()
+            question = console.dialogs[-1]
+            assert question.startswith("Delete Netflow [0] (fullflow[0])? Its handler stops")
+            assert "renumbers:\n- fullflow[1]: DPI ID 1 becomes 0\n- fullflow[2]: DPI ID 2 becomes 1" in question
+            assert console.bal.config_path.read_bytes() == before  # cancelled: nothing written
+        finally:
+            console.close()

@@ -5,7 +5,7 @@ import os
 import time
 
 from ipfix_balancer.control import rundir
-from ipfix_balancer.control.status import (ExportTargetStatus, HandlerReport, HandlerStatus, ListenStatus,
+from ipfix_balancer.control.status import (ExporterSessionStatus, ExportTargetStatus, HandlerReport, HandlerStatus, ListenStatus,
                                            PeriodRates, RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
                                            SupervisorStatus, collect, render)
 
@@ -71,6 +71,14 @@ def test_documents_of_another_release_read_with_the_keys_both_know():
     old["recorder"]["export[10.0.0.2/9920/tcp].state"] = "idle"
     old["future_counter"] = 1
     assert HandlerStatus.from_dict(old) == handler(recorder=recorder(exports=[]))
+
+
+def test_exporter_sessions_round_trip_and_an_older_document_has_none():
+    doc = handler(sessions=[ExporterSessionStatus("192.0.2.1:4000", 1700000000.5, [1, 256])])
+    assert HandlerStatus.from_dict(through_json(doc.to_dict())) == doc
+    older = doc.to_dict()
+    del older["sessions"]
+    assert HandlerStatus.from_dict(older).sessions == []
 
 
 def test_supervisor_document_round_trips():

@@ -34,6 +34,8 @@ class FakeTransport:
         self.closed += 1
         self.aborted = abort
 
+    aborted = False
+
 
 def up(queue: SendQueue, now: int = 0, probation: bool = False) -> None:
     """What a transport does when a connection is established: the lifecycle first, then the queue."""

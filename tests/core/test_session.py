@@ -3,7 +3,7 @@ a mode switch opens fresh ones, a removed subreceiver drains), and the end of a 
 
 import struct
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import example, given, settings, strategies as st
 
 from ipfix_balancer.config import Mode
 from ipfix_balancer.core.dispatch import Replicate, RoundRobin
@@ -244,6 +244,11 @@ def held_ids(q) -> set[int]:
 
 @settings(max_examples=400, deadline=None)
 @given(session_ops, st.sampled_from([Mode.ROUND_ROBIN, Mode.ALL]))
+@example([("deliver", 3), ("write", 0), ("kernel_ack", 0), ("reset", 0)], Mode.ROUND_ROBIN)
+@example([("deliver", 2), ("write", 0), ("kernel_ack", 0), ("end", 0), ("stall", 0), ("deadline", 0)],
+         Mode.ALL)
+@example([("deliver", 2), ("end", 0), ("refused", 1), ("write", 0), ("kernel_ack", 0), ("read", 0)],
+         Mode.ROUND_ROBIN)
 def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(steps, mode):
     """Two outputs; collectors that come and go, close (FIN: their process read all their TCP acknowledged)
     or reset (what their process had not read is gone), stall; an exporter that leaves; a drain deadline.
@@ -262,9 +267,14 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
         read[i] += [ident_of(m) for m in messages(stream[i][:upto])][len(messages(stream[i][:done[i]])):]
         done[i] = max(done[i], upto)
 
-    for q in outputs:
+    def connected(q) -> None:
         q.tail_bytes = 1 << 30
+        q.life.window = q.life.window_now = 65535  # the handshake's: its buffer is empty
+
+    for q in outputs:
+        connected(q)
     for op, i in steps:
+        before = [q.state for q in outputs]
         q = outputs[i] if op != "deliver" else None
         if op == "deliver":
             if s.state is Lifecycle.OPEN:
@@ -278,15 +288,18 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
             stream[i] += write(q)
         elif op == "kernel_ack" and q.state is not State.DOWN:
             q.acknowledged(len(stream[i]))
+            if q.acked > done[i]:  # its kernel holds it, unread: the window it offers shrinks
+                q.life.observe(0, q.acked, 0)
             q.check_settled()
         elif op == "read" and q.state is not State.DOWN:
             collector_reads(i, q.acked)
-            q.read_all()
+            if q.life.observe(0, q.acked, 65535) is not None or not q.life.unread:
+                q.read_all()
             q.check_settled()
         elif op == "up" and q.state is State.DOWN:
             up(q)
             stream[i], done[i] = b"", 0
-            q.tail_bytes = 1 << 30
+            connected(q)
             q.on_up(q)
         elif op in ("refused", "fin", "reset") and q.state is not State.DOWN:
             if op == "fin":
@@ -300,6 +313,12 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
             q.on_down(q)
         elif op == "deadline" and s.state is Lifecycle.DRAINING:
             q.close(DRAIN_DEADLINE)
+        for n, out in enumerate(outputs):  # closed now: what its kernel held unread it reads, unless reset
+            if out.state is State.CLOSED and before[n] is not State.CLOSED and not out.transport.aborted:
+                collector_reads(n, len(stream[n]) if before[n] is not State.DOWN else 0)
+    for n, out in enumerate(outputs):  # still connected: its process reads what its kernel holds
+        if out.state is not State.CLOSED and out.state is not State.DOWN:
+            collector_reads(n, out.acked)
     if mode is Mode.ROUND_ROBIN:
         together = read[0] + read[1]
         held = held_ids(outputs[0]) | held_ids(outputs[1])

@@ -37,7 +37,8 @@ _PARAMS = ("PORT_TYPE", "PORT", "BIND", "ROTATE_MINUTES", "ROTATE_DELAY_SECONDS"
            "DUMP_INSERT_PROCESSES", "DPI_ID", "BALANCER", "BALANCER_SUB", "BALANCER_SUB_PROTO",
            "BALANCER_TASKSET", "TASKSET", "QUEUE_BYTES", "TEMPLATE_REFRESH", "DUMP_DIR", "BALANCER_AUTO",
            "SPOOL_BYTES", "TEMPLATES_MAX", "ODIDS_MAX", "TEMPLATE_BYTES_MAX", "STALL_SECONDS",
-           "DRAIN_SECONDS", "BALANCER_SUB_SOURCE", "ALLOW", "IDLE_TIMEOUT", "MAX_SESSIONS", "MAX_SESSIONS_PER_SOURCE", "MEMORY_BYTES")
+           "DRAIN_SECONDS", "BALANCER_SUB_SOURCE", "ALLOW", "IDLE_TIMEOUT", "MAX_SESSIONS", "MAX_SESSIONS_PER_SOURCE", "MEMORY_BYTES",
+           "RCVBUF_BYTES")
 _ALIASES = {"TASKSET": "BALANCER_TASKSET"}  # the manual uses both names
 _KEY_RE = re.compile(rf"IPFIX_(?P<stream>{'|'.join(STREAMS)})_(?P<param>{'|'.join(_PARAMS)})"
                      r"(?:\[(?P<index>[0-9]{1,9})\])?")
@@ -69,6 +70,7 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
     "MAX_SESSIONS": (1, None, "an integer >= 1 (exporter sessions)"),
     "MAX_SESSIONS_PER_SOURCE": (1, None, "an integer >= 1 (exporter sessions from one address)"),
     "MEMORY_BYTES": (1024 * 1024, None, "an integer >= 1048576 (bytes)"),
+    "RCVBUF_BYTES": (65536, None, "an integer >= 65536 (bytes of the UDP listening socket's receive buffer)"),
 }
 
 
@@ -156,6 +158,7 @@ class Limits:
     max_sessions: int = 1000
     max_sessions_per_source: int = 100  # TCP sessions from one address
     memory_bytes: int = dataclasses.field(default_factory=_default_memory_bytes)  # all send queues together
+    rcvbuf_bytes: int = 32 * 1024 * 1024  # UDP: the kernel's buffer for a burst (0.1 s at 200,000 x 1,400 B)
 
     def allows(self, host: str) -> bool:
         if not self.allow:
@@ -609,7 +612,8 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     limits = Limits(allow=r.networks("ALLOW"), idle_timeout=r.integer("IDLE_TIMEOUT", Limits.idle_timeout),
                     max_sessions=r.integer("MAX_SESSIONS", Limits.max_sessions),
                     max_sessions_per_source=r.integer("MAX_SESSIONS_PER_SOURCE", Limits.max_sessions_per_source),
-                    memory_bytes=r.integer("MEMORY_BYTES", _default_memory_bytes()))
+                    memory_bytes=r.integer("MEMORY_BYTES", _default_memory_bytes()),
+                    rcvbuf_bytes=r.integer("RCVBUF_BYTES", Limits.rcvbuf_bytes))
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
         forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,

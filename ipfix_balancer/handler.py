@@ -31,7 +31,7 @@ from .core.templates import TemplateLimit, TemplatePool
 from .logs import Throttle
 from .net import handover
 from .net.connection import OutputConnection
-from .net.listener import TcpListener, UdpListener, peer_host
+from .net.listener import TcpListener, UdpListener, kernel_drops, peer_host
 from .net.loop import READ, Loop
 
 STATUS_PERIOD = 1.0
@@ -61,6 +61,8 @@ class Handler:
         self.opened: dict[ExporterSession, float] = {}  # session -> when it was opened, for the status
         self.counters = Counters()
         self.malformed: dict[str, int] = {}
+        self.overflow = 0  # the UDP listening socket's kernel drops since this process has it, as last read
+        self._overflow_base = 0  # ... and when it took the socket (a handed-over socket has a past)
         self.connections_total = 0
         self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
         self.retired_subreceivers: list[SubreceiverStats] = []  # removed by a reconfiguration
@@ -94,7 +96,7 @@ class Handler:
         if taken is None:
             lst = rc.listen
             try:
-                sock = bind(lst.port_type, lst.bind, lst.port)
+                sock = bind(lst.port_type, lst.bind, lst.port, rc.limits.rcvbuf_bytes)
             except OSError as exc:
                 raise ListenError(listen_failure(lst.port_type, lst.bind, lst.port, exc)) from None
             self._listen(sock)
@@ -117,6 +119,8 @@ class Handler:
         cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
         self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed, self.rc.limits,
                             self.throttle)
+        if cls is UdpListener:
+            self._overflow_base = kernel_drops(sock) or 0
 
     def _new_recorder(self, rc: ReceiverConfig):
         from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
@@ -381,6 +385,16 @@ class Handler:
         self.log.info("handler_stopped", msgs_in=self.counters.msgs_in, drops=self.drops())
 
     # -- status --------------------------------------------------------------------------------
+    def _rcvbuf_overflow(self) -> int:
+        """The kernel's drops on the UDP listening socket since this process took it (a counter per
+        process like the others, README "Metrics"); the last value read stays once the socket is closed."""
+        listener = self.listener
+        if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
+            n = kernel_drops(listener.sock)
+            if n is not None:
+                self.overflow = n - self._overflow_base
+        return self.overflow
+
     def drops(self) -> int:
         total = self.retired_drops + sum(s.drops for s in self.subreceivers + self.retired_subreceivers)
         if self.recorder is not None:
@@ -427,7 +441,7 @@ class Handler:
             drops=self.drops(), drop_records=sum(by_reason[1].values()),
             drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
             limited=dict(self.listener.limited) if self.listener is not None else {},
-            queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
+            queued_bytes=self.budget.used, memory_bytes=self.budget.limit, rcvbuf_overflow=self._rcvbuf_overflow(),
             draining=len(draining), draining_bytes=sum(s.queued_bytes for s in draining),
             queued_msgs=sum(m for m, _r in held), queued_records=sum(r for _m, r in held),
             subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],

@@ -15,16 +15,16 @@ def test_bench_quick_completes_without_loss():
     assert proc.returncode == 0, f"bench failed ({proc.returncode})\n{proc.stderr[-4000:]}"
     doc = json.loads(proc.stdout)
     rows = doc["rows"]
-    assert {r["case"] for r in rows} == {"tcp-rr", "tcp-all", "udp-rr", "tcp-udp", "record"}
+    assert {r["case"] for r in rows} == {"tcp-rr", "tcp-all", "udp-rr", "udp-all", "tcp-udp", "record"}
     assert doc["machine"]["cpus"] >= 1 and doc["machine"]["python"]
     ran = [r for r in rows if r["status"] != "skipped"]
-    assert {r["case"] for r in ran} >= {"tcp-rr", "tcp-all", "udp-rr", "tcp-udp"}, proc.stderr[-4000:]
+    assert {r["case"] for r in ran} >= {"tcp-rr", "tcp-all", "udp-rr", "udp-all", "tcp-udp"}, proc.stderr[-4000:]
     for r in rows:
         if r["status"] == "skipped":  # only recording may be skipped (while recording mode is not in the tree)
             assert r["case"] == "record" and r["note"], r
             continue
         assert r["status"] == "ok", r
-        copies = 3 if r["case"] == "tcp-all" else 1
+        copies = 3 if r["case"] in ("tcp-all", "udp-all") else 1
         assert r["sent"] == r["messages"] == 20_000, r
         assert r["loss"] == 0, r
         if r["case"] != "record":
@@ -35,3 +35,19 @@ def test_bench_quick_completes_without_loss():
         assert r["handler_cpu"] is not None and r["generator_cpu"] is not None, r
     table = proc.stderr
     assert "msg/s" in table and "tcp-rr" in table  # the human table goes to stderr with --json
+
+
+def test_bench_offered_rate_reports_the_share_delivered_and_the_kernels_drops():
+    """A low rate every run delivers whole: the accounting (sent, delivered, drops) must add up."""
+    proc = subprocess.run([sys.executable, str(BENCH), "--cases", "udp-rr", "--sizes", "1400", "--exporters", "1",
+                           "--rate", "5000", "--seconds", "1", "--sinks", "2", "--json"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, f"bench failed ({proc.returncode})\n{proc.stderr[-4000:]}"
+    (row,) = json.loads(proc.stdout)["rows"]
+    assert row["status"] == "ok" and row["offered"] == 5000 and row["sinks"] == 2, row
+    assert row["sent"] == row["messages"] == 5000 and row["sent_rate"] > 0, row
+    assert row["delivered"] + row["loss"] == 5000 and row["delivered_pct"] == round(100 * row["delivered"] / 5000, 2)
+    assert row["rcvbuf_overflow"] is not None and row["sink_overflow"] is not None, row
+    assert row["loss"] == row["rcvbuf_overflow"] + row["handler_drops"] + row["sink_overflow"], \
+        "every datagram lost is counted: by the kernel before the handler, by the handler, at a sink"
+    assert "offered/s" in proc.stderr and "rcvbuf ovfl" in proc.stderr

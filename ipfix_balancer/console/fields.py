@@ -62,6 +62,7 @@ MORE = (
     Field("Exporter sessions, at most", "MAX_SESSIONS", placeholder=str(Limits.max_sessions)),
     Field("Exporter sessions per address, at most", "MAX_SESSIONS_PER_SOURCE", placeholder=str(Limits.max_sessions_per_source)),
     Field("Queue memory of the handler (bytes)", "MEMORY_BYTES", placeholder="1 GiB, or a quarter of the memory if less"),
+    Field("UDP receive buffer (bytes)", "RCVBUF_BYTES", placeholder=str(Limits.rcvbuf_bytes)),
 )
 FIELDS = MANUAL + MORE
 RECEIVER_TYPE_LABEL = "Receiver type"

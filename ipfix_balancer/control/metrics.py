@@ -41,6 +41,8 @@ COUNTERS = {
                                         "file, by reason", ("subreceiver", "reason")),
     "ipfix_balancer_dropped_records": ("Data records in the dropped messages, by reason", ("subreceiver", "reason")),
     "ipfix_balancer_malformed": ("Invalid IPFIX headers (TCP: session closed; UDP: datagram dropped)", ("reason",)),
+    "ipfix_balancer_rcvbuf_overflow": ("UDP datagrams the kernel dropped on the listening socket before the "
+                                       "handler read them (receive buffer full)", ()),
     "ipfix_balancer_recorder_files_written": ("Dump files completed", ()),
     "ipfix_balancer_recorder_files_exported": ("Dump files delivered to an export target", ("target",)),
 }
@@ -63,6 +65,8 @@ def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
     """The counters of one status document; stream and receiver labels are added when exported."""
     out: dict[Sample, float] = {("ipfix_balancer_messages_received", ()): doc.msgs_in,
                                 ("ipfix_balancer_bytes_received", ()): doc.bytes_in}
+    if doc.listen.proto == "udp":
+        out["ipfix_balancer_rcvbuf_overflow", ()] = doc.rcvbuf_overflow
     for reason, n in doc.malformed_by_reason.items():
         out["ipfix_balancer_malformed", (("reason", reason),)] = n
     for sub in doc.subreceivers:

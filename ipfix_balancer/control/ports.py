@@ -11,19 +11,19 @@ import socket
 import psutil
 
 _WILDCARDS = ("0.0.0.0", "::")
-RCVBUF = 8 * 1024 * 1024
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux's value: Python 3.11 does not name it
 
 
-def bind(port_type: str, host: str, port: int) -> socket.socket:
-    """A receiver's listening socket, non-blocking."""
+def bind(port_type: str, host: str, port: int, rcvbuf: int = 0) -> socket.socket:
+    """A receiver's listening socket, non-blocking; ``rcvbuf``: a UDP socket's receive buffer (RCVBUF_BYTES;
+    0 leaves the kernel's default, enough for a check that it can be bound)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     kind = socket.SOCK_STREAM if port_type == "tcp" else socket.SOCK_DGRAM
     sock = socket.socket(family, kind)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if kind == socket.SOCK_DGRAM:
-            _set_rcvbuf(sock, RCVBUF)
+        if kind == socket.SOCK_DGRAM and rcvbuf:
+            set_rcvbuf(sock, rcvbuf)
         sock.bind((host, port))
         sock.setblocking(False)
         if kind == socket.SOCK_STREAM:
@@ -34,8 +34,9 @@ def bind(port_type: str, host: str, port: int) -> socket.socket:
     return sock
 
 
-def _set_rcvbuf(sock: socket.socket, size: int) -> None:
-    """Ask for a big receive buffer (UDP bursts); as root, beyond net.core.rmem_max."""
+def set_rcvbuf(sock: socket.socket, size: int) -> None:
+    """Ask for a big receive buffer (UDP bursts: what arrives while the handler is busy waits there); as
+    root, beyond net.core.rmem_max. (The kernel doubles the value for its bookkeeping.)"""
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
     except OSError:

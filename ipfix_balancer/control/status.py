@@ -148,6 +148,7 @@ class HandlerStatus:
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
     memory_bytes: int = 0
+    rcvbuf_overflow: int = 0  # UDP: datagrams the kernel dropped on the listening socket (buffer full)
     draining: int = 0  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)
     draining_bytes: int = 0  # what those still hold
     queued_msgs: int = 0  # messages every output holds, queued or not yet acknowledged: lost if the process dies
@@ -392,6 +393,8 @@ def render(report: StatusReport) -> str:
                          f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
                          + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
+        if d.rcvbuf_overflow:  # README "Metrics": lost before the handler could read them
+            lines.append(f"    rcvbuf_overflow: {d.rcvbuf_overflow} datagrams dropped by the kernel")
         if d.draining:
             lines.append(f"    draining: {d.draining} session(s) whose exporter left, {_size(d.draining_bytes)} held")
         if h.killed[0]:

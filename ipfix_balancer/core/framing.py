@@ -12,10 +12,13 @@ queue, or written and not yet acknowledged, can never be overwritten. Only the i
 from __future__ import annotations
 
 from collections import deque
+from itertools import repeat
+from operator import add
 
-from .wire import HEADER_LEN, MAX_MESSAGE, VERSION_LENGTH, FramingError, header_error, walk
+from .wire import HEADER_LEN, MAX_MESSAGE, VERSION, VERSION_LENGTH, FramingError, header_error, walk
 
-__all__ = ["ChunkPool", "DatagramReader", "FramingError", "StreamFramer", "check_datagram"]
+__all__ = ["ChunkPool", "DatagramReader", "DatagramSlots", "FramingError", "StreamFramer", "all_whole",
+           "check_datagram"]
 
 
 class ChunkPool:
@@ -160,6 +163,52 @@ class DatagramReader:
         return self._view[pos:pos + n]
 
 
+class DatagramSlots:
+    """Where a batched UDP receive (``recvmmsg``) puts its datagrams: consecutive slots of ``slot`` bytes in
+    chunks of ``count`` slots. A read fills the free slots of the current chunk from the first free one, so a
+    chunk fills up whatever the batch sizes, and a queued datagram pins about one slot, not a whole batch. A
+    chunk comes from a ``ChunkPool``: reused only once no datagram view points into it. A datagram longer
+    than its slot runs on into the spill area of its slot position (one per position, MAX_MESSAGE + 1 - slot
+    bytes, shared by every chunk) and is copied out at once: IPFIX over UDP rarely exceeds a 1,500-byte MTU."""
+
+    __slots__ = ("slot", "count", "pool", "spill", "spill_size", "chunk", "first")
+
+    def __init__(self, slot: int = 2048, count: int = 64, keep: int = 64):
+        self.slot = slot
+        self.count = count
+        self.pool = ChunkPool(slot * count, keep)
+        self.spill_size = MAX_MESSAGE + 1 - slot
+        self.spill = bytearray(self.spill_size * count)
+        self.chunk: bytearray | None = None
+        self.first = count  # the first free slot of ``chunk``
+
+    def next_read(self) -> bool:
+        """Before a read: True when it goes into a new chunk (``chunk``, from slot 0); the read may fill
+        slots ``first`` .. ``count - 1``."""
+        if self.first < self.count:
+            return False
+        self.chunk = self.pool.take()
+        self.first = 0
+        return True
+
+    def received(self, lengths: list[int]) -> list:
+        """The read filled the next ``len(lengths)`` slots with datagrams of these lengths: their views
+        (a copy for one that ran into the spill area)."""
+        slot, first = self.slot, self.first
+        view = memoryview(self.chunk)
+        starts = range(first * slot, (first + len(lengths)) * slot, slot)
+        out = list(map(view.__getitem__, map(slice, starts, map(add, starts, lengths))))  # C-level steps
+        if max(lengths) > slot:
+            for i, n in enumerate(lengths):
+                if n > slot:
+                    spilled = (first + i) * self.spill_size
+                    joined = bytearray(out[i][:slot])  # writable: RoundRobin renumbers in place
+                    joined += self.spill[spilled:spilled + n - slot]
+                    out[i] = memoryview(joined)
+        self.first = first + len(lengths)
+        return out
+
+
 def check_datagram(msg: memoryview) -> None:
     """A datagram must carry exactly one whole message: header length == datagram size."""
     if len(msg) < HEADER_LEN:
@@ -170,3 +219,11 @@ def check_datagram(msg: memoryview) -> None:
         raise error
     if length != len(msg):
         raise FramingError("length_mismatch", f"header length {length} but datagram of {len(msg)} bytes")
+
+
+def all_whole(msgs: list) -> bool:
+    """True when every datagram of a run carries exactly one whole message, checked in C-level steps (the
+    common case); otherwise ``check_datagram`` tells which do not, and why."""
+    lengths = list(map(len, msgs))
+    return min(lengths) >= HEADER_LEN and list(map(VERSION_LENGTH.unpack_from, msgs)) == list(
+        zip(repeat(VERSION), lengths))

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
-from itertools import accumulate, repeat
+from itertools import accumulate, islice, repeat
 from operator import itemgetter
 from typing import Callable, Protocol
 
@@ -191,6 +191,7 @@ class SendQueue:
         self._seq: dict[int, int] = {}      # rewrite_seq: next sequence number per ODID on this connection
         self._last: dict[int, Entry] = {}   # byte-identical UDP: the last datagram committed per ODID
         self._last_written: Entry | None = None  # the newest message the kernel took (a refused datagram)
+        self._last_batch: list = []  # what the last send_datagram_batch call took (refused together)
         # Acknowledgement tracking (set by a TCP transport): offsets in this connection's byte stream.
         self.track_acks = False
         self.sent_total = 0   # bytes the kernel took
@@ -453,10 +454,14 @@ class SendQueue:
         return news
 
     def refused(self) -> None:
-        """A UDP collector refused (ICMP port unreachable): the datagram that drew it was lost."""
-        if self._last_written is not None:
-            self.stats.drop(REFUSED, (self._last_written,))
-            self._last_written = None
+        """A UDP collector refused (ICMP port unreachable): what the last send took was lost, the datagram
+        that drew it or, from ``send_datagram_batch``, every datagram of that call (the port was closed for
+        them all, unless it closed during the call: then this counts a few too many, never too few)."""
+        last = self._last_written
+        if last is not None:
+            batch = self._last_batch
+            self.stats.drop(REFUSED, batch if batch and batch[-1] is last else (last,))
+            self._last_written = self._last_batch = None
 
     def _replay_templates(self, now: int, snapshot: Snapshot | None = None) -> None:
         """Put the templates valid for the next queued message in front of it, so the collector can decode
@@ -524,13 +529,67 @@ class SendQueue:
         except BlockingIOError:
             return False
         finally:
-            stats = self.stats
-            stats.msgs_out += msgs
-            stats.bytes_out += nbytes
-            self.sent_total += nbytes
-            self.pending_bytes -= nbytes
-            self.budget.used -= nbytes
+            self._datagrams_sent(msgs, nbytes)
         return True
+
+    def _datagrams_sent(self, msgs: int, nbytes: int) -> None:
+        stats = self.stats
+        stats.msgs_out += msgs
+        stats.bytes_out += nbytes
+        self.sent_total += nbytes
+        self.pending_bytes -= nbytes
+        self.budget.used -= nbytes
+
+    def send_datagram_batch(self, send_many: Callable[[list], int], batch: int) -> bool:
+        """``send_datagrams`` with one call per up to ``batch`` datagrams (``sendmmsg``): ``send_many(bufs)``
+        returns how many of ``bufs`` the kernel took, oldest first, and raises only when it took none. Only
+        what it took leaves the queue (and advances the sequence numbers); after a short count the next call
+        starts at the first datagram not taken, and raises its error if it has one. As in ``_commit``, the
+        common run (data messages of one ODID) is numbered in C-level steps."""
+        pending, seq = self.pending, self._seq
+        popleft = pending.popleft
+        while pending:
+            entries = list(islice(pending, batch))
+            bufs = list(map(_msg_of, entries))
+            if self.rewrite_seq:
+                after = self._number_datagrams(entries, bufs)  # each one's ODID's next number once it went
+            try:
+                sent = send_many(bufs)
+            except BlockingIOError:
+                return False
+            taken = entries[:sent] if sent < len(entries) else entries
+            for _ in repeat(None, sent):
+                popleft()
+            if self.rewrite_seq:
+                seq.update(zip(map(_odid_of, taken), after))  # the last of each ODID wins
+            else:
+                self._last.update(zip(map(_odid_of, taken), taken))  # for the template refresh (UDP only)
+            self._last_written, self._last_batch = taken[-1], taken
+            self._datagrams_sent(sent, entries_size(taken))
+        return True
+
+    def _number_datagrams(self, entries: list, bufs: list) -> list:
+        """Write this connection's sequence numbers into ``bufs`` (a template message's buffer becomes a
+        numbered copy); returns, per entry, its ODID's next number after it. ``_seq`` is left as it was."""
+        seq = self._seq
+        nrecs = list(map(_nrec_of, entries))
+        odid = entries[0][ODID]
+        n = seq.get(odid, 0)
+        if n + sum(nrecs) <= _SEQ_MASK and 0 not in nrecs and len(set(map(_odid_of, entries))) == 1:
+            numbers = list(accumulate(nrecs, initial=n))
+            _consume(map(U32.pack_into, bufs, repeat(SEQUENCE), numbers))
+            return numbers[1:]
+        after, nxt = [], {}
+        for i, entry in enumerate(entries):
+            odid, nrec = entry[ODID], entry[NREC]
+            n = nxt[odid] if odid in nxt else seq.get(odid, 0)
+            if nrec:
+                U32.pack_into(bufs[i], SEQUENCE, n)
+                n = nxt[odid] = (n + nrec) & _SEQ_MASK
+            else:
+                bufs[i] = b"".join(self._numbered(entry, n))
+            after.append(n)
+        return after
 
     def drop_first(self, reason: str) -> None:
         """The first queued message can never be sent (too big for a datagram): count it, go on."""

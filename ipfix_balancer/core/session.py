@@ -122,12 +122,13 @@ class ExporterSession:
     def _snapshot(self):
         return self.tracker.snapshot
 
-    def deliver(self, messages) -> TemplateLimit | None:
+    def deliver(self, messages, stop: bool = True) -> TemplateLimit | None:
         """The hot path: every whole message of one read. Runs of data-only messages are handed to the
         dispatcher as one batch; a message with template sets goes on its own, in order.
 
         A message whose sets do not parse is dropped. A message that takes the session over a template limit
-        is refused and ends the delivery: the error is returned (a TCP session is then closed)."""
+        is refused, and with ``stop`` ends the delivery (a TCP session is then closed; UDP datagrams stand
+        alone: the next ones go on); the error is returned."""
         tracker = self.tracker
         inspect, dispatcher = tracker.inspect, self.dispatcher
         many = dispatcher.dispatch_many
@@ -146,7 +147,9 @@ class ExporterSession:
             except TemplateLimit as exc:
                 self._refuse(exc)
                 refused = exc
-                break
+                if stop:
+                    break
+                continue
             if tmpl is None:
                 batch.append((msg, odid, nrec, snapshot))
                 batch_size += n

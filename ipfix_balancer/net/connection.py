@@ -27,11 +27,13 @@ import time
 from ..core.lifecycle import Action, State
 from ..core.sendqueue import COUNT, DELIVERED, DRAIN_DEADLINE, MSG, OVERSIZE, PROBATION, UP, SendQueue
 from ..logs import Throttle
+from . import mmsg
 from .loop import READ, WRITE, Loop
 
 SNDBUF = 4 * 1024 * 1024
 PROGRESS_CHECK = 0.5  # seconds between polls of a TCP output's acknowledged offset while bytes wait
 UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
+SEND_BATCH = 64       # datagrams per sendmmsg
 _INT = struct.Struct("i")
 _IPV4 = struct.Struct("!BBHHHBBH4s4s")
 _UDP = struct.Struct("!HHHH")
@@ -63,6 +65,7 @@ class OutputConnection:
         self.source = source  # (IPv4 address, port) UDP datagrams claim to come from (BALANCER_SUB_SOURCE)
         self.sock: socket.socket | None = None
         self._send = None  # sendmsg of the socket, or of the raw socket with our headers
+        self._send_many = None  # UDP with mmsg: sendmmsg of the socket (or of the raw socket, our headers)
         self.closed = False
         self._timer = None          # the lifecycle's next deadline, or the next acknowledgement poll
         self._timer_at = 0.0
@@ -176,6 +179,8 @@ class OutputConnection:
                     self._send = self._raw_sender(sock, sub)
                 else:
                     sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
+                    if mmsg.AVAILABLE:
+                        self._send_many = mmsg.Sender(sock, SEND_BATCH).send
             except OSError as exc:
                 self._fail(exc)
                 return
@@ -239,6 +244,8 @@ class OutputConnection:
                         socket.inet_aton(sub.host))
         sport, dport, dest = self.source[1], sub.port, (sub.host, 0)
         sendmsg, pack = sock.sendmsg, _UDP.pack
+        if mmsg.AVAILABLE:
+            self._send_many = mmsg.Sender(sock, SEND_BATCH, (ip, sport, dport, dest)).send
 
         def send(data) -> int:
             return sendmsg([ip, pack(sport, dport, _UDP.size + len(data), 0), data], (), 0, dest) - _HEADERS
@@ -320,6 +327,7 @@ class OutputConnection:
             self.loop.unwatch(self.sock)
             self.sock.close()
             self.sock = None
+            self._send_many = None
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
@@ -437,7 +445,8 @@ class OutputConnection:
         while True:
             try:
                 if queue.state is UP:
-                    sent_all = queue.send_datagrams(self._send)
+                    sent_all = (queue.send_datagrams(self._send) if self._send_many is None
+                                else queue.send_datagram_batch(self._send_many, SEND_BATCH))
                 else:
                     sent_all = queue.sent_total > 0 or queue.send_datagrams(self._send, 1)
             except OSError as exc:

@@ -7,22 +7,25 @@ sockets into it (TCP through a ``core.framing.StreamFramer``, UDP one datagram p
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import time
 from typing import Callable
 
 from ..config import Limits
+from ..control.ports import set_rcvbuf
 from ..core.admission import Admission, Rate, source_of
-from ..core.framing import DatagramReader, FramingError, StreamFramer, check_datagram
+from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, all_whole, check_datagram
 from ..core.session import ExporterSession
 from ..core.templates import TemplateTracker
 from ..logs import Throttle
-from . import handover
+from . import handover, mmsg
 from .loop import READ, Loop
 
 UDP_SESSION_IDLE = 300.0   # seconds without a datagram before a UDP exporter session is closed
 UDP_EXPIRY_PERIOD = 30.0   # how often idle UDP sessions are looked for
 UDP_BATCH = 256            # datagrams read per readiness event, so TCP sessions and timers get turns
+UDP_SLOTS = 64             # datagrams per recvmmsg: the slots of one chunk (core.framing.DatagramSlots)
 ACCEPT_BATCH = 64          # connections accepted per readiness event
 ACCEPT_RETRY = 0.5         # seconds between attempts to accept again while at the descriptor limit
 IDLE_SWEEP = 1.0           # how often TCP exporter connections are looked at for quiet (chunk release, timeout)
@@ -35,6 +38,23 @@ DRAIN_READS = 4096         # reads at stop before an exporter connection is clos
 SessionOpener = Callable[..., ExporterSession]
 #: ``count_malformed(error, peer)``
 MalformedCounter = Callable[[FramingError, str], None]
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped on ``sock`` (receive buffer full, mostly): the drops column of its line
+    in /proc/net/udp or udp6, found by the socket's inode. None where that cannot be read."""
+    inode = str(os.fstat(sock.fileno()).st_ino)
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table) as f:
+                next(f)  # the column names
+                for line in f:
+                    fields = line.split()
+                    if fields[9] == inode:
+                        return int(fields[-1])
+        except (OSError, StopIteration, IndexError, ValueError):
+            continue
+    return None
 
 
 def peer_name(addr) -> str:
@@ -326,13 +346,18 @@ class TcpListener(Listener):
 
 
 class UdpListener(Listener):
-    """Reads datagrams and hands each to the session of its exporter address+port."""
+    """Reads datagrams and hands each run of them from one exporter address+port to its session.
+
+    With ``mmsg`` (Linux): one ``recvmmsg`` reads up to UDP_SLOTS datagrams into the slots of a
+    ``DatagramSlots``; elsewhere one ``recvfrom_into`` per datagram, packed into a ``DatagramReader``."""
 
     def __init__(self, *args):
-        self.reader = DatagramReader()
         self.sessions: dict[tuple, ExporterSession] = {}
+        self._names: dict[bytes, tuple] = {}  # raw source address (recvmmsg) -> address as Python gives it
         self.new_sessions = Rate()  # spoofed source ports must not open outputs to collectors at wire speed
         super().__init__(*args)
+        self.receiver = mmsg.Receiver(self.sock, DatagramSlots(count=UDP_SLOTS)) if mmsg.AVAILABLE else None
+        self.reader = DatagramReader() if self.receiver is None else None
         self.loop.every(UDP_EXPIRY_PERIOD, self._expire)
 
     def adopt(self, addr: tuple, peer: str, templates) -> None:
@@ -341,9 +366,52 @@ class UdpListener(Listener):
         self.admission.add(addr, source_of(addr[0]), now)
         self.admission.delivered(addr, now)
 
+    def set_limits(self, limits: Limits) -> None:
+        if limits.rcvbuf_bytes != self.limits.rcvbuf_bytes:
+            set_rcvbuf(self.sock, limits.rcvbuf_bytes)
+        super().set_limits(limits)
+
     def _on_readable(self, _mask) -> None:
-        reader, sock, sessions, delivered = self.reader, self.sock, self.sessions, self.admission.delivered
-        clock = time.monotonic  # per datagram: the idlest session at MAX_SESSIONS must be told apart in a batch
+        if self.receiver is None:
+            self._read_singly()
+            return
+        receive, names, deliver = self.receiver.receive, self._names, self._deliver
+        for _ in range(UDP_BATCH // UDP_SLOTS):
+            try:
+                msgs, sources = receive()
+            except OSError as exc:
+                self.throttle.warning("udp_receive_failed", "", error=str(exc))
+                return
+            if not msgs:
+                return
+            if sources.count(sources[0]) == len(msgs):  # one source (the common case): no search for runs
+                deliver(names.get(sources[0]) or self._name(sources[0]), msgs)
+            else:
+                self._deliver_runs(msgs, sources)
+            if not self.receiver.more:  # the socket is empty
+                return
+
+    def _deliver_runs(self, msgs: list, sources: list) -> None:
+        """Each run of datagrams from one source, in order, as one delivery."""
+        names, count, start = self._names, len(msgs), 0
+        while start < count:
+            raw = sources[start]
+            end = start + 1
+            while end < count and sources[end] == raw:
+                end += 1
+            self._deliver(names.get(raw) or self._name(raw), msgs[start:end])
+            start = end
+
+    def _name(self, raw: bytes) -> tuple:
+        """A source address as Python gives it, remembered (bounded: a flood may come from many ports)."""
+        names = self._names
+        if len(names) >= VERDICTS:
+            names.clear()
+        addr = names[raw] = mmsg.parse_name(raw)
+        return addr
+
+    def _read_singly(self) -> None:
+        reader, sock = self.reader, self.sock
         for _ in range(UDP_BATCH):
             try:
                 n, addr = sock.recvfrom_into(reader.get_buffer())
@@ -352,23 +420,42 @@ class UdpListener(Listener):
             except OSError as exc:
                 self.throttle.warning("udp_receive_failed", "", error=str(exc))
                 return
-            msg = reader.feed(n)
-            session = sessions.get(addr)
-            if session is None and not self._allowed(addr[0]):
+            self._deliver(addr, (reader.feed(n),))
+
+    def _deliver(self, addr: tuple, msgs) -> None:
+        """Datagrams from one source, in order: each must hold one whole message; the valid ones go to
+        the session as one batch."""
+        session = self.sessions.get(addr)
+        if session is None and not self._allowed(addr[0]):
+            for _ in msgs:
                 self._limit("not_allowed", peer_name(addr), "datagram dropped")
-                continue
+            return
+        good = msgs if all_whole(msgs) else self._whole(addr, msgs)
+        if not good:
+            return
+        # The clock per run, not per read: the idlest session at MAX_SESSIONS must be told apart in a batch.
+        now = time.monotonic()
+        opened = 0
+        while session is None and opened < len(good):  # each datagram may open it, as if read alone
+            session = self._new_session(addr, good[opened], now)
+            opened += 1
+        if session is None:
+            return
+        # Each datagram stands alone: one refused (over a template limit, counted) does not end the run.
+        if session.deliver(good[opened - 1:] if opened else good, stop=False) is None:
+            self.admission.delivered(addr, now)
+
+    def _whole(self, addr: tuple, msgs) -> list:
+        """The datagrams of a run that hold one whole message each; the others counted as malformed."""
+        good = []
+        for msg in msgs:
             try:
                 check_datagram(msg)
             except FramingError as exc:
                 self.count_malformed(exc, peer_name(addr))
                 continue
-            now = clock()
-            if session is None:
-                session = self._new_session(addr, msg, now)
-                if session is None:
-                    continue
-            if session.deliver((msg,)) is None:
-                delivered(addr, now)
+            good.append(msg)
+        return good
 
     def _new_session(self, addr: tuple, msg, now: float) -> ExporterSession | None:
         """A session for a new source address+port whose datagram ``msg`` is a valid message (its sets

@@ -31,6 +31,9 @@ class Timer:
 class Loop:
     def __init__(self):
         self._selector = selectors.DefaultSelector()
+        # What is registered, known without asking the selector: its lookup of an unregistered socket
+        # formats a KeyError with repr(socket), and UDP outputs are (un)watched on every flush.
+        self._watched: set = set()
         self._timers: list = []
         self._seq = itertools.count()
         self._after_turn: dict[int, Callable[[], None]] = {}
@@ -39,15 +42,21 @@ class Loop:
     # -- sockets -------------------------------------------------------------------------------
     def watch(self, sock, events: int, callback: Callable[[int], None]) -> None:
         """Call ``callback(mask)`` when ``sock`` is ready for ``events``; replaces an earlier watch."""
-        try:
+        if sock in self._watched:
             self._selector.modify(sock, events, callback)
-        except KeyError:
+            return
+        try:
             self._selector.register(sock, events, callback)
+        except KeyError:  # its descriptor is registered through another object: replace that watch
+            self._selector.modify(sock, events, callback)
+        self._watched.add(sock)
 
     def unwatch(self, sock) -> None:
+        if sock not in self._watched:
+            return
+        self._watched.discard(sock)
         try:
-            if sock in self._selector.get_map():  # checked first: a KeyError costs a repr(socket)
-                self._selector.unregister(sock)
+            self._selector.unregister(sock)
         except (KeyError, ValueError):  # a closed socket
             pass
 

@@ -59,6 +59,13 @@ def test_notify_socket_and_watchdog_environment():
     assert Notifier({}).send("READY=1") is False
 
 
+def test_kernel_drops_of_a_udp_listener_are_a_counter_tcp_has_none():
+    from ipfix_balancer.control.status import ListenStatus
+    udp = handler(listen=ListenStatus("udp", "0.0.0.0", 1500, True), rcvbuf_overflow=17)
+    assert counter_samples(udp)["ipfix_balancer_rcvbuf_overflow", ()] == 17
+    assert ("ipfix_balancer_rcvbuf_overflow", ()) not in counter_samples(handler()), "TCP has no such drops"
+
+
 class _Child:
     """What Watch.turn reads of the supervisor's Child."""
 

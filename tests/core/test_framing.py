@@ -5,7 +5,9 @@ import struct
 
 import pytest
 
-from ipfix_balancer.core.framing import ChunkPool, DatagramReader, FramingError, StreamFramer, check_datagram
+from ipfix_balancer.core.framing import (ChunkPool, DatagramReader, DatagramSlots, FramingError, StreamFramer,
+                                         all_whole, check_datagram)
+from ipfix_balancer.core.wire import MAX_MESSAGE
 
 
 def message(body: bytes, seq: int = 0, odid: int = 1) -> bytes:
@@ -212,3 +214,69 @@ def test_messages_kept_across_many_pooled_chunks_keep_their_bytes():
     assert len(kept) == len(range(0, 3000, 7))
     assert all(bytes(m) == msgs[seq] for seq, m in kept.items())
     assert len({id(m.obj) for m in kept.values()}) > 3, "more chunks than the pool keeps were in use"
+
+
+def receive(slots: DatagramSlots, datagrams: list[bytes]) -> list:
+    """What a recvmmsg does with the slots: each datagram into its slot, the rest of a long one into the
+    spill area of that slot position, as many as there are free slots; returns the views ``received``
+    hands out."""
+    slots.next_read()
+    datagrams = datagrams[:slots.count - slots.first]
+    for i, d in enumerate(datagrams, slots.first):
+        start = i * slots.slot
+        head = d[:slots.slot]
+        slots.chunk[start:start + len(head)] = head
+        rest = d[slots.slot:]
+        slots.spill[i * slots.spill_size:i * slots.spill_size + len(rest)] = rest
+    return slots.received([len(d) for d in datagrams])
+
+
+def test_datagram_slots_fill_a_chunk_across_reads_and_reuse_it_only_after_release():
+    slots = DatagramSlots(slot=64, count=4, keep=2)
+    first = receive(slots, [b"a" * 10, b"b" * 64])
+    chunk = slots.chunk
+    assert [bytes(v) for v in first] == [b"a" * 10, b"b" * 64] and slots.first == 2
+    second = receive(slots, [b"c" * 5, b"d" * 7])
+    assert slots.chunk is chunk, "reads go on in the free slots of the same chunk"
+    third = receive(slots, [b"e"])
+    assert slots.chunk is not chunk and slots.first == 1, "a full chunk: the next read starts a new one"
+    del first, second
+    receive(slots, [b"f"] * 3)  # the second chunk fills up; the first is free now
+    fourth = receive(slots, [b"g"])
+    assert slots.chunk is chunk, "no view of it left: reused"
+    assert [bytes(v) for v in third] == [b"e"] and [bytes(v) for v in fourth] == [b"g"]
+
+
+def test_datagram_slots_views_stay_valid_while_held_through_many_chunks():
+    slots = DatagramSlots(slot=32, count=8, keep=2)
+    kept = []
+    for i in range(200):
+        views = receive(slots, [bytes([i % 251]) * (1 + i % 32)] * (1 + i % 8))
+        if i % 5 == 0:
+            kept.append((i, views))
+    assert all(bytes(v) == bytes([i % 251]) * (1 + i % 32) for i, views in kept for v in views)
+
+
+def test_datagram_slots_a_datagram_longer_than_its_slot_is_joined_with_its_spill_area_and_writable():
+    slots = DatagramSlots(slot=16, count=4, keep=1)
+    small, long = b"s" * 16, bytes(range(100))
+    longest = message(b"L" * (MAX_MESSAGE - 16)) + b"!"  # a whole largest message and one byte more
+    views = receive(slots, [small, long])
+    views += receive(slots, [longest])
+    assert [bytes(v) for v in views] == [small, long, longest]
+    views[1][0] = 0  # RoundRobin renumbers in place
+    with pytest.raises(FramingError, match="length_mismatch"):  # refused as today
+        check_datagram(views[2])
+
+
+
+@pytest.mark.parametrize("bad", [b"", b"\x00\x0a", message(b"abc")[:-1], message(b"abc") + b"!",
+                                 b"\x00\x09" + message(b"abc")[2:], struct.pack("!HH", 10, 8) + bytes(4)])
+def test_a_run_is_all_whole_only_when_check_datagram_passes_every_one(bad):
+    run = [memoryview(m) for m in STREAM]
+    assert all_whole(run)
+    for at in range(len(run) + 1):
+        mixed = run[:at] + [memoryview(bad)] + run[at:]
+        assert not all_whole(mixed)
+        with pytest.raises(FramingError):
+            check_datagram(mixed[at])

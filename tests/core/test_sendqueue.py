@@ -497,3 +497,101 @@ def test_memory_pressure_lets_go_of_kept_copies_before_dropping_anything():
     assert resent + stats.drops_by_reason.get("connection_lost", 0) == 3 and stats.drops_by_reason
     assert stats.drop_records == 2 * stats.drops and held.held == 0
     assert budget.used == held.pending_bytes + waiting.pending_bytes
+
+
+class BatchSender:
+    """A sendmmsg: takes at most ``takes[i]`` datagrams on call i (then as many as asked); an exception in
+    ``takes`` is raised (the kernel took none)."""
+
+    def __init__(self, *takes):
+        self.takes = list(takes)
+        self.out: list[bytes] = []
+        self.calls: list[int] = []
+
+    def __call__(self, bufs) -> int:
+        self.calls.append(len(bufs))
+        take = self.takes.pop(0) if self.takes else len(bufs)
+        if isinstance(take, BaseException):
+            raise take
+        take = min(take, len(bufs))
+        self.out += [bytes(b) for b in bufs[:take]]
+        return take
+
+
+def mixed_queue(rewrite: bool, mixed: bool = True):
+    """Data messages of two ODIDs with a shared template message between them; or (not ``mixed``) of one
+    ODID only, the run numbered in C-level steps."""
+    queue, stats = make_queue(rewrite_seq=rewrite)
+    up(queue, 0)
+    for i in range(7):
+        odid = ODID + i % 2 if mixed else ODID
+        queue.enqueue((data_message(i, odid=odid), odid, 1 + i % 3, EMPTY))
+        if i == 3 and mixed:
+            queue.enqueue((memoryview(bytes(data_message(99))), ODID, 0, EMPTY))
+    return queue, stats
+
+
+@pytest.mark.parametrize("rewrite", [True, False])
+@pytest.mark.parametrize("mixed", [True, False])
+@given(takes=st.lists(st.integers(1, 5), max_size=8), batch=st.integers(1, 9))
+def test_batched_datagrams_are_the_one_by_one_datagrams_whatever_the_kernel_takes_per_call(rewrite, mixed, takes,
+                                                                                           batch):
+    """Short counts (the kernel took fewer than asked) change nothing: the same datagrams, numbered the
+    same, each sent once; the counters as for one-by-one sends."""
+    expected_queue, expected_stats = mixed_queue(rewrite, mixed)
+    expected = datagrams(expected_queue)
+    queue, stats = mixed_queue(rewrite, mixed)
+    send = BatchSender(*takes)
+    assert queue.send_datagram_batch(send, batch)
+    assert send.out == expected and max(send.calls) <= batch
+    assert (stats.msgs_out, stats.bytes_out, queue.pending_bytes, queue.sent_total) == \
+           (expected_stats.msgs_out, expected_stats.bytes_out, 0, expected_queue.sent_total)
+    assert queue.next_sequence(ODID) == expected_queue.next_sequence(ODID)
+
+
+def test_a_full_kernel_mid_batch_keeps_the_rest_queued_and_their_numbers_untaken():
+    queue, stats = three_queued()
+    send = BatchSender(1, BlockingIOError())
+    assert not queue.send_datagram_batch(send, 64), "the kernel is full: wait for room"
+    assert [ident_of(e[0]) for e in queue.pending] == [1, 2] and stats.msgs_out == 1
+    assert queue.send_datagram_batch(send, 64)
+    assert [struct.unpack_from("!I", d, 8)[0] for d in send.out] == [0, 2, 4], "numbers as if sent at once"
+
+
+def test_an_oversize_datagram_mid_batch_is_first_when_its_error_comes():
+    queue, stats = three_queued()
+    send = BatchSender(1, OSError(errno.EMSGSIZE, "Message too long"))
+    with pytest.raises(OSError):
+        queue.send_datagram_batch(send, 64)
+    assert [ident_of(e[0]) for e in queue.pending] == [1, 2], "sent ones left, the oversize one is first"
+    queue.drop_first(OVERSIZE)
+    assert queue.send_datagram_batch(send, 64)
+    assert [ident_of(d) for d in send.out] == [0, 2] and stats.drops_by_reason == {"oversize": 1}
+
+
+def test_a_refusal_counts_what_the_last_batched_send_took_and_leaves_the_rest_for_re_dispatch():
+    """The refusal of one datagram of a call says the port was closed for the call: all of it is lost."""
+    queue, stats = make_queue()
+    up(queue, 0)
+    for i in range(5):
+        queue.enqueue(entry(i))
+    send = BatchSender(1, 2, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
+    with pytest.raises(ConnectionRefusedError):
+        queue.send_datagram_batch(send, 64)
+    queue.refused()
+    lose(queue, "Connection refused")
+    assert stats.drops_by_reason == {"refused": 2} and stats.drop_records == 4 and stats.msgs_out == 3
+    assert [ident_of(e[0]) for e in queue.pending] == [3, 4]
+
+
+def test_a_refusal_after_a_one_by_one_send_counts_that_datagram_only():
+    queue, stats = three_queued()
+    queue.send_datagram_batch(BatchSender(2), 64)
+    lose(queue, "Network is unreachable")
+    up(queue, 0, probation=True)
+    queue.enqueue(entry(7, nrec=5))
+    sent = []
+    queue.send_datagrams(sent.append, 1)  # a returning output sends one alone
+    queue.refused()
+    assert len(sent) == 1 and stats.drops_by_reason == {"refused": 1} and stats.drop_records == 5
+

@@ -151,6 +151,23 @@ def test_malformed_message_dropped_reported_once_per_reason_and_limit_ends_deliv
     assert bytes(queue.pending[-1][0]) == bytes(data_message(3)) and len(s.tracker.snapshot) == 1
 
 
+def test_a_udp_run_goes_on_after_a_datagram_over_a_template_limit():
+    """UDP datagrams stand alone (``stop=False``): the one refused is counted, the next ones are delivered."""
+    from ipfix_balancer.config import TemplateLimits
+    refusals = []
+    s = ExporterSession("10.0.0.1:4739", Counters(), Outputs(), lambda _s: None,
+                        on_refused=lambda sess, err, first: refusals.append(err.reason))
+    s.configure(Forwarding(Mode.ALL, [SubreceiverStats("a")], 1_000_000, 0.0,
+                           template_limits=TemplateLimits(templates_max=1)))
+    second = bytearray(template_message())
+    second[20:22] = b"\x01\x01"  # template id 257: one template too many for ODID 7
+    run = [template_message(), data_message(3), memoryview(second), data_message(4), data_message(5)]
+    assert s.deliver(run, stop=False).reason == "templates_max"
+    (queue,) = s.queues
+    assert [ident_of(e[0]) for e in list(queue.pending)[1:]] == [3, 4, 5] and refusals == ["templates_max"]
+    assert s.counters.msgs_in == 5 and s.counters.bytes_in == sum(map(len, run))
+
+
 # -- a session outlives its exporter ----------------------------------------------------------------
 def deliver_and_leave(mode, states, n=10):
     subs = [SubreceiverStats(name) for name in "ab"]

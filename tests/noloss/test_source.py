@@ -28,9 +28,9 @@ def env(port: int, subs: list[int], source: str, mode: str = "All") -> str:
             f"IPFIX_FULLFLOW_BALANCER_SUB_SOURCE[0]={source}\n")
 
 
-def export(port: int) -> dict[str, list[int]]:
+def export(port: int, paced: bool = True) -> dict[str, list[int]]:
     """Both exporters send their template, then their data messages in turns (as live exporters would);
-    returns the serials (octetDeltaCount) each sent."""
+    returns the serials (octetDeltaCount) each sent. Unpaced, the handler reads and sends them in batches."""
     sent, streams, socks = {}, [], []
     for i, (host, fields) in enumerate(LAYOUTS.items()):
         first = i * MESSAGES * RPM + 1
@@ -42,20 +42,22 @@ def export(port: int) -> dict[str, list[int]]:
     for n, messages in enumerate(zip(*streams)):
         for sock, msg in zip(socks, messages):
             sock.sendto(msg, ("127.0.0.1", port))
-        if n % 10 == 0:
+        if paced and n % 10 == 0:
             time.sleep(0.01)  # paced: no socket buffer on the way overflows
     for sock in socks:
         sock.close()
     return sent
 
 
-def test_datagrams_carry_each_exporters_address_and_port(balancer):
+@pytest.mark.parametrize("paced", [True, False])
+def test_datagrams_carry_each_exporters_address_and_port(balancer, paced):
     port = free_port("udp")
     with UdpSink() as sink:
         bal = balancer(env(port, [sink.port], "exporter", "RoundRobin"))
         bal.wait_ready()
-        sent = export(port)
+        sent = export(port, paced)
         assert sink.wait_messages(2 * (MESSAGES + 1), timeout=30)
+        assert sink.wait_quiet(0.3, timeout=30)
     by_source: dict[str, list[int]] = {}
     for (host, _port), datagram in zip(sink.peers, sink.datagrams):
         by_source.setdefault(host, []).append(datagram)
@@ -63,6 +65,7 @@ def test_datagrams_carry_each_exporters_address_and_port(balancer):
     for host, fields in LAYOUTS.items():
         assert extract_serials(by_source[host], TEMPLATE, fields) == sent[host]
     assert len({p for _h, p in sink.peers}) == 2  # and each exporter's port
+    assert sorted(sink.datagrams) == sorted(sink.messages()), "one message per datagram"
 
 
 def test_source_preservation_is_refused_without_cap_net_raw_or_for_tcp(monkeypatch):

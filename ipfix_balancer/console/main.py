@@ -26,7 +26,6 @@ def ensure_token(path: str) -> str:
     return token
 
 
-CONNECTIONS_MAX = 64       # concurrent connections the console serves (an operator needs a handful)
 HEADER_BYTES_MAX = 16384   # request line and headers
 KEEP_ALIVE_SECONDS = 5
 
@@ -56,9 +55,10 @@ def main(settings_json: str, config_path: str, run_dir: str, log) -> int:
     server = uvicorn.Server(uvicorn.Config(
         app, ssl_certfile=settings.tls_cert or None, ssl_keyfile=settings.tls_key or None, log_config=None,
         access_log=False, server_header=False, proxy_headers=False, timeout_graceful_shutdown=2,
-        # Bounded like the metrics port: connections past the cap get 503 at once, headers are capped, an
-        # idle keep-alive connection is closed (an operator's browser reconnects without noticing).
-        limit_concurrency=CONNECTIONS_MAX, h11_max_incomplete_event_size=HEADER_BYTES_MAX,
-        timeout_keep_alive=KEEP_ALIVE_SECONDS))
+        # Headers are capped and an idle keep-alive connection is closed (a browser reconnects without
+        # noticing). No concurrency cap: uvicorn never closes a connection that sends no request, so a cap
+        # would let a few idle sockets shut the operator out; the console is a process of its own, and its
+        # descriptors are not the handlers' or the supervisor's.
+        h11_max_incomplete_event_size=HEADER_BYTES_MAX, timeout_keep_alive=KEEP_ALIVE_SECONDS))
     server.run(sockets=[sock])
     return 0

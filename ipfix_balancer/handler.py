@@ -387,7 +387,7 @@ class Handler:
     # -- status --------------------------------------------------------------------------------
     def _rcvbuf_overflow(self) -> int:
         """The kernel's drops on the UDP listening socket since this process took it (a counter per
-        process like the others, README "Metrics"); the last value read stays once the socket is closed."""
+        process like the others, docs/operations.md "Metrics"); the last value read stays once the socket is closed."""
         listener = self.listener
         if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
             n = kernel_drops(listener.sock)

@@ -39,7 +39,7 @@ PATHS = {
     "unit": UNIT,
     "syslog_identifier": "IPFIXcol2-balancer",
     "user": SERVICE_USER,  # the system user and group the RPM creates; the service runs as them
-    "console": "127.0.0.1/8480",  # the web console, loopback only (README "Console")
+    "console": "127.0.0.1/8480",  # the web console, loopback only (docs/operations.md "Console")
 }
 
 # The manual's "Example of Configuration File" (etc/manual-example.env): ports, modes and CPUs as there,
@@ -153,19 +153,19 @@ def man(date: str | None = None) -> str:
                                                               **PATHS)
 
 
-def _readme() -> str:
-    """The README of the source tree: beside the package in a checkout, else in the working directory
-    (the RPM's %install renders from the unpacked sources with the installed package)."""
-    for path in (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
-                 "README.md"):
+def _configuration_doc() -> str:
+    """docs/configuration.md of the source tree: beside the package in a checkout, else in the working
+    directory (the RPM's %install renders from the unpacked sources with the installed package)."""
+    doc = os.path.join("docs", "configuration.md")
+    for path in (os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), doc), doc):
         if os.path.exists(path):
             with open(path, encoding="utf-8") as f:
                 return f.read()
-    raise FileNotFoundError("README.md not found: render envman from the source tree")
+    raise FileNotFoundError(f"{doc} not found: render envman from the source tree")
 
 
 def md_roff(text: str) -> str:
-    """One line of the README's Markdown -> roff: `code` bold, **strong** bold, links as their text, other
+    """One line of the documentation's Markdown -> roff: `code` bold, **strong** bold, links as their text, other
     than ASCII as groff's \\[uXXXX]."""
     text = re.sub(r"\[([^\]]+)\]\([^)]*\)", r"\1", text.strip())
     text = roff(text).replace("-", "\\-")
@@ -175,9 +175,9 @@ def md_roff(text: str) -> str:
 
 
 def envman(date: str | None = None) -> str:
-    """ipfix-balancer.env(5): the README's "Configuration reference" (paragraphs, and each table row as one
-    key's entry), so the page and the README never disagree."""
-    ref = _readme().split("\n## Configuration reference\n", 1)[1].split("\n### Configuration errors", 1)[0]
+    """ipfix-balancer.env(5): docs/configuration.md's "Configuration reference" (paragraphs, and each table
+    row as one key's entry), so the page and the documentation never disagree."""
+    ref = _configuration_doc().split("\n## Configuration reference\n", 1)[1].split("\n### Configuration errors", 1)[0]
     intro, parts, environment = [], [], ""
     for block in (b.strip() for b in re.split(r"\n\s*\n", ref) if b.strip()):
         lines = block.splitlines()

@@ -50,7 +50,7 @@ def test_unit_paths_are_the_products_defaults():
     text = render.unit()
     assert f"Environment=IPFIX_BALANCER_CONFIG={config.DEFAULT_CONFIG_PATH}\n" in text
     assert "ExecStart=/usr/bin/ipfix-balancer run\n" in text
-    # the console's Apply and token need the .env's directory (README "Console")
+    # the console's Apply and token need the .env's directory (docs/operations.md "Console")
     assert (f"ReadWritePaths=-{config.DUMP_ROOT} -{os.path.dirname(config.DEFAULT_CONFIG_PATH)} "
             "/run/fast_ipfix_balancer\n") in text
     assert "{{" not in text and "{%" not in text

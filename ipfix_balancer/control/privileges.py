@@ -1,6 +1,6 @@
 """Who the balancer runs as: the service user, with only the capabilities its configuration needs.
 
-Under systemd the unit sets the user (README "Security"). ``ipfix-balancer run`` started by root by hand
+Under systemd the unit sets the user (docs/operations.md "Security"). ``ipfix-balancer run`` started by root by hand
 drops to the same user itself when it exists, keeping the needed capabilities as *ambient* ones so that
 they survive the exec of every handler and of the supervisor's own re-execution.
 """

@@ -393,7 +393,7 @@ def render(report: StatusReport) -> str:
                          f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
                          + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))
-        if d.rcvbuf_overflow:  # README "Metrics": lost before the handler could read them
+        if d.rcvbuf_overflow:  # docs/operations.md "Metrics": lost before the handler could read them
             lines.append(f"    rcvbuf_overflow: {d.rcvbuf_overflow} datagrams dropped by the kernel")
         if d.draining:
             lines.append(f"    draining: {d.draining} session(s) whose exporter left, {_size(d.draining_bytes)} held")

@@ -1,4 +1,4 @@
-"""Template scope of one dump file: which template messages go before a message (README "Recording mode",
+"""Template scope of one dump file: which template messages go before a message (docs/configuration.md "Recording mode",
 "Each file decodes on its own" and "Exporter sessions that share an ODID").
 
 A file is read like one transport session, so a decoder keeps one template set per ODID. ``FileScope`` keeps,

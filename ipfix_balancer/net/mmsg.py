@@ -2,7 +2,7 @@
 segmentation offload sends (``UDP_SEGMENT``, through ``socket.sendmsg``) for runs of one size.
 
 Python's socket module has neither batch call; one call per datagram cost more CPU than everything else the
-balancer does with it. ctypes needs no compiler on the target (README "Performance" says why that was
+balancer does with it. ctypes needs no compiler on the target (docs/performance.md "Performance" says why that was
 chosen). ``AVAILABLE`` is False where the C library lacks them (not Linux/glibc or musl): the callers then
 keep the one-datagram-per-call path.
 

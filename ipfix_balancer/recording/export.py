@@ -1,4 +1,4 @@
-"""Export of completed dumps to one insert process (README "Recording mode", "Export"): one file at a time,
+"""Export of completed dumps to one insert process (docs/configuration.md "Recording mode", "Export"): one file at a time,
 oldest first, each as its own IPFIX transport session.
 
 TCP: one connection per file, delivered once the target's TCP stack acknowledged every byte (the send queue,

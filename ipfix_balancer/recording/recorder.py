@@ -22,7 +22,7 @@ NO_FLOW_LIMIT = 1 << 62
 
 class Recorder:
     """The dispatcher of a recording handler: every message of every exporter session goes to the current
-    dump file (README "Recording mode"). It decides when a file starts and ends; ``FileScope`` says which
+    dump file (docs/configuration.md "Recording mode"). It decides when a file starts and ends; ``FileScope`` says which
     templates go before a message, ``DumpWriter`` writes, ``Spool`` keeps the completed files and
     ``ExportTarget`` sends them."""
 

@@ -1,4 +1,4 @@
-"""The completed dumps of one directory (README "Recording mode": "Export", "Crash safety"): inventory, oldest
+"""The completed dumps of one directory (docs/configuration.md "Recording mode": "Export", "Crash safety"): inventory, oldest
 first; delivery markers ``<file>.pending-<target>`` / ``<file>.sent-<target>``; recovery of a leftover ``.part``;
 eviction beyond SPOOL_BYTES.
 """

@@ -1,4 +1,4 @@
-"""Config edge cases (issue 11 item 9, README "Configuration errors"): a bad file on reload (SIGHUP) or
+"""Config edge cases (issue 11 item 9, docs/configuration.md "Configuration errors"): a bad file on reload (SIGHUP) or
 restart in place (SIGUSR2) is refused and logged; the balancer keeps running with the same processes."""
 
 import signal

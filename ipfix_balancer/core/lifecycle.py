@@ -76,6 +76,11 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
 del S, E
 
 
+#: what an ended connection means for what its collector acknowledged and may not have read (the send
+#: queue's acknowledged tail): read, or counted as lost
+DELIVERED, COUNT = "delivered", "count"
+
+
 class IllegalTransition(RuntimeError):
     """An event the current state does not allow: a bug in the caller, never a network condition."""
 
@@ -222,6 +227,13 @@ class OutputLifecycle:
         Half, because a receiver announces a window that its process's reads reopen only once it at least
         doubles (Linux ``tcp_cleanup_rbuf``): less unread than that may never show as read."""
         return not self.proven and 2 * self.window_now < self.window
+
+    def unread_fate(self, clean: bool) -> str:
+        """A connection ended: did its collector's process read what its TCP acknowledged? Yes when it closed
+        cleanly (FIN): a process that closes or dies with data unread makes its kernel reset instead. After a
+        reset (ours for a stall, or the collector's) what it acknowledged since it last showed it read is
+        counted as lost, an upper bound. A datagram socket acknowledges nothing."""
+        return DELIVERED if clean or not self.stream else COUNT
 
     def confirmed(self) -> None:
         """UDP: a refusal check after a datagram found none (the only proof a datagram socket gives)."""

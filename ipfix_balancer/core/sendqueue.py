@@ -25,7 +25,7 @@ from itertools import accumulate, islice, repeat
 from operator import itemgetter
 from typing import Callable, Protocol
 
-from .lifecycle import OutputLifecycle, State
+from .lifecycle import COUNT, DELIVERED, OutputLifecycle, State
 from .templates import Snapshot
 from .wire import SEQUENCE, U32
 
@@ -51,11 +51,6 @@ QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DE
 #: ``State.UP`` and ``State.PROBATION``, for the hot paths: an enum member lookup costs about 65 ns on
 #: Python 3.11 (a module global 10), several times per UDP datagram
 UP, PROBATION = State.UP, State.PROBATION
-
-
-#: what a connection's loss means for messages its collector acknowledged and may not have read
-#: (``connection_lost``): delivered, or counted as lost (``connection_lost``)
-DELIVERED, COUNT = "delivered", "count"
 
 
 class Transport(Protocol):

@@ -25,7 +25,7 @@ import termios
 import time
 
 from ..core.lifecycle import Action, State
-from ..core.sendqueue import COUNT, DELIVERED, DRAIN_DEADLINE, MSG, OVERSIZE, PROBATION, UP, SendQueue
+from ..core.sendqueue import DRAIN_DEADLINE, MSG, OVERSIZE, PROBATION, UP, SendQueue
 from ..logs import Throttle
 from . import mmsg
 from .loop import READ, WRITE, Loop
@@ -285,10 +285,7 @@ class OutputConnection:
         if reset:
             self._reset()
         self._release()
-        # A reset discards what the collector's process had not read: what it acknowledged since it last
-        # showed it read, up to what its buffer can hold, is counted (an upper bound). A process that closes
-        # or dies with nothing unread sends FIN (``clean``); its kernel resets only with data unread.
-        acked = COUNT if self._tcp and not clean else DELIVERED
+        acked = life.unread_fate(clean)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
         resent, news = queue.connection_lost(reason, acked)
         delay = life.lost(time.monotonic(), stalled=reset)

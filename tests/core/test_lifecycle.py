@@ -4,7 +4,8 @@ stall and reset, probation and proof of reading, the drain deadline, all on a fa
 import pytest
 
 from ipfix_balancer.core.lifecycle import (
-    BACKOFF_CAP, BACKOFF_FIRST, PROBE_MIN, PROOF_MIN, SUSPECT_CAP, TRANSITIONS, Action, Event, IllegalTransition,
+    BACKOFF_CAP, BACKOFF_FIRST, COUNT, DELIVERED, PROBE_MIN, PROOF_MIN, SUSPECT_CAP, TRANSITIONS, Action, Event,
+    IllegalTransition,
     OutputLifecycle, State)
 
 S = State
@@ -215,3 +216,11 @@ def test_a_window_that_grows_as_a_hung_kernel_takes_data_is_not_taken_for_readin
     assert life.observe(0.02, 200 * KiB, 0) is None and life.unread
     life.waiting(0.02)
     assert life.tick(1.02, True) == [Action.STALLED]
+
+
+def test_what_an_ended_connection_means_for_what_its_collector_acknowledged():
+    """FIN: its process read it (a process that closes with data unread makes its kernel reset). A reset,
+    ours or the collector's: counted. A datagram socket acknowledges nothing."""
+    tcp, udp = OutputLifecycle(stream=True), OutputLifecycle(stream=False)
+    assert tcp.unread_fate(clean=True) == DELIVERED and tcp.unread_fate(clean=False) == COUNT
+    assert udp.unread_fate(clean=False) == DELIVERED

@@ -45,3 +45,22 @@ def balancer(tmp_path):
     yield make
     for b in started:
         b.__exit__(None, None, None)
+
+
+# -- tiers: `pytest -m "not e2e and not slow"` is the inner loop (README "Development") ---------------------
+E2E_DIRS = {"e2e", "noloss", "hostile", "security", "box"}  # real balancer processes and peers
+E2E_MODULES = {"test_console_browser.py", "test_console_process.py", "test_readme_quickstart.py"}
+SLOW_MODULES = {"test_soak.py", "test_bench.py", "test_packaging.py"}  # a minute of soak, benchmarks, RPM builds
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test by where it lives (and by the ``balancer`` fixture, which starts the real product)."""
+    for item in items:
+        path = Path(str(item.fspath))
+        rel = path.relative_to(TESTS_DIR).parts
+        if rel[0] == "box":
+            item.add_marker(pytest.mark.box)
+        if rel[0] in E2E_DIRS or path.name in E2E_MODULES or "balancer" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+        if path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)

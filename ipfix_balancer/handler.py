@@ -26,7 +26,7 @@ from .control.status import (SESSIONS_LISTED, ExporterSessionStatus, HandlerStat
                              SubreceiverStatus)
 from .core.framing import FramingError
 from .core.sendqueue import DRAIN_LIMIT, Budget, SendQueue, State, SubreceiverStats
-from .core.session import Counters, ExporterSession, Forwarding, Lifecycle
+from .core.session import Counters, ExporterSession, Forwarding, Lifecycle, over_drain_limit
 from .core.templates import TemplateLimit, TemplatePool
 from .logs import Throttle
 from .net import handover
@@ -464,14 +464,12 @@ class Handler:
         """Sessions whose exporter left hold descriptors while they drain: at most MAX_SESSIONS of them. Past
         that the ones that left first are closed, what they hold counted (``drain_limit``): a flood of short
         sessions while collectors are away must not hold the handler's descriptors. Returns those left."""
-        draining = sorted((s for s in self.sessions if s.state is Lifecycle.DRAINING), key=lambda s: s.left)
-        excess = len(draining) - self.rc.limits.max_sessions
-        if excess > 0:
-            lost = sum(s.abandon(DRAIN_LIMIT) for s in draining[:excess])
-            self.throttle.error("drain_limit", "drain_limit", sessions_closed=excess, unsent_messages=lost,
+        excess = over_drain_limit(self.sessions, self.rc.limits.max_sessions)
+        if excess:
+            lost = sum(s.abandon(DRAIN_LIMIT) for s in excess)
+            self.throttle.error("drain_limit", "drain_limit", sessions_closed=len(excess), unsent_messages=lost,
                                 max_sessions=self.rc.limits.max_sessions)
-            draining = draining[excess:]
-        return draining
+        return [s for s in self.sessions if s.state is Lifecycle.DRAINING]
 
     def _write_status_file(self, doc: dict) -> None:
         """At the descriptor limit the status matters most: a descriptor kept in reserve is lent for the write."""

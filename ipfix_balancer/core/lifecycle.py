@@ -102,7 +102,7 @@ class OutputLifecycle:
 
     __slots__ = ("state", "stall", "move_stalled", "stream", "backoff", "retry_at", "suspect", "stalled_before",
                  "progress_at",
-                 "up_at", "window", "window_now", "shrunk", "acked", "proven", "proof_from", "drain_until", "stalled_at",
+                 "window", "window_now", "shrunk", "acked", "proven", "proof_from", "drain_until", "stalled_at",
                  "on_state")
 
     def __init__(self, *, stall: float = 0.0, move_stalled: bool = False, stream: bool = True):
@@ -116,7 +116,6 @@ class OutputLifecycle:
         self.stalled_before = False  # we reset it for a stall since it last showed it reads: long backoff
         self.progress_at = 0.0      # when the acknowledged offset last advanced (or bytes began to wait)
         self.stalled_at = 0.0
-        self.up_at = 0.0
         self.window = 0             # the largest receive window the collector advertised on this connection
         self.window_now = 0         # the one it advertised last
         self.shrunk = False         # it fell below half the largest since it last showed it read
@@ -149,7 +148,7 @@ class OutputLifecycle:
         it reads (a hung collector's kernel accepts connections; a UDP socket connects whatever the peer
         does). ``window``: what the collector offered in the handshake, with its buffer empty (never scaled):
         what it offers again once its process has read everything. Returns the new state."""
-        self.up_at = self.progress_at = now
+        self.progress_at = now
         self.window = self.window_now = window
         self.acked = self.proof_from = 0
         self.shrunk = False

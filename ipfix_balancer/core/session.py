@@ -63,6 +63,13 @@ class Forwarding:
 _left = itertools.count()  # the order in which sessions began to drain
 
 
+def over_drain_limit(sessions, limit: int) -> list[ExporterSession]:
+    """The draining sessions past ``limit`` to close now, the first to leave first: a flood of short sessions
+    while collectors are away must not hold a handler's descriptors for DRAIN_SECONDS."""
+    draining = sorted((s for s in sessions if s.state is Lifecycle.DRAINING), key=lambda s: s.left)
+    return draining[:max(0, len(draining) - limit)]
+
+
 class ExporterSession:
     def __init__(self, peer: str, counters: Counters, make_output: OutputFactory,
                  on_gone: Callable[[ExporterSession], None], templates=(), on_refused: RefusalReport | None = None):

@@ -329,3 +329,20 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
         for i, q in enumerate(outputs):
             assert len(read[i]) == len(set(read[i])), "a message read twice by one collector"
             assert len(read[i]) + len(held_ids(q)) + subs[i].drops == sent, i
+
+
+def test_past_the_drain_limit_the_first_sessions_to_leave_are_closed_counted():
+    from ipfix_balancer.core.session import over_drain_limit
+    sessions = []
+    for _ in range(5):
+        s, _gone = session(Outputs())
+        s.configure(forwarding(Mode.ALL, [SubreceiverStats("a")]))
+        s.deliver([data_message(1)])
+        sessions.append(s)
+    open_one = sessions.pop(2)  # still open: never counted against the limit
+    for s in reversed(sessions):  # they leave in this order
+        s.end()
+    assert over_drain_limit(sessions + [open_one], 4) == []
+    assert over_drain_limit(sessions + [open_one], 2) == [sessions[3], sessions[2]]
+    dropped = over_drain_limit(sessions, 3)[0].abandon("drain_limit")
+    assert dropped == 1 and sessions[3].state is Lifecycle.GONE

@@ -11,11 +11,14 @@ queue, or written and not yet acknowledged, can never be overwritten. Only the i
 
 from __future__ import annotations
 
+import struct
 from collections import deque
 from itertools import repeat
 from operator import add
 
 from .wire import HEADER_LEN, MAX_MESSAGE, VERSION, VERSION_LENGTH, FramingError, header_error, walk
+
+_VERSION_WORD = VERSION.to_bytes(2, "big")
 
 __all__ = ["ChunkPool", "DatagramReader", "DatagramSlots", "FramingError", "StreamFramer", "all_whole",
            "check_datagram"]
@@ -171,7 +174,7 @@ class DatagramSlots:
     than its slot runs on into the spill area of its slot position (one per position, MAX_MESSAGE + 1 - slot
     bytes, shared by every chunk) and is copied out at once: IPFIX over UDP rarely exceeds a 1,500-byte MTU."""
 
-    __slots__ = ("slot", "count", "pool", "spill", "spill_size", "chunk", "first")
+    __slots__ = ("slot", "count", "pool", "spill", "spill_size", "chunk", "first", "whole")
 
     def __init__(self, slot: int = 2048, count: int = 64, keep: int = 64):
         self.slot = slot
@@ -181,6 +184,7 @@ class DatagramSlots:
         self.spill = bytearray(self.spill_size * count)
         self.chunk: bytearray | None = None
         self.first = count  # the first free slot of ``chunk``
+        self.whole = False  # every datagram of the last read holds exactly one whole message
 
     def next_read(self) -> bool:
         """Before a read: True when it goes into a new chunk (``chunk``, from slot 0); the read may fill
@@ -193,19 +197,26 @@ class DatagramSlots:
 
     def received(self, lengths: list[int]) -> list:
         """The read filled the next ``len(lengths)`` slots with datagrams of these lengths: their views
-        (a copy for one that ran into the spill area)."""
+        (a copy for one that ran into the spill area). Sets ``whole``: what ``all_whole`` would say of them,
+        read from every slot's header at once (the slots are evenly spaced)."""
         slot, first = self.slot, self.first
         view = memoryview(self.chunk)
-        starts = range(first * slot, (first + len(lengths)) * slot, slot)
+        count, half, longest = len(lengths), slot // 2, max(lengths)
+        words = view.cast("H")  # a slot's header starts (version, length): its 1st and 2nd 16-bit words
+        self.whole = (min(lengths) >= HEADER_LEN and longest <= MAX_MESSAGE
+                      and words[first * half:(first + count) * half:half].tobytes() == _VERSION_WORD * count
+                      and words[first * half + 1:(first + count) * half:half].tobytes()
+                      == struct.pack(f"!{count}H", *lengths))
+        starts = range(first * slot, (first + count) * slot, slot)
         out = list(map(view.__getitem__, map(slice, starts, map(add, starts, lengths))))  # C-level steps
-        if max(lengths) > slot:
+        if longest > slot:
             for i, n in enumerate(lengths):
                 if n > slot:
                     spilled = (first + i) * self.spill_size
                     joined = bytearray(out[i][:slot])  # writable: RoundRobin renumbers in place
                     joined += self.spill[spilled:spilled + n - slot]
                     out[i] = memoryview(joined)
-        self.first = first + len(lengths)
+        self.first = first + count
         return out
 
 

@@ -28,6 +28,8 @@ from __future__ import annotations
 import bisect
 import struct
 from collections import deque
+from itertools import repeat
+from operator import floordiv, sub
 from typing import Callable, Iterable
 
 from ..config import TemplateLimits
@@ -421,6 +423,23 @@ class TemplateTracker:
         size = HEADER_LEN + sum(b - a for a, b in tsets)
         version, _, export_time, seq, _ = HEADER.unpack_from(msg)
         return odid, count, b"".join([HEADER.pack(version, size, export_time, seq, odid), *body])
+
+    def inspect_data_run(self, msgs: list) -> tuple[int, list[int]] | None:
+        """The common run, in C-level steps: every message one data set of one ODID and one known template of
+        fixed-length records -> (odid, each message's record count), what ``inspect`` would say of each.
+        None for any other run (nothing changed): the caller inspects message by message."""
+        lengths = list(map(len, msgs))
+        if min(lengths) < _FIRST_SET_END:
+            return None
+        firsts = list(map(_unpack_first, msgs))  # (odid, set id, set length) each
+        odid, set_id, _ = firsts[0]
+        layout = self._layouts.get(odid, _NO_LAYOUT).get(set_id)  # data templates only: no id below 256
+        if layout.__class__ is not int:
+            return None
+        set_lens = list(map(sub, lengths, repeat(HEADER_LEN)))
+        if firsts != list(zip(repeat(odid), repeat(set_id), set_lens)):
+            return None
+        return odid, list(map(floordiv, map(sub, set_lens, repeat(4)), repeat(layout)))
 
     def release(self) -> None:
         """The session is gone: its templates leave the pool."""

@@ -55,6 +55,25 @@ def test_receive_takes_a_burst_with_each_datagrams_source_in_order():
     assert receiver.receive() == ([], []) and not receiver.more
 
 
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_receive_tells_one_source_from_two_whose_names_differ_only_in_the_port(family, host):
+    """A batch from one source comes out with that source for every datagram (compared as whole name slots),
+    and one datagram from a second port in the middle of it is told apart."""
+    rx, a, b = udp(family, host), udp(family, host), udp(family, host)
+    for i in range(40):
+        (b if i == 20 else a).sendto(message(i), rx.getsockname())
+    receiver = mmsg.Receiver(rx, DatagramSlots(count=64, keep=1))
+    views, sources = receiver.receive()
+    assert [mmsg.parse_name(s) for s in sources] == [b.getsockname() if i == 20 else a.getsockname()
+                                                      for i in range(40)]
+    for i in range(30):
+        a.sendto(message(i), rx.getsockname())
+    views, sources = receiver.receive()  # the chunk's 24 free slots, then a new chunk
+    more = receiver.receive()
+    assert len(views) + len(more[0]) == 30
+    assert {mmsg.parse_name(s) for s in sources + more[1]} == {a.getsockname()}
+
+
 def test_receive_gives_ipv6_sources_as_recvfrom_does():
     rx, tx = udp(socket.AF_INET6, "::1"), udp(socket.AF_INET6, "::1")
     tx.sendto(b"x" * 20, rx.getsockname())

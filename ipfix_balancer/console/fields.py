@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..config import Forwarding, Limits, TemplateLimits, receiver_key
+from ..config.model import ForwardingSettings, Limits, TemplateLimits
+from ..config.parse import receiver_key
 
 STREAM = "stream"  # the form's name of "Receiver type": it is the STREAM part of every key, not a param
 # "Receiver type" as the manual's GUI names it (its Fullflow receiver is "Netflow"), for each stream.
@@ -55,7 +56,7 @@ MORE = (
     Field("ODIDs per exporter session, at most", "ODIDS_MAX", placeholder=str(TemplateLimits.odids_max)),
     Field("Template bytes per exporter session, at most", "TEMPLATE_BYTES_MAX", placeholder=str(TemplateLimits.template_bytes_max)),
     Field("Subreceiver stalled after (s)", "STALL_SECONDS", placeholder="5"),
-    Field("Delivery after the exporter left, at most (s)", "DRAIN_SECONDS", placeholder=str(Forwarding.drain_seconds)),
+    Field("Delivery after the exporter left, at most (s)", "DRAIN_SECONDS", placeholder=str(ForwardingSettings.drain_seconds)),
     Field("Source address towards subreceivers", "BALANCER_SUB_SOURCE", ("balancer", "exporter")),
     Field("Exporters allowed (addresses or networks)", "ALLOW", placeholder="anyone"),
     Field("Exporter idle timeout (s)", "IDLE_TIMEOUT", placeholder=f"{Limits.idle_timeout} (0: never)"),

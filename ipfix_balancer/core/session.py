@@ -11,7 +11,7 @@ import enum
 import itertools
 from typing import Callable
 
-from ..config import Mode, TemplateLimits
+from ..config.model import Mode, TemplateLimits
 from .dispatch import FORWARDERS, Dispatcher
 from .sendqueue import SendQueue, State, SubreceiverStats
 from .templates import MalformedSet, TemplateLimit, TemplateTracker

@@ -44,7 +44,7 @@ MANUAL = (
     Field("Balancer auto", "BALANCER_AUTO", ("Disabled", "Enabled")),
 )
 # Settings the manual's form lacks: the collapsed "More" section (tests/console check that every receiver
-# parameter of config.py has its field here or above, with a label written for people).
+# parameter of config/parse.py has its field here or above, with a label written for people).
 MORE = (
     Field("Bind address", "BIND", placeholder="0.0.0.0"),
     Field("CPU (taskset)", "BALANCER_TASKSET", placeholder="not pinned"),

@@ -29,25 +29,24 @@ class FakeHost:
         self._readable, self._files, self._limits = set(readable), set(files), (name_max, path_max)
         self.asked: list[str] = []  # which facts were asked for, in order
 
+    def _tell(self, question, fact):
+        self.asked.append(question)
+        return fact
+
     def cpus(self):
-        self.asked.append("cpus")
-        return self._cpus
+        return self._tell("cpus", self._cpus)
 
     def memory_bytes(self):
-        self.asked.append("memory_bytes")
-        return self._memory
+        return self._tell("memory_bytes", self._memory)
 
     def has_cap_net_raw(self):
-        self.asked.append("has_cap_net_raw")
-        return self._cap_net_raw
+        return self._tell("has_cap_net_raw", self._cap_net_raw)
 
     def local_addresses(self):
-        self.asked.append("local_addresses")
-        return self._addresses
+        return self._tell("local_addresses", self._addresses)
 
     def local_broadcasts(self):
-        self.asked.append("local_broadcasts")
-        return self._broadcasts
+        return self._tell("local_broadcasts", self._broadcasts)
 
     def readable(self, path):
         return path in self._readable

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from ..config import Mode
+from ..config.model import Mode
 from .sendqueue import MSG, PROBATION, UP, SendQueue, entries_size
 from .wire import MAX_MESSAGE
 

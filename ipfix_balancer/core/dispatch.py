@@ -10,7 +10,8 @@ from __future__ import annotations
 from typing import Protocol
 
 from ..config.model import Mode
-from .sendqueue import MSG, PROBATION, UP, SendQueue, entries_size
+from .entry import MSG, entries_size
+from .sendqueue import PROBATION, UP, SendQueue
 from .wire import MAX_MESSAGE
 
 

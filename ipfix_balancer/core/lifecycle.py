@@ -46,6 +46,7 @@ class Event(enum.Enum):
     STALL = "stall"            # nothing acknowledged for ``stall`` seconds while bytes wait
     PROGRESS = "progress"      # a stalled connection's collector took data again
     PROVEN = "proven"          # a connection on probation showed that its collector reads
+    LEAVE = "leave"            # the exporter left: deliver what is held, then close (the state stays)
     CLOSE = "close"            # final
 
 
@@ -71,6 +72,7 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (S.PROBATION, E.STALL): S.STALLED,
     (S.STALLED, E.PROGRESS): S.PROBATION,
     (S.STALLED, E.LOST): S.DOWN,
+    **{(state, E.LEAVE): state for state in State if state is not S.CLOSED},
     **{(state, E.CLOSE): S.CLOSED for state in State if state is not S.CLOSED},
 }
 del S, E
@@ -94,36 +96,56 @@ PROBE_MIN = 256 * 1024       # what a connection on probation may have outstandi
 DRAIN_SECONDS = 600.0        # default: how long a leaving session's outputs keep trying to deliver
 
 
+class Retry:
+    """When a DOWN output connects again, and whether that connection must first show that it reads."""
+
+    __slots__ = ("delay", "at", "suspect", "stalled_before")
+
+    def __init__(self) -> None:
+        self.delay = BACKOFF_FIRST  # the next delay after a failure (doubling, up to a cap)
+        self.at: float | None = None  # DOWN: when to connect again
+        self.suspect = False        # it failed or stalled since it last showed it reads: the next one probes
+        self.stalled_before = False  # we reset it for a stall since it last showed it reads: long backoff
+
+
+class Window:
+    """The receive window the collector advertises on this connection: its reopening shows reading."""
+
+    __slots__ = ("largest", "now", "shrunk", "proof_from")
+
+    def __init__(self, largest: int = 0) -> None:
+        self.largest = largest      # the largest it advertised (the handshake's: its buffer empty)
+        self.now = largest          # the one it advertised last
+        self.shrunk = False         # it fell below half the largest since it last showed it read
+        self.proof_from = 0         # the acknowledged offset the proof counts from (a stall restarts it)
+
+
 class OutputLifecycle:
     """The state of one output and the clock-driven decisions about it. ``stall``: seconds without progress
     before STALLED (0: never, as for UDP); ``move_stalled``: a stall is given up with a reset after another
     ``stall`` seconds (RoundRobin: its messages go to live outputs; All keeps waiting); ``stream``: TCP
-    (acknowledgements and probation by bytes) or UDP (probation until a refusal check passes)."""
+    (acknowledgements and probation by bytes) or UDP (probation until a refusal check passes);
+    ``drain_seconds``: how long a leaving output may keep delivering."""
 
-    __slots__ = ("state", "stall", "move_stalled", "stream", "backoff", "retry_at", "suspect", "stalled_before",
-                 "progress_at",
-                 "window", "window_now", "shrunk", "acked", "proven", "proof_from", "drain_until", "stalled_at",
-                 "on_state")
+    __slots__ = ("state", "stall", "move_stalled", "stream", "retry", "progress_at", "stalled_at", "window",
+                 "acked", "proven", "leaving", "drain_seconds", "drain_until", "on_state")
 
-    def __init__(self, *, stall: float = 0.0, move_stalled: bool = False, stream: bool = True):
+    def __init__(self, *, stall: float = 0.0, move_stalled: bool = False, stream: bool = True,
+                 drain_seconds: float = DRAIN_SECONDS):
         self.state = State.DOWN
         self.stall = stall
         self.move_stalled = move_stalled
         self.stream = stream
-        self.backoff = BACKOFF_FIRST
-        self.retry_at: float | None = None  # DOWN: when to connect again
-        self.suspect = False        # it failed or stalled since it last showed it reads: the next one probes
-        self.stalled_before = False  # we reset it for a stall since it last showed it reads: long backoff
+        self.retry = Retry()
         self.progress_at = 0.0      # when the acknowledged offset last advanced (or bytes began to wait)
         self.stalled_at = 0.0
-        self.window = 0             # the largest receive window the collector advertised on this connection
-        self.window_now = 0         # the one it advertised last
-        self.shrunk = False         # it fell below half the largest since it last showed it read
+        self.window = Window()
         self.acked = 0              # this connection's stream offset acknowledged so far
         self.proven = False         # this connection's collector acknowledged more than it could hold unread
-        self.proof_from = 0         # the acknowledged offset the proof counts from (a stall restarts it)
+        self.leaving = False        # the exporter left (LEAVE): closes once delivered, or at drain_until
+        self.drain_seconds = drain_seconds
+        self.drain_until: float | None = None  # the deadline for what is held, once the transport knows the time
         self.on_state = None        # called with each new state (the send queue mirrors it for its hot paths)
-        self.drain_until: float | None = None  # the exporter left: the deadline for what is queued
 
     def _go(self, event: Event) -> None:
         try:
@@ -140,7 +162,7 @@ class OutputLifecycle:
 
     # -- events --------------------------------------------------------------------------------
     def connecting(self) -> None:
-        self.retry_at = None
+        self.retry.at = None
         self._go(Event.CONNECT)
 
     def connected(self, now: float, window: int = 0) -> State:
@@ -149,28 +171,28 @@ class OutputLifecycle:
         does). ``window``: what the collector offered in the handshake, with its buffer empty (never scaled):
         what it offers again once its process has read everything. Returns the new state."""
         self.progress_at = now
-        self.window = self.window_now = window
-        self.acked = self.proof_from = 0
-        self.shrunk = False
+        self.window = Window(window)
+        self.acked = 0
         self.proven = False
-        self._go(Event.PROBE if self.suspect else Event.CONNECTED)
+        self._go(Event.PROBE if self.retry.suspect else Event.CONNECTED)
         return self.state
 
     def lost(self, now: float, *, stalled: bool = False) -> float:
         """The connection failed (``stalled``: we reset it for a stall). Returns the delay before the next
         attempt; the delay doubles each time, up to ``SUSPECT_CAP`` once the collector stalled."""
+        retry = self.retry
         if stalled:
-            self.suspect = self.stalled_before = True
+            retry.suspect = retry.stalled_before = True
         elif self.state is not State.CONNECTING and (self.unread or not self.stream):
             # It failed holding data it had not shown it read (a datagram socket shows nothing): the next
             # connection probes.
-            self.suspect = True
+            retry.suspect = True
         self._go(Event.LOST)
-        delay = self.backoff
+        delay = retry.delay
         if stalled:
             delay = max(delay, self.stall)
-        self.retry_at = now + delay
-        self.backoff = min(delay * 2, SUSPECT_CAP if self.stalled_before else BACKOFF_CAP)
+        retry.at = now + delay
+        retry.delay = min(delay * 2, SUSPECT_CAP if retry.stalled_before else BACKOFF_CAP)
         return delay
 
     def observe(self, now: float, acked: int, window: int | None = None) -> Action | None:
@@ -185,13 +207,14 @@ class OutputLifecycle:
                 self.acked, self.progress_at = acked, now
             return None
         progress = acked > self.acked
+        win = self.window
         if window is not None:
-            progress = progress or (self.shrunk and window > self.window_now)
-            self.window_now = window
-            if window > self.window:
-                self.window = window
-            if 2 * window < self.window:
-                self.shrunk = True
+            progress = progress or (win.shrunk and window > win.now)
+            win.now = window
+            if window > win.largest:
+                win.largest = window
+            if 2 * window < win.largest:
+                win.shrunk = True
         self.acked = acked
         if not progress:
             return None
@@ -199,23 +222,24 @@ class OutputLifecycle:
         if self.state is State.STALLED:  # it reads again, or only its kernel does: it must show which
             self._go(Event.PROGRESS)
             self.proven = False
-            self.proof_from = acked
+            win.proof_from = acked
             return None
         if self.proven:
             return None
-        if acked - self.proof_from >= self.proof_bytes:
+        if acked - win.proof_from >= self.proof_bytes:
             self.proven = True
             self._healthy()
             return Action.PROVEN
-        if self.unread or not self.shrunk:
+        if self.unread or not win.shrunk:
             return None
-        self.shrunk = False
+        win.shrunk = False
         self._healthy()  # its process read what it acknowledged: that shows it reads as well
         return Action.READ
 
     def _healthy(self) -> None:
-        self.suspect = self.stalled_before = False
-        self.backoff = BACKOFF_FIRST
+        retry = self.retry
+        retry.suspect = retry.stalled_before = False
+        retry.delay = BACKOFF_FIRST
         if self.state is State.PROBATION:
             self._go(Event.PROVEN)
 
@@ -225,7 +249,7 @@ class OutputLifecycle:
         advertised (only while the connection is not proven; a proven one is judged by acknowledgements).
         Half, because a receiver announces a window that its process's reads reopen only once it at least
         doubles (Linux ``tcp_cleanup_rbuf``): less unread than that may never show as read."""
-        return not self.proven and 2 * self.window_now < self.window
+        return not self.proven and 2 * self.window.now < self.window.largest
 
     def unread_fate(self, clean: bool) -> str:
         """A connection ended: did its collector's process read what its TCP acknowledged? Yes when it closed
@@ -243,9 +267,16 @@ class OutputLifecycle:
         """Bytes begin to wait for acknowledgement after none did: the stall clock starts now."""
         self.progress_at = now
 
-    def exporter_left(self, now: float, drain_seconds: float) -> None:
+    def leave(self) -> None:
+        """The exporter left (or the subreceiver was removed): deliver what is held, then close."""
+        if not self.leaving:
+            self._go(Event.LEAVE)
+            self.leaving = True
+
+    def exporter_left(self, now: float) -> None:
+        """The transport starts the drain deadline (once: a second leave does not extend it)."""
         if self.drain_until is None:
-            self.drain_until = now + drain_seconds
+            self.drain_until = now + self.drain_seconds
 
     def close(self) -> None:
         if self.state is not State.CLOSED:
@@ -253,19 +284,19 @@ class OutputLifecycle:
 
     @property
     def proof_bytes(self) -> int:
-        return max(PROOF_MIN, PROOF_FACTOR * self.window)
+        return max(PROOF_MIN, PROOF_FACTOR * self.window.largest)
 
     @property
     def unread_bound(self) -> int:
         """The most the collector's buffer can hold unread, an upper bound: Linux offers about half of a
         receive buffer as window, so three times the largest window it advertised (at least a probe's worth).
         What a reset may discard is counted up to this."""
-        return max(PROBE_MIN, 3 * self.window)
+        return max(PROBE_MIN, 3 * self.window.largest)
 
     @property
     def probe_bytes(self) -> int:
         """What a connection on probation may have queued and outstanding: about one receive buffer."""
-        return max(PROBE_MIN, 2 * self.window)
+        return max(PROBE_MIN, 2 * self.window.largest)
 
     # -- time ----------------------------------------------------------------------------------
     def tick(self, now: float, waiting: bool) -> list[Action]:
@@ -277,7 +308,7 @@ class OutputLifecycle:
         if self.drain_until is not None and now >= self.drain_until:
             return [Action.CLOSE]
         if state is State.DOWN:
-            return [Action.CONNECT] if self.retry_at is not None and now >= self.retry_at else []
+            return [Action.CONNECT] if self.retry.at is not None and now >= self.retry.at else []
         if not self.stall or not self.stream:
             return []
         if self.sending and waiting and now - self.progress_at >= self.stall:
@@ -294,8 +325,8 @@ class OutputLifecycle:
         times = []
         if self.drain_until is not None:
             times.append(self.drain_until)
-        if self.state is State.DOWN and self.retry_at is not None:
-            times.append(self.retry_at)
+        if self.state is State.DOWN and self.retry.at is not None:
+            times.append(self.retry.at)
         elif self.stall and self.stream:
             if self.sending and waiting:
                 times.append(self.progress_at + self.stall)

@@ -118,9 +118,9 @@ class ExporterSession:
                                              on_down=dispatcher.on_down, on_closed=self._queue_closed,
                                              on_settled=self._queue_settled)
                 else:
-                    queue.on_down, queue.limit, queue.refresh = dispatcher.on_down, fw.queue_bytes, fw.template_refresh
-                    queue.life.stall, queue.drain_seconds = fw.stall_seconds, fw.drain_seconds
-                queue.on_up = dispatcher.on_up
+                    queue.reconfigure(limit=fw.queue_bytes, refresh=fw.template_refresh, stall=fw.stall_seconds,
+                                      drain_seconds=fw.drain_seconds)
+                queue.dispatched_by(dispatcher)
                 active.append(queue)
         retired = [q for q in self.queues if q not in active]
         for queue in retired:

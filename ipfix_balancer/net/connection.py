@@ -75,9 +75,7 @@ class OutputConnection:
         self._oversize_logged = False
         self._failed: OSError | None = None  # a write failed: handled after the loop turn (``_fail_later``)
         self._tcp = queue.subreceiver.proto == "tcp"
-        self.life.stream = self._tcp
-        queue.track_acks = self._tcp
-        queue.transport = self
+        queue.attach(self, stream=self._tcp)
         self._connect()
 
     # -- Transport -----------------------------------------------------------------------------
@@ -85,7 +83,7 @@ class OutputConnection:
         self.loop.after_turn(id(self), self.flush)
 
     def close_when_drained(self) -> None:
-        self.life.exporter_left(time.monotonic(), self.queue.drain_seconds)
+        self.life.exporter_left(time.monotonic())
         self._schedule()
         if self.life.sending:
             self.flush()
@@ -105,7 +103,7 @@ class OutputConnection:
     def _waiting(self) -> bool:
         """Bytes written and not acknowledged, or acknowledged and (by the window) not yet read."""
         queue = self.queue
-        return self._tcp and (queue.sent_total != queue.acked or self.life.unread)
+        return self._tcp and (queue.acks.sent_total != queue.acks.acked or self.life.unread)
 
     def _schedule(self) -> None:
         """Arm the one timer: the lifecycle's next deadline, or sooner the next poll while TCP bytes wait."""
@@ -206,7 +204,6 @@ class OutputConnection:
     def _up(self) -> None:
         queue = self.queue
         state = self.life.connected(time.monotonic(), (peer_window(self.sock) or 0) if self._tcp else 0)
-        queue.tail_bytes = self.life.unread_bound if self._tcp else 0
         queue.connection_up(int(time.time()))
         if state is UP:
             self._healthy()
@@ -230,8 +227,7 @@ class OutputConnection:
         if queue.confirm():
             sub = str(queue.subreceiver)
             self.throttle.info("subreceiver_up", sub, subreceiver=sub, **why)
-        if queue.on_up is not None:
-            queue.on_up(queue)
+        queue.came_up()
 
     def _refresh_tick(self) -> None:
         self.queue.refresh_templates(int(time.time()))
@@ -261,7 +257,7 @@ class OutputConnection:
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             self._fail(OSError(err, os.strerror(err)))
-        elif not queue.sent_total:  # nothing went out yet: nothing to judge by
+        elif not queue.acks.sent_total:  # nothing went out yet: nothing to judge by
             self._check_timer = self.loop.call_later(UDP_CONFIRM, self._confirm_udp)
         else:
             self.life.confirmed()
@@ -277,8 +273,8 @@ class OutputConnection:
         if self._tcp and self.sock is not None and life.state is not State.CONNECTING:
             # The last word on what its TCP acknowledged, and the window it last advertised (both valid
             # after a reset).
-            acked = queue.sent_total - unsent_bytes(self.sock)
-            if acked > queue.acked:
+            acked = queue.acks.sent_total - unsent_bytes(self.sock)
+            if acked > queue.acks.acked:
                 queue.acknowledged(acked)
             life.observe(time.monotonic(), acked, peer_window(self.sock))
         elif not self._tcp and isinstance(exc, OSError) and exc.errno == errno.ECONNREFUSED:
@@ -294,8 +290,7 @@ class OutputConnection:
             sub = str(queue.subreceiver)
             self.throttle.warning("subreceiver_down", sub, subreceiver=sub, reason=reason, resent=resent,
                                   queued=len(queue.pending), retry_in=round(delay, 1))
-        if queue.on_down is not None:
-            queue.on_down(queue)
+        queue.went_down()
         queue.check_settled()
         self._schedule()
 
@@ -310,7 +305,7 @@ class OutputConnection:
         if unsent:  # per output, so per exporter session: throttled (status counts every drop)
             sub = str(self.queue.subreceiver)
             self.throttle.error("subreceiver_drain_deadline", sub, subreceiver=sub, unsent_messages=unsent,
-                                drain_seconds=self.queue.drain_seconds)
+                                drain_seconds=self.life.drain_seconds)
 
     def _reset(self) -> None:
         """Close with RST: the kernel discards what it still holds for the collector."""
@@ -362,14 +357,13 @@ class OutputConnection:
         """Tell the queue and the lifecycle how far the collector's TCP acknowledged, and (until it is
         proven) the window it advertises; release what it has shown it read."""
         queue, life = self.queue, self.life
-        acked = queue.sent_total - unsent_bytes(self.sock)
-        if acked > queue.acked:
+        acked = queue.acks.sent_total - unsent_bytes(self.sock)
+        if acked > queue.acks.acked:
             queue.acknowledged(acked)
         if life.proven:
             action = life.observe(now, acked)
         else:
             action = life.observe(now, acked, peer_window(self.sock))
-            queue.tail_bytes = life.unread_bound
         if action is Action.PROVEN:
             self._healthy(reason="takes data again")
         elif action is Action.READ:
@@ -393,11 +387,10 @@ class OutputConnection:
         if queue.stalled(f"stalled: nothing read for {life.stall:g} s"):
             sub = str(queue.subreceiver)
             self.throttle.warning("subreceiver_stalled", sub, subreceiver=sub,
-                                  unacked_bytes=queue.sent_total - queue.acked, queued=len(queue.pending),
+                                  unacked_bytes=queue.acks.outstanding, queued=len(queue.pending),
                                   stall_seconds=life.stall,
                                   action="moved to the live subreceivers" if life.move_stalled else "kept, bounded")
-        if queue.on_down is not None:
-            queue.on_down(queue)
+        queue.went_down()
 
     # -- sending -------------------------------------------------------------------------------
     def flush(self) -> None:
@@ -405,7 +398,7 @@ class OutputConnection:
         choice: a failure is therefore handled after the loop turn, never re-entrantly (the dispatcher would
         otherwise re-dispatch this queue while it is dispatching into it)."""
         queue = self.queue
-        queue.armed = False
+        queue.flushing()
         state = queue.state
         if (state is not UP and state is not PROBATION) or self.sock is None or self._failed is not None:
             return
@@ -423,7 +416,7 @@ class OutputConnection:
 
     def _flush_stream(self) -> None:
         queue = self.queue
-        if queue.sent_total != queue.acked:
+        if queue.acks.sent_total != queue.acks.acked:
             # Before writing: what the collector acknowledged since the last flush is let go now, so the
             # chunks it held are free for the reads to come.
             self._observe(time.monotonic())
@@ -443,10 +436,10 @@ class OutputConnection:
         while True:
             try:
                 if queue.state is UP:
-                    sent_all = (queue.send_datagrams(self._send) if self._send_many is None
-                                else queue.send_datagram_batch(self._send_many, SEND_BATCH))
+                    sent_all = (queue.datagrams.send(self._send) if self._send_many is None
+                                else queue.datagrams.send_batch(self._send_many, SEND_BATCH))
                 else:
-                    sent_all = queue.sent_total > 0 or queue.send_datagrams(self._send, 1)
+                    sent_all = queue.acks.sent_total > 0 or queue.datagrams.send(self._send, 1)
             except OSError as exc:
                 if exc.errno != errno.EMSGSIZE:
                     raise
@@ -461,7 +454,7 @@ class OutputConnection:
     def _write(self) -> bool:
         """Write what the queue commits until it is empty (True) or the kernel is full (False: the write
         resumes on the next WRITE event)."""
-        sock, send, take, written = self.sock, self._send, self.queue.next_iovec, self.queue.written
+        sock, send, take, written = self.sock, self._send, self.queue.stream.next_iovec, self.queue.stream.written
         while bufs := take():
             try:
                 sent = send(bufs)

@@ -85,7 +85,7 @@ def test_a_hung_collector_over_60_simulated_seconds_is_probed_with_backoff_doubl
         probes += 1
     gaps = [b - a for a, b in zip(resets, resets[1:])]
     assert S.UP not in states[10:], "never up again while it does not read"
-    assert life.backoff == SUSPECT_CAP and max(gaps) <= SUSPECT_CAP + 2 * 5 + 1
+    assert life.retry.delay == SUSPECT_CAP and max(gaps) <= SUSPECT_CAP + 2 * 5 + 1
     assert probes <= 16, "probes back off: a few per ten minutes, each costing at most a receive buffer"
 
 
@@ -99,7 +99,7 @@ def test_a_stalled_connection_that_reads_again_is_on_probation_until_it_shows_it
     assert life.observe(3.0, 150 * KiB, 10 * KiB) is None and life.state is S.PROBATION, "progress: probation"
     assert life.unread, "its window is below half the largest it advertised"
     assert life.observe(3.5, 160 * KiB, 200 * KiB) is Action.READ and life.state is S.UP, "window open again"
-    assert life.backoff == BACKOFF_FIRST and not life.suspect
+    assert life.retry.delay == BACKOFF_FIRST and not life.retry.suspect
 
 
 def test_proof_by_volume_no_buffer_holds_that_much_unread():
@@ -118,13 +118,13 @@ def test_the_handshakes_window_is_the_empty_buffer_a_full_one_shows_unread_from_
     connected(life, window=65535)
     assert not life.unread
     assert life.observe(0.1, 500 * KiB, 0) is None and life.unread, "filled before the first poll"
-    assert life.observe(0.2, 500 * KiB, 300 * KiB) is Action.READ and life.window == 300 * KiB
+    assert life.observe(0.2, 500 * KiB, 300 * KiB) is Action.READ and life.window.largest == 300 * KiB
 
 
 def test_probe_and_proof_scale_with_the_window():
     life = OutputLifecycle()
     assert life.probe_bytes == PROBE_MIN and life.proof_bytes == PROOF_MIN
-    life.window = 8 * 1024 * KiB
+    life.window.largest = 8 * 1024 * KiB
     assert life.probe_bytes == 16 * 1024 * KiB and life.proof_bytes == 32 * 1024 * KiB
 
 
@@ -150,7 +150,7 @@ def test_a_collector_resetting_every_connection_is_probed_and_retried_at_most_ev
         now = now + 0.002 + life.lost(now + 0.002)
         assert life.tick(now, False) == [Action.CONNECT]
     assert states[0] is S.UP and set(states[1:]) == {S.PROBATION}
-    assert life.backoff == BACKOFF_CAP
+    assert life.retry.delay == BACKOFF_CAP
 
 
 def test_a_slow_reader_is_not_stalled_while_the_window_opens():
@@ -168,8 +168,8 @@ def test_drain_deadline_at_the_boundary_whatever_the_state():
     for state in (S.DOWN, S.CONNECTING, S.UP, S.PROBATION, S.STALLED):
         life = OutputLifecycle(stall=5)
         life.state = state
-        life.exporter_left(10.0, 600)
-        life.exporter_left(20.0, 600)  # once: a second leave does not extend it
+        life.exporter_left(10.0)
+        life.exporter_left(20.0)  # once: a second leave does not extend it
         assert Action.CLOSE not in life.tick(609.999, False)
         assert life.next_deadline(False) <= 610.0
         assert life.tick(610.0, False) == [Action.CLOSE]
@@ -183,7 +183,7 @@ def test_a_down_output_keeps_retrying_after_its_exporter_left():
     life = OutputLifecycle(stall=5)
     life.connecting()
     life.lost(0.0)
-    life.exporter_left(0.0, 600)
+    life.exporter_left(0.0)
     assert life.next_deadline(False) == pytest.approx(BACKOFF_FIRST)
     assert life.tick(BACKOFF_FIRST, False) == [Action.CONNECT]
 
@@ -195,7 +195,7 @@ def test_udp_outputs_never_stall_and_come_back_on_probation_until_confirmed():
     life.lost(100)
     assert connected(life, 101) is S.PROBATION
     life.confirmed()
-    assert life.state is S.UP and life.backoff == BACKOFF_FIRST
+    assert life.state is S.UP and life.retry.delay == BACKOFF_FIRST
 
 
 def test_a_collector_that_read_what_it_acknowledged_and_then_closed_comes_back_healthy():
@@ -203,14 +203,14 @@ def test_a_collector_that_read_what_it_acknowledged_and_then_closed_comes_back_h
     connected(life)
     assert life.observe(0.1, 1400, 64 * KiB) is None and not life.unread
     life.lost(0.2)
-    assert connected(life, 0.4) is S.UP and life.backoff == BACKOFF_FIRST * 2
+    assert connected(life, 0.4) is S.UP and life.retry.delay == BACKOFF_FIRST * 2
 
 
 def test_a_window_that_grows_as_a_hung_kernel_takes_data_is_not_taken_for_reading():
     """On a new connection a kernel grows the window it offers as data arrives, whether its process reads or
     not: only a window that opens again after it shrank shows reading."""
     life = OutputLifecycle(stall=1, move_stalled=True)
-    life.suspect = True
+    life.retry.suspect = True
     assert connected(life, window=65535) is S.PROBATION
     assert life.observe(0.01, 60 * KiB, 120 * KiB) is None and life.state is S.PROBATION
     assert life.observe(0.02, 200 * KiB, 0) is None and life.unread

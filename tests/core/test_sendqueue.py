@@ -39,7 +39,7 @@ class FakeTransport:
 
 def up(queue: SendQueue, now: int = 0, probation: bool = False) -> None:
     """What a transport does when a connection is established: the lifecycle first, then the queue."""
-    queue.life.suspect = probation
+    queue.life.retry.suspect = probation
     if queue.state is not State.DOWN:
         queue.life.lost(now)
     queue.life.connecting()
@@ -80,24 +80,24 @@ def make_queue(limit: int = 10_000, rewrite_seq: bool = True, snapshot=EMPTY, tr
     stats = SubreceiverStats("collector")
     queue = SendQueue(stats, limit=limit, rewrite_seq=rewrite_seq, current_snapshot=lambda: snapshot)
     queue.transport = FakeTransport()
-    queue.track_acks = track_acks
+    queue.acks.track = track_acks
     return queue, stats
 
 
 def write(queue: SendQueue, budget: int | None = None) -> bytes:
     """One sendmsg that takes at most ``budget`` bytes (all when None): the bytes the collector gets."""
-    bufs = queue.next_iovec()
+    bufs = queue.stream.next_iovec()
     data = b"".join(bytes(b) for b in bufs)
     taken = data if budget is None else data[:budget]
     if bufs:
-        queue.written(len(taken))
+        queue.stream.written(len(taken))
     return taken
 
 
 def datagrams(queue: SendQueue) -> list[bytes]:
     """Send everything queued as datagrams, one message each."""
     out: list[bytes] = []
-    assert queue.send_datagrams(lambda data: out.append(bytes(data)))
+    assert queue.datagrams.send(lambda data: out.append(bytes(data)))
     return out
 
 
@@ -116,7 +116,7 @@ def test_enqueue_wakes_the_transport_once_per_turn_when_up():
     queue.enqueue_many([entry(3), entry(4)], 80)
     assert queue.transport.woken == 1
     write(queue)
-    queue.armed = False  # what the transport's flush does
+    queue.flushing()  # what the transport's flush does
     queue.enqueue(entry(5))
     assert queue.transport.woken == 2
 
@@ -180,11 +180,11 @@ def test_acknowledged_forgets_whole_write_batches_only():
     queue, _ = three_queued(track_acks=True)
     write(queue, 50)
     write(queue)
-    assert len(queue._unacked) == 2
+    assert len(queue.acks.unacked) == 2
     queue.acknowledged(79)  # the first batch (message 0) is acknowledged, message 1 is not whole
-    assert len(queue._unacked) == 1
+    assert len(queue.acks.unacked) == 1
     queue.acknowledged(120)
-    assert not queue._unacked and queue.acked == 120
+    assert not queue.acks.unacked and queue.acks.acked == 120
 
 
 @pytest.mark.parametrize("cut", [0, 20, 40, 60])
@@ -196,7 +196,7 @@ def test_stall_takes_back_the_committed_messages_not_started_and_their_numbers(c
     assert not queue.stalled("stalled"), "news once"
     started = -(-cut // 40)  # messages the kernel began to take
     assert [ident_of(e[0]) for e in queue.pending] == list(range(started, 4))
-    assert [ident_of(e[0]) for e in queue._entries] == ([started - 1] if cut % 40 else [])
+    assert [ident_of(e[0]) for e in queue.stream.entries] == ([started - 1] if cut % 40 else [])
     assert queue.pending_bytes == 160 - cut
     queue.confirm()  # the collector reads again: the cut message's rest, then the others, gap-free
     got = messages(first + write(queue))
@@ -244,7 +244,7 @@ def test_an_oversize_datagram_is_dropped_and_the_next_goes_out():
     def too_big(data):
         raise OSError(errno.EMSGSIZE, "Message too long")
     with pytest.raises(OSError):
-        queue.send_datagrams(too_big)
+        queue.datagrams.send(too_big)
     assert len(queue.pending) == 3, "a message leaves the queue only once sent"
     queue.drop_first(OVERSIZE)
     assert [ident_of(d) for d in datagrams(queue)] == [1, 2]
@@ -253,7 +253,7 @@ def test_an_oversize_datagram_is_dropped_and_the_next_goes_out():
 
 def test_a_refusal_counts_the_datagram_that_drew_it():
     queue, stats = three_queued()
-    queue.send_datagrams(lambda data: None, 1)
+    queue.datagrams.send(lambda data: None, 1)
     queue.refused()
     lose(queue, "Connection refused")
     assert stats.drops_by_reason == {"refused": 1} and stats.drop_records == 2
@@ -415,7 +415,7 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
     current = None
 
     def received() -> bytes:
-        return current[:queue.acked] if track else current
+        return current[:queue.acks.acked] if track else current
 
     for n, (op, arg) in enumerate(steps):
         if op == "enqueue":
@@ -424,7 +424,7 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
         elif op == "write" and queue.state is State.UP:
             current += write(queue, arg)
         elif op == "ack" and current is not None:
-            queue.acknowledged(min(len(current), queue.acked + arg))
+            queue.acknowledged(min(len(current), queue.acks.acked + arg))
         elif op == "pressure":
             queue.let_go(arg)
         elif op == "stall" and queue.state is State.UP:
@@ -437,9 +437,9 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
         elif op == "up" and queue.state is not State.UP:
             up(queue, 0)
             current = b""
-        queued = sum(len(e[0]) for e in queue.pending) + (sum(len(b) for b in queue.bufs))
-        kept = sum(ends[-1] for _base, ends, entries in queue._unacked if isinstance(entries, list))
-        assert queue.pending_bytes == queued and queue.held == kept
+        queued = sum(len(e[0]) for e in queue.pending) + (sum(len(b) for b in queue.stream.bufs))
+        kept = sum(ends[-1] for _base, ends, entries in queue.acks.unacked if isinstance(entries, list))
+        assert queue.pending_bytes == queued and queue.acks.held == kept
         assert queue.budget.used == queued + kept, "the handler-wide budget tracks every byte"
         # the bound: the limit, plus the newest message, twice (committed bytes cannot be dropped: a committed
         # batch may reach the limit plus its newest message, and one more newest message comes on top)
@@ -448,7 +448,7 @@ def test_every_message_is_delivered_once_queued_or_counted(steps, limit, rewrite
         queue.acknowledged(len(current))  # the end: the last collector read everything written
         connections.append(current)
     delivered = [ident_of(m) for c in connections for m in messages(c)]
-    still = [ident_of(e[0]) for e in queue.pending] + [ident_of(e[0]) for e in queue._entries]
+    still = [ident_of(e[0]) for e in queue.pending] + [ident_of(e[0]) for e in queue.stream.entries]
     assert len(delivered) == len(set(delivered)), "a message was delivered twice"
     assert not set(delivered) & set(still)
     let_go_lost = stats.drops_by_reason.get("connection_lost", 0)  # (only let_go counts that reason here)
@@ -483,7 +483,7 @@ def test_memory_pressure_lets_go_of_kept_copies_before_dropping_anything():
     for i in range(5):
         held.enqueue(entry(i, size=1000))
     write(held)  # 5,000 bytes written, not acknowledged
-    assert held.held == 5000 and budget.used == 5000
+    assert held.acks.held == 5000 and budget.used == 5000
     waiting, waiting_stats = make_queue(limit=100_000)
     waiting.budget = budget
     budget.queues.add(waiting)
@@ -491,12 +491,12 @@ def test_memory_pressure_lets_go_of_kept_copies_before_dropping_anything():
         waiting.enqueue(entry(10 + i, size=1000))  # down: queued, 11,000 bytes in all
     assert budget.used <= 10_000
     assert waiting_stats.drops == 0 and stats.drops == 0, "letting go of copies loses nothing"
-    assert held.held < 5000 and len(waiting.pending) == 6
+    assert held.acks.held < 5000 and len(waiting.pending) == 6
     held.acknowledged(2000)
     resent, _ = lose(held, "reset")
     # the two acknowledged arrived; of the three others, the ones let go are counted, the rest sent again
     assert resent + stats.drops_by_reason.get("connection_lost", 0) == 3 and stats.drops_by_reason
-    assert stats.drop_records == 2 * stats.drops and held.held == 0
+    assert stats.drop_records == 2 * stats.drops and held.acks.held == 0
     assert budget.used == held.pending_bytes + waiting.pending_bytes
 
 
@@ -543,19 +543,19 @@ def test_batched_datagrams_are_the_one_by_one_datagrams_whatever_the_kernel_take
     expected = datagrams(expected_queue)
     queue, stats = mixed_queue(rewrite, mixed)
     send = BatchSender(*takes)
-    assert queue.send_datagram_batch(send, batch)
+    assert queue.datagrams.send_batch(send, batch)
     assert send.out == expected and max(send.calls) <= batch
-    assert (stats.msgs_out, stats.bytes_out, queue.pending_bytes, queue.sent_total) == \
-           (expected_stats.msgs_out, expected_stats.bytes_out, 0, expected_queue.sent_total)
+    assert (stats.msgs_out, stats.bytes_out, queue.pending_bytes, queue.acks.sent_total) == \
+           (expected_stats.msgs_out, expected_stats.bytes_out, 0, expected_queue.acks.sent_total)
     assert queue.next_sequence(ODID) == expected_queue.next_sequence(ODID)
 
 
 def test_a_full_kernel_mid_batch_keeps_the_rest_queued_and_their_numbers_untaken():
     queue, stats = three_queued()
     send = BatchSender(1, BlockingIOError())
-    assert not queue.send_datagram_batch(send, 64), "the kernel is full: wait for room"
+    assert not queue.datagrams.send_batch(send, 64), "the kernel is full: wait for room"
     assert [ident_of(e[0]) for e in queue.pending] == [1, 2] and stats.msgs_out == 1
-    assert queue.send_datagram_batch(send, 64)
+    assert queue.datagrams.send_batch(send, 64)
     assert [struct.unpack_from("!I", d, 8)[0] for d in send.out] == [0, 2, 4], "numbers as if sent at once"
 
 
@@ -563,10 +563,10 @@ def test_an_oversize_datagram_mid_batch_is_first_when_its_error_comes():
     queue, stats = three_queued()
     send = BatchSender(1, OSError(errno.EMSGSIZE, "Message too long"))
     with pytest.raises(OSError):
-        queue.send_datagram_batch(send, 64)
+        queue.datagrams.send_batch(send, 64)
     assert [ident_of(e[0]) for e in queue.pending] == [1, 2], "sent ones left, the oversize one is first"
     queue.drop_first(OVERSIZE)
-    assert queue.send_datagram_batch(send, 64)
+    assert queue.datagrams.send_batch(send, 64)
     assert [ident_of(d) for d in send.out] == [0, 2] and stats.drops_by_reason == {"oversize": 1}
 
 
@@ -578,7 +578,7 @@ def test_a_refusal_counts_what_the_last_batched_send_took_and_leaves_the_rest_fo
         queue.enqueue(entry(i))
     send = BatchSender(1, 2, ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused"))
     with pytest.raises(ConnectionRefusedError):
-        queue.send_datagram_batch(send, 64)
+        queue.datagrams.send_batch(send, 64)
     queue.refused()
     lose(queue, "Connection refused")
     assert stats.drops_by_reason == {"refused": 2} and stats.drop_records == 4 and stats.msgs_out == 3
@@ -587,12 +587,12 @@ def test_a_refusal_counts_what_the_last_batched_send_took_and_leaves_the_rest_fo
 
 def test_a_refusal_after_a_one_by_one_send_counts_that_datagram_only():
     queue, stats = three_queued()
-    queue.send_datagram_batch(BatchSender(2), 64)
+    queue.datagrams.send_batch(BatchSender(2), 64)
     lose(queue, "Network is unreachable")
     up(queue, 0, probation=True)
     queue.enqueue(entry(7, nrec=5))
     sent = []
-    queue.send_datagrams(sent.append, 1)  # a returning output sends one alone
+    queue.datagrams.send(sent.append, 1)  # a returning output sends one alone
     queue.refused()
     assert len(sent) == 1 and stats.drops_by_reason == {"refused": 1} and stats.drop_records == 5
 

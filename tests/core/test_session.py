@@ -23,7 +23,7 @@ class Outputs:
     def __call__(self, stats, **settings) -> SendQueue:
         queue = SendQueue(stats, **settings)
         queue.transport = FakeTransport()
-        queue.track_acks = True
+        queue.acks.track = True
         up(queue)
         self.made.append(queue)
         return queue
@@ -89,7 +89,7 @@ def test_switching_mode_opens_fresh_output_sessions():
     first = s.queues[0]
     s.configure(forwarding(Mode.ALL, [a]))
     assert isinstance(s.dispatcher, Replicate) and s.dispatcher.queues[0] is not first
-    assert not s.dispatcher.queues[0].rewrite_seq and first.rewrite_seq
+    assert not s.dispatcher.queues[0].sequencer.rewrite and first.sequencer.rewrite
     s.configure(forwarding(Mode.ROUND_ROBIN, [a]))
     assert isinstance(s.dispatcher, RoundRobin) and len(outputs.made) == 3
 
@@ -121,10 +121,10 @@ def test_end_drains_then_reports_gone_once():
     s.end()
     assert s.state is Lifecycle.DRAINING and not gone
     queue = s.queues[0]
-    queue.written(len(queue.next_iovec()[0]))
+    queue.stream.written(len(queue.stream.next_iovec()[0]))
     queue.check_settled()
     assert s.state is Lifecycle.DRAINING, "written, not yet acknowledged: it could come back"
-    queue.acknowledged(queue.sent_total)
+    queue.acknowledged(queue.acks.sent_total)
     queue.check_settled()  # what the transport does after each acknowledgement of a closing queue
     assert s.state is Lifecycle.GONE and gone == [s]
     s.end()
@@ -184,7 +184,7 @@ def deliver_and_leave(mode, states, n=10):
 def collect(queue) -> list[int]:
     """The collector of ``queue`` reads everything written (its TCP acknowledges it)."""
     got = [ident_of(m) for m in messages(write(queue))]
-    queue.acknowledged(queue.sent_total)
+    queue.acknowledged(queue.acks.sent_total)
     queue.check_settled()
     return got
 
@@ -202,7 +202,7 @@ def test_roundrobin_all_down_the_first_collector_back_gets_everything():
     s, gone, subs = deliver_and_leave(Mode.ROUND_ROBIN, [State.DOWN, State.DOWN])
     a, b = s.queues
     up(a)
-    a.on_up(a)  # what the transport does once the output is up and healthy
+    a.came_up()  # what the transport does once the output is up and healthy
     assert sorted(collect(a)) == list(range(10)) and s.state is Lifecycle.GONE and gone == [s]
     assert subs[0].drops == subs[1].drops == 0
 
@@ -212,13 +212,12 @@ def test_roundrobin_a_hung_collector_after_the_exporter_left_costs_only_what_its
     a, b = s.queues
     got_a = collect(a)
     assert s.state is Lifecycle.DRAINING, "a stays while b holds data"
-    b.tail_bytes = 1 << 20
     write(b)  # its kernel takes all five, acknowledges two, its process reads none
     b.acknowledged(80)
     stall(b)
-    b.on_down(b)
+    b.went_down()
     lose(b, "stalled", acked="count")  # reset after another stall: the tail is counted, the rest moves
-    b.on_down(b)
+    b.went_down()
     got_a += collect(a)
     b.check_settled()
     assert sorted(got_a) == [i for i in range(10) if i not in (1, 3)], "b's two acknowledged are not resent"
@@ -238,8 +237,8 @@ session_ops = st.lists(st.one_of(
 def held_ids(q) -> set[int]:
     if q.state is State.CLOSED:
         return set()
-    kept = [e for _b, _e, entries in q._unacked if isinstance(entries, list) for e in entries]
-    return {ident_of(e[0]) for e in list(q.pending) + q._entries + kept}
+    kept = [e for _b, _e, entries in q.acks.unacked if isinstance(entries, list) for e in entries]
+    return {ident_of(e[0]) for e in list(q.pending) + q.stream.entries + kept}
 
 
 @settings(max_examples=400, deadline=None)
@@ -269,8 +268,7 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
         done[i] = max(done[i], upto)
 
     def connected(q) -> None:
-        q.tail_bytes = 1 << 30
-        q.life.window = q.life.window_now = 65535  # the handshake's: its buffer is empty
+        q.life.window.largest = q.life.window.now = 65535  # the handshake's: its buffer is empty
 
     for q in outputs:
         connected(q)
@@ -289,29 +287,29 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
             stream[i] += write(q)
         elif op == "kernel_ack" and q.state is not State.DOWN:
             q.acknowledged(len(stream[i]))
-            if q.acked > done[i]:  # its kernel holds it, unread: the window it offers shrinks
-                q.life.observe(0, q.acked, 0)
+            if q.acks.acked > done[i]:  # its kernel holds it, unread: the window it offers shrinks
+                q.life.observe(0, q.acks.acked, 0)
             q.check_settled()
         elif op == "read" and q.state is not State.DOWN:
-            collector_reads(i, q.acked)
-            if q.life.observe(0, q.acked, 65535) is not None or not q.life.unread:
+            collector_reads(i, q.acks.acked)
+            if q.life.observe(0, q.acks.acked, 65535) is not None or not q.life.unread:
                 q.read_all()
             q.check_settled()
         elif op == "up" and q.state is State.DOWN:
             up(q)
             stream[i], done[i] = b"", 0
             connected(q)
-            q.on_up(q)
+            q.came_up()
         elif op in ("refused", "fin", "reset") and q.state is not State.DOWN:
             if op == "fin":
-                collector_reads(i, q.acked)
+                collector_reads(i, q.acks.acked)
             lose(q, op, q.life.unread_fate(clean=op == "fin"))  # only a FIN says its process read everything
             stream[i], done[i] = b"", 0
-            q.on_down(q)
+            q.went_down()
             q.check_settled()
         elif op == "stall" and q.state is State.UP:
             stall(q)
-            q.on_down(q)
+            q.went_down()
         elif op == "deadline" and s.state is Lifecycle.DRAINING:
             q.close(DRAIN_DEADLINE)
         for n, out in enumerate(outputs):  # closed now: what its kernel held unread it reads, unless reset
@@ -319,7 +317,7 @@ def test_every_message_of_a_session_that_leaves_is_read_once_held_or_counted(ste
                 collector_reads(n, len(stream[n]) if before[n] is not State.DOWN else 0)
     for n, out in enumerate(outputs):  # still connected: its process reads what its kernel holds
         if out.state is not State.CLOSED and out.state is not State.DOWN:
-            collector_reads(n, out.acked)
+            collector_reads(n, out.acks.acked)
     if mode is Mode.ROUND_ROBIN:
         together = read[0] + read[1]
         held = held_ids(outputs[0]) | held_ids(outputs[1])

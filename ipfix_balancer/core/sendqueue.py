@@ -18,75 +18,18 @@ table), mirrored in ``state`` for the hot paths; net and the session change it o
 
 from __future__ import annotations
 
-from collections import deque
-from typing import Callable, Protocol
+from typing import Callable
 
 from .acklog import AckLog
-from .entry import MSG, Entry, entries_size, nrec_of
+# (DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE and Budget too: the names the handler and net take from here)
+from .backlog import (CONNECTION_LOST, DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE, PROBATION, REFUSED,  # noqa: F401
+                      STALLED, UP, Backlog, Budget, Transport)
+from .entry import MSG, entries_size, nrec_of
 from .lifecycle import COUNT, DELIVERED, OutputLifecycle, State
 from .replay import TemplateReplay
 from .sequencer import Sequencer
 from .templates import Snapshot
 from .writing import DatagramWriter, StreamWriter
-
-#: why a message was not delivered (status and logs show drops per reason, in messages and records)
-QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE, DRAIN_LIMIT = \
-    DROP_REASONS = ("queue_full", "memory_budget", "oversize", "connection_lost", "stalled", "refused",
-                    "drain_deadline", "drain_limit")
-
-#: ``State.UP`` and ``State.PROBATION``, for the hot paths: an enum member lookup costs about 65 ns on
-#: Python 3.11 (a module global 10), several times per UDP datagram
-UP, PROBATION = State.UP, State.PROBATION
-
-
-class Transport(Protocol):
-    """What a queue asks of the connection that drives it."""
-
-    def wake(self) -> None:
-        """Flush once after the current loop turn."""
-
-    def flush(self) -> None:
-        """Write what the kernel takes now."""
-
-    def close_when_drained(self) -> None:
-        """The exporter left: start the drain deadline (the transport knows the time)."""
-
-    def close(self, abort: bool = False) -> None:
-        """Release the connection now (the queue counts what it still held); ``abort``: reset it, so the
-        kernel discards what it still held too (it was counted as lost)."""
-
-
-class Budget:
-    """The bytes every send queue of a handler holds together, bounded by ``limit`` (MEMORY_BYTES): per-queue
-    bounds multiply with sessions x subreceivers, this one does not. Queues keep ``used`` current: messages
-    not yet written, and written ones kept until acknowledged (``AckLog.held``). When it would pass the
-    limit, the kept copies go first (that loses nothing unless their connection then fails), then the
-    largest queues lose their oldest unsent messages (reason ``memory_budget``)."""
-
-    __slots__ = ("limit", "used", "queues")
-
-    def __init__(self, limit: float):
-        self.limit = limit
-        self.used = 0
-        self.queues: set[SendQueue] = set()
-
-    def exhausted(self, size: int) -> bool:
-        return self.used + size > self.limit
-
-    def make_room(self, size: int) -> None:
-        """Free room for ``size`` more bytes, and a sixteenth of the budget besides, so that the scan for
-        the largest queue runs once per many messages, not per message."""
-        target = self.limit - self.limit / 16
-        for queue in self.queues:
-            if self.used + size <= target:
-                return
-            if queue.acks.held:
-                queue.let_go(self.used + size - target)
-        while self.used + size > target and self.queues:
-            largest = max(self.queues, key=lambda q: q.pending_bytes)
-            if not largest.pending:  # only messages already committed to the kernel are left
-                return
-            largest.shed(self.used + size - target)
 
 
 class SubreceiverStats:
@@ -146,7 +89,7 @@ class OutputHooks:
         self.on_closed: Callable[[SendQueue], None] | None = on_closed
 
 
-class SendQueue:
+class SendQueue(Backlog):
     """One output's queue, bounded in bytes. ``rewrite_seq`` makes the header sequence number count this
     connection's data records per ODID (RoundRobin); without it messages go out byte-identical (All)."""
 
@@ -157,23 +100,13 @@ class SendQueue:
                  on_closed: Callable[[SendQueue], None] | None = None,
                  on_settled: Callable[[SendQueue], None] | None = None,
                  on_up: Callable[[SendQueue], None] | None = None, budget: Budget | None = None):
-        self.budget = budget if budget is not None else Budget(float("inf"))
-        self.stats = stats
-        self.limit = limit
+        super().__init__(stats, limit, TemplateReplay(current_snapshot, refresh), budget)
         self.hooks = OutputHooks(on_down, on_up, on_settled, on_closed)
-        self.transport: Transport | None = None
-        # The lifecycle decides the state; the queue mirrors it in a plain attribute for its hot paths.
+        # The lifecycle decides the state; the queue mirrors it in ``state`` for its hot paths.
         self.life = OutputLifecycle(stall=stall, move_stalled=move_stalled, drain_seconds=drain_seconds)
-        self.state = State.DOWN
         self.life.on_state = self._mirror_state
-        self.armed = False  # the transport was woken for this turn already (``flushing`` disarms)
-        self.pending: deque = deque()
-        # Bytes of every message not yet handed to the kernel: queued, or committed but not yet written.
-        # The bound applies to all of it, so memory per output stays near ``limit``.
-        self.pending_bytes = 0      # changed only with budget.used (``account``; inline on hot paths)
         self.sequencer = Sequencer(rewrite_seq)
         self.acks = AckLog(stats)
-        self.replay = TemplateReplay(current_snapshot, refresh)
         self.stream = StreamWriter(self)        # what a stream connection took (``next_iovec``, ``written``)
         self.datagrams = DatagramWriter(self)   # a datagram socket's sends
         stats.queues.add(self)
@@ -181,17 +114,6 @@ class SendQueue:
 
     def _mirror_state(self, state: State) -> None:
         self.state = state
-
-    def handed(self, nbytes: int, kept: int) -> None:
-        """The kernel took ``nbytes``, ``kept`` of them held until acknowledged (still in the budget)."""
-        self.pending_bytes -= nbytes
-        self.budget.used -= nbytes - kept
-
-    def account(self, delta: int) -> None:
-        """``delta`` bytes more (or fewer) not yet handed to the kernel: the handler's budget too. (A
-        property did this, at two calls per change: too dear per datagram; the hot paths inline it.)"""
-        self.pending_bytes += delta
-        self.budget.used += delta
 
     # -- wiring (the transport and the session) -------------------------------------------------
     def attach(self, transport: Transport, stream: bool) -> None:
@@ -220,10 +142,6 @@ class SendQueue:
         if self.hooks.on_up is not None:
             self.hooks.on_up(self)
 
-    def flushing(self) -> None:
-        """The transport flushes now: the next queued message wakes it again."""
-        self.armed = False
-
     @property
     def subreceiver(self):
         return self.stats.subreceiver
@@ -236,74 +154,6 @@ class SendQueue:
     def closing(self) -> bool:
         """The exporter left (or the subreceiver was removed): the queue closes once settled."""
         return self.life.leaving
-
-    # -- queueing ------------------------------------------------------------------------------
-    def enqueue(self, entry: Entry) -> None:
-        """Queue an entry; when full, the oldest unsent entries are dropped and counted (never the newest:
-        a collector that falls behind should get the most recent data). Messages already committed to the
-        kernel cannot be dropped, so the bound is ``limit`` plus the newest message."""
-        size = len(entry[MSG])
-        if self.pending_bytes + size > self.limit:
-            if (self.state is UP or self.state is PROBATION) and self.transport is not None:
-                self.transport.flush()  # a read batch can exceed a small queue: the kernel may take some first
-            self._make_room(size)
-        if self.budget.exhausted(size):
-            self.budget.make_room(size)
-        self.pending.append(entry)
-        self.account(size)
-        if (self.state is UP or self.state is PROBATION) and not self.armed:
-            self.armed = True
-            self.transport.wake()
-
-    def enqueue_many(self, entries: list, size: int) -> None:
-        """Queue a batch of entries of ``size`` bytes in all (one ``deque.extend`` when they fit)."""
-        if self.pending_bytes + size > self.limit:
-            for entry in entries:  # the drop-oldest path, entry by entry
-                self.enqueue(entry)
-            return
-        budget = self.budget
-        if budget.used + size > budget.limit:
-            budget.make_room(size)
-        self.pending.extend(entries)
-        self.pending_bytes += size
-        budget.used += size
-        if (self.state is UP or self.state is PROBATION) and not self.armed:
-            self.armed = True
-            self.transport.wake()
-
-    def _make_room(self, size: int) -> None:
-        pending = self.pending
-        reason = STALLED if self.state is State.STALLED else QUEUE_FULL
-        while pending and self.pending_bytes + size > self.limit:
-            entry = pending.popleft()
-            self.account(-len(entry[MSG]))
-            self.stats.drop(reason, (entry,))
-            self.replay.incomplete()
-
-    def shed(self, nbytes: int) -> None:
-        """The handler-wide budget needs ``nbytes``: drop the oldest unsent entries worth that (or all)."""
-        pending, dropped = self.pending, []
-        while pending and nbytes > 0:
-            entry = pending.popleft()
-            self.account(-len(entry[MSG]))
-            nbytes -= len(entry[MSG])
-            dropped.append(entry)
-        self.replay.incomplete()
-        self.stats.drop(MEMORY_BUDGET, dropped)
-
-    def take_pending(self) -> list:
-        """Hand over every unsent entry (RoundRobin re-dispatch on failure)."""
-        entries = list(self.pending)
-        self.pending.clear()
-        self.account(-entries_size(entries))
-        self.replay.incomplete()
-        return entries
-
-    def drop_first(self, reason: str) -> None:
-        """The first queued message can never be sent (too big for a datagram): count it, go on."""
-        entry = self.pending.popleft()
-        self.account(-len(entry[MSG]))
-        self.stats.drop(reason, (entry,))
 
     @property
     def idle(self) -> bool:

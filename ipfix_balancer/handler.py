@@ -1,7 +1,7 @@
 """One handler process per receiver: the composition root of the data plane.
 
-It builds the loop, the listener (``net.listener``), one ``core.session.ExporterSession`` per exporter with an
-``net.connection.OutputConnection`` per output, and the recorder; and it handles what concerns the whole
+It builds the loop, the listener (``net.listener``), one ``core.session.ExporterSession`` per exporter with a
+``net.connector.Connector`` per output, and the recorder; and it handles what concerns the whole
 process: handover to a successor, signals, live reconfiguration, stop and drain, the status document.
 """
 
@@ -30,7 +30,7 @@ from .core.session import Counters, ExporterSession, Forwarding, Lifecycle, over
 from .core.templates import TemplateLimit, TemplatePool
 from .logs import Throttle
 from .net import handover
-from .net.connection import OutputConnection
+from .net.connector import Connector
 from .net.listener import TcpListener, UdpListener, kernel_drops, peer_host
 from .net.loop import READ, Loop
 
@@ -168,7 +168,7 @@ class Handler:
 
     def _make_output(self, stats: SubreceiverStats, source: tuple | None = None, **settings) -> SendQueue:
         queue = SendQueue(stats, budget=self.budget, **settings)
-        OutputConnection(self.loop, queue, self.log, self.throttle, source)
+        Connector(self.loop, queue, self.log, self.throttle, source)
         return queue
 
     def _session_gone(self, session: ExporterSession) -> None:

@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import enum
 import errno
-import fcntl
 import os
 import socket
-import struct
-import termios
 import time
 from typing import Callable
 
 from ..core.wire import UDP_MAX_PAYLOAD, walk
+from ..net.connection import unsent_bytes
 from ..net.loop import READ, WRITE, Loop
 from .dumpfile import open_regular
 
@@ -246,7 +244,7 @@ class ExportTarget:
             self._fail(OSError(err, os.strerror(err)))
             return
         try:
-            outq = struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+            outq = unsent_bytes(sock)
         except OSError:
             outq = 0  # cannot tell: the kernel accepted everything, that has to do
         if outq == 0:

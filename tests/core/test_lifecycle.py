@@ -224,3 +224,19 @@ def test_what_an_ended_connection_means_for_what_its_collector_acknowledged():
     tcp, udp = OutputLifecycle(stream=True), OutputLifecycle(stream=False)
     assert tcp.unread_fate(clean=True) == DELIVERED and tcp.unread_fate(clean=False) == COUNT
     assert udp.unread_fate(clean=False) == DELIVERED
+
+
+def test_leaving_keeps_the_state_and_is_legal_until_closed():
+    seen = []
+    life = OutputLifecycle(stall=1)
+    life.on_state = seen.append
+    connected(life)
+    life.leave()
+    life.leave()  # once: a second leave is nothing new
+    assert life.leaving and life.state is S.UP and seen == [S.CONNECTING, S.UP, S.UP]
+    life.close()
+    closed = OutputLifecycle()
+    closed.close()
+    with pytest.raises(IllegalTransition):
+        closed.leave()
+    assert not closed.leaving

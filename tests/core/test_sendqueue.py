@@ -596,3 +596,45 @@ def test_a_refusal_after_a_one_by_one_send_counts_that_datagram_only():
     queue.refused()
     assert len(sent) == 1 and stats.drops_by_reason == {"refused": 1} and stats.drop_records == 5
 
+
+
+def test_net_and_the_session_change_a_queue_only_through_its_methods():
+    """No store into a send queue's (or its parts') attributes from ``net/`` or ``core/session.py``: the
+    queue's state changes through its methods, and its lifecycle's through the transition table."""
+    import ast
+    import pathlib
+
+    import ipfix_balancer
+
+    root = pathlib.Path(ipfix_balancer.__file__).parent
+    stores = []
+    for path in [*sorted((root / "net").glob("*.py")), root / "core" / "session.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                owner = ast.unparse(node.value)
+                if owner.split(".")[-1] in ("queue", "q", "life", "acks", "stream", "datagrams") or \
+                        ".queue." in f".{owner}.":
+                    stores.append(f"{path.name}:{node.lineno} {ast.unparse(node)}")
+    assert stores == []
+
+
+def test_a_transport_attaches_as_a_stream_or_as_datagrams():
+    queue, _ = make_queue()
+    queue.attach(FakeTransport(), stream=False)
+    assert not queue.acks.track and not queue.life.stream
+    up(queue)
+    queue.enqueue(entry(1))
+    write(queue)
+    assert queue.acks.held == 0 and not queue.acks.unacked, "a datagram socket keeps nothing"
+    queue.reconfigure(limit=5, refresh=30.0, stall=2.0, drain_seconds=9.0)
+    assert (queue.limit, queue.refresh, queue.life.stall, queue.life.drain_seconds) == (5, 30.0, 2.0, 9.0)
+
+
+def test_leaving_goes_through_the_lifecycle_and_a_closed_queue_ignores_it():
+    queue, _ = make_queue()
+    up(queue)
+    queue.close_when_drained()
+    assert queue.closing and queue.life.leaving and queue.transport.draining == 1
+    queue.close()
+    queue.close_when_drained()  # (IllegalTransition if it reached the lifecycle)
+    assert queue.state is State.CLOSED and queue.transport.draining == 1

@@ -16,7 +16,7 @@ from .wire import MAX_MESSAGE
 
 
 class Dispatcher(Protocol):
-    """What an exporter session hands its messages to. Entries are ``sendqueue.Entry`` tuples."""
+    """What an exporter session hands its messages to. Entries are ``core.entry.Entry`` tuples."""
 
     def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
         """One message; ``tmpl`` is None, the message itself (templates only) or its template-only copy."""

@@ -3,7 +3,7 @@ probation or healthy, when to give it up, when a leaving session's output must c
 
 The states and their transitions are data (``TRANSITIONS``, in the style of h11's ``_state.py``): a
 transition not in the table raises ``IllegalTransition``. Events come in with the time (``now``, monotonic
-seconds) and return what the transport must do (``Action``); the transport (``net.connection``) reads no
+seconds) and return what the transport must do (``Action``); the transport (``net.connector``) reads no
 clock to decide anything and executes only. ``next_deadline`` says when it must call ``tick`` again.
 
 Three rules carry the no-loss promise:

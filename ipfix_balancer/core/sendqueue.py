@@ -1,19 +1,19 @@
-"""The send queue of one output: what one exporter session still owes one subreceiver, and its accounting.
+"""The send queue of one output: what one exporter session still owes one subreceiver.
 
-The queue holds entries (``core.entry``) until a connection takes them, which is what lets a RoundRobin
-dispatcher move unsent entries to another subreceiver when a connection fails. Its parts, each a job of its
-own: the ``Sequencer`` numbers what a connection takes (RFC 7011 §3.1), the ``AckLog`` keeps what a TCP
-collector has not acknowledged, ``TemplateReplay`` announces the templates to each new connection, and the
-writers (``core.writing``) hand messages to the kernel. Every count of loss lives here, by reason
-(``DROP_REASONS``).
+Its parts, each a job of its own: the ``Backlog`` (the queue proper, its bound and its drops, the hot path
+of every message), the ``Sequencer`` (the numbers a connection's messages carry, RFC 7011 §3.1), the
+``AckLog`` (what a TCP collector has not acknowledged), ``TemplateReplay`` (the templates each new
+connection gets first) and the writers (``core.writing``: what the kernel takes). The queue ties them to one
+connection at a time; every count of loss is kept by reason (``DROP_REASONS``).
 
-The queue decides; a transport (``net.connection.OutputConnection``) does. A stream transport asks for
-buffers (``stream.next_iovec``), writes them, and reports what the kernel took (``stream.written``) and, once per flush,
-how far the collector's TCP acknowledged (``acknowledged``); a datagram transport hands the queue its send
-call (``datagrams.send``). It reports a new connection (``connection_up``) and a lost one
+The queue decides; a transport (``net.connector.Connector``) does. A stream transport asks for buffers
+(``stream.next_iovec``), writes them, reports what the kernel took (``stream.written``) and, once per
+flush, how far the collector's TCP acknowledged (``acknowledged``); a datagram transport hands its send
+call to ``datagrams.send``. It reports a new connection (``connection_up``) and a lost one
 (``connection_lost``). A message handed to the kernel is *committed* to that connection; a message still
-queued is not. The queue's state is its lifecycle's (``core.lifecycle``: every change checked against its
-table), mirrored in ``state`` for the hot paths; net and the session change it only through methods.
+queued is not, and may move to another output. The queue's state is its lifecycle's (``core.lifecycle``:
+every change checked against its table), mirrored in ``state`` for the hot paths; net and the session
+change the queue only through its methods.
 """
 
 from __future__ import annotations

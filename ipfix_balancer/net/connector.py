@@ -50,6 +50,29 @@ def raw_senders(sock: socket.socket, source: tuple, sub) -> tuple:
     return send, (mmsg.Sender(sock, SEND_BATCH, (ip, sport, dport, dest)).send if mmsg.AVAILABLE else None)
 
 
+def open_socket(sub, tcp: bool, source: tuple | None) -> tuple:
+    """(socket, send, send_many) for ``sub``, non-blocking: a TCP socket still to connect (its ``sendmsg``
+    takes an iovec), or a UDP socket ready to send (connected, which fixes the peer and our source port; or
+    raw, with ``source``'s headers). Raises OSError, with nothing left open."""
+    if source is not None:  # we write the IP and UDP headers ourselves
+        sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    else:
+        sock = socket.socket(sub.family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+    try:
+        sock.setblocking(False)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
+        if tcp:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return sock, sock.sendmsg, None
+        if source is not None:
+            return (sock, *raw_senders(sock, source, sub))
+        sock.connect((sub.host, sub.port))  # no handshake
+        return sock, sock.send, (mmsg.Sender(sock, SEND_BATCH).send if mmsg.AVAILABLE else None)
+    except OSError:
+        sock.close()
+        raise
+
+
 class Connector:
     """Implements ``core.sendqueue.Transport`` for one queue. ``clock``: monotonic seconds (the lifecycle's
     time; a test passes a fake one)."""
@@ -175,36 +198,19 @@ class Connector:
         sub = self.queue.subreceiver
         self.life.connecting()
         try:
-            if self.source is not None:  # we write the IP and UDP headers ourselves
-                sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-            else:
-                sock = socket.socket(sub.family, socket.SOCK_STREAM if self.tcp else socket.SOCK_DGRAM)
+            sock, send, send_many = open_socket(sub, self.tcp, self.source)
         except OSError as exc:  # EMFILE at the descriptor limit: an outage like any other (backoff, retry)
             self.fail(exc)
             return
-        sock.setblocking(False)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)
-        if self.tcp:
-            self.conn = Connection(self, sock, sock.sendmsg)  # a stream's iovec
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            err = sock.connect_ex((sub.host, sub.port))
-            if err not in (0, errno.EINPROGRESS):
-                self.fail(OSError(err, os.strerror(err)))
-                return
-            self.loop.watch(sock, WRITE, self._on_connect)
+        self.conn = Connection(self, sock, send, send_many)
+        if not self.tcp:
+            self._established()
             return
-        try:
-            if self.source is not None:
-                send, send_many = raw_senders(sock, self.source, sub)
-            else:
-                sock.connect((sub.host, sub.port))  # no handshake: fixes the peer and our source port
-                send, send_many = sock.send, (mmsg.Sender(sock, SEND_BATCH).send if mmsg.AVAILABLE else None)
-        except OSError as exc:
-            sock.close()
-            self.fail(exc)
+        err = sock.connect_ex((sub.host, sub.port))
+        if err not in (0, errno.EINPROGRESS):
+            self.fail(OSError(err, os.strerror(err)))
             return
-        self.conn = Connection(self, sock, send, send_many)  # a datagram's one buffer, or many per call
-        self._established()
+        self.loop.watch(sock, WRITE, self._on_connect)
 
     def _on_connect(self, _mask) -> None:
         if self.conn is None:  # closed since the event was reported (the loop skips such events too)

@@ -57,7 +57,8 @@ def open_socket(sub, tcp: bool, source: tuple | None) -> tuple:
     if source is not None:  # we write the IP and UDP headers ourselves
         sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     else:
-        sock = socket.socket(sub.family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+        family = socket.AF_INET6 if sub.ip_version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
     try:
         sock.setblocking(False)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SNDBUF)

@@ -93,7 +93,7 @@ class FakeSocket:
     acknowledged (SIOCOUTQ); ``window``: what the peer advertises (TCP_INFO)."""
 
     def __init__(self, family=socket.AF_INET, kind=socket.SOCK_STREAM, *_args):
-        self.kind = kind
+        self.family, self.kind = family, kind
         self.room = 1 << 30
         self.stream = bytearray()
         self.datagrams: list[bytes] = []
@@ -169,9 +169,10 @@ def message(ident: int, size: int = 40) -> memoryview:
     return memoryview(bytearray(HEADER.pack(10, size, 1700000000, 999, ODID) + body))
 
 
-def output(fake, proto="tcp", rewrite_seq=True, stall=0.0, move_stalled=False, **kw) -> Connector:
+def output(fake, proto="tcp", rewrite_seq=True, stall=0.0, move_stalled=False, host="127.0.0.1",
+           **kw) -> Connector:
     loop, clock = fake
-    queue = SendQueue(SubreceiverStats(Endpoint("127.0.0.1", 4739, proto)), limit=1 << 20,
+    queue = SendQueue(SubreceiverStats(Endpoint(host, 4739, proto)), limit=1 << 20,
                       rewrite_seq=rewrite_seq, current_snapshot=lambda: EMPTY, stall=stall,
                       move_stalled=move_stalled, **kw)
     log = Log()
@@ -199,6 +200,7 @@ def sequences(stream: bytes, size: int = 40) -> list[int]:
 def test_a_tcp_output_connects_without_blocking_and_is_up_when_the_handshake_completes(fake):
     out = output(fake)
     sock = made[-1]
+    assert (sock.family, sock.kind) == (socket.AF_INET, socket.SOCK_STREAM)
     assert out.queue.state is State.CONNECTING and fake[0].watched[sock][0] == WRITE
     assert sock.options[socket.IPPROTO_TCP, socket.TCP_NODELAY] == 1
     fake[0].event(sock, WRITE)
@@ -284,6 +286,11 @@ def test_a_udp_output_sends_one_datagram_per_message_at_once(fake):
     send(out, 1, 2)
     assert len(sock.datagrams) == 2 and sequences(b"".join(sock.datagrams)) == [0, 2], "each renumbered"
     assert out.queue.stats.msgs_out == 2 and out.queue.acks.held == 0, "a datagram is not kept"
+
+
+def test_an_ipv6_subreceiver_gets_an_ipv6_socket(fake):
+    output(fake, proto="udp", host="::1")
+    assert (made[-1].family, made[-1].kind) == (socket.AF_INET6, socket.SOCK_DGRAM)
 
 
 def test_a_refused_udp_datagram_is_counted_and_the_output_comes_back_on_probation(fake):

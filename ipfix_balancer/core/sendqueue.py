@@ -265,7 +265,7 @@ class SendQueue(Backlog):
 
     def refused(self) -> None:
         """A UDP collector refused (ICMP port unreachable): what the last send took was lost, the datagram
-        that drew it or, from ``send_datagram_batch``, every datagram of that call (the port was closed for
+        that drew it or, from ``datagrams.send_batch``, every datagram of that call (the port was closed for
         them all, unless it closed during the call: then this counts a few too many, never too few)."""
         lost = self.datagrams.take_refused()
         if lost:

@@ -24,7 +24,7 @@ from .acklog import AckLog
 # (DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE and Budget too: the names the handler and net take from here)
 from .backlog import (CONNECTION_LOST, DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE, PROBATION, REFUSED,  # noqa: F401
                       STALLED, UP, Backlog, Budget, Transport)
-from .entry import MSG, entries_size, nrec_of
+from .entry import entries_size, nrec_of
 from .lifecycle import COUNT, DELIVERED, OutputLifecycle, State
 from .replay import TemplateReplay
 from .sequencer import Sequencer
@@ -219,14 +219,15 @@ class SendQueue(Backlog):
         Returns (messages queued again that had been written whole, True when this is news: the subreceiver
         had no error yet, so the caller logs it once)."""
         stream = self.stream
-        entries, ends = stream.entries, stream.ends
+        entries = stream.entries
         back = self.acks.take(CONNECTION_LOST, acked)
         self.budget.used -= self.acks.release()
         resent = len(back)
         returned = entries_size(back)
-        if stream.cut:  # a collector drops a partial message with its connection
+        head = stream.head_written
+        if head:  # a collector drops a partial message with its connection
             back.append(entries[0])
-            returned += len(entries[0][MSG]) - ends[0]  # its unwritten rest is still counted
+            returned += head  # its unwritten rest is still counted
             entries = entries[1:]
         self.account(returned)
         self.pending.extendleft(reversed(back + entries))  # committed ones are still counted in pending_bytes

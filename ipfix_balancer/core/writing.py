@@ -20,9 +20,11 @@ IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV; sysconf is I/O's busi
 
 class StreamWriter:
     """What a stream connection took from the queue and the kernel has not taken yet: ``bufs`` to write (the
-    first one maybe cut), ``entries``, and ``ends``: per entry, the bytes left to write up to its end."""
+    first one maybe cut), ``entries``, and ``ends``: where each entry ends in the run committed since the
+    kernel last took everything, of which it took ``offset`` bytes. (Absolute ends: a partial write costs
+    a step per message it completed, not per message still committed.)"""
 
-    __slots__ = ("bufs", "ends", "entries", "queue", "pending", "sequencer", "acks", "stats")
+    __slots__ = ("bufs", "ends", "entries", "offset", "queue", "pending", "sequencer", "acks", "stats")
 
     def __init__(self, queue) -> None:
         self.queue = queue
@@ -33,11 +35,13 @@ class StreamWriter:
         self.bufs: list = []
         self.ends: list[int] = []
         self.entries: list = []
+        self.offset = 0
 
     @property
-    def cut(self) -> bool:
-        """The first entry was partly written: its rest must follow on this connection."""
-        return bool(self.entries) and len(self.entries[0][MSG]) > self.ends[0]
+    def head_written(self) -> int:
+        """Bytes of the first entry written already (then its rest must follow on this connection)."""
+        entries = self.entries
+        return len(entries[0][MSG]) - (self.ends[0] - self.offset) if entries else 0
 
     def next_iovec(self) -> list:
         """The committed buffers to write, after committing queued entries up to IOV_MAX buffers (one
@@ -62,22 +66,28 @@ class StreamWriter:
         return bufs
 
     def written(self, sent: int) -> bool:
-        """The kernel took ``sent`` bytes of ``bufs``: account them. True when all committed bytes went."""
+        """The kernel took ``sent`` bytes of ``bufs``: account them. True when all committed bytes went.
+        What it took whole is kept until acknowledged (TCP): the bytes stay in the budget, held not
+        pending; the log counts them from the start of this write."""
         ends, entries, stats, acks = self.ends, self.entries, self.stats, self.acks
         stats.bytes_out += sent
         base = acks.sent_total
         acks.sent_total = base + sent
-        if sent == ends[-1]:
+        offset = self.offset
+        end = offset + sent
+        if end == ends[-1]:
             stats.msgs_out += len(ends)
-            # kept until acknowledged: the bytes stay in the budget, held not pending
-            self.queue.handed(sent, acks.keep(base, ends, entries) if acks.track else 0)
+            kept = acks.keep(base, [e - offset for e in ends] if offset else ends, entries) if acks.track else 0
+            self.queue.handed(sent, kept)
             self.clear()
             return True
-        done = bisect.bisect_right(ends, sent)
+        done = bisect.bisect_right(ends, end)
         stats.msgs_out += done
-        self.queue.handed(sent, acks.keep(base, ends[:done], entries[:done]) if done and acks.track else 0)
-        self.ends = [e - sent for e in ends[done:]]
+        kept = acks.keep(base, [e - offset for e in ends[:done]], entries[:done]) if done and acks.track else 0
+        self.queue.handed(sent, kept)
+        del ends[:done]
         del entries[:done]
+        self.offset = end
         bufs = self.bufs
         i = 0
         while sent:  # drop whole buffers sent, slice the one cut in the middle
@@ -95,15 +105,18 @@ class StreamWriter:
         """The entries not yet started (a stall) leave, their numbers given back; one cut in the middle
         stays."""
         entries, ends = self.entries, self.ends
-        keep = 1 if self.cut else 0
+        keep = 1 if self.head_written else 0
         back = entries[keep:]
         if back:
             self.sequencer.take_back(back)
-            bufs, left, i = self.bufs, ends[0] if keep else 0, 0
+            if not keep:
+                self.clear()
+                return back
+            bufs, left, i = self.bufs, ends[0] - self.offset, 0
             while left > 0:  # the buffers that make up the rest of the head message
                 left -= len(bufs[i])
                 i += 1
-            self.bufs, self.ends, self.entries = bufs[:i], ends[:keep], entries[:keep]
+            self.bufs, self.ends, self.entries = bufs[:i], ends[:1], entries[:1]
         return back
 
 

@@ -20,8 +20,9 @@ import socket
 import struct
 import termios
 
+from ..core.entry import MSG
 from ..core.lifecycle import Action, State
-from ..core.sendqueue import MSG, PROBATION, UP
+from ..core.sendqueue import PROBATION, UP
 from .loop import READ, WRITE
 
 UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check

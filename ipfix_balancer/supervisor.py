@@ -36,6 +36,7 @@ import time
 from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
 from .control import channel, rundir
 from .control import reload as reload_outcome
+from .control.exits import Exit
 from .control.health import Watch
 from .control.metrics import MetricsServer
 from .control.ports import bind_failure, listen_failure
@@ -156,7 +157,7 @@ class Supervisor:
             for problem in err.problems:
                 self.log.error("config_invalid", config=self.config_path, problem=problem)
             self.log.error("not_started", reason=f"{len(err.problems)} configuration problem(s)")
-            return 2
+            return Exit.CONFIG_INVALID
         try:
             rundir.secure(self.run_dir)
             predecessors = self._read_adopt_file() if self.adopt else {}
@@ -164,11 +165,11 @@ class Supervisor:
                 self.lock_fd = rundir.lock(self.run_dir)
         except rundir.RunDirError as err:
             self.log.error("not_started", reason=str(err))
-            return 3
+            return Exit.CANNOT_START
         if self.lock_fd is None:
             self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
                            other_pid=rundir.lock_holder(self.run_dir))
-            return 3
+            return Exit.CANNOT_START
         if not predecessors:  # stale handler files from an earlier run would mislead status
             for path in rundir.handler_files(self.run_dir):
                 os.unlink(path)
@@ -470,7 +471,7 @@ class Supervisor:
         self._set_console(None)  # first: no edits while handlers stop; its exit status says nothing about traffic
         clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
-        return 0 if clean else 1
+        return Exit.OK if clean else Exit.FAILED
 
     # -- reload / rotation ---------------------------------------------------------------------
     def reload(self) -> bool:

@@ -9,7 +9,8 @@ from ipfix_balancer import config, supervisor
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED = ("ipfix_balancer.config", "ipfix_balancer.control")
-DECISIONS = ("ipfix_balancer.core", "ipfix_balancer.core.liveness")  # pure, no data plane: the hang decision
+# pure, no data plane: the hang decision, and the records core fills for the status contract
+DECISIONS = ("ipfix_balancer.core", "ipfix_balancer.core.liveness", "ipfix_balancer.core.records")
 
 
 def _allowed(module: str) -> bool:

@@ -149,7 +149,7 @@ class ConsoleState:
                           "bytes_out": sum(s.bytes_out for s in d.subreceivers), **_drops(d.drops_by_reason)},
                 gauges={"queued_bytes": d.queued_bytes, "sessions": d.connections})
             for s in d.subreceivers:
-                self.history.record(sub_key(d.name, s.endpoint), now, at=d.time, state=s.state,
+                self.history.record(sub_key(d.name, s.subreceiver), now, at=d.time, state=s.state,
                                     counters={"msgs_out": s.msgs_out, "bytes_out": s.bytes_out,
                                               **_drops(s.drops_by_reason)},
                                     gauges={"queued_bytes": s.queued_bytes})
@@ -187,9 +187,9 @@ def _duration(seconds: float) -> str:
     return " ".join(f"{n} {unit}" for n, unit in parts[first:first + 2])
 
 
-def sub_key(handler: str, endpoint: str) -> str:
+def sub_key(handler: str, subreceiver: str) -> str:
     """A subreceiver's name in the history: its handler's and its own."""
-    return f"{handler} {endpoint}"
+    return f"{handler} {subreceiver}"
 
 
 def _drops(by_reason: dict[str, int]) -> dict[str, int]:
@@ -457,7 +457,7 @@ async def receiver_page(console: ConsoleState, request: Request, session: Sessio
     name = f"{stream.lower()}[{index}]"
     now = time.time()
     subs = [] if handler is None else [
-        (s, charts.charts(console.history, sub_key(name, s.endpoint), charts.SUBRECEIVER, now))
+        (s, charts.charts(console.history, sub_key(name, s.subreceiver), charts.SUBRECEIVER, now))
         for s in handler.doc.subreceivers]
     page = "receiver_live.html" if request.query_params.get("part") == "live" else "receiver.html"
     return console.render(request, page, session, receiver=name, stream=stream, index=index,

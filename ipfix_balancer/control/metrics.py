@@ -70,7 +70,7 @@ def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
     for reason, n in doc.malformed_by_reason.items():
         out["ipfix_balancer_malformed", (("reason", reason),)] = n
     for sub in doc.subreceivers:
-        s = (("subreceiver", sub.endpoint),)
+        s = (("subreceiver", sub.subreceiver),)
         out["ipfix_balancer_messages_sent", s] = sub.msgs_out
         out["ipfix_balancer_bytes_sent", s] = sub.bytes_out
         for reason, n in {**sub.drops_by_reason, **_rest(sub.drops, sub.drops_by_reason)}.items():
@@ -99,7 +99,7 @@ def gauge_samples(doc: HandlerStatus) -> Iterator[tuple[str, Labels, float]]:
     yield "ipfix_balancer_draining_bytes", (), doc.draining_bytes
     yield "ipfix_balancer_handler_cpu_percent", (), doc.cpu_percent
     for sub in doc.subreceivers:
-        s = (("subreceiver", sub.endpoint),)
+        s = (("subreceiver", sub.subreceiver),)
         yield "ipfix_balancer_subreceiver_up", s, 1 if sub.state == "up" else 0
         yield "ipfix_balancer_queue_bytes", s, sub.queued_bytes
     if doc.recorder is not None:

@@ -26,6 +26,7 @@ from operator import itemgetter
 from typing import Callable, Protocol
 
 from .lifecycle import COUNT, DELIVERED, OutputLifecycle, State
+from .records import SubreceiverStatus
 from .templates import Snapshot
 from .wire import SEQUENCE, U32
 
@@ -131,19 +132,19 @@ class SubreceiverStats:
         self.drops_by_reason[reason] = self.drops_by_reason.get(reason, 0) + msgs
         self.drop_records_by_reason[reason] = self.drop_records_by_reason.get(reason, 0) + records
 
-    def status(self) -> dict:
+    def status(self) -> SubreceiverStatus:
         states = {q.state for q in self.queues}
         # A stalled connection is what an operator must see, even when other sessions to it are up.
         state = next((s for s in (State.STALLED, PROBATION, UP) if s in states),
                      State.DOWN if states - {State.CLOSED} else None)
-        return {"endpoint": str(self.subreceiver), "state": state.value if state else "idle",
-                "sessions": len(self.queues), "msgs_out": self.msgs_out, "bytes_out": self.bytes_out,
-                "drops": self.drops, "queued_bytes": sum(q.pending_bytes for q in self.queues),
-                "last_error": self.last_error, "drop_records": self.drop_records,
-                "drops_by_reason": dict(self.drops_by_reason),
-                "drop_records_by_reason": dict(self.drop_records_by_reason), "resent": self.resent,
-                "unacked_bytes": sum(q.sent_total - q.acked for q in self.queues if q.track_acks),
-                "draining": sum(1 for q in self.queues if q.closing)}
+        return SubreceiverStatus(
+            subreceiver=str(self.subreceiver), state=state.value if state else "idle", sessions=len(self.queues),
+            msgs_out=self.msgs_out, bytes_out=self.bytes_out, drops=self.drops,
+            queued_bytes=sum(q.pending_bytes for q in self.queues), last_error=self.last_error,
+            drop_records=self.drop_records, drops_by_reason=dict(self.drops_by_reason),
+            drop_records_by_reason=dict(self.drop_records_by_reason), resent=self.resent,
+            unacked_bytes=sum(q.sent_total - q.acked for q in self.queues if q.track_acks),
+            draining=sum(1 for q in self.queues if q.closing))
 
 
 class SendQueue:

@@ -13,14 +13,26 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import socket
 import struct
+from collections.abc import Callable, Iterable
+from typing import Protocol
 
 _LENGTH = struct.Struct("!I")
 _FDS_PER_MESSAGE = 250  # the kernel takes at most 253 descriptors in one SCM_RIGHTS message
 
 
 REQUEST = b"T"
+
+
+class Listener(Protocol):
+    """What the handover needs of ``net.listener``'s listeners."""
+    sock: socket.socket
+
+    def handover_items(self, fds: list[int]) -> list[tuple[object, dict]]: ...
+
+    def adopt(self, *args) -> None: ...
 
 
 def encode(data: bytes) -> str:
@@ -64,3 +76,45 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
             raise ConnectionError("handover ended early")
         buf += chunk
     return bytes(buf)
+
+
+# -- the old handler's side ------------------------------------------------------------------------
+def requested(conn: socket.socket) -> str | None:
+    """Read the successor's request on ``conn``: None when it asks for the sockets, else why not (it died
+    while starting, or something else spoke)."""
+    try:
+        request = conn.recv(1)
+    except OSError as exc:
+        request = str(exc).encode()
+    if request == REQUEST:
+        return None
+    return "successor closed" if not request else "unexpected request"
+
+
+def detach(listener: Listener, templates: Callable[[object], Iterable[bytes]]) -> tuple[dict, list[int]]:
+    """Stop ``listener`` reading and detach its exporter connections: the state document for ``offer``
+    (per session its peer, the part of a message already read and ``templates(session)``) and the
+    descriptors it refers to, the listening socket first."""
+    fds = [listener.sock.fileno()]
+    items = []
+    for session, item in listener.handover_items(fds):
+        item["templates"] = [encode(m) for m in templates(session)]
+        items.append(item)
+    return {"pid": os.getpid(), "listener": 0, "sessions": items}, fds
+
+
+# -- the successor's side --------------------------------------------------------------------------
+def adopt(state: dict, fds: list[int], listen: Callable[[socket.socket], Listener]) -> None:
+    """Continue the predecessor's sockets from what ``take`` returned: ``listen`` gets its listening socket
+    and returns the listener that adopts each exporter session, with the part of a message the predecessor
+    had already read and the templates it had learnt (replayed to new outputs)."""
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    sock = socks[state["listener"]]
+    sock.setblocking(False)
+    listener = listen(sock)
+    for item in state["sessions"]:
+        templates = [memoryview(decode(m)) for m in item["templates"]]
+        if "fd" in item:
+            listener.adopt(socks[item["fd"]], item["peer"], decode(item["tail"]), templates)
+        else:
+            listener.adopt(tuple(item["addr"]), item["peer"], templates)

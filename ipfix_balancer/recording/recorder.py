@@ -8,7 +8,7 @@ from typing import Callable
 
 from ..config import ReceiverConfig
 from ..control.signals import notify_supervisor
-from ..control.status import ExportTargetStatus, RecorderStatus
+from ..control.status import RecorderStatus
 from ..core.filescope import FileScope
 from ..net.loop import Loop
 from .dumpfile import BUFFER_BYTES, PART, PART_RE, DumpWriter, WriteFailed, stamp
@@ -279,4 +279,4 @@ class Recorder:
             spool_files=len(spool.completed), spool_bytes=spool.bytes, spool_limit=spool.limit,
             evicted_files=spool.evicted_files, template_switches=self.template_switches,
             drops=self.drops, error=self.error, errors=self.errors,
-            exports=[ExportTargetStatus(target=str(t.ep), **t.status()) for t in self.targets])
+            exports=[t.status() for t in self.targets])

@@ -226,7 +226,7 @@ def test_drops_by_reason_in_messages_and_records_sum_to_the_totals():
     assert stats.drop_records_by_reason == {"queue_full": 6, "connection_lost": 6}
     assert (stats.drops, stats.drop_records) == (4, 12)
     doc = stats.status()
-    assert doc["drops_by_reason"] == stats.drops_by_reason and doc["drop_records"] == 12
+    assert doc.drops_by_reason == stats.drops_by_reason and doc.drop_records == 12
 
 
 def test_a_stalled_queue_drops_its_oldest_as_stalled():
@@ -235,7 +235,7 @@ def test_a_stalled_queue_drops_its_oldest_as_stalled():
     stall(queue)
     for i in range(3):
         queue.enqueue(entry(i))
-    assert stats.drops_by_reason == {"stalled": 1} and stats.status()["state"] == "stalled"
+    assert stats.drops_by_reason == {"stalled": 1} and stats.status().state == "stalled"
 
 
 def test_an_oversize_datagram_is_dropped_and_the_next_goes_out():

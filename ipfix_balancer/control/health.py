@@ -4,7 +4,7 @@
   ``hang_seconds`` (or none ``hang_seconds`` after the start) means the loop does not turn: hung, stopped
   (SIGSTOP), or stuck in the kernel. The supervisor replaces such a handler.
 - **Readiness**: every handler's current process listens (systemd's READY=1).
-- **Counters over restarts** (``CounterCarry``) and the ``Snapshot`` the metrics thread serves.
+- **Counters over restarts** (``CounterCarry``) and the ``MetricsSnapshot`` the metrics thread serves.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 
 from ..core import liveness
 from . import rundir
-from .metrics import DROPPED, DROPPED_RECORDS, HandlerView, Sample, Snapshot, counter_samples
+from .metrics import DROPPED, DROPPED_RECORDS, HandlerView, MetricsSnapshot, Sample, counter_samples
 from .status import load_handler_document
 
 KILLED = (("subreceiver", "handler"), ("reason", "handler_killed"))
@@ -89,7 +89,7 @@ class Watch:
         self.run_dir = run_dir
         self.hang_seconds = hang_seconds
         self.carry = CounterCarry()
-        self.snapshot = Snapshot(time.monotonic(), time.time(), hang_seconds)
+        self.snapshot = MetricsSnapshot(time.monotonic(), time.time(), hang_seconds)
         self.unreadable: dict[str, str] = {}  # handler name -> why its document could not be read this turn
 
     def turn(self, children, now: float) -> list[tuple[object, float]]:
@@ -118,7 +118,7 @@ class Watch:
             counters = (self.carry.see(rc.name, doc.pid, counter_samples(doc)) if doc is not None
                         else self.carry.totals(rc.name))
             views.append(HandlerView(rc.name, rc.stream, rc.index, doc, child.restarts, counters))
-        self.snapshot = Snapshot(now, wall, self.hang_seconds, tuple(views))
+        self.snapshot = MetricsSnapshot(now, wall, self.hang_seconds, tuple(views))
         return hung
 
     def killed(self, name: str) -> tuple[int, int]:

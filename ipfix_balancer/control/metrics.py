@@ -1,7 +1,7 @@
 """Prometheus metrics (``GET /metrics``) and a health check (``GET /healthz``) from the handlers' status
 documents, served by a thread of the supervisor.
 
-The thread only formats the last ``Snapshot`` the supervisor's loop published (``health.Watch``): a scrape
+The thread only formats the last ``MetricsSnapshot`` the supervisor's loop published (``health.Watch``): a scrape
 reads no file, takes no lock the supervisor waits for and never reaches a handler, so neither the
 supervisor nor the traffic can be held up by it. Counters are the handlers' counters plus what earlier
 processes of the same handler had counted (``health.CounterCarry``), so they never go backwards across a
@@ -117,12 +117,12 @@ class HandlerView:
     restarts: int
     counters: dict[Sample, float]  # carried over earlier processes of this handler
 
-    def fresh(self, taken: Snapshot) -> bool:
+    def fresh(self, taken: MetricsSnapshot) -> bool:
         return self.doc is not None and not is_stale(self.doc, taken.mono, taken.wall)
 
 
 @dataclasses.dataclass(frozen=True)
-class Snapshot:
+class MetricsSnapshot:
     """What the supervisor's loop saw at ``mono`` (its monotonic clock; ``wall``: the wall clock at the same
     moment, for documents of older handlers). Freshness is judged at that moment, so a supervisor busy for a
     few seconds (waiting for a replaced handler to drain) does not make every handler look stale; the
@@ -133,7 +133,7 @@ class Snapshot:
     handlers: tuple[HandlerView, ...] = ()
 
 
-def health(snapshot: Snapshot, now: float) -> tuple[bool, str]:
+def health(snapshot: MetricsSnapshot, now: float) -> tuple[bool, str]:
     """(the supervisor turns and every handler runs with a fresh status, one line per handler); ``now`` on
     the monotonic clock."""
     lines = []
@@ -156,7 +156,7 @@ def health(snapshot: Snapshot, now: float) -> tuple[bool, str]:
 class _Collector:
     """Builds every family at scrape time from the latest snapshot."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]):
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]):
         self.snapshot = snapshot
 
     def collect(self):
@@ -256,7 +256,7 @@ class _CappedServer(ThreadingWSGIServer):
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 / 503) on host:port."""
 
-    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], Snapshot], token: str = ""):
+    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], MetricsSnapshot], token: str = ""):
         """``token``: when set, ``GET /metrics`` answers 401 without ``Authorization: Bearer <token>``."""
         registry = CollectorRegistry()
         registry.register(_Collector(snapshot))

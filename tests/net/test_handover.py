@@ -1,0 +1,110 @@
+"""net/handover.py over a real socketpair: the request, the state document and the descriptors (SCM_RIGHTS,
+past the kernel's per-message limit), and both handlers' steps around them."""
+
+import os
+import socket
+
+import pytest
+
+from ipfix_balancer.net import handover
+
+
+class FakeListener:
+    """A listener as the handover sees it: a listening socket, exporter sessions to detach or adopt."""
+
+    def __init__(self, sock, exporters=()):
+        self.sock = sock
+        self.exporters = list(exporters)  # (session, socket, peer, tail)
+        self.adopted = []
+
+    def handover_items(self, fds):
+        items = []
+        for session, sock, peer, tail in self.exporters:
+            items.append((session, {"peer": peer, "fd": len(fds), "tail": handover.encode(tail)}))
+            fds.append(sock.fileno())
+        return items
+
+    def adopt(self, *args):
+        self.adopted.append(args)
+
+
+def same_socket(a: socket.socket, fd: int) -> bool:
+    return os.fstat(a.fileno()).st_ino == os.fstat(fd).st_ino
+
+
+@pytest.fixture
+def pair():
+    old, new = socket.socketpair()
+    with old, new:
+        yield old, new
+
+
+def test_the_successors_request_is_told_from_a_death_or_noise(pair):
+    old, new = pair
+    new.send(handover.REQUEST)
+    assert handover.requested(old) is None
+    new.send(b"?")
+    assert handover.requested(old) == "unexpected request"
+    new.close()
+    assert handover.requested(old) == "successor closed"
+
+
+def test_offer_and_take_carry_the_state_and_more_descriptors_than_one_message_may(pair):
+    old, new = pair
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(handover._FDS_PER_MESSAGE + 5)]
+    try:
+        handover.offer(old, {"pid": 1, "listener": 0, "sessions": []}, [s.fileno() for s in socks])
+        state, fds = handover.take(new, timeout=5)
+        assert state == {"pid": 1, "listener": 0, "sessions": [], "fd_count": len(socks)}
+        assert len(fds) == len(socks) and all(same_socket(s, fd) for s, fd in zip(socks, fds))
+        for fd in fds:
+            os.close(fd)
+    finally:
+        for s in socks:
+            s.close()
+    assert old.recv(1) == handover.REQUEST  # take asked first
+
+
+def test_take_fails_when_the_predecessor_stops_midway(pair):
+    old, new = pair
+    old.sendall(handover._LENGTH.pack(100) + b"{")
+    old.close()
+    with pytest.raises(ConnectionError):
+        handover.take(new, timeout=5)
+
+
+def test_detach_and_adopt_hand_every_session_over_with_its_tail_and_templates(pair):
+    old, new = pair
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    exporter_a, exporter_b = socket.socketpair()
+    sessions = {"s1": [b"\x00\x0a\x00\x10 template"], "s2": []}
+    with listening, exporter_a, exporter_b:
+        before = FakeListener(listening, [("s1", exporter_a, "192.0.2.1:4000", b"\x00\x0a\x00"),
+                                          ("s2", exporter_b, "192.0.2.2:4000", b"")])
+        state, fds = handover.detach(before, lambda session: sessions[session])
+        assert state["pid"] == os.getpid() and state["listener"] == 0 and len(state["sessions"]) == 2
+        assert fds == [listening.fileno(), exporter_a.fileno(), exporter_b.fileno()]
+        handover.offer(old, state, fds)
+        got_state, got_fds = handover.take(new, timeout=5)
+        after = []
+        handover.adopt(got_state, got_fds, lambda sock: after.append(FakeListener(sock)) or after[-1])
+        (listener,) = after
+        assert same_socket(listening, listener.sock.fileno()) and not listener.sock.getblocking()
+        (sock_a, peer_a, tail_a, templates_a), (sock_b, peer_b, tail_b, templates_b) = listener.adopted
+        assert (peer_a, tail_a, [bytes(m) for m in templates_a]) == ("192.0.2.1:4000", b"\x00\x0a\x00",
+                                                                      sessions["s1"])
+        assert (peer_b, tail_b, templates_b) == ("192.0.2.2:4000", b"", [])
+        assert same_socket(exporter_a, sock_a.fileno()) and same_socket(exporter_b, sock_b.fileno())
+        for s in (listener.sock, sock_a, sock_b):
+            s.close()
+
+
+def test_a_udp_session_is_adopted_by_its_address():
+    listening = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    state = {"pid": 1, "listener": 0,
+             "sessions": [{"peer": "192.0.2.1:4000", "addr": ["192.0.2.1", 4000], "templates": []}]}
+    after = []
+    handover.adopt(state, [os.dup(listening.fileno())], lambda sock: after.append(FakeListener(sock)) or after[-1])
+    listening.close()
+    assert after[0].adopted == [(("192.0.2.1", 4000), "192.0.2.1:4000", [])]
+    after[0].sock.close()

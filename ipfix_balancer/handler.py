@@ -217,28 +217,10 @@ class Handler:
             os.close(fd)
 
     def _on_handover(self, _mask) -> None:
-        """Our successor asks for our sockets: stop reading, hand everything over, then drain and exit.
-        Anything but the request (it died while starting) is logged and we keep serving."""
-        conn = self._drop_successor()
-        refusal = handover.requested(conn)
-        if refusal is not None:
-            self.log.error("handover_abandoned", reason=refusal)
-            conn.close()
-            return
-        state, fds = handover.detach(self.listener, lambda s: s.tracker.snapshot.messages(lambda _odid: 0, 0))
-        if self.recorder is not None:  # complete our file before the successor opens the directory
-            self._retire_recorder()
-        sessions = len(state["sessions"])
-        try:
-            with conn:
-                handover.offer(conn, state, fds)
-        except OSError as exc:  # the sockets are detached already: the supervisor's restart of it binds anew
-            self.log.error("handover_failed", reason=str(exc), sessions=sessions)
-        else:
-            self.log.info("handed_over", sessions=sessions)
-        self.status = None  # the status file is the successor's now
-        self.listener.release_handed_over()
-        self._stop_at = time.monotonic() + DRAIN_TIMEOUT
+        """Our successor asks for our sockets: hand everything over, then drain and exit."""
+        if handover.give(self._drop_successor(), self.listener, _templates, self.log, self._retire_recorder):
+            self.status = None  # the status file is the successor's now
+            self._stop_at = time.monotonic() + DRAIN_TIMEOUT
 
     def _drop_successor(self) -> socket.socket | None:
         conn, self.successor = self.successor, None
@@ -279,7 +261,7 @@ class Handler:
         self.ledger.subscribe(rc.forwarding.subreceivers)  # removed ones' outputs drain, then close
         if self.recorder is not None and (rc.forwarding.mode is not Mode.DISABLED
                                           or self.recorder.rc.recording != rc.recording):
-            self._retire_recorder()  # completes the current file before a new recorder takes the directory
+            self._retire_recorder()
         if rc.forwarding.mode is Mode.DISABLED and self.recorder is None:
             self.recorder = self._new_recorder(rc)
         forwarding = self._forwarding()
@@ -289,9 +271,11 @@ class Handler:
                       subreceivers=[str(e) for e in rc.forwarding.subreceivers], sessions=len(self.sessions))
 
     def _retire_recorder(self) -> None:
-        self.recorder.close()
-        self.ledger.recorder_closed(self.recorder.drops)
-        self.recorder = None
+        """Complete the recorder's file (before another recorder, or a successor, takes the directory)."""
+        if self.recorder is not None:
+            self.recorder.close()
+            self.ledger.recorder_closed(self.recorder.drops)
+            self.recorder = None
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -371,6 +355,11 @@ class Handler:
             self.throttle.error("drain_limit", "drain_limit", sessions_closed=len(excess), unsent_messages=lost,
                                 max_sessions=self.rc.limits.max_sessions)
         return [s for s in self.sessions if s.state is Lifecycle.DRAINING]
+
+
+def _templates(session: ExporterSession) -> list:
+    """The template messages of ``session``, for its successor to replay to new outputs."""
+    return session.tracker.snapshot.messages(lambda _odid: 0, 0)
 
 
 def main(control_fd: int, run_dir: str, log_format: str) -> Exit:

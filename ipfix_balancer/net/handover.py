@@ -34,6 +34,8 @@ class Listener(Protocol):
 
     def adopt(self, *args) -> None: ...
 
+    def release_handed_over(self) -> None: ...
+
 
 def encode(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -79,28 +81,37 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
 
 
 # -- the old handler's side ------------------------------------------------------------------------
-def requested(conn: socket.socket) -> str | None:
-    """Read the successor's request on ``conn``: None when it asks for the sockets, else why not (it died
-    while starting, or something else spoke)."""
+def give(conn: socket.socket, listener: Listener, templates: Callable[[object], Iterable[bytes]], log,
+         before_offer: Callable[[], None]) -> bool:
+    """Our successor wrote on ``conn``: if it asks for our sockets, stop ``listener`` reading, detach its
+    exporter connections and send them (per session its peer, the part of a message already read and
+    ``templates(session)``), ``before_offer()`` run first (a recorder completes its file before the
+    successor opens the directory). True when handed over, or when sending failed with the sockets already
+    detached (the supervisor's restart of the successor binds anew): either way this handler only drains
+    now. False when the successor did not ask (it died while starting): logged, and we keep serving."""
     try:
         request = conn.recv(1)
     except OSError as exc:
         request = str(exc).encode()
-    if request == REQUEST:
-        return None
-    return "successor closed" if not request else "unexpected request"
-
-
-def detach(listener: Listener, templates: Callable[[object], Iterable[bytes]]) -> tuple[dict, list[int]]:
-    """Stop ``listener`` reading and detach its exporter connections: the state document for ``offer``
-    (per session its peer, the part of a message already read and ``templates(session)``) and the
-    descriptors it refers to, the listening socket first."""
+    if request != REQUEST:
+        log.error("handover_abandoned", reason="successor closed" if not request else "unexpected request")
+        conn.close()
+        return False
     fds = [listener.sock.fileno()]
     items = []
     for session, item in listener.handover_items(fds):
         item["templates"] = [encode(m) for m in templates(session)]
         items.append(item)
-    return {"pid": os.getpid(), "listener": 0, "sessions": items}, fds
+    before_offer()
+    try:
+        with conn:
+            offer(conn, {"pid": os.getpid(), "listener": 0, "sessions": items}, fds)
+    except OSError as exc:
+        log.error("handover_failed", reason=str(exc), sessions=len(items))
+    else:
+        log.info("handed_over", sessions=len(items))
+    listener.release_handed_over()
+    return True
 
 
 # -- the successor's side --------------------------------------------------------------------------

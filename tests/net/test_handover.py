@@ -3,9 +3,11 @@ past the kernel's per-message limit), and both handlers' steps around them."""
 
 import os
 import socket
+import threading
 
 import pytest
 
+from recording.recordkit import Log
 from ipfix_balancer.net import handover
 
 
@@ -16,6 +18,7 @@ class FakeListener:
         self.sock = sock
         self.exporters = list(exporters)  # (session, socket, peer, tail)
         self.adopted = []
+        self.released = False
 
     def handover_items(self, fds):
         items = []
@@ -26,6 +29,9 @@ class FakeListener:
 
     def adopt(self, *args):
         self.adopted.append(args)
+
+    def release_handed_over(self):
+        self.released = True
 
 
 def same_socket(a: socket.socket, fd: int) -> bool:
@@ -39,14 +45,17 @@ def pair():
         yield old, new
 
 
-def test_the_successors_request_is_told_from_a_death_or_noise(pair):
+@pytest.mark.parametrize("said, reason", [(b"", "successor closed"), (b"?", "unexpected request")],
+                         ids=["died", "noise"])
+def test_a_successor_that_does_not_ask_gets_nothing_and_the_handler_keeps_serving(said, reason, pair):
     old, new = pair
-    new.send(handover.REQUEST)
-    assert handover.requested(old) is None
-    new.send(b"?")
-    assert handover.requested(old) == "unexpected request"
-    new.close()
-    assert handover.requested(old) == "successor closed"
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listening:
+        listener, log = FakeListener(listening), Log()
+        new.send(said) if said else new.close()
+        assert handover.give(old, listener, lambda _s: [], log, lambda: pytest.fail("offered")) is False
+        assert log.events == [("error", "handover_abandoned", {"reason": reason})]
+        assert not listener.released and listening.fileno() >= 0 and old.fileno() == -1
 
 
 def test_offer_and_take_carry_the_state_and_more_descriptors_than_one_message_may(pair):
@@ -73,7 +82,7 @@ def test_take_fails_when_the_predecessor_stops_midway(pair):
         handover.take(new, timeout=5)
 
 
-def test_detach_and_adopt_hand_every_session_over_with_its_tail_and_templates(pair):
+def test_give_and_adopt_hand_every_session_over_with_its_tail_and_templates(pair):
     old, new = pair
     listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     exporter_a, exporter_b = socket.socketpair()
@@ -81,13 +90,19 @@ def test_detach_and_adopt_hand_every_session_over_with_its_tail_and_templates(pa
     with listening, exporter_a, exporter_b:
         before = FakeListener(listening, [("s1", exporter_a, "192.0.2.1:4000", b"\x00\x0a\x00"),
                                           ("s2", exporter_b, "192.0.2.2:4000", b"")])
-        state, fds = handover.detach(before, lambda session: sessions[session])
+        taken = []
+        successor = threading.Thread(target=lambda: taken.append(handover.take(new, timeout=5)))
+        successor.start()
+        log, order = Log(), []
+        assert handover.give(old, before, lambda s: order.append(s) or sessions[s], log,
+                             lambda: order.append("before offer"))
+        successor.join(5)
+        assert order == ["s1", "s2", "before offer"] and before.released
+        assert log.events == [("info", "handed_over", {"sessions": 2})]
+        state, fds = taken[0]
         assert state["pid"] == os.getpid() and state["listener"] == 0 and len(state["sessions"]) == 2
-        assert fds == [listening.fileno(), exporter_a.fileno(), exporter_b.fileno()]
-        handover.offer(old, state, fds)
-        got_state, got_fds = handover.take(new, timeout=5)
         after = []
-        handover.adopt(got_state, got_fds, lambda sock: after.append(FakeListener(sock)) or after[-1])
+        handover.adopt(state, fds, lambda sock: after.append(FakeListener(sock)) or after[-1])
         (listener,) = after
         assert same_socket(listening, listener.sock.fileno()) and not listener.sock.getblocking()
         (sock_a, peer_a, tail_a, templates_a), (sock_b, peer_b, tail_b, templates_b) = listener.adopted
@@ -97,6 +112,17 @@ def test_detach_and_adopt_hand_every_session_over_with_its_tail_and_templates(pa
         assert same_socket(exporter_a, sock_a.fileno()) and same_socket(exporter_b, sock_b.fileno())
         for s in (listener.sock, sock_a, sock_b):
             s.close()
+
+
+def test_a_successor_gone_after_asking_still_ends_the_handlers_serving(pair):
+    old, new = pair
+    listening = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    with listening:
+        listener, log = FakeListener(listening), Log()
+        new.send(handover.REQUEST)
+        new.close()
+        assert handover.give(old, listener, lambda _s: [], log, lambda: None)  # the sockets were detached
+        assert [e for _, e, _ in log.events] == ["handover_failed"] and listener.released
 
 
 def test_a_udp_session_is_adopted_by_its_address():

@@ -23,9 +23,9 @@ from .control.rundir import DRAIN_TIMEOUT
 from .control.signals import Wakeup, set_process_name
 from .control.status import STATUS_PERIOD, ExporterSessionStatus, HandlerStatusWriter
 from .core.framing import FramingError
-from .core.ledger import LossLedger
+from .core.ledger import LossLedger, held
 from .core.odid import SharedOdids
-from .core.records import Held, Loss
+from .core.records import Loss
 from .core.sendqueue import DRAIN_LIMIT, Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle, over_drain_limit
 from .core.templates import TemplateLimit, TemplatePool
@@ -327,17 +327,12 @@ class Handler:
         listener = self.listener
         if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
             self.ledger.kernel_drops(kernel_drops(listener.sock))  # docs/operations.md "Metrics"
-        draining = self._bound_draining()
-        held = [q.held_counts() for s in self.sessions for q in s.queues]
-        outputs = self.ledger.outputs()
+        self._bound_draining()
         open_sessions = self._open()
         self.status.write(
             self.rc, listening=self.listening, msgs_in=self.counters.msgs_in, bytes_in=self.counters.bytes_in,
             unknown_template=self.counters.unknown_template + sum(s.tracker.unknown_template for s in open_sessions),
-            loss=self._loss(), sent=(sum(s.msgs_out for s in outputs), sum(s.bytes_out for s in outputs)),
-            held=Held(queued_bytes=self.budget.used, memory_bytes=self.budget.limit,
-                      queued_msgs=sum(m for m, _r in held), queued_records=sum(r for _m, r in held),
-                      draining=len(draining), draining_bytes=sum(s.queued_bytes for s in draining)),
+            loss=self._loss(), sent=self.ledger.sent(), held=held(self.sessions, self.budget),
             subreceivers=[s.status() for s in self.ledger.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
             sessions=(ExporterSessionStatus(s.peer, self.sessions[s], sorted(s.tracker.snapshot.odids()), s.msgs_in)
@@ -345,16 +340,15 @@ class Handler:
             connections=len(open_sessions), connections_total=self.counters.connections_total,
             limited=dict(listener.limited) if listener is not None else {})
 
-    def _bound_draining(self) -> list[ExporterSession]:
+    def _bound_draining(self) -> None:
         """Sessions whose exporter left hold descriptors while they drain: at most MAX_SESSIONS of them. Past
         that the ones that left first are closed, what they hold counted (``drain_limit``): a flood of short
-        sessions while collectors are away must not hold the handler's descriptors. Returns those left."""
+        sessions while collectors are away must not hold the handler's descriptors."""
         excess = over_drain_limit(self.sessions, self.rc.limits.max_sessions)
         if excess:
             lost = sum(s.abandon(DRAIN_LIMIT) for s in excess)
             self.throttle.error("drain_limit", "drain_limit", sessions_closed=len(excess), unsent_messages=lost,
                                 max_sessions=self.rc.limits.max_sessions)
-        return [s for s in self.sessions if s.state is Lifecycle.DRAINING]
 
 
 def _templates(session: ExporterSession) -> list:

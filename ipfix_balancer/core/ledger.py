@@ -12,8 +12,9 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from .records import Loss
-from .sendqueue import SubreceiverStats
+from .records import Held, Loss
+from .sendqueue import Budget, SubreceiverStats
+from .session import ExporterSession, Lifecycle
 
 RECORDER = "recorder"  # the drop reason of a recorder's losses (a recorder counts no reasons of its own)
 
@@ -56,6 +57,11 @@ class LossLedger:
         """Every subreceiver counted, removed ones included (sums over them never go backwards)."""
         return self.subreceivers + self._retired
 
+    def sent(self) -> tuple[int, int]:
+        """Messages and bytes handed to subreceivers, over every one counted."""
+        outputs = self.outputs()
+        return sum(s.msgs_out for s in outputs), sum(s.bytes_out for s in outputs)
+
     def loss(self, recorder_drops: int = 0) -> Loss:
         """The totals, with ``recorder_drops`` of the current recorder (counted under RECORDER)."""
         msgs: dict[str, int] = {}
@@ -71,3 +77,14 @@ class LossLedger:
                     drops_by_reason=msgs, drop_records_by_reason=records,
                     malformed=sum(self._malformed.values()), malformed_by_reason=dict(self._malformed),
                     rcvbuf_overflow=self._overflow)
+
+
+def held(sessions: Iterable[ExporterSession], budget: Budget) -> Held:
+    """What the send queues of ``sessions`` hold now: lost if the process dies (the supervisor then counts
+    it from the last status), delivered or counted here otherwise."""
+    sessions = list(sessions)
+    counts = [q.held_counts() for s in sessions for q in s.queues]
+    draining = [s for s in sessions if s.state is Lifecycle.DRAINING]
+    return Held(queued_bytes=budget.used, memory_bytes=budget.limit, queued_msgs=sum(m for m, _r in counts),
+                queued_records=sum(r for _m, r in counts), draining=len(draining),
+                draining_bytes=sum(s.queued_bytes for s in draining))

@@ -2,7 +2,10 @@
 recorders included."""
 
 from ipfix_balancer.config import Endpoint
-from ipfix_balancer.core.ledger import RECORDER, LossLedger
+from ipfix_balancer.core.ledger import RECORDER, LossLedger, held
+from ipfix_balancer.core.records import Held
+from ipfix_balancer.core.sendqueue import Budget
+from ipfix_balancer.core.session import Lifecycle
 
 A, B, C = (Endpoint("10.0.0.1", 4739, "tcp"), Endpoint("10.0.0.2", 4739, "tcp"), Endpoint("10.0.0.3", 4739, "tcp"))
 
@@ -71,3 +74,34 @@ def test_a_reported_loss_is_a_copy_not_a_view():
     ledger.refused("bad version")
     ledger.subreceivers[0].drop_counts("queue_full", 1, 1)
     assert before.malformed_by_reason == {"bad version": 1} and before.drops_by_reason == {}
+
+
+def test_sent_sums_every_subreceiver_counted_removed_ones_too():
+    ledger = LossLedger([A, B])
+    ledger.subreceivers[0].msgs_out, ledger.subreceivers[0].bytes_out = 3, 300
+    ledger.subreceivers[1].msgs_out, ledger.subreceivers[1].bytes_out = 1, 50
+    ledger.subscribe([A])
+    assert ledger.sent() == (4, 350)  # a reload must not make the rates go backwards
+
+
+class FakeQueue:
+    def __init__(self, msgs, records):
+        self.counts = (msgs, records)
+
+    def held_counts(self):
+        return self.counts
+
+
+class FakeSession:
+    def __init__(self, state, queued_bytes, *queues):
+        self.state, self.queued_bytes, self.queues = state, queued_bytes, list(queues)
+
+
+def test_held_is_what_every_queue_holds_and_what_draining_sessions_still_owe():
+    budget = Budget(1000)
+    budget.used = 640
+    sessions = [FakeSession(Lifecycle.OPEN, 500, FakeQueue(2, 20), FakeQueue(1, 10)),
+                FakeSession(Lifecycle.DRAINING, 140, FakeQueue(3, 9)),
+                FakeSession(Lifecycle.GONE, 0)]
+    assert held(iter(sessions), budget) == Held(queued_bytes=640, memory_bytes=1000, queued_msgs=6,
+                                                queued_records=39, draining=1, draining_bytes=140)

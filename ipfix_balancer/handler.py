@@ -1,8 +1,12 @@
-"""One handler process per receiver: the composition root of the data plane.
+"""One handler process per receiver: the composition root of the data plane. It wires and runs; the
+decisions and the steps live in the rooms.
 
 It builds the loop, the listener (``net.listener``), one ``core.session.ExporterSession`` per exporter with an
-``net.connection.OutputConnection`` per output, and the recorder; and it handles what concerns the whole
-process: handover to a successor, signals, live reconfiguration, stop and drain, the status document.
+``net.connection.OutputConnection`` per output, and the recorder, and runs the process's life: start (or take
+over, ``net.handover``), the supervisor's messages and signals, live reconfiguration, stop and drain, the
+exit status (``control.exits``). Every loss is counted in one ``core.ledger.LossLedger``; ODIDs shared with
+conflicting templates are found by ``core.odid``; the status document is built and written by
+``control.status.HandlerStatusWriter`` from the records the parts report.
 """
 
 from __future__ import annotations

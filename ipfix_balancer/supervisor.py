@@ -38,12 +38,12 @@ from .control import channel, rundir
 from .control import reload as reload_outcome
 from .control.exits import Exit
 from .control.health import Watch
-from .control.metrics import MetricsServer
+from .control.metrics import MetricsServer, read_token
 from .control.ports import bind_failure, listen_failure
 from .control.privileges import raise_fd_limit
 from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
-from .control.status import SupervisedHandler, SupervisorStatus
+from .control.status import SupervisedHandler, SupervisorStatus, write_supervisor_status
 
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
@@ -55,15 +55,6 @@ def _inherited(fd: int) -> socket.socket:
     """A channel descriptor that survived the re-execution; not to be inherited by the handlers."""
     os.set_inheritable(fd, False)
     return socket.socket(fileno=fd)
-
-
-def _read_token(path: str) -> str:
-    """The first line of a token file (ValueError when there is none)."""
-    with open(path) as f:
-        token = f.readline().strip()
-    if not token:
-        raise ValueError("holds no token")
-    return token
 
 
 def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
@@ -106,6 +97,10 @@ class Child:
     @property
     def name(self) -> str:
         return self.rc.name
+
+    def status(self) -> SupervisedHandler:
+        return SupervisedHandler(name=self.rc.name, stream=self.rc.stream, index=self.rc.index, pid=self.pid,
+                                 restarts=self.restarts, killed_msgs=self.killed[0], killed_records=self.killed[1])
 
 
 class ConsoleChild(Child):
@@ -569,7 +564,7 @@ class Supervisor:
         read serves no metrics (rather than metrics to anyone)."""
         endpoint, token_file = self.config.metrics, self.config.metrics_token_file
         try:
-            token = _read_token(token_file) if endpoint is not None and token_file else ""
+            token = read_token(token_file) if endpoint is not None and token_file else ""
         except (OSError, ValueError) as exc:
             self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
             endpoint = token = None
@@ -606,10 +601,7 @@ class Supervisor:
 
     def _write_status(self) -> None:
         try:
-            doc = SupervisorStatus(pid=os.getpid(), config=self.config_path, handlers=[
-                SupervisedHandler(name=c.rc.name, stream=c.rc.stream, index=c.rc.index, pid=c.pid, restarts=c.restarts,
-                                  killed_msgs=c.killed[0], killed_records=c.killed[1])
-                for c in self.children.values()])
-            rundir.write_json(rundir.supervisor_status_path(self.run_dir), doc.to_dict())
+            write_supervisor_status(self.run_dir, SupervisorStatus(
+                pid=os.getpid(), config=self.config_path, handlers=[c.status() for c in self.children.values()]))
         except OSError as exc:  # status is for operators: never a reason to stop supervising
             self.log.error("status_write_failed", run_dir=self.run_dir, reason=str(exc))

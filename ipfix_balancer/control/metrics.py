@@ -253,6 +253,15 @@ class _CappedServer(ThreadingWSGIServer):
             self.slots.release()
 
 
+def read_token(path: str) -> str:
+    """The first line of IPFIX_BALANCER_METRICS_TOKEN_FILE (ValueError when there is none)."""
+    with open(path) as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError("holds no token")
+    return token
+
+
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 / 503) on host:port."""
 

@@ -285,6 +285,10 @@ class SupervisorStatus:
         return _known(cls, doc, handlers=[_known(SupervisedHandler, h) for h in doc.get("handlers", [])])
 
 
+def write_supervisor_status(run_dir: str, doc: SupervisorStatus) -> None:
+    rundir.write_json(rundir.supervisor_status_path(run_dir), doc.to_dict())
+
+
 def read_supervisor_status(run_dir: str) -> SupervisorStatus | None:
     doc = rundir.read_json(rundir.supervisor_status_path(run_dir))
     try:

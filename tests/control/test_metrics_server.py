@@ -104,3 +104,12 @@ def until(condition, timeout: float = 5.0) -> None:
     while not condition():
         assert time.monotonic() < deadline, "timed out"
         time.sleep(0.01)
+
+
+def test_the_token_is_the_first_line_of_its_file_and_an_empty_file_holds_none(tmp_path):
+    path = tmp_path / "token"
+    path.write_text("  s3cret \nsecond line\n")
+    assert metrics.read_token(str(path)) == "s3cret"
+    path.write_text("\n")
+    with pytest.raises(ValueError):
+        metrics.read_token(str(path))

@@ -7,7 +7,8 @@ import time
 from ipfix_balancer.control import rundir
 from ipfix_balancer.control.status import (ExporterSessionStatus, ExportTargetStatus, HandlerReport, HandlerStatus, ListenStatus,
                                            PeriodRates, RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
-                                           SupervisorStatus, collect, render)
+                                           SupervisorStatus, collect, read_supervisor_status, render,
+                                           write_supervisor_status)
 
 NOW = time.time()
 RATES = {"msgs_in": 30012.4, "bytes_in": 42.5e6, "msgs_out": 90037.0, "bytes_out": 127.5e6}
@@ -91,9 +92,11 @@ def test_exporter_sessions_round_trip_and_an_older_document_has_none():
     assert HandlerStatus.from_dict(older).sessions == []
 
 
-def test_supervisor_document_round_trips():
+def test_supervisor_document_round_trips(tmp_path):
     doc = SupervisorStatus(pid=1, config="/e.env", handlers=[SupervisedHandler("fullflow[0]", "FULLFLOW", 0, None, 2)])
     assert SupervisorStatus.from_dict(through_json(doc.to_dict())) == doc
+    write_supervisor_status(str(tmp_path), doc)
+    assert read_supervisor_status(str(tmp_path)) == doc
 
 
 def test_report_shows_process_facts_only_when_known():

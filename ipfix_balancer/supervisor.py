@@ -38,8 +38,8 @@ from .control import channel, rundir
 from .control import reload as reload_outcome
 from .control.exits import Exit
 from .control.health import Watch
-from .control.metrics import MetricsServer, read_token
-from .control.ports import bind_failure, listen_failure
+from .control.metrics import MetricsService
+from .control.ports import bind_failure
 from .control.privileges import raise_fd_limit
 from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
@@ -140,8 +140,7 @@ class Supervisor:
         self.notify = Notifier()
         self.ready_sent = False
         self.started_at = time.monotonic()
-        self.metrics: MetricsServer | None = None
-        self.metrics_at = None  # the endpoint and token self.metrics was asked for
+        self.metrics = MetricsService(lambda: self.watch.snapshot, log)
         self.unreadable: set[str] = set()  # handlers whose status document could not be read last turn
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -182,7 +181,7 @@ class Supervisor:
             if name in self.children:
                 self.children[name].restarts = n
         self._write_status()  # also with no receivers: reload and the console's Apply look for it
-        self._serve_metrics()
+        self.metrics.serve(self.config.metrics, self.config.metrics_token_file)
         self._set_console(self.config.console)
         try:
             while not self.stopping:
@@ -195,8 +194,7 @@ class Supervisor:
                     self.log.exception("supervisor_turn_failed")
         finally:
             self.notify.send("STOPPING=1")
-            if self.metrics is not None:
-                self.metrics.close()
+            self.metrics.close()
             code = self._shutdown()
             try:
                 os.unlink(rundir.supervisor_pid_path(self.run_dir))
@@ -522,7 +520,7 @@ class Supervisor:
             self._spawn(Child(fresh[name]))
         self.config = new
         self.watch.hang_seconds = new.hang_seconds
-        self._serve_metrics()
+        self.metrics.serve(self.config.metrics, self.config.metrics_token_file)
         self._set_console(new.console)
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
@@ -557,34 +555,6 @@ class Supervisor:
         self.notify.status(summary)
         if not hung:
             self.notify.watchdog(now)
-
-    def _serve_metrics(self) -> None:
-        """(Re)start the metrics server when IPFIX_BALANCER_METRICS or its token changed. A failure is logged,
-        never fatal: metrics must not be the reason traffic is not forwarded. A token file that cannot be
-        read serves no metrics (rather than metrics to anyone)."""
-        endpoint, token_file = self.config.metrics, self.config.metrics_token_file
-        try:
-            token = read_token(token_file) if endpoint is not None and token_file else ""
-        except (OSError, ValueError) as exc:
-            self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
-            endpoint = token = None
-        want = (endpoint, token)
-        if want == self.metrics_at:
-            return
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        self.metrics_at = want
-        if endpoint is None:
-            return
-        try:
-            self.metrics = MetricsServer(endpoint.host, endpoint.port, endpoint.family, lambda: self.watch.snapshot,
-                                         token)
-        except OSError as exc:
-            self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
-            return
-        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-        self.log.info("metrics_serving", url=f"http://{host}:{endpoint.port}/metrics", token=bool(token))
 
     def _write_reload_outcome(self, outcome: reload_outcome.Outcome) -> None:
         """For ``ipfix-balancer reload`` and the console, which wait for it after their SIGHUP."""

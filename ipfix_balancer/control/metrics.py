@@ -26,6 +26,7 @@ from prometheus_client import CollectorRegistry, make_wsgi_app
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from .ports import listen_failure
 from .status import HandlerStatus, is_stale
 
 Labels = tuple[tuple[str, str], ...]
@@ -296,3 +297,41 @@ class MetricsServer:
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class MetricsService:
+    """The supervisor's metrics server as configured: (re)started when IPFIX_BALANCER_METRICS or its token
+    changed. A failure is logged, never fatal: metrics must not be the reason traffic is not forwarded. A
+    token file that cannot be read serves no metrics (rather than metrics to anyone)."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot], log):
+        self.snapshot = snapshot
+        self.log = log
+        self.server: MetricsServer | None = None
+        self._asked = None  # the endpoint and token the server was asked for
+
+    def serve(self, endpoint, token_file: str | None) -> None:
+        """``endpoint``: ``config.Endpoint`` or None (no metrics)."""
+        try:
+            token = read_token(token_file) if endpoint is not None and token_file else ""
+        except (OSError, ValueError) as exc:
+            self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
+            endpoint = token = None
+        if (endpoint, token) == self._asked:
+            return
+        self.close()
+        self._asked = (endpoint, token)
+        if endpoint is None:
+            return
+        try:
+            self.server = MetricsServer(endpoint.host, endpoint.port, endpoint.family, self.snapshot, token)
+        except OSError as exc:
+            self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
+            return
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        self.log.info("metrics_serving", url=f"http://{host}:{endpoint.port}/metrics", token=bool(token))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None

@@ -113,3 +113,28 @@ def test_the_token_is_the_first_line_of_its_file_and_an_empty_file_holds_none(tm
     path.write_text("\n")
     with pytest.raises(ValueError):
         metrics.read_token(str(path))
+
+
+def test_the_service_restarts_the_server_only_when_its_endpoint_or_token_changed(tmp_path):
+    from recording.recordkit import Log
+    from ipfixkit import free_port
+    from ipfix_balancer.config import Endpoint
+    log, token = Log(), tmp_path / "token"
+    service = metrics.MetricsService(fresh_snapshot, log)
+    endpoint = Endpoint("127.0.0.1", free_port(), "tcp")
+    try:
+        service.serve(endpoint, None)
+        first = service.server
+        service.serve(endpoint, None)  # a reload that changed nothing of it
+        assert service.server is first and get(endpoint.port, "/metrics")[0] == 200
+        token.write_text("s3cret\n")
+        service.serve(endpoint, str(token))
+        assert service.server is not first and get(endpoint.port, "/metrics")[0] == 401
+        token.write_text("")  # a token file without a token: no metrics rather than metrics to anyone
+        service.serve(endpoint, str(token))
+        assert service.server is None and log.named("metrics_failed")
+        service.serve(None, None)
+        assert service.server is None
+        assert [e["token"] for e in log.named("metrics_serving")] == [False, True]
+    finally:
+        service.close()

@@ -7,6 +7,9 @@ byte; the old one stops accepting and reading, and sends its listening socket an
 (SCM_RIGHTS), with per session the bytes of a message it had begun to read and the session's templates. It
 then flushes its output queues and exits. Meanwhile the kernel keeps buffering what the exporters send, and
 the new handler reads on from there.
+
+``give`` is the old handler's part and ``adopt`` the successor's (after ``take``); ``offer`` and ``take`` are
+the wire between them. The handler only decides when: on the supervisor's message, and at start.
 """
 
 from __future__ import annotations

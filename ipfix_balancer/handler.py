@@ -53,7 +53,7 @@ class Handler:
     def __init__(self, rc: ReceiverConfig, run_dir: str, log, control: socket.socket | None = None):
         self.rc = rc
         self.control = control  # the supervisor's private channel (control/channel.py)
-        self.successor: socket.socket | None = None  # the handover socket to it, while one is announced
+        self.successor: handover.Successor | None = None  # while one is announced
         self.log = log
         self.throttle = Throttle(log)  # every line that can repeat per message, connection or retry
         self.loop = Loop()
@@ -214,23 +214,16 @@ class Handler:
         if "receiver" in doc:
             self._apply_settings(doc["receiver"])
         if doc.get("handover") and fds and not self.stopping and self.successor is None:
-            self.successor = socket.socket(fileno=fds.pop(0))
-            self.successor.setblocking(False)
-            self.loop.watch(self.successor, READ, self._on_handover)
+            self.successor = handover.Successor(self.loop, fds.pop(0), self._on_handover)
         for fd in fds:  # nothing else is expected with a message
             os.close(fd)
 
-    def _on_handover(self, _mask) -> None:
-        """Our successor asks for our sockets: hand everything over, then drain and exit."""
-        if handover.give(self._drop_successor(), self.listener, _templates, self.log, self._retire_recorder):
+    def _on_handover(self, conn: socket.socket) -> None:
+        """Our successor wrote: if it asks for our sockets, hand everything over, then drain and exit."""
+        self.successor = None
+        if handover.give(conn, self.listener, _templates, self.log, self._retire_recorder):
             self.status = None  # the status file is the successor's now
             self._stop_at = time.monotonic() + DRAIN_TIMEOUT
-
-    def _drop_successor(self) -> socket.socket | None:
-        conn, self.successor = self.successor, None
-        if conn is not None:
-            self.loop.unwatch(conn)
-        return conn
 
     def _on_signals(self, signals: list[int]) -> None:
         for sig in signals:
@@ -287,9 +280,9 @@ class Handler:
         if self.stopping:
             return
         self.log.info("handler_stopping", sessions=len(self.sessions))
-        conn = self._drop_successor()
-        if conn is not None:
-            conn.close()
+        if self.successor is not None:
+            self.successor.cancel()
+            self.successor = None
         self.listener.stop(drain=True)
         self._stop_at = time.monotonic() + DRAIN_TIMEOUT
 

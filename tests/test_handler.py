@@ -12,7 +12,7 @@ import pytest
 from ipfixkit import LOOPBACK, free_port
 from recording.recordkit import Log
 from ipfix_balancer import config, handler as handler_mod
-from ipfix_balancer.control import rundir
+from ipfix_balancer.control import channel, rundir
 from ipfix_balancer.control.exits import Exit
 from ipfix_balancer.core.templates import MalformedSet
 from ipfix_balancer.handler import Handler
@@ -106,7 +106,6 @@ def test_a_successor_that_dies_before_asking_leaves_the_handler_serving(tmp_path
     ours, theirs = socket.socketpair()
     supervisor, h.control = socket.socketpair()
     h.start()
-    from ipfix_balancer.control import channel
     channel.send(supervisor, {"handover": True}, (theirs.fileno(),))
     theirs.close()
     turn_until(h, lambda: h.successor is not None)
@@ -121,12 +120,14 @@ def test_a_successor_that_dies_before_asking_leaves_the_handler_serving(tmp_path
 
 def test_a_restart_in_place_hands_the_listening_socket_and_sessions_to_the_successor(tmp_path):
     old, old_log = make(tmp_path)
+    supervisor, old.control = socket.socketpair()
     old.start()
     exporter = socket.create_connection((LOOPBACK, old.rc.listen.port))
     turn_until(old, lambda: old.sessions)
     to_successor, from_predecessor = socket.socketpair()
-    old.successor = to_successor  # what the supervisor's handover message sets up (test above)
-    old.loop.watch(to_successor, handler_mod.READ, old._on_handover)
+    channel.send(supervisor, {"handover": True}, (to_successor.fileno(),))  # as the supervisor announces it
+    to_successor.close()
+    turn_until(old, lambda: old.successor is not None)
     new, new_log = make(tmp_path / "new", rc=old.rc)
     (tmp_path / "new").mkdir()
     taking = threading.Thread(target=new.start, args=(from_predecessor,))
@@ -145,3 +146,18 @@ def test_a_restart_in_place_hands_the_listening_socket_and_sessions_to_the_succe
     new.stop()
     turn_until(new, new._done)
     assert new._finish() is Exit.OK
+    supervisor.close()
+
+
+def test_a_stop_while_a_successor_is_announced_cancels_the_handover(tmp_path):
+    h, log = make(tmp_path)
+    supervisor, h.control = socket.socketpair()
+    ours, theirs = socket.socketpair()
+    h.start()
+    channel.send(supervisor, {"handover": True}, (theirs.fileno(),))
+    theirs.close()
+    turn_until(h, lambda: h.successor is not None)
+    h.stop()
+    assert h.successor is None and ours.recv(1) == b""  # our end closed: the successor binds anew
+    assert h._finish() is Exit.OK
+    supervisor.close()

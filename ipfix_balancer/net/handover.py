@@ -22,6 +22,8 @@ import struct
 from collections.abc import Callable, Iterable
 from typing import Protocol
 
+from .loop import READ, Loop
+
 _LENGTH = struct.Struct("!I")
 _FDS_PER_MESSAGE = 250  # the kernel takes at most 253 descriptors in one SCM_RIGHTS message
 
@@ -84,6 +86,24 @@ def _recv_exactly(conn: socket.socket, n: int) -> bytes:
 
 
 # -- the old handler's side ------------------------------------------------------------------------
+class Successor:
+    """Our end of the handover socket to a successor the supervisor announced: watched until the successor
+    writes (``on_ready(sock)``, then ``give``), or ``cancel``led (we stop first)."""
+
+    def __init__(self, loop: Loop, fd: int, on_ready: Callable[[socket.socket], None]):
+        self.loop = loop
+        self.sock = socket.socket(fileno=fd)
+        self.sock.setblocking(False)
+        loop.watch(self.sock, READ, lambda _mask: on_ready(self._unwatched()))
+
+    def _unwatched(self) -> socket.socket:
+        self.loop.unwatch(self.sock)
+        return self.sock
+
+    def cancel(self) -> None:
+        self._unwatched().close()
+
+
 def give(conn: socket.socket, listener: Listener, templates: Callable[[object], Iterable[bytes]], log,
          before_offer: Callable[[], None]) -> bool:
     """Our successor wrote on ``conn``: if it asks for our sockets, stop ``listener`` reading, detach its

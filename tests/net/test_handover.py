@@ -9,6 +9,7 @@ import pytest
 
 from recording.recordkit import Log
 from ipfix_balancer.net import handover
+from ipfix_balancer.net.loop import Loop
 
 
 class FakeListener:
@@ -134,3 +135,17 @@ def test_a_udp_session_is_adopted_by_its_address():
     listening.close()
     assert after[0].adopted == [(("192.0.2.1", 4000), "192.0.2.1:4000", [])]
     after[0].sock.close()
+
+
+def test_a_successor_is_watched_until_it_writes_or_is_cancelled(pair):
+    ours, theirs = pair
+    loop, ready = Loop(), []
+    successor = handover.Successor(loop, os.dup(ours.fileno()), ready.append)
+    theirs.send(handover.REQUEST)
+    loop.run(until=lambda: ready)
+    assert ready == [successor.sock] and ready[0].recv(1) == handover.REQUEST
+    assert successor.sock not in loop._watched  # told once
+    cancelled = handover.Successor(loop, os.dup(ours.fileno()), ready.append)
+    cancelled.cancel()
+    assert cancelled.sock.fileno() == -1 and cancelled.sock not in loop._watched
+    successor.sock.close()

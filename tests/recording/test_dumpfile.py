@@ -8,7 +8,8 @@ import os
 import pytest
 
 from ipfixkit import make_stream, split_messages
-from recordkit import T0, Log
+from fakes import Log
+from recordkit import T0
 from ipfix_balancer.config import Endpoint
 from ipfix_balancer.recording import dumpfile
 from ipfix_balancer.recording.dumpfile import (PART_RE, DumpWriter, WriteFailed, dump_name, dump_prefix, dump_stem,

@@ -76,27 +76,22 @@ def test_a_usage_error_exits_2_and_says_what(args, says):
 
 
 # -- check-config ---------------------------------------------------------------------------------------------
-def test_check_config_of_a_good_file_lists_each_receiver(env_file):
-    path = env_file(GOOD)
+@pytest.mark.parametrize("text, code, stdout, stderr", [
+    (GOOD, 0, ["{path}: OK, 2 receiver(s)",
+               "  fullflow[0]      tcp/1500   All        cpu=-   -> 10.0.0.1/4739/tcp",
+               "  clickstream[0]   udp/1600   RoundRobin cpu=-   -> 10.0.0.2/4739/udp, [::1]/4739/udp",
+               "  console          http://127.0.0.1:8080/ (token in {path.parent}/console.token)"], []),
+    (BAD, 1, [], ["{path}: 2 problem(s):",
+                  "  - line 1: IPFIX_FULLFLOW_PORT[0]='70000': expected a port number 1..65535",
+                  "  - line 3: IPFIX_FULLFLOW_BALANCER[0]='Sideways': expected one of RoundRobin, All, Disabled "
+                  "(any case)"]),
+], ids=["good: each receiver", "bad: every problem with its line"])
+def test_check_config(env_file, text, code, stdout, stderr):
+    path = env_file(text)
     result = cli("check-config", "--config", path)
-    assert result.exit_code == 0 and result.stderr == ""
-    assert result.stdout.splitlines() == [
-        f"{path}: OK, 2 receiver(s)",
-        "  fullflow[0]      tcp/1500   All        cpu=-   -> 10.0.0.1/4739/tcp",
-        "  clickstream[0]   udp/1600   RoundRobin cpu=-   -> 10.0.0.2/4739/udp, [::1]/4739/udp",
-        f"  console          http://127.0.0.1:8080/ (token in {path.parent / 'console.token'})",
-    ]
-
-
-def test_check_config_of_a_bad_file_lists_every_problem_with_its_line_and_exits_1(env_file):
-    path = env_file(BAD)
-    result = cli("check-config", "--config", path)
-    assert result.exit_code == 1 and result.stdout == ""
-    assert result.stderr.splitlines() == [
-        f"{path}: 2 problem(s):",
-        "  - line 1: IPFIX_FULLFLOW_PORT[0]='70000': expected a port number 1..65535",
-        "  - line 3: IPFIX_FULLFLOW_BALANCER[0]='Sideways': expected one of RoundRobin, All, Disabled (any case)",
-    ]
+    assert result.exit_code == code
+    assert result.stdout.splitlines() == [line.format(path=path) for line in stdout]
+    assert result.stderr.splitlines() == [line.format(path=path) for line in stderr]
 
 
 def test_check_config_warns_on_stderr_and_still_passes(env_file):

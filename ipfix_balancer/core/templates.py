@@ -173,6 +173,13 @@ class Snapshot:
         self._views: dict | None = None   # views of ODIDs changed since this version, built on demand
 
     def __del__(self):
+        # A snapshot is shared by every queue entry dispatched under it (queued, or kept until acknowledged) and by
+        # the recorder's file scope; no one owns it, so none can say when it is done. CPython's reference counting
+        # runs this the moment the last holder lets go, which is what lets ``_Store.release`` forget retired records
+        # at once: the store's bound ("never more than the changes since the oldest live snapshot") and
+        # tests/core/test_templates.py (``del kept`` then ``retired`` is empty) rely on it. Holders must keep
+        # snapshots out of reference cycles (a cycle delays this to the cyclic GC: memory held, not a wrong result).
+        # It runs once per object (PEP 442), so each version is released once.
         if self._store is not None:
             self._store.release(self._version)
 

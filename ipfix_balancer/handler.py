@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from .config import Mode, ReceiverConfig, live_change_impossible
+from .config.model import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
 from .control.rundir import DRAIN_TIMEOUT
 from .control.ports import bind, listen_failure

@@ -33,7 +33,9 @@ import subprocess
 import sys
 import time
 
-from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .config.derive import auto_receivers
+from .config.model import Config, Console, Mode, ReceiverConfig, live_change_impossible
+from .config.parse import ConfigError, load
 from .control import channel, rundir
 from .control import reload as reload_outcome
 from .control.health import Watch
@@ -582,8 +584,8 @@ class Supervisor:
         if endpoint is None:
             return
         try:
-            self.metrics = MetricsServer(endpoint.host, endpoint.port, endpoint.family, lambda: self.watch.snapshot,
-                                         token)
+            family = socket.AF_INET6 if endpoint.ip_version == 6 else socket.AF_INET
+            self.metrics = MetricsServer(endpoint.host, endpoint.port, family, lambda: self.watch.snapshot, token)
         except OSError as exc:
             self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
             return

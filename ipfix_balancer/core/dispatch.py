@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, ClassVar, Protocol
 
-from ..config import Mode
+from ..config.model import Mode
 from .sendqueue import MSG, PROBATION, UP, SendQueue, entries_size
 from .wire import MAX_MESSAGE
 

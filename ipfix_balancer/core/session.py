@@ -12,7 +12,7 @@ import itertools
 from itertools import repeat
 from typing import Callable
 
-from ..config import Mode, TemplateLimits
+from ..config.model import Mode, TemplateLimits
 from .dispatch import FORWARDERS, Dispatcher
 from .sendqueue import SendQueue, State, SubreceiverStats
 from .templates import MalformedSet, TemplateLimit, TemplateTracker

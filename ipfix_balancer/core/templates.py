@@ -33,7 +33,7 @@ from itertools import repeat
 from operator import floordiv, sub
 from typing import Callable, Iterable, Never, TypeAlias
 
-from ..config import TemplateLimits
+from ..config.model import TemplateLimits
 from .wire import (HEADER, HEADER_LEN, MAX_MESSAGE, MIN_DATA_SET, ODID, OPTIONS_TEMPLATE_SET, SET_HEADER,
                    SET_HEADER_LEN, TEMPLATE_SET, U32, VERSION, FramingError, Message)
 

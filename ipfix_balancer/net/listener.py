@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Callable
 
-from ..config import Limits
+from ..config.model import Limits
 from ..control.ports import set_rcvbuf
 from ..core.admission import Admission, Rate, source_of
 from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, all_whole, check_datagram

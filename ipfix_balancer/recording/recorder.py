@@ -6,7 +6,7 @@ import os
 import time
 from typing import Callable
 
-from ..config import ReceiverConfig
+from ..config.model import ReceiverConfig
 from ..control.signals import notify_supervisor
 from ..control.status import ExportTargetStatus, RecorderStatus
 from ..core.filescope import FileScope

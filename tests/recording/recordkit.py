@@ -6,7 +6,7 @@ import os
 import time
 
 from ipfixkit import split_messages
-from ipfix_balancer.config import parse
+from ipfix_balancer.config.parse import load_values
 from ipfix_balancer.core.templates import TemplateTracker
 
 T0 = 1_700_000_000.0   # 2023-11-14T22:13:20Z
@@ -47,7 +47,7 @@ class Clock:
 def receiver(dump_dir, **keys):
     values = {"IPFIX_FULLFLOW_DUMP_DIR[0]": str(dump_dir)}
     values.update({f"IPFIX_FULLFLOW_{k}[0]": str(v) for k, v in keys.items()})
-    (rc,) = parse(values, cpus=range(64)).receivers
+    (rc,) = load_values(values, cpus=range(64)).receivers
     return rc
 
 

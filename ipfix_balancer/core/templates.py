@@ -390,7 +390,7 @@ class TemplateTracker:
         layouts = self._layouts.get(odid, _NO_LAYOUT)
         if set_len == end - HEADER_LEN and set_id >= MIN_DATA_SET:
             layout = layouts.get(set_id)  # the common message: one data set of fixed-length records
-            if layout.__class__ is int:  # (not isinstance: a global lookup and a call, per message)
+            if layout.__class__ is int:  # (not isinstance: no call, per message)
                 return odid, (set_len - 4) // layout, None
         pos = HEADER_LEN
         count = unknown = 0

@@ -15,8 +15,8 @@ from .sendqueue import MSG, PROBATION, UP, SendQueue, entries_size
 from .wire import MAX_MESSAGE
 
 if TYPE_CHECKING:
-    # (Entry is still a bare ``tuple`` alias: its uses carry ``type: ignore[type-arg]``, which mypy reports as
-    # unused once sendqueue types it)
+    # (Entry is a bare ``tuple`` alias so far: its uses carry ``type: ignore[type-arg]``, which mypy reports as
+    # unused once Entry is typed)
     from .sendqueue import Entry
     from .templates import Snapshot
     from .wire import Message

@@ -18,7 +18,7 @@ import signal
 import socket
 import time
 
-from .config import Mode, ReceiverConfig, live_change_impossible
+from .config.model import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
 from .control.exits import Exit
 from .control.ports import bind, listen_failure

@@ -23,7 +23,7 @@ import sys
 
 import jinja2
 
-from .config import DEFAULT_CONFIG_PATH, DUMP_ROOT
+from .config.parse import DEFAULT_CONFIG_PATH, DUMP_ROOT
 from .control.privileges import SERVICE_USER, capabilities
 
 UNIT = "fast_ipfix_balancer.service"
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     render = dict(RENDER)
     if args.config is not None:
-        from .config import load
+        from .config.parse import load
         caps = capabilities(load(args.config))
         render["unit"] = lambda: unit(caps)
     names = list(RENDER) if "all" in args.names else list(dict.fromkeys(args.names))

@@ -33,7 +33,9 @@ import subprocess
 import sys
 import time
 
-from .config import ConfigError, Config, Console, Mode, ReceiverConfig, auto_receivers, live_change_impossible, load
+from .config.derive import auto_receivers
+from .config.model import Config, Console, Mode, ReceiverConfig, live_change_impossible
+from .config.parse import ConfigError, load
 from .control import channel, rundir
 from .control import reload as reload_outcome
 from .control.exits import Exit

@@ -10,8 +10,10 @@ import time
 import pytest
 
 from ipfixkit import LOOPBACK, free_port
-from recording.recordkit import Log
-from ipfix_balancer import config, handler as handler_mod
+from fakes import Log
+from ipfix_balancer import config
+from ipfix_balancer import handler as handler_mod
+from ipfix_balancer.config.host import LocalHost
 from ipfix_balancer.control import channel, rundir
 from ipfix_balancer.control.exits import Exit
 from ipfix_balancer.core.templates import MalformedSet
@@ -35,11 +37,11 @@ class FakeWakeup:
 @pytest.fixture(autouse=True)
 def no_signals(monkeypatch):
     monkeypatch.setattr(handler_mod, "Wakeup", FakeWakeup)
-    monkeypatch.setattr(config, "local_addresses", lambda: set())
+    monkeypatch.setattr(LocalHost, "local_addresses", lambda _self: set())
 
 
 def receiver(port: int, subs: str = SUBS, proto: str = "tcp") -> config.ReceiverConfig:
-    return config.parse({"IPFIX_FULLFLOW_PORT[0]": str(port), "IPFIX_FULLFLOW_BIND[0]": LOOPBACK,
+    return config.load_values({"IPFIX_FULLFLOW_PORT[0]": str(port), "IPFIX_FULLFLOW_BIND[0]": LOOPBACK,
                          "IPFIX_FULLFLOW_PORT_TYPE[0]": proto, "IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin",
                          "IPFIX_FULLFLOW_BALANCER_SUB[0]": subs}, cpus=range(4)).receivers[0]
 

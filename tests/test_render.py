@@ -57,13 +57,13 @@ def test_unit_paths_are_the_products_defaults():
 
 
 def test_env_man_page_has_an_entry_for_every_key():
-    from ipfix_balancer import config
+    from ipfix_balancer.config import parse
     text = render.envman(date="2026-01-01")
     assert '.TH IPFIX\\-BALANCER.ENV 5 "2026-01-01" "fast_ipfix_balancer ' in text
     entries = [line for i, line in enumerate(text.splitlines()) if text.splitlines()[i - 1] == ".TP"]
-    for param in config.receiver_params():   # (BALANCER_TASKSET's entry adds "(alias TASKSET)")
+    for param in parse.receiver_params():   # (BALANCER_TASKSET's entry adds "(alias TASKSET)")
         assert any(e.startswith(f"\\fBIPFIX_<STREAM>_{param}[i]\\fR") for e in entries), param
-    for key in [*config._GLOBALS, *config._CONSOLE_KEYS]:
+    for key in [*parse._GLOBALS, *parse._CONSOLE_KEYS]:
         assert f"\\fB{key}\\fR" in entries, key
     if shutil.which("groff"):
         done = subprocess.run(["groff", "-man", "-Tutf8", "-ww"], input=text, capture_output=True, text=True)

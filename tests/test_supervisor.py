@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from ipfix_balancer import config, supervisor
+from ipfix_balancer.config.host import LocalHost
 from ipfix_balancer.control.status import SupervisedHandler
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,8 +43,8 @@ def test_importing_the_supervisor_loads_no_data_plane_module():
 
 
 def test_supervisor_runs_configured_plus_auto_receivers(monkeypatch):
-    monkeypatch.setattr(config, "local_addresses", lambda: set())
-    cfg = config.parse({
+    monkeypatch.setattr(LocalHost, "local_addresses", lambda _self: set())
+    cfg = config.load_values({
         "IPFIX_FULLFLOW_PORT[0]": "1500", "IPFIX_FULLFLOW_BALANCER[0]": "RoundRobin",
         "IPFIX_FULLFLOW_BALANCER_SUB[0]": "127.0.0.1/1600,10.255.255.1/1601", "IPFIX_FULLFLOW_BALANCER_AUTO[0]":
         "Enabled", "IPFIX_FULLFLOW_PORT[100]": "1700", "IPFIX_FULLFLOW_DUMP_DIR[100]": "/d/other"}, cpus=range(4))
@@ -54,8 +55,8 @@ def test_an_adopt_file_of_a_version_without_channels_means_stop_not_take_over(tm
     """An upgrade from a supervisor without channels: its handlers are stopped and replaced, never adopted
     (their handover socket had no access check)."""
     import json
-    monkeypatch.setattr(config, "local_addresses", lambda: set())
-    rc = config.parse({"IPFIX_FULLFLOW_PORT[0]": "1500"}, cpus=range(4)).receivers[0]
+    monkeypatch.setattr(LocalHost, "local_addresses", lambda _self: set())
+    rc = config.load_values({"IPFIX_FULLFLOW_PORT[0]": "1500"}, cpus=range(4)).receivers[0]
     (tmp_path / "supervisor.adopt.json").write_text(json.dumps(
         {"handlers": {rc.name: {"pid": 4242, "receiver": rc.to_json()}}, "retiring": [4343]}))
     sup = supervisor.Supervisor("/none.env", str(tmp_path), "json", log=None, adopt=True)
@@ -65,7 +66,7 @@ def test_an_adopt_file_of_a_version_without_channels_means_stop_not_take_over(tm
 
 
 def test_a_handlers_line_in_the_supervisors_document(monkeypatch):
-    monkeypatch.setattr(config, "local_addresses", lambda: set())
-    child = supervisor.Child(config.parse({"IPFIX_FULLFLOW_PORT[0]": "1500"}, cpus=range(4)).receivers[0])
+    monkeypatch.setattr(LocalHost, "local_addresses", lambda _self: set())
+    child = supervisor.Child(config.load_values({"IPFIX_FULLFLOW_PORT[0]": "1500"}, cpus=range(4)).receivers[0])
     child.restarts, child.killed = 2, (5, 50)
     assert child.status() == SupervisedHandler("fullflow[0]", "FULLFLOW", 0, None, 2, killed_msgs=5, killed_records=50)

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 from dotenv.parser import parse_stream
 
-from ..config import receiver_key
+from ..config.parse import receiver_key
 
 TITLES = {"FULLFLOW": "Fullflow", "CLICKSTREAM": "Clickstream", "DNSFLOW": "DNS flow"}
 _PLAIN = re.compile(r"[\w./,:\[\]@+-]*")  # values written unquoted; anything else in single quotes

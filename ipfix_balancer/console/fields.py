@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 import re
 
-from ..config import Forwarding, Limits, TemplateLimits, receiver_key
+from ..config.model import ForwardingSettings, Limits, TemplateLimits
+from ..config.parse import receiver_key
 
 STREAM = "stream"  # the form's name of "Receiver type": it is the STREAM part of every key, not a param
 # "Receiver type" as the manual's GUI names it (its Fullflow receiver is "Netflow"), for each stream.
@@ -43,7 +44,7 @@ MANUAL = (
     Field("Balancer auto", "BALANCER_AUTO", ("Disabled", "Enabled")),
 )
 # Settings the manual's form lacks: the collapsed "More" section (tests/console check that every receiver
-# parameter of config.py has its field here or above, with a label written for people).
+# parameter of config/parse.py has its field here or above, with a label written for people).
 MORE = (
     Field("Bind address", "BIND", placeholder="0.0.0.0"),
     Field("CPU (taskset)", "BALANCER_TASKSET", placeholder="not pinned"),
@@ -55,7 +56,7 @@ MORE = (
     Field("ODIDs per exporter session, at most", "ODIDS_MAX", placeholder=str(TemplateLimits.odids_max)),
     Field("Template bytes per exporter session, at most", "TEMPLATE_BYTES_MAX", placeholder=str(TemplateLimits.template_bytes_max)),
     Field("Subreceiver stalled after (s)", "STALL_SECONDS", placeholder="5"),
-    Field("Delivery after the exporter left, at most (s)", "DRAIN_SECONDS", placeholder=str(Forwarding.drain_seconds)),
+    Field("Delivery after the exporter left, at most (s)", "DRAIN_SECONDS", placeholder=str(ForwardingSettings.drain_seconds)),
     Field("Source address towards subreceivers", "BALANCER_SUB_SOURCE", ("balancer", "exporter")),
     Field("Exporters allowed (addresses or networks)", "ALLOW", placeholder="anyone"),
     Field("Exporter idle timeout (s)", "IDLE_TIMEOUT", placeholder=f"{Limits.idle_timeout} (0: never)"),

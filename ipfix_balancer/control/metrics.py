@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hmac
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -324,7 +325,8 @@ class MetricsService:
         if endpoint is None:
             return
         try:
-            self.server = MetricsServer(endpoint.host, endpoint.port, endpoint.family, self.snapshot, token)
+            family = socket.AF_INET6 if endpoint.ip_version == 6 else socket.AF_INET
+            self.server = MetricsServer(endpoint.host, endpoint.port, family, self.snapshot, token)
         except OSError as exc:
             self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
             return

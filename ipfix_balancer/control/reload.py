@@ -14,7 +14,7 @@ import time
 
 import psutil
 
-from ..config import ConfigError, load
+from ..config.parse import ConfigError, load
 from . import rundir
 from .status import read_supervisor_status, supervisor_pid
 

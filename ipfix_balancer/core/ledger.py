@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from ..config.model import Endpoint
 from .records import Held, Loss
 from .sendqueue import Budget, SubreceiverStats
 from .session import ExporterSession, Lifecycle
@@ -20,7 +21,7 @@ RECORDER = "recorder"  # the drop reason of a recorder's losses (a recorder coun
 
 
 class LossLedger:
-    def __init__(self, subreceivers: Iterable = ()):
+    def __init__(self, subreceivers: Iterable[Endpoint] = ()):
         self.subreceivers = [SubreceiverStats(ep) for ep in subreceivers]  # the configured ones, in order
         self._retired: list[SubreceiverStats] = []  # removed by a reload
         self._recorders = 0  # drops of recorders replaced or closed
@@ -29,10 +30,10 @@ class LossLedger:
         self._overflow = 0  # ... and since then, as last read
 
     # -- what is counted -----------------------------------------------------------------------------
-    def subscribe(self, subreceivers: Iterable) -> None:
+    def subscribe(self, subreceivers: Iterable[Endpoint]) -> None:
         """A reload's subreceivers: one kept keeps its counters; one removed is retired, counters and all."""
         kept = {s.subreceiver: s for s in self.subreceivers}
-        self.subreceivers = [kept.pop(ep, None) or SubreceiverStats(ep) for ep in subreceivers]
+        self.subreceivers = [kept.pop(ep) if ep in kept else SubreceiverStats(ep) for ep in subreceivers]
         self._retired.extend(kept.values())
 
     def recorder_closed(self, drops: int) -> None:

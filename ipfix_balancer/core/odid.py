@@ -12,12 +12,11 @@ from collections.abc import Callable, Mapping
 from typing import Generic, TypeVar
 
 S = TypeVar("S")  # a session: compared by identity, never looked into here
-Templates = Callable[[S, int], Mapping[int, object] | None]  # a session's templates of one ODID, by id
 
 
 class SharedOdids(Generic[S]):
-    def __init__(self, templates: Templates):
-        self._templates = templates
+    def __init__(self, templates: Callable[[S, int], Mapping[int, object] | None]):
+        self._templates = templates  # a session's templates of one ODID, by template id
         self._announcer: dict[int, tuple[S, str]] = {}  # odid -> the session (and peer) that last announced
         self.conflicting: set[int] = set()  # ODIDs found shared with conflicting templates
 

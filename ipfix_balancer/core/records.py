@@ -42,7 +42,7 @@ class Loss:
 class Held:
     """What a handler's send queues hold now: lost if the process dies (the supervisor counts it then)."""
     queued_bytes: int  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
-    memory_bytes: int  # the limit of that
+    memory_bytes: float  # the limit of that (MEMORY_BYTES: an int in a handler)
     queued_msgs: int  # messages every output holds, queued or not yet acknowledged
     queued_records: int  # the data records in them
     draining: int  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import enum
 import itertools
+from itertools import repeat
 from typing import Callable
 
-from ..config import Mode, TemplateLimits
+from ..config.model import Mode, TemplateLimits
 from .dispatch import FORWARDERS, Dispatcher
 from .sendqueue import SendQueue, State, SubreceiverStats
 from .templates import MalformedSet, TemplateLimit, TemplateTracker
@@ -141,6 +142,12 @@ class ExporterSession:
         inspect, dispatcher = tracker.inspect, self.dispatcher
         many = dispatcher.dispatch_many
         snapshot = tracker.snapshot  # changes only with a message that carries template sets
+        run = tracker.inspect_data_run(messages) if len(messages) > 1 else None
+        if run is not None:  # the common run (a UDP batch from one exporter): no step per message in Python
+            size = sum(map(len, messages))
+            many(list(zip(messages, repeat(run[0]), run[1], repeat(snapshot))), size)
+            self._count_in(len(messages), size)
+            return None
         batch: list = []
         batch_size = size = 0
         refused = None
@@ -171,11 +178,14 @@ class ExporterSession:
                 self.on_templates(self, odid)
         if batch:
             many(batch, batch_size)
-        counters = self.counters
-        counters.msgs_in += len(messages)
-        counters.bytes_in += size
-        self.msgs_in += len(messages)
+        self._count_in(len(messages), size)
         return refused
+
+    def _count_in(self, msgs: int, size: int) -> None:
+        counters = self.counters
+        counters.msgs_in += msgs
+        counters.bytes_in += size
+        self.msgs_in += msgs
 
     def _refuse(self, error: FramingError) -> None:
         first = error.reason not in self._reported

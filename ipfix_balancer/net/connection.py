@@ -165,7 +165,8 @@ class OutputConnection:
             if self.source is not None:  # we write the IP and UDP headers ourselves
                 sock = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
             else:
-                sock = socket.socket(sub.family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
+                family = socket.AF_INET6 if sub.ip_version == 6 else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM if self._tcp else socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE at the descriptor limit: an outage like any other (backoff, retry)
             self._fail(exc)
             return

@@ -12,7 +12,7 @@ import socket
 import time
 from typing import Callable
 
-from ..config import Limits
+from ..config.model import Limits
 from ..control.ports import set_rcvbuf
 from ..core.admission import Admission, Rate, source_of
 from ..core.framing import DatagramReader, DatagramSlots, FramingError, StreamFramer, all_whole, check_datagram
@@ -376,6 +376,7 @@ class UdpListener(Listener):
             self._read_singly()
             return
         receive, names, deliver = self.receiver.receive, self._names, self._deliver
+        slots = self.receiver.slots
         for _ in range(UDP_BATCH // UDP_SLOTS):
             try:
                 msgs, sources = receive()
@@ -385,7 +386,7 @@ class UdpListener(Listener):
             if not msgs:
                 return
             if sources.count(sources[0]) == len(msgs):  # one source (the common case): no search for runs
-                deliver(names.get(sources[0]) or self._name(sources[0]), msgs)
+                deliver(names.get(sources[0]) or self._name(sources[0]), msgs, slots.whole)
             else:
                 self._deliver_runs(msgs, sources)
             if not self.receiver.more:  # the socket is empty
@@ -422,15 +423,15 @@ class UdpListener(Listener):
                 return
             self._deliver(addr, (reader.feed(n),))
 
-    def _deliver(self, addr: tuple, msgs) -> None:
-        """Datagrams from one source, in order: each must hold one whole message; the valid ones go to
-        the session as one batch."""
+    def _deliver(self, addr: tuple, msgs, whole: bool = False) -> None:
+        """Datagrams from one source, in order: each must hold one whole message (``whole``: known already);
+        the valid ones go to the session as one batch."""
         session = self.sessions.get(addr)
         if session is None and not self._allowed(addr[0]):
             for _ in msgs:
                 self._limit("not_allowed", peer_name(addr), "datagram dropped")
             return
-        good = msgs if all_whole(msgs) else self._whole(addr, msgs)
+        good = msgs if whole or all_whole(msgs) else self._whole(addr, msgs)
         if not good:
             return
         # The clock per run, not per read: the idlest session at MAX_SESSIONS must be told apart in a batch.

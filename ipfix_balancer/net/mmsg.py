@@ -19,9 +19,12 @@ import errno
 import os
 import socket
 import struct
+from itertools import repeat
 from operator import add
 
-NAME_SIZE = 128  # sockaddr_storage: room for any source address
+# A UDP source is a sockaddr_in (16 bytes) or sockaddr_in6 (28): room for either. One socket's family never
+# changes and the kernel never writes past the name it gives, so equal slots mean equal sources.
+NAME_SIZE = 28
 _POINTER = "Q" if ctypes.sizeof(ctypes.c_void_p) == 8 else "I"  # the memoryview format of a pointer/size_t
 
 
@@ -158,8 +161,10 @@ class Receiver:
             hdr = self._hdrs[i].msg_hdr
             hdr.msg_name = names + i * NAME_SIZE
             hdr.msg_namelen = NAME_SIZE
+            _iovs[2 * i].iov_len = slots.slot  # the kernel writes no iovec: only a slot's address changes
             _iovs[2 * i + 1].iov_base = spill + i * slots.spill_size
             _iovs[2 * i + 1].iov_len = slots.spill_size
+        self._starts: dict[int, array.array] = {}  # a pooled chunk's address -> its slots' addresses
         self._ints = memoryview(self._hdrs).cast("B").cast("I")
         self._full = memoryview(array.array("I", [NAME_SIZE] * count))
         self._base = _address_of(self._hdrs)
@@ -171,9 +176,14 @@ class Receiver:
         slot (more may be waiting)."""
         slots = self.slots
         if slots.next_read():  # a new chunk: every slot's iovec points into it
-            base, size = _address_of(_from_buffer(slots.chunk)), slots.slot
-            self._iovq[0::4] = _array(range(base, base + size * slots.count, size))
-            self._iovq[1::4] = _array([size] * slots.count)
+            base = _address_of(_from_buffer(slots.chunk))
+            starts = self._starts.get(base)
+            if starts is None:
+                if len(self._starts) >= 4 * slots.pool.keep:  # chunks beyond the pool's keep come and go
+                    self._starts.clear()
+                size = slots.slot
+                starts = self._starts[base] = _array(range(base, base + size * slots.count, size))
+            self._iovq[0::4] = starts
         first = slots.first
         n = _recvmmsg(self.fd, self._base + first * _HDR_SIZE, slots.count - first, 0, None)
         self.more = n == slots.count - first
@@ -186,11 +196,13 @@ class Receiver:
         ints, step = self._ints, _HDR_SIZE // 4
         start, stop = first * step, (first + n) * step
         lengths = ints[start + _LEN_AT:stop:step].tolist()
-        namelens = ints[start + _NAMELEN_AT:stop:step].tolist()
         ints[start + _NAMELEN_AT:stop:step] = self._full[:n]  # the kernel wrote the length it used
         names = bytes(self._names_view[first * NAME_SIZE:(first + n) * NAME_SIZE])
-        ends = map(add, range(0, n * NAME_SIZE, NAME_SIZE), namelens)
-        sources = list(map(names.__getitem__, map(slice, range(0, n * NAME_SIZE, NAME_SIZE), ends)))
+        one = names[:NAME_SIZE]
+        if names == one * n:  # one source (the common case): no slice per datagram
+            return slots.received(lengths), [one] * n
+        starts = range(0, n * NAME_SIZE, NAME_SIZE)
+        sources = list(map(names.__getitem__, map(slice, starts, map(add, starts, repeat(NAME_SIZE)))))
         return slots.received(lengths), sources
 
 

@@ -145,7 +145,8 @@ class ExportTarget:
         ep = self.ep
         tcp = ep.proto == "tcp"
         try:
-            sock = socket.socket(ep.family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
+            family = socket.AF_INET6 if ep.ip_version == 6 else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
         except OSError as exc:  # EMFILE at the descriptor limit: retry with backoff
             self._fail(exc)
             return
@@ -264,7 +265,7 @@ class ExportTarget:
         """One datagram per message (found by ``wire.walk`` in the chunks read), EXPORT_TURN_DATAGRAMS per turn."""
         if self.sock is None:  # the transfer ended since the event was reported
             return
-        sock, limit = self.sock, UDP_MAX_PAYLOAD[6 if self.ep.family == socket.AF_INET6 else 4]
+        sock, limit = self.sock, UDP_MAX_PAYLOAD[self.ep.ip_version]
         for _ in range(EXPORT_TURN_DATAGRAMS):
             if self._next >= len(self._messages) and not self._read_messages():
                 return

@@ -116,7 +116,7 @@ def test_the_token_is_the_first_line_of_its_file_and_an_empty_file_holds_none(tm
 
 
 def test_the_service_restarts_the_server_only_when_its_endpoint_or_token_changed(tmp_path):
-    from recording.recordkit import Log
+    from fakes import Log
     from ipfixkit import free_port
     from ipfix_balancer.config import Endpoint
     log, token = Log(), tmp_path / "token"

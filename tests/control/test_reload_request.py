@@ -6,6 +6,7 @@ import os
 import pytest
 
 from ipfix_balancer import config
+from ipfix_balancer.config.host import LocalHost
 from ipfix_balancer.control import reload, rundir
 from ipfix_balancer.control.status import SupervisorStatus
 
@@ -13,7 +14,7 @@ from ipfix_balancer.control.status import SupervisorStatus
 @pytest.fixture
 def running(tmp_path, monkeypatch):
     """A run dir whose supervisor (this process, by the faked checks) reads ``balancer.env``."""
-    monkeypatch.setattr(config, "local_addresses", lambda: set())
+    monkeypatch.setattr(LocalHost, "local_addresses", lambda _self: set())
     env = tmp_path / "balancer.env"
     env.write_text("IPFIX_FULLFLOW_PORT[0]=1500\n")
     rundir.write_json(rundir.supervisor_status_path(str(tmp_path)),

@@ -4,6 +4,8 @@ import socket
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from ipfix_balancer.core.framing import (ChunkPool, DatagramReader, DatagramSlots, FramingError, StreamFramer,
                                          all_whole, check_datagram)
@@ -280,3 +282,17 @@ def test_a_run_is_all_whole_only_when_check_datagram_passes_every_one(bad):
         assert not all_whole(mixed)
         with pytest.raises(FramingError):
             check_datagram(mixed[at])
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(
+    STREAM + [b"", b"\x00\x0a", b"\x00\x0a\x00\x10", message(b"abc")[:-1], message(b"abc") + b"!",
+              b"\x00\x09" + message(b"abc")[2:], struct.pack("!HH", 10, 8) + bytes(4), message(bytes(100)),
+              message(b"x" * 40)[:20]]), min_size=1, max_size=5), min_size=1, max_size=12))
+def test_datagram_slots_whole_says_what_all_whole_says_of_each_read(reads):
+    """``whole`` is read from the slots' headers at once: it must agree with ``all_whole`` on the views, also
+    when a short datagram lands on a slot that still holds an older datagram's header."""
+    slots = DatagramSlots(slot=64, count=4, keep=1)
+    for datagrams in reads:
+        views = receive(slots, datagrams)
+        assert slots.whole == all_whole(views)

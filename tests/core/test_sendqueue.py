@@ -12,29 +12,9 @@ from ipfix_balancer.core.sendqueue import DELIVERED, OVERSIZE, Budget, SendQueue
 from ipfix_balancer.core.templates import EMPTY, TemplateTracker
 from ipfix_balancer.core.wire import HEADER, walk
 
+from fakes import FakeTransport
+
 ODID = 7
-
-
-class FakeTransport:
-    """Records what the queue asks of its transport."""
-
-    def __init__(self):
-        self.woken = self.flushed = self.closed = self.draining = 0
-
-    def wake(self):
-        self.woken += 1
-
-    def flush(self):
-        self.flushed += 1
-
-    def close_when_drained(self):
-        self.draining += 1
-
-    def close(self, abort=False):
-        self.closed += 1
-        self.aborted = abort
-
-    aborted = False
 
 
 def up(queue: SendQueue, now: int = 0, probation: bool = False) -> None:

@@ -668,3 +668,39 @@ def test_templates_learnt_before_the_pool_are_never_taken_out_of_it():
     assert pool.used == 0
     adopted.release()
     assert pool.used == 0
+
+
+def _run_strategy():
+    """Runs of messages: mostly data sets of the known template (two ODIDs, padding, several sets), some with
+    an unknown template, a template set, a reserved set id, or truncated."""
+    data = st.builds(lambda odid, n, pad: message(ipfix_set(256, *[bytes(FIXED_LEN)] * n, pad=pad), odid=odid),
+                     st.sampled_from([1, 1, 1, 2]), st.integers(0, 40), st.sampled_from([0, 0, 3]))
+    other = st.sampled_from([
+        message(ipfix_set(257, bytes(8))),                           # unknown template
+        message(ipfix_set(2, trec(258, [field(8, 4)]))),             # a template set
+        message(ipfix_set(3, bytes(4))),                             # reserved set id
+        message(ipfix_set(256, bytes(FIXED_LEN)), ipfix_set(256, bytes(FIXED_LEN))),  # two data sets
+        message(),                                                   # no set
+        message(ipfix_set(256, bytes(FIXED_LEN)))[:-3],              # set length past the end
+    ])
+    return st.lists(st.one_of(data, data, data, other), min_size=1, max_size=20)
+
+
+@settings(max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
+@given(_run_strategy())
+def test_the_run_fast_path_says_what_inspect_says_of_each_message_or_nothing(run):
+    """``inspect_data_run`` answers only for a run of one ODID's data sets of a known fixed-length template,
+    and then exactly what ``inspect`` gives each message; it changes no state."""
+    tracker = TemplateTracker()
+    for odid in (1, 2):
+        inspect(tracker, message(ipfix_set(2, trec(256, FIXED_FIELDS)), odid=odid))
+    views = [memoryview(m) for m in run]
+    before = (tracker.snapshot, tracker.unknown_template)
+    fast = tracker.inspect_data_run(views)
+    assert (tracker.snapshot, tracker.unknown_template) == before
+    one = {struct.unpack_from("!I", m, 12)[0] for m in run}
+    eligible = len(one) == 1 and all(len(m) >= HEADER_LEN + 4 and struct.unpack_from("!HH", m, HEADER_LEN)
+                                     == (256, len(m) - HEADER_LEN) for m in run)
+    assert (fast is not None) == eligible
+    if fast is not None:
+        assert [(fast[0], n, None) for n in fast[1]] == [tracker.inspect(v) for v in views]

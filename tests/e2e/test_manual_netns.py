@@ -7,7 +7,7 @@ example). Nothing leaves the two namespaces: the main namespace never gets a 10.
 
 The example is used verbatim except for its three BALANCER_TASKSET lines (CPUs 61-63, which this machine
 lacks; validation would refuse them). In "col" the same file is refused as a loop: there the collectors'
-addresses are the host's own (config._local_addresses asks netlink through pyroute2, in that namespace).
+addresses are the host's own (config.host.LocalHost asks netlink through pyroute2, in that namespace).
 """
 from __future__ import annotations
 

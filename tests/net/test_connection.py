@@ -15,7 +15,7 @@ from ipfix_balancer.net.loop import READ, WRITE, Loop
 from ipfix_balancer.recording import export
 from ipfix_balancer.recording.export import ExportTarget
 
-from recording.recordkit import Log
+from fakes import Log
 
 
 def output(proto: str = "tcp") -> OutputConnection:

@@ -7,7 +7,7 @@ import threading
 
 import pytest
 
-from recording.recordkit import Log
+from fakes import Log
 from ipfix_balancer.net import handover
 from ipfix_balancer.net.loop import Loop
 

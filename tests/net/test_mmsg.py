@@ -15,7 +15,7 @@ from ipfix_balancer.net import mmsg
 from ipfix_balancer.net.listener import UdpListener
 from ipfix_balancer.net.loop import Loop
 
-from recording.recordkit import Log
+from fakes import FakeSession, Log
 
 pytestmark = pytest.mark.skipif(not mmsg.AVAILABLE, reason="no recvmmsg/sendmmsg in this C library")
 
@@ -53,6 +53,25 @@ def test_receive_takes_a_burst_with_each_datagrams_source_in_order():
     assert got == sent
     assert calls <= 4, "64 slots a call (a chunk's free slots)"
     assert receiver.receive() == ([], []) and not receiver.more
+
+
+@pytest.mark.parametrize("family,host", [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")])
+def test_receive_tells_one_source_from_two_whose_names_differ_only_in_the_port(family, host):
+    """A batch from one source comes out with that source for every datagram (compared as whole name slots),
+    and one datagram from a second port in the middle of it is told apart."""
+    rx, a, b = udp(family, host), udp(family, host), udp(family, host)
+    for i in range(40):
+        (b if i == 20 else a).sendto(message(i), rx.getsockname())
+    receiver = mmsg.Receiver(rx, DatagramSlots(count=64, keep=1))
+    views, sources = receiver.receive()
+    assert [mmsg.parse_name(s) for s in sources] == [b.getsockname() if i == 20 else a.getsockname()
+                                                      for i in range(40)]
+    for i in range(30):
+        a.sendto(message(i), rx.getsockname())
+    views, sources = receiver.receive()  # the chunk's 24 free slots, then a new chunk
+    more = receiver.receive()
+    assert len(views) + len(more[0]) == 30
+    assert {mmsg.parse_name(s) for s in sources + more[1]} == {a.getsockname()}
 
 
 def test_receive_gives_ipv6_sources_as_recvfrom_does():
@@ -144,18 +163,6 @@ def test_a_refusal_shows_even_when_a_short_count_swallowed_it(sizes):
     assert sent <= (3 if sizes[0] != sizes[1] else 8), f"{sent} went to a closed port unnoticed"
 
 
-class Session:
-    def __init__(self, addr, peer):
-        self.addr, self.peer, self.runs, self.last_seen = addr, peer, [], 0.0
-
-    def deliver(self, msgs, stop=True):
-        assert not stop, "UDP datagrams stand alone: a refused one does not end the run"
-        self.runs.append([bytes(m) for m in msgs])
-
-    def end(self):
-        pass
-
-
 @pytest.mark.parametrize("batched", [True, False])
 def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_batch(monkeypatch, batched):
     monkeypatch.setattr(listener_module.mmsg, "AVAILABLE", batched)
@@ -163,7 +170,7 @@ def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_b
     sessions, malformed = {}, []
 
     def open_session(addr, peer, templates=()):
-        sessions[addr] = Session(addr, peer)
+        sessions[addr] = FakeSession(addr, peer, templates)
         return sessions[addr]
     log = Log()
     lst = UdpListener(Loop(), rx, log, open_session, lambda err, peer: malformed.append((err.reason, peer)),
@@ -177,7 +184,9 @@ def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_b
         if i != 33:
             sent[src.getsockname()].append(data)
     lst._on_readable(0)
-    assert {addr: sum(s.runs, []) for addr, s in sessions.items()} == sent
+    assert {addr: s.messages for addr, s in sessions.items()} == sent
+    assert not any(stop for s in sessions.values() for stop in s.stops), \
+        "UDP datagrams stand alone: a refused one does not end the run"
     assert malformed == [("length_mismatch", "127.0.0.1:%d" % a.getsockname()[1])]
     runs = [len(run) for s in sessions.values() for run in s.runs]
     if batched:  # 20 runs; one more where a read (64 slots) ends within one

@@ -217,9 +217,9 @@ def test_tcp_to_udp_a_message_too_big_for_a_datagram_is_dropped_counted_and_the_
 def test_check_config_warns_that_tcp_in_udp_out_limits_message_size():
     values = {"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920",
               "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "udp"}
-    (warning,) = config.parse(values, cpus={0}).warnings
+    (warning,) = config.load_values(values, cpus={0}).warnings
     assert "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]='udp'" in warning and "65,507 bytes" in warning
-    assert not config.parse({**values, "IPFIX_FULLFLOW_PORT_TYPE[0]": "udp"}, cpus={0}).warnings
+    assert not config.load_values({**values, "IPFIX_FULLFLOW_PORT_TYPE[0]": "udp"}, cpus={0}).warnings
 
 
 def test_a_udp_collector_down_then_back_backs_off_logs_once_and_counts_the_refused(balancer):

@@ -10,10 +10,13 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
-from ipfixkit import REPO_ROOT, FULLFLOW_FIELDS, UdpSink, extract_serials, free_port, make_stream, product_env
+from ipfixkit import REPO_ROOT, FULLFLOW_FIELDS, UdpSink, extract_serials, free_port, make_stream, product_env, \
+    wait_until
 from ipfix_balancer import config
+from ipfix_balancer.config.host import LocalHost
 
 HANDLER = "fullflow[0]"
 ODID, TEMPLATE = 0, 1024
@@ -71,14 +74,14 @@ def test_datagrams_carry_each_exporters_address_and_port(balancer, paced):
 def test_source_preservation_is_refused_without_cap_net_raw_or_for_tcp(monkeypatch):
     values = {"IPFIX_FULLFLOW_BALANCER[0]": "All", "IPFIX_FULLFLOW_BALANCER_SUB[0]": "10.0.0.2/9920",
               "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "udp", "IPFIX_FULLFLOW_BALANCER_SUB_SOURCE[0]": "exporter"}
-    monkeypatch.setattr(config, "has_cap_net_raw", lambda: False)
+    monkeypatch.setattr(LocalHost, "has_cap_net_raw", lambda _self: False)
     with pytest.raises(config.ConfigError) as err:
-        config.parse(values, cpus={0})
+        config.load_values(values, cpus={0})
     assert "lacks CAP_NET_RAW" in str(err.value)
-    monkeypatch.setattr(config, "has_cap_net_raw", lambda: True)
-    assert config.parse(values, cpus={0}).receivers[0].forwarding.sub_source == "exporter"
+    monkeypatch.setattr(LocalHost, "has_cap_net_raw", lambda _self: True)
+    assert config.load_values(values, cpus={0}).receivers[0].forwarding.sub_source == "exporter"
     with pytest.raises(config.ConfigError) as err:
-        config.parse({**values, "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "tcp"}, cpus={0})
+        config.load_values({**values, "IPFIX_FULLFLOW_BALANCER_SUB_PROTO[0]": "tcp"}, cpus={0})
     assert "a TCP connection cannot carry another host's address" in str(err.value)
 
 
@@ -142,7 +145,8 @@ def test_nfcapd_and_nfacctd_decode_two_exporters_sharing_an_odid(balancer, tmp_p
     try:
         bal = balancer(env(port, [ncap, nacct], source))
         bal.wait_ready()
-        time.sleep(1.0)  # the collectors bind
+        wait_until(lambda: {ncap, nacct} <= {c.laddr.port for c in psutil.net_connections("udp4")},
+                   "the collectors to bind", bal)
         sent = export(port)
         bal.wait_status(HANDLER, lambda s: s["msgs_in"] == 2 * (MESSAGES + 1) and
                         all(sub["queued_bytes"] == 0 for sub in s["subreceivers"]), timeout=30)

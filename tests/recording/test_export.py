@@ -8,7 +8,8 @@ import socket
 import pytest
 
 from ipfixkit import FULLFLOW_FIELDS, TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, split_messages
-from recordkit import Exporter, Log, dumps, markers, run_loop
+from fakes import Log
+from recordkit import Exporter, dumps, markers, run_loop
 from ipfix_balancer.config import Endpoint
 from ipfix_balancer.control.status import ExportTargetStatus
 from ipfix_balancer.net.loop import Loop

@@ -1,28 +1,28 @@
-"""The operator's .env turned into validated, frozen receiver settings.
+""".env reading and per-key parsing: the operator's file turned into the settings model (``model``).
 
-Every other module receives these objects, never raw strings, so all checking happens here: an operator
-who mistypes a key or a value gets one message per problem, all at once, before anything listens.
+Every other module receives these objects, never raw strings, so all checking happens here (with ``checks``
+for what spans receivers): an operator who mistypes a key or a value gets one message per problem, all at
+once, before anything listens. What a check must ask of the machine goes through ``host``.
 """
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import enum
-import functools
 import io
 import ipaddress
-import json
 import os
 import re
-import socket
 from collections.abc import Collection, Mapping
 
 from dotenv.parser import parse_stream
 
-STREAMS = ("FULLFLOW", "CLICKSTREAM", "DNSFLOW")
+from . import checks
+from .derive import default_memory_bytes
+from .host import LOCAL, Host, IPAddress, ip_or_none
+from .model import STREAMS, Config, Console, Endpoint, ForwardingSettings, Limits, Listen, Mode, ReceiverConfig, \
+    Recording, TemplateLimits
+
 DEFAULT_CONFIG_PATH = "/var/fast_ipfix_balancer/backend/.env"
 DUMP_ROOT = "/var/fast_ipfix_balancer/dump"
-AUTO_INDEX_BASE = 100  # balancer-auto recorders: index 100, 101, … of their stream
 
 # Environment variables that share the IPFIX_ prefix; they never configure a receiver.
 _ENV_ONLY = frozenset({"IPFIX_BALANCER_CONFIG", "IPFIX_BALANCER_RUN_DIR"})
@@ -74,205 +74,10 @@ _INTS = {  # param: (minimum, maximum or None, what the operator must write)
 }
 
 
-class Mode(enum.Enum):
-    """BALANCER: how received messages are passed on; Disabled records them to files instead."""
-    ROUND_ROBIN = "RoundRobin"
-    ALL = "All"
-    DISABLED = "Disabled"
-
-
 _MODES = {m.value: m for m in Mode}
 _PROTOS = {"tcp": "tcp", "udp": "udp"}
 _SWITCH = {"Enabled": True, "Disabled": False}
 _SOURCES = {"balancer": "balancer", "exporter": "exporter"}  # BALANCER_SUB_SOURCE: whose address datagrams carry
-
-
-@dataclasses.dataclass(frozen=True)
-class Endpoint:
-    """A collector address; host is a normalised IP literal, never a name (no DNS at start)."""
-    host: str
-    port: int
-    proto: str
-
-    def __str__(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}/{self.port}/{self.proto}"
-
-    @property
-    def family(self) -> int:
-        return socket.AF_INET6 if ":" in self.host else socket.AF_INET
-
-
-@dataclasses.dataclass(frozen=True)
-class Listen:
-    """Where the receiver listens: PORT_TYPE, BIND, PORT. Changing any of it needs a new handler process."""
-    port_type: str
-    bind: str
-    port: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Forwarding:
-    """How received messages are passed on (BALANCER and the BALANCER_* keys); changes apply in place."""
-    mode: Mode
-    subreceivers: tuple[Endpoint, ...]
-    sub_proto: str
-    queue_bytes: int
-    template_refresh: int
-    balancer_auto: bool
-    stall_seconds: int = 5  # a TCP subreceiver that acknowledges nothing this long is stalled
-    drain_seconds: int = 600  # after its exporter left, how long a session's queues may wait for subreceivers
-    sub_source: str = "balancer"  # "exporter": UDP datagrams carry the exporter's address and port (raw socket)
-
-
-@dataclasses.dataclass(frozen=True)
-class Recording:
-    """What a recorder (mode Disabled) is built from: a change here completes the current dump file."""
-    rotate_minutes: int
-    rotate_delay_seconds: int
-    max_flows_per_file: int  # FW_MAX_QUEUE_SIZE: despite the key's name, data records (flows) per dump file
-    dump_insert_processes: tuple[Endpoint, ...]
-    dpi_id: int
-    dump_dir: str
-    spool_bytes: int = 0  # completed dumps kept on disk, oldest deleted beyond; 0 = no limit
-
-    @property
-    def rotate_seconds(self) -> int:
-        """The manual: when ROTATE_DELAY_SECONDS is set, ROTATE_MINUTES is ignored."""
-        return self.rotate_delay_seconds if self.rotate_delay_seconds > 0 else self.rotate_minutes * 60
-
-
-def _default_memory_bytes() -> int:
-    """MEMORY_BYTES when not set: 1 GiB, or a quarter of this host's memory when that is less."""
-    try:
-        return min(1024 ** 3, os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4)
-    except (ValueError, OSError):
-        return 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class Limits:
-    """What any host that reaches the port may cost the handler (README "Hostile input"); changes apply in place."""
-    allow: tuple[str, ...] = ()  # networks exporters may come from; empty = anyone
-    idle_timeout: int = 600  # seconds without a byte before a TCP exporter session is closed; 0 = never
-    max_sessions: int = 1000
-    max_sessions_per_source: int = 100  # TCP sessions from one address
-    memory_bytes: int = dataclasses.field(default_factory=_default_memory_bytes)  # all send queues together
-    rcvbuf_bytes: int = 32 * 1024 * 1024  # UDP: the kernel's buffer for a burst (0.1 s at 200,000 x 1,400 B)
-
-    def allows(self, host: str) -> bool:
-        if not self.allow:
-            return True
-        ip = ipaddress.ip_address(host.partition("%")[0])  # a link-local peer carries its scope
-        ip = getattr(ip, "ipv4_mapped", None) or ip  # a dual-stack socket shows IPv4 peers as ::ffff:a.b.c.d
-        return any(ip in net for net in self._networks)
-
-    @functools.cached_property
-    def _networks(self) -> list:
-        """The ALLOW networks; an IPv4-mapped range (``::ffff:10.0.0.0/104``) as the IPv4 one it maps, since
-        a peer's address is compared as IPv4 (``allows``)."""
-        nets = [ipaddress.ip_network(net) for net in self.allow]
-        return [ipaddress.ip_network(f"{n.network_address.ipv4_mapped}/{n.prefixlen - 96}")
-                if n.version == 6 and n.prefixlen >= 96 and n.network_address.ipv4_mapped is not None else n
-                for n in nets]
-
-
-@dataclasses.dataclass(frozen=True)
-class TemplateLimits:
-    """Template state one exporter session may hold (README "Hostile input"); applies in place on reload."""
-    templates_max: int = 4096               # per (session, ODID)
-    odids_max: int = 256                    # ODIDs with templates, per session
-    template_bytes_max: int = 1024 * 1024   # record bytes + 64 per template, per session
-
-
-@dataclasses.dataclass(frozen=True)
-class ReceiverConfig:
-    """Everything one handler process needs; see the configuration reference for each field's key."""
-    stream: str
-    index: int
-    listen: Listen
-    forwarding: Forwarding
-    recording: Recording
-    taskset: int | None
-    template_limits: TemplateLimits = TemplateLimits()
-    limits: Limits = Limits()
-
-    @property
-    def name(self) -> str:
-        return f"{self.stream.lower()}[{self.index}]"
-
-    @property
-    def proc_name(self) -> str:
-        """What `ps -o comm` shows, so operators can find the handler as the manual describes. The
-        kernel keeps 15 characters, hence "click" for Clickstream (``ipfix-click``, ``ipfix-click1``)."""
-        short = {"CLICKSTREAM": "click"}.get(self.stream, self.stream.lower())
-        return f"ipfix-{short}{self.index or ''}"
-
-    def to_json(self) -> str:
-        """The supervisor passes this to the handler process, which rebuilds it with from_json."""
-        data = dataclasses.asdict(self)
-        data["forwarding"]["mode"] = self.forwarding.mode.value
-        return json.dumps(data)
-
-    @classmethod
-    def from_json(cls, s: str) -> ReceiverConfig:
-        data = json.loads(s)
-        if "listen" not in data:
-            data = _nest_flat(data)
-        forwarding, recording = data["forwarding"], data["recording"]
-        return cls(
-            stream=data["stream"], index=data["index"], taskset=data["taskset"], listen=Listen(**data["listen"]),
-            forwarding=Forwarding(**{**forwarding, "mode": Mode(forwarding["mode"]),
-                                     "subreceivers": _endpoints(forwarding["subreceivers"])}),
-            recording=Recording(**{**recording,
-                                   "dump_insert_processes": _endpoints(recording["dump_insert_processes"])}),
-            template_limits=TemplateLimits(**data.get("template_limits", {})),
-            limits=Limits(**{**data.get("limits", {}), "allow": tuple(data.get("limits", {}).get("allow", ()))}))
-
-
-def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
-    return tuple(Endpoint(**e) for e in items)
-
-
-def _nest_flat(data: dict) -> dict:
-    """The flat form of releases before the settings groups. A supervisor restarted in place for an upgrade
-    reads the running receivers from the adopt file its predecessor wrote in that form."""
-    flat = {**data, "max_flows_per_file": data["fw_max_queue_size"]}
-
-    def group(cls) -> dict:
-        return {f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat}  # newer keys: defaults
-
-    return {"stream": flat["stream"], "index": flat["index"], "taskset": flat["taskset"], "listen": group(Listen),
-            "forwarding": group(Forwarding), "recording": group(Recording)}
-
-
-@dataclasses.dataclass(frozen=True)
-class Console:
-    """IPFIX_BALANCER_CONSOLE*: where the web console listens (TLS files required off loopback) and the
-    file holding its login token."""
-    host: str
-    port: int
-    tls_cert: str
-    tls_key: str
-    token_file: str
-
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self))
-
-    @classmethod
-    def from_json(cls, s: str) -> Console:
-        return cls(**json.loads(s))
-
-
-@dataclasses.dataclass(frozen=True)
-class Config:
-    path: str
-    receivers: tuple[ReceiverConfig, ...]
-    warnings: tuple[str, ...]
-    metrics: Endpoint | None = None  # IPFIX_BALANCER_METRICS: where GET /metrics and /healthz are served
-    hang_seconds: int = 15  # IPFIX_BALANCER_HANG_SECONDS
-    metrics_token_file: str = ""  # IPFIX_BALANCER_METRICS_TOKEN_FILE: GET /metrics wants its bearer token
-    console: Console | None = None  # None: IPFIX_BALANCER_CONSOLE empty, no console
 
 
 class ConfigError(Exception):
@@ -291,7 +96,7 @@ def resolve_path(cli_value: str | None) -> str:
     return cli_value or os.environ.get("IPFIX_BALANCER_CONFIG") or DEFAULT_CONFIG_PATH
 
 
-def load(path: str, cpus: Collection[int] | None = None) -> Config:
+def load(path: str, cpus: Collection[int] | None = None, host: Host = LOCAL) -> Config:
     """Read and validate the .env at path; raise ConfigError listing every problem."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -300,10 +105,10 @@ def load(path: str, cpus: Collection[int] | None = None) -> Config:
         reason = getattr(e, "strerror", None) or e
         raise ConfigError([f"{path}: cannot read the configuration file ({reason}); expected a readable "
                            ".env file (choose it with --config or $IPFIX_BALANCER_CONFIG)"]) from None
-    return load_text(text, path, cpus)
+    return load_text(text, path, cpus, host)
 
 
-def load_text(text: str, path: str, cpus: Collection[int] | None = None) -> Config:
+def load_text(text: str, path: str, cpus: Collection[int] | None = None, host: Host = LOCAL) -> Config:
     """Validate .env text as if read from path (the console checks an edit before writing it)."""
     try:
         # dotenv's own parser, not dotenv_values: that one also logs its parse warnings, and the operator
@@ -311,7 +116,7 @@ def load_text(text: str, path: str, cpus: Collection[int] | None = None) -> Conf
         bindings = list(parse_stream(io.StringIO(text)))
         problems = _file_problems(path, bindings)
         try:
-            config = parse({b.key: b.value for b in bindings if b.key is not None}, path, cpus)
+            config = load_values({b.key: b.value for b in bindings if b.key is not None}, path, cpus, host)
         except ConfigError as e:
             raise ConfigError(problems + e.problems) from None
     except ConfigError:
@@ -355,58 +160,57 @@ def _file_problems(path: str, bindings: list) -> list[str]:
     return problems
 
 
-def parse(values: Mapping[str, str | None], path: str = "<memory>",
-          cpus: Collection[int] | None = None) -> Config:
-    """Validate already-read key/values; cpus are the CPUs that exist (default: this host's)."""
-    cpus = _host_cpus() if cpus is None else frozenset(cpus)
+def load_values(values: Mapping[str, str | None], path: str = "<memory>", cpus: Collection[int] | None = None,
+                host: Host = LOCAL) -> Config:
+    """Validate already-read key/values; cpus are the CPUs that exist (default: the host's)."""
+    cpus = host.cpus() if cpus is None else frozenset(cpus)
     problems: list[str] = []
     grouped = sorted(_group(values, problems).items(), key=lambda kv: (STREAMS.index(kv[0][0]), kv[0][1]))
     built, position = [], dict.fromkeys(STREAMS, 0)
     for (stream, index), keys in grouped:
-        built.append(_build(_Keys(stream, index, keys, problems), position[stream], cpus))
+        built.append(_build(Keys(stream, index, keys, problems, host), position[stream], cpus))
         position[stream] += 1
-    _check_shared(built, problems)
-    settings = _global_settings(values, problems)
-    _check_cycles(built, problems)
-    console = _console(values, path, problems)
+    checks.check_shared(built, problems)
+    settings = _global_settings(values, problems, host)
+    checks.check_cycles(built, host)
+    console = _console(values, path, problems, host)
     if problems:
         raise ConfigError(problems)
-    warnings = (list(_rotation_warnings(built)) + list(_datagram_warnings(built)) + list(_unused_warnings(built))
-                + list(_privileged_port_warnings(built)))
+    warnings = checks.warnings(built)
     if not built:
         warnings.append(f"{path}: no IPFIX_<STREAM>_<PARAM>[i] keys; no receiver is configured")
     return Config(path, tuple(rc for rc, _ in built), tuple(warnings), console=console, **settings)
 
 
-def _global_settings(values: Mapping[str, str | None], problems: list[str]) -> dict:
+def _global_settings(values: Mapping[str, str | None], problems: list[str], host: Host) -> dict:
     """IPFIX_BALANCER_<PARAM> keys: the same checks and messages as a receiver's keys."""
-    g = _Keys("BALANCER", 0, {p: (k, (values[k] or "").strip()) for k, p in _GLOBALS.items() if k in values},
-              problems)
+    g = Keys("BALANCER", 0, {p: (k, (values[k] or "").strip()) for k, p in _GLOBALS.items() if k in values},
+             problems, host)
     metrics = g.endpoints("METRICS", "tcp")
     if len(metrics) > 1:
         g.fail("METRICS", "one host/port, e.g. 127.0.0.1/9464 (empty: no metrics)")
     token_file = (values.get("IPFIX_BALANCER_METRICS_TOKEN_FILE") or "").strip()
-    if token_file and not os.access(token_file, os.R_OK):
+    if token_file and not host.readable(token_file):
         problems.append(f"IPFIX_BALANCER_METRICS_TOKEN_FILE={token_file!r}: not a file this user can read")
     return {"metrics": metrics[0] if metrics else None, "hang_seconds": g.integer("HANG_SECONDS", 15),
             "metrics_token_file": token_file}
 
 
-def _console(values: Mapping[str, str | None], path: str, problems: list[str]) -> Console | None:
+def _console(values: Mapping[str, str | None], path: str, problems: list[str], host: Host) -> Console | None:
     """IPFIX_BALANCER_CONSOLE=host/port (empty: off). Off loopback only with TLS: the token and the whole
     configuration would otherwise cross the network in clear."""
     address, cert, key, token = ((values.get(k) or "").strip() for k in _CONSOLE_KEYS)
     if not address:
         return None
     m = _ITEM_RE.fullmatch(address)
-    ip = None if m is None or m["proto"] is not None else _ip(m["host"] if m["v6"] is None else m["v6"])
+    ip = None if m is None or m["proto"] is not None else ip_or_none(m["host"] if m["v6"] is None else m["v6"])
     port = None if m is None else _int(m["port"])
     if ip is None or port is None or not 1 <= port <= 65535:
         problems.append(f"IPFIX_BALANCER_CONSOLE={address!r}: expected host/port with an IP address, e.g. "
                         "127.0.0.1/8480 or [::1]/8480 (empty: no console)")
         return None
     for name, value in zip(_CONSOLE_KEYS[1:3], (cert, key)):
-        if value and not os.access(value, os.R_OK):
+        if value and not host.readable(value):
             problems.append(f"{name}={value!r}: expected a readable PEM file")
     if not ip.is_loopback and not (cert and key):
         problems.append(f"IPFIX_BALANCER_CONSOLE={address!r}: {ip} is not a loopback address; expected "
@@ -455,14 +259,16 @@ def _unknown_key(key: str, value: str) -> str:
     else:
         close = difflib.get_close_matches(base.upper(), _ALL_KEYS + list(_GLOBALS), n=1)
         hint = f"did you mean {close[0]}{bracket}{rest}?" if close else f"PARAM is one of {', '.join(_PARAMS)}"
-    return f"{_q(key, quote=False)}={_q(value)}: unknown key; expected IPFIX_<{'|'.join(STREAMS)}>_<PARAM>[<i>] ({hint})"
+    return (f"{_q(key, quote=False)}={_q(value)}: unknown key; expected IPFIX_<{'|'.join(STREAMS)}>_<PARAM>[<i>] "
+            f"({hint})")
 
 
-class _Keys:
+class Keys:
     """One receiver's raw keys; every problem is reported under the key exactly as the file wrote it."""
 
-    def __init__(self, stream: str, index: int, keys: dict[str, tuple[str, str]], problems: list[str]):
+    def __init__(self, stream: str, index: int, keys: dict[str, tuple[str, str]], problems: list[str], host: Host):
         self.stream, self.index, self.keys, self.problems = stream, index, keys, problems
+        self.host = host  # what values are checked against: CAP_NET_RAW, broadcast addresses, directories
 
     def key(self, param: str) -> str:
         return self.keys[param][0] if param in self.keys else f"IPFIX_{self.stream}_{param}[{self.index}]"
@@ -505,7 +311,7 @@ class _Keys:
 
     def address(self, param: str, default: str) -> str | None:
         text = self.value(param) or default
-        ip = _ip(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
+        ip = ip_or_none(text[1:-1] if text.startswith("[") and text.endswith("]") else text)
         if ip is None:
             return self.fail(param, "an IP address such as 0.0.0.0 or ::", why=_not_an_ip(text))
         return str(ip)
@@ -544,10 +350,10 @@ class _Keys:
         if m is None or (proto is not None and m["proto"] is not None):
             return self.fail(param, form, item)
         host = m["host"] if m["v6"] is None else m["v6"]
-        ip = _ip(host)
+        ip = ip_or_none(host)
         if ip is None:
             return self.fail(param, form, item, _not_an_ip(host))
-        if _is_broadcast(ip):
+        if _is_broadcast(ip, self.host):
             return self.fail(param, form, item, f"{ip} is a broadcast address: every host of the network would "
                                                 "get the stream")
         if (ip.version == 6) != (m["v6"] is not None):
@@ -562,7 +368,7 @@ class _Keys:
         return Endpoint(str(ip), port, proto)
 
 
-def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfig, _Keys]:
+def _build(r: Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfig, Keys]:
     """Parse one receiver; invalid fields are reported and left None (parse raises before anyone sees them)."""
     stream, index = r.stream, r.index
     port = r.integer("PORT", _DEFAULT_PORT[stream] if index == 0 else None)
@@ -581,7 +387,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     if None not in (port, port_type, bind):
         for param, endpoints in (("BALANCER_SUB", subs), ("DUMP_INSERT_PROCESSES", exports)):
             for e in endpoints:
-                if _loops(e, port_type, port, bind):
+                if checks.loops(e, port_type, port, bind, r.host):
                     r.fail(param, "an address other than the receiver's own", str(e),
                            f"this receiver listens there ({port_type} {bind} port {port}), it would loop")
     taskset = r.integer("BALANCER_TASKSET", None)
@@ -591,7 +397,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     dump_dir = r.value("DUMP_DIR") or f"{DUMP_ROOT}/{stream.lower()}/" + (f"{index}/" if index else "")
     if not dump_dir.startswith("/"):
         r.fail("DUMP_DIR", "an absolute directory path")
-    elif (why := _unusable_dir(dump_dir)) is not None:
+    elif (why := _unusable_dir(dump_dir, r.host)) is not None:
         r.fail("DUMP_DIR", "a directory path the recorder can create", why=why)
     # Read in this order, so that problems are listed in the order operators know.
     rotate_minutes = r.integer("ROTATE_MINUTES", _DEFAULT_ROTATE_MINUTES[stream])
@@ -612,13 +418,14 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     limits = Limits(allow=r.networks("ALLOW"), idle_timeout=r.integer("IDLE_TIMEOUT", Limits.idle_timeout),
                     max_sessions=r.integer("MAX_SESSIONS", Limits.max_sessions),
                     max_sessions_per_source=r.integer("MAX_SESSIONS_PER_SOURCE", Limits.max_sessions_per_source),
-                    memory_bytes=r.integer("MEMORY_BYTES", _default_memory_bytes()),
+                    memory_bytes=r.integer("MEMORY_BYTES", default_memory_bytes(r.host)),
                     rcvbuf_bytes=r.integer("RCVBUF_BYTES", Limits.rcvbuf_bytes))
     receiver = ReceiverConfig(
         stream=stream, index=index, taskset=taskset, listen=Listen(port_type=port_type, bind=bind, port=port),
-        forwarding=Forwarding(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
-                              template_refresh=template_refresh, balancer_auto=balancer_auto,
-                              stall_seconds=stall_seconds, drain_seconds=drain_seconds, sub_source=sub_source),
+        forwarding=ForwardingSettings(mode=mode, subreceivers=subs, sub_proto=sub_proto, queue_bytes=queue_bytes,
+                                      template_refresh=template_refresh, balancer_auto=balancer_auto,
+                                      stall_seconds=stall_seconds, drain_seconds=drain_seconds,
+                                      sub_source=sub_source),
         recording=Recording(rotate_minutes=rotate_minutes, rotate_delay_seconds=rotate_delay_seconds,
                             max_flows_per_file=max_flows_per_file, dump_insert_processes=exports,
                             dpi_id=position if dpi_id == -1 else dpi_id, dump_dir=dump_dir, spool_bytes=spool_bytes),
@@ -626,7 +433,7 @@ def _build(r: _Keys, position: int, cpus: frozenset[int]) -> tuple[ReceiverConfi
     return receiver, r
 
 
-def _check_source_preservation(r: _Keys, sub_proto: str | None, bind: str | None, subs) -> None:
+def _check_source_preservation(r: Keys, sub_proto: str | None, bind: str | None, subs) -> None:
     """Sending with the exporter's address takes raw IPv4 sockets: UDP subreceivers, IPv4 on both sides,
     and CAP_NET_RAW (checked here, so the operator learns it before anything listens)."""
     expected = "balancer, or exporter with UDP IPv4 subreceivers, an IPv4 BIND and CAP_NET_RAW"
@@ -635,251 +442,34 @@ def _check_source_preservation(r: _Keys, sub_proto: str | None, bind: str | None
                "connection cannot carry another host's address")
     if (bind is not None and ":" in bind) or any(":" in e.host for e in subs):
         r.fail("BALANCER_SUB_SOURCE", expected, why="IPv6 is not supported for source preservation")
-    if not has_cap_net_raw():
+    if not r.host.has_cap_net_raw():
         r.fail("BALANCER_SUB_SOURCE", expected, why="this process lacks CAP_NET_RAW (run as root, or grant it: "
                "AmbientCapabilities=CAP_NET_RAW in the service unit)")
 
 
-def has_cap_net_raw() -> bool:
-    """CAP_NET_RAW (bit 13) in this process's effective capabilities."""
-    try:
-        with open("/proc/self/status") as f:
-            caps = next(line for line in f if line.startswith("CapEff:"))
-    except (OSError, StopIteration):
-        return False
-    return bool(int(caps.split()[1], 16) >> 13 & 1)
-
-
-def _check_shared(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
-    """Receivers must not share a listening socket, nor (when recording) a dump directory."""
-    dirs: dict[str, str] = {}
-    for i, (rc_a, ka) in enumerate(built):
-        a = rc_a.listen
-        for rc_b, kb in built[i + 1:]:
-            b = rc_b.listen
-            if (None not in (a.port, a.port_type, a.bind, b.bind) and (a.port_type, a.port) == (b.port_type, b.port)
-                    and (a.bind == b.bind or _ip(a.bind).is_unspecified or _ip(b.bind).is_unspecified)):
-                problems.append(f"{kb.describe('PORT', b.port)}: {b.port_type} port {b.port} is already used by "
-                                f"{ka.describe('PORT', a.port)}; expected a listening port unique to each receiver")
-        if rc_a.forwarding.mode is Mode.DISABLED:
-            dump_dir = rc_a.recording.dump_dir
-            where = os.path.normpath(dump_dir)
-            if where in dirs:
-                problems.append(f"{ka.describe('DUMP_DIR', dump_dir)}: directory already used by {dirs[where]}; "
-                                "expected a dump directory of its own for each recording receiver")
-            dirs.setdefault(where, ka.describe("DUMP_DIR", dump_dir))
-
-
-def _check_cycles(built: list[tuple[ReceiverConfig, _Keys]], problems: list[str]) -> None:
-    """Receivers must not forward to each other in a circle (fullflow[0] -> fullflow[1] -> fullflow[0]): each
-    message would go round for ever. Reported once per circle, on its first receiver."""
-    complete = [rc for rc, _ in built if None not in (rc.listen.port, rc.listen.port_type, rc.listen.bind)]
-    keys = {id(rc): r for rc, r in built}
-    reaches = {id(a): [b for b in complete if b is not a and a.forwarding.mode in (Mode.ROUND_ROBIN, Mode.ALL)
-                       and any(_loops(e, b.listen.port_type, b.listen.port, b.listen.bind)
-                               for e in a.forwarding.subreceivers)] for a in complete}
-    order = {id(rc): i for i, rc in enumerate(complete)}
-    for start in complete:
-        path = _path_back(start, reaches)
-        if path and min(order[id(rc)] for rc in path) == order[id(start)]:
-            circle = " -> ".join(rc.name for rc in path + [start])
-            keys[id(start)].fail("BALANCER_SUB", "subreceivers that do not lead back to this receiver",
-                                 why=f"the receivers forward to each other in a circle ({circle})")
-
-
-def _path_back(start: ReceiverConfig, reaches: dict) -> list[ReceiverConfig] | None:
-    """The shortest forwarding path from ``start`` back to itself (breadth first), or None."""
-    parents = {id(start): None}
-    frontier = [start]
-    while frontier:
-        following = []
-        for rc in frontier:
-            for nxt in reaches[id(rc)]:
-                if nxt is start:
-                    path = [rc]
-                    while parents[id(path[-1])] is not None:
-                        path.append(parents[id(path[-1])])
-                    return path[::-1]
-                if id(nxt) not in parents:
-                    parents[id(nxt)] = rc
-                    following.append(nxt)
-        frontier = following
-    return None
-
-
-def _rotation_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
-    """The manual: Clickstream must rotate no sooner than Fullflow, whose rotation HUPs the others."""
-    fullflow = {rc.index: rc for rc, _ in built if rc.stream == "FULLFLOW" and rc.forwarding.mode is Mode.DISABLED}
-    for rc, r in built:
-        ff = fullflow.get(rc.index)
-        rec = rc.recording
-        if (rc.stream == "CLICKSTREAM" and rc.forwarding.mode is Mode.DISABLED and ff
-                and rec.rotate_seconds < ff.recording.rotate_seconds):
-            param = "ROTATE_DELAY_SECONDS" if rec.rotate_delay_seconds > 0 else "ROTATE_MINUTES"
-            yield (f"{r.describe(param, getattr(rec, param.lower()))}: Clickstream rotates every "
-                   f"{rec.rotate_seconds} s, sooner than {ff.name} ({ff.recording.rotate_seconds} s); expected "
-                   "Clickstream's rotation period >= Fullflow's, as the manual requires")
-
-
-def _datagram_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
-    """TCP carries IPFIX messages of up to 65,535 bytes; a UDP datagram at most 65,507 bytes of payload."""
-    for rc, r in built:
-        fw = rc.forwarding
-        if rc.listen.port_type == "tcp" and fw.sub_proto == "udp" and fw.mode in (Mode.ROUND_ROBIN, Mode.ALL):
-            yield (f"{r.describe('BALANCER_SUB_PROTO', 'tcp')}: {rc.name} receives TCP and forwards UDP; "
-                   "exporters must keep messages under 65,507 bytes (larger ones cannot be sent as one datagram "
-                   "and are dropped, counted as oversize)")
-
-
-_RECORDING_PARAMS = ("ROTATE_MINUTES", "ROTATE_DELAY_SECONDS", "FW_MAX_QUEUE_SIZE", "DUMP_INSERT_PROCESSES",
-                     "DUMP_DIR", "SPOOL_BYTES")
-
-
-def _unused_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
-    """Rotation and export keys on a receiver that records nothing: the operator expects files or inserts."""
-    for rc, r in built:
-        fw = rc.forwarding
-        unused = [f"{r.key(p)}={_q(r.value(p))}" for p in _RECORDING_PARAMS if r.value(p)]
-        if unused and fw.mode is not Mode.DISABLED and not fw.balancer_auto:
-            yield (f"{', '.join(unused)}: {rc.name} forwards ({r.describe('BALANCER', fw.mode.value)}) and records "
-                   f"nothing, so {'this key has' if len(unused) == 1 else 'these keys have'} no effect; expected "
-                   f"BALANCER=Disabled or BALANCER_AUTO=Enabled for recording")
-
-
-def _privileged_port_warnings(built: list[tuple[ReceiverConfig, _Keys]]):
-    """The shipped unit runs without capabilities: a port below 1024 would fail to listen under it."""
-    for rc, r in built:
-        if rc.listen.port < 1024:
-            yield (f"{r.describe('PORT', rc.listen.port)}: a port below 1024 needs CAP_NET_BIND_SERVICE, which the "
-                   "shipped unit does not grant; render a unit that does (python -m ipfix_balancer.render unit "
-                   "--config PATH) or add AmbientCapabilities= and CapabilityBoundingSet=CAP_NET_BIND_SERVICE in a "
-                   "drop-in (systemctl edit fast_ipfix_balancer)")
-
-
-def live_change_impossible(old: ReceiverConfig, new: ReceiverConfig) -> bool:
-    """True when the new settings need a new handler process (a new listening socket or CPU); forwarding
-    and recording settings change in place."""
-    return ((old.stream, old.index, old.listen, old.taskset, old.forwarding.sub_source)
-            != (new.stream, new.index, new.listen, new.taskset, new.forwarding.sub_source))
-
-
-def auto_receivers(config: Config) -> list[ReceiverConfig]:
-    """Recording receivers implied by BALANCER_AUTO=Enabled on RoundRobin/All receivers.
-
-    Each subreceiver on a local address (loopback, unspecified, or an address of this host) gets a recorder
-    listening there (``bind`` = that address, proto = BALANCER_SUB_PROTO) that records into
-    ``<parent dump dir>/auto-<port>/``. It inherits the parent's rotation, export, spool and DPI_ID settings;
-    it is not pinned to a CPU. Its index is 100, 101, … in its stream (skipping configured indexes), so
-    status shows it as e.g. ``fullflow[100]``. A subreceiver whose port another receiver already listens on
-    (same proto, same or wildcard address) is that receiver's business and gets no auto recorder.
-    """
-    used = {(rc.stream, rc.index) for rc in config.receivers}
-    listening = [rc.listen for rc in config.receivers]
-    next_index = dict.fromkeys(STREAMS, AUTO_INDEX_BASE)
-    out: list[ReceiverConfig] = []
-    for parent in config.receivers:
-        if not parent.forwarding.balancer_auto or parent.forwarding.mode is Mode.DISABLED:
-            continue
-        for sub in parent.forwarding.subreceivers:
-            if not _is_local(sub.host):
-                continue
-            if any(lst.port_type == sub.proto and lst.port == sub.port and
-                   (lst.bind == sub.host or _ip(lst.bind).is_unspecified or _ip(sub.host).is_unspecified)
-                   for lst in listening):
-                continue
-            index = next_index[parent.stream]
-            while (parent.stream, index) in used:
-                index += 1
-            next_index[parent.stream] = index + 1
-            used.add((parent.stream, index))
-            listen = Listen(port_type=sub.proto, bind=sub.host, port=sub.port)
-            listening.append(listen)
-            out.append(dataclasses.replace(
-                parent, index=index, listen=listen, taskset=None,
-                forwarding=dataclasses.replace(parent.forwarding, mode=Mode.DISABLED, subreceivers=(),
-                                               balancer_auto=False),
-                recording=dataclasses.replace(parent.recording, dump_dir=os.path.join(
-                    parent.recording.dump_dir, f"auto-{sub.port}", ""))))
-    return out
-
-
-def _is_local(host: str) -> bool:
-    ip = ipaddress.ip_address(host)
-    return ip.is_loopback or ip.is_unspecified or ip in local_addresses()
-
-
-def _loops(e: Endpoint, proto: str, port: int, bind: str) -> bool:
-    """True when sending to e would reach this receiver's own listening socket."""
-    if (e.proto, e.port) != (proto, port):
-        return False
-    dst, listen = _unmapped(e.host), _unmapped(bind)
-    if not listen.is_unspecified:
-        return dst == listen
-    # 0.0.0.0 accepts IPv4 only; :: is dual-stack on Linux.
-    return (listen.version == 6 or dst.version == 4) and (
-        dst.is_loopback or dst.is_unspecified or dst in local_addresses())
-
-
-def _unmapped(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
-    """The address a socket really talks to: ::ffff:a.b.c.d is IPv4 a.b.c.d (dual-stack sockets)."""
-    ip = ipaddress.ip_address(host)
-    return ip.ipv4_mapped or ip if ip.version == 6 else ip
-
-
-def _is_broadcast(ip) -> bool:
+def _is_broadcast(ip: IPAddress, host: Host) -> bool:
     """255.255.255.255, or the broadcast address of one of this host's IPv4 networks. A broadcast address is
     odd (all host bits set), so the kernel is asked only about odd non-loopback addresses."""
     if ip.version != 4:
         return False
-    return int(ip) == 0xFFFFFFFF or (int(ip) & 1 == 1 and not ip.is_loopback and ip in local_broadcasts())
+    return int(ip) == 0xFFFFFFFF or (int(ip) & 1 == 1 and not ip.is_loopback and ip in host.local_broadcasts())
 
 
-def local_broadcasts() -> set:
-    """The broadcast addresses of this host's IPv4 networks (empty when netlink cannot tell)."""
-    try:
-        from pyroute2 import IPRoute
-        with IPRoute() as ipr:
-            return {ip for msg in ipr.get_addr(family=socket.AF_INET)
-                    if (ip := _ip(msg.get_attr("IFA_BROADCAST") or "")) is not None}
-    except Exception:  # noqa: BLE001 - a check that cannot run must not stop the balancer
-        return set()
-
-
-def _unusable_dir(path: str) -> str | None:
+def _unusable_dir(path: str, host: Host) -> str | None:
     """Why ``path`` cannot become a directory (a component longer than the file system allows, or an existing
     file in its place), or None. Checked here so the recorder does not find out at its first file."""
     if "\0" in path:
         return "it contains a NUL character"
-    existing = os.path.normpath(path)
-    while not os.path.lexists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
+    existing, is_dir = host.nearest_existing(path)
+    if not is_dir:
         return f"{_q(existing)} exists and is not a directory"
-    try:
-        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
-    except (OSError, ValueError):
-        name_max, path_max = 255, 4096
+    name_max, path_max = host.name_limits(existing)
     long = [part for part in path.split("/") if len(part.encode()) > name_max]
     if long:
         return f"component {_q(long[0])} is {len(long[0].encode())} bytes, the file system allows {name_max}"
     if len(path.encode()) + name_max >= path_max:  # room for a dump file's name (and an auto-<port>/ below)
         return f"it is {len(path.encode())} bytes long, so its files' paths could exceed {path_max} bytes"
     return None
-
-
-def local_addresses() -> set:
-    """This host's interface addresses (read only when a subreceiver's port matches, which is rare)."""
-    from pyroute2 import IPRoute   # netlink: the kernel's own list, for this network namespace
-    with IPRoute() as ipr:
-        return {ip for msg in ipr.get_addr()
-                if (ip := _ip(msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS") or "")) is not None}
-
-
-def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    try:
-        return ipaddress.ip_address(text)
-    except ValueError:
-        return None
 
 
 def _not_an_ip(host: str) -> str:
@@ -905,10 +495,6 @@ def _q(text: str | None, quote: bool = True) -> str:
     if text is None or len(text) <= QUOTE_MAX:
         return show(text)
     return f"{show(text[:QUOTE_MAX])}... ({len(text)} characters)"
-
-
-def _host_cpus() -> frozenset[int]:
-    return frozenset(os.sched_getaffinity(0)) | frozenset(range(os.cpu_count() or 1))
 
 
 def _cpu_list(cpus: Collection[int]) -> str:

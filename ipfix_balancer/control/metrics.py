@@ -20,15 +20,27 @@ import hmac
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
 from .ports import listen_failure
 from .status import HandlerStatus, is_stale
+
+if TYPE_CHECKING:
+    from io import BufferedIOBase
+    from socket import socket as Socket
+    from typing import TypeAlias
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from ..config.model import Endpoint
+    from ..logs import Log
+
+    Request: TypeAlias = Socket | tuple[bytes, Socket]  # socketserver's: a connection, or a datagram and socket
 
 Labels = tuple[tuple[str, str], ...]
 Sample = tuple[str, Labels]  # (counter name without _total, labels)
@@ -158,11 +170,12 @@ def health(snapshot: MetricsSnapshot, now: float) -> tuple[bool, str]:
 class _Collector:
     """Builds every family at scrape time from the latest snapshot."""
 
-    def __init__(self, snapshot: Callable[[], MetricsSnapshot]):
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]) -> None:
         self.snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         snapshot = self.snapshot()
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily]
         families = {name: CounterMetricFamily(name, text, labels=("stream", "receiver") + extra)
                     for name, (text, extra) in COUNTERS.items()}
         families[RESTARTS] = CounterMetricFamily(RESTARTS, "Times the supervisor started the handler again "
@@ -191,10 +204,10 @@ class _Bounded:
     either it reads as end-of-file, which ``http.server`` answers with 400 or a close: a connection that
     trickles or never finishes its request cannot hold a thread and a descriptor for long."""
 
-    def __init__(self, raw, deadline: float):
+    def __init__(self, raw: BufferedIOBase, deadline: float) -> None:
         self.raw, self.left, self.deadline = raw, MAX_REQUEST, deadline
 
-    def _take(self, read, size: int | None) -> bytes:
+    def _take(self, read: Callable[[int], bytes], size: int | None) -> bytes:
         n = 0 if time.monotonic() > self.deadline else self.left if size is None or size < 0 else min(size, self.left)
         data = read(n) if n else b""
         self.left -= len(data)
@@ -215,9 +228,11 @@ class _QuietHandler(WSGIRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile = _Bounded(self.rfile, time.monotonic() + REQUEST_SECONDS)
+        # http.server reads the request through readline, read and close only: _Bounded has those (typeshed
+        # declares rfile a BufferedIOBase, which it is not)
+        self.rfile = _Bounded(self.rfile, time.monotonic() + REQUEST_SECONDS)  # type: ignore[assignment]
 
-    def log_message(self, *args) -> None:  # scrapes every 15 s would flood the journal
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every 15 s would flood the journal
         pass
 
 
@@ -226,11 +241,11 @@ class _CappedServer(ThreadingWSGIServer):
     supervisor); one over the cap is closed at once. An accept that fails (descriptors exhausted) waits a
     little instead of spinning on the listening socket."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(*args, **kwargs)
 
-    def get_request(self):
+    def get_request(self) -> tuple[Socket, Any]:
         try:
             return super().get_request()
         except OSError as exc:
@@ -238,7 +253,7 @@ class _CappedServer(ThreadingWSGIServer):
                 time.sleep(0.1)
             raise
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: Request, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
@@ -248,7 +263,7 @@ class _CappedServer(ThreadingWSGIServer):
             self.slots.release()
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: Request, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
@@ -271,9 +286,9 @@ class MetricsServer:
         """``token``: when set, ``GET /metrics`` answers 401 without ``Authorization: Bearer <token>``."""
         registry = CollectorRegistry()
         registry.register(_Collector(snapshot))
-        metrics = make_wsgi_app(registry)
+        metrics: WSGIApplication = make_wsgi_app(registry)
 
-        def app(environ, start_response):
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
             if path == "/healthz":
                 ok, text = health(snapshot(), time.monotonic())
@@ -291,7 +306,7 @@ class MetricsServer:
             return [b"GET /metrics or /healthz\n"]
 
         server_class = type("MetricsHTTPServer", (_CappedServer,), {"address_family": family})
-        self.httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        self.httpd: _CappedServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
         self.thread.start()
 
@@ -305,19 +320,19 @@ class MetricsService:
     changed. A failure is logged, never fatal: metrics must not be the reason traffic is not forwarded. A
     token file that cannot be read serves no metrics (rather than metrics to anyone)."""
 
-    def __init__(self, snapshot: Callable[[], MetricsSnapshot], log):
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot], log: Log) -> None:
         self.snapshot = snapshot
         self.log = log
         self.server: MetricsServer | None = None
-        self._asked = None  # the endpoint and token the server was asked for
+        self._asked: tuple[Endpoint | None, str] | None = None  # the endpoint and token the server was asked for
 
-    def serve(self, endpoint, token_file: str | None) -> None:
-        """``endpoint``: ``config.Endpoint`` or None (no metrics)."""
+    def serve(self, endpoint: Endpoint | None, token_file: str | None) -> None:
+        """``endpoint``: None for no metrics."""
         try:
             token = read_token(token_file) if endpoint is not None and token_file else ""
         except (OSError, ValueError) as exc:
             self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
-            endpoint = token = None
+            endpoint, token = None, ""  # as when no metrics are configured: no server
         if (endpoint, token) == self._asked:
             return
         self.close()

@@ -15,7 +15,7 @@ import itertools
 import os
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
@@ -24,8 +24,16 @@ from ..core.records import Held, Loss, SubreceiverStatus
 from . import rundir
 from .signals import SUPERVISOR_NAME
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-def _known(cls, doc: dict, **nested) -> Any:
+    from ..config.model import ReceiverConfig
+    from ..logs import Log
+
+_Doc = TypeVar("_Doc", bound="DataclassInstance")
+
+
+def _known(cls: type[_Doc], doc: dict[str, Any], **nested: Any) -> _Doc:
     """cls from the keys of doc that are its fields, with nested documents already converted."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in doc.items() if k in names and k not in nested}, **nested)
@@ -36,14 +44,14 @@ def _known(cls, doc: dict, **nested) -> Any:
 DEPRECATED_ENDPOINT = "endpoint"
 
 
-def _subreceiver(doc: dict) -> SubreceiverStatus:
+def _subreceiver(doc: dict[str, Any]) -> SubreceiverStatus:
     """A subreceiver's entry; one written by an older release names it ``endpoint`` only."""
     if "subreceiver" not in doc and DEPRECATED_ENDPOINT in doc:
         doc = {**doc, "subreceiver": doc[DEPRECATED_ENDPOINT]}
     return _known(SubreceiverStatus, doc)
 
 
-def _subreceiver_dict(sub: SubreceiverStatus) -> dict:
+def _subreceiver_dict(sub: SubreceiverStatus) -> dict[str, Any]:
     doc = dataclasses.asdict(sub)
     return {"subreceiver": sub.subreceiver, DEPRECATED_ENDPOINT: sub.subreceiver, **doc}
 
@@ -58,7 +66,7 @@ class ExportTargetStatus:
     error: str = ""
 
     @classmethod
-    def from_dict(cls, doc: dict) -> ExportTargetStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> ExportTargetStatus:
         return _known(cls, doc)
 
 
@@ -91,7 +99,7 @@ class RecorderStatus:
     exports: list[ExportTargetStatus] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> RecorderStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> RecorderStatus:
         return _known(cls, doc, exports=[ExportTargetStatus.from_dict(t) for t in doc.get("exports", [])])
 
 
@@ -146,7 +154,7 @@ class HandlerStatus:
     drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
-    memory_bytes: int = 0
+    memory_bytes: float = 0  # MEMORY_BYTES (core.records.Held): an int in a handler
     rcvbuf_overflow: int = 0  # UDP: datagrams the kernel dropped on the listening socket (buffer full)
     draining: int = 0  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)
     draining_bytes: int = 0  # what those still hold
@@ -160,7 +168,7 @@ class HandlerStatus:
         return wall - self.time if self.beat is None else mono - self.beat
     sessions: list[ExporterSessionStatus] = dataclasses.field(default_factory=list)  # the first SESSIONS_LISTED
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
         doc["subreceivers"] = [_subreceiver_dict(s) for s in self.subreceivers]
         if self.recorder is None:
@@ -168,7 +176,7 @@ class HandlerStatus:
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict) -> HandlerStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> HandlerStatus:
         recorder = doc.get("recorder")
         return _known(cls, doc, listen=_known(ListenStatus, doc["listen"]),
                       subreceivers=[_subreceiver(s) for s in doc.get("subreceivers", [])],
@@ -184,7 +192,7 @@ class PeriodRates:
     CPU seconds at every status write, so each document carries rates and %CPU of the last period and
     ``status`` needs no sampling of its own (a reader's two quick samples would measure nothing)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._last: tuple[float, dict[str, float]] | None = None
 
     def update(self, now: float, counters: dict[str, float]) -> dict[str, float]:
@@ -205,7 +213,7 @@ class HandlerStatusWriter:
     a reason to drop traffic: a failed write is logged once per episode; at the descriptor limit, where the
     status matters most, a descriptor kept in reserve is lent for the write."""
 
-    def __init__(self, path: str, log):
+    def __init__(self, path: str, log: Log) -> None:
         self.path = path
         self.log = log
         self.started = time.time()
@@ -213,12 +221,12 @@ class HandlerStatusWriter:
         self._failing = False
         self._reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY)
 
-    def write(self, rc, *, listening: bool, msgs_in: int, bytes_in: int, unknown_template: int, loss: Loss,
-              sent: tuple[int, int], held: Held, subreceivers: list[SubreceiverStatus],
+    def write(self, rc: ReceiverConfig, *, listening: bool, msgs_in: int, bytes_in: int, unknown_template: int,
+              loss: Loss, sent: tuple[int, int], held: Held, subreceivers: list[SubreceiverStatus],
               recorder: RecorderStatus | None, sessions: Iterable[ExporterSessionStatus], connections: int,
               connections_total: int, limited: dict[str, int]) -> None:
-        """``rc``: the receiver's settings (``config.ReceiverConfig``); ``sent``: messages and bytes handed to
-        subreceivers; ``sessions``: the open ones (the first SESSIONS_LISTED are listed)."""
+        """``sent``: messages and bytes handed to subreceivers; ``sessions``: the open ones (the first
+        SESSIONS_LISTED are listed)."""
         cpu = os.times()
         beat = time.monotonic()
         rates = self._rates.update(beat, {"cpu": cpu.user + cpu.system, "msgs_in": msgs_in, "bytes_in": bytes_in,
@@ -246,7 +254,7 @@ class HandlerStatusWriter:
         else:
             self._failing = False
 
-    def _write(self, doc: dict) -> None:
+    def _write(self, doc: dict[str, Any]) -> None:
         try:
             rundir.write_json(self.path, doc)
         except OSError as exc:
@@ -277,11 +285,11 @@ class SupervisorStatus:
     config: str
     handlers: list[SupervisedHandler]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> SupervisorStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> SupervisorStatus:
         return _known(cls, doc, handlers=[_known(SupervisedHandler, h) for h in doc.get("handlers", [])])
 
 
@@ -322,7 +330,7 @@ class HandlerReport:
     restarts: int | None = None  # from the supervisor's document
     killed: tuple[int, int] = (0, 0)  # from the supervisor's document: messages, records lost with killed processes
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts,
                     "handler_killed": list(self.killed) if self.killed[0] else None}
         return {**self.doc.to_dict(), "alive": self.alive, "stale": self.stale,
@@ -338,7 +346,7 @@ class StatusReport:
     run_dir: str
     handlers: list[HandlerReport]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"running": self.running, "supervisor_pid": self.supervisor_pid, "config": self.config,
                 "run_dir": self.run_dir, "handlers": [h.to_dict() for h in self.handlers]}
 

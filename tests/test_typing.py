@@ -30,3 +30,16 @@ def test_the_check_is_strict(tmp_path):
     assert res.returncode == 1, res.stdout + res.stderr
     for code in ("no-untyped-def", "type-arg", "unused-ignore"):
         assert f"[{code}]" in res.stdout, res.stdout
+
+
+def test_the_implementations_satisfy_their_protocols(tmp_path):
+    """A Protocol is checked only where its implementation is typed: the supervisor's ``Child`` (read by
+    ``health.Watch.turn``) and the structlog logger (``logs.setup``, every ``log`` parameter) are not yet, so
+    this planted use is what fails when one of them drifts from its Protocol."""
+    planted = tmp_path / "conformance.py"
+    planted.write_text("from ipfix_balancer import logs, supervisor\n"
+                       "from ipfix_balancer.control import health\n\n\n"
+                       "def child(c: supervisor.Child) -> health.Child:\n    return c\n\n\n"
+                       "def log() -> logs.Log:\n    return logs.setup()\n")
+    res = mypy(str(planted))
+    assert res.returncode == 0, res.stdout + res.stderr

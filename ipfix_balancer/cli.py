@@ -15,6 +15,7 @@ import click
 from . import config as config_mod
 from . import logs
 from .control import privileges, rundir
+from .control.exits import Exit
 from .control import status as status_mod
 
 _config_option = click.option(
@@ -36,7 +37,7 @@ def _load_or_exit(config_path: str | None, refusal: str) -> tuple[str, config_mo
         click.echo(f"{refusal}{path}: {len(err.problems)} problem(s):", err=True)
         for problem in _with_lines(path, err.problems):
             click.echo(f"  - {problem}", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
 
 
 def _with_lines(path: str, messages) -> list[str]:
@@ -95,13 +96,13 @@ def _drop_privileges(user, config_path: str, run_dir: str, log) -> None:
         privileges.drop(user, caps, [run_dir, *dumps])
     except OSError as exc:
         log.error("not_started", reason=f"cannot become {user.pw_name}: {exc}")
-        sys.exit(3)
+        sys.exit(Exit.CANNOT_START)
     problem = privileges.out_of_reach(config_path, run_dir)
     if problem is not None:  # one line now, not a traceback from the first handler or file that fails
         log.error("not_started", reason=f"started as root, it runs as {user.pw_name}, who {problem}; install it "
                   f"where that user can read it (the RPM: /usr/bin/ipfix-balancer), or set IPFIX_BALANCER_USER= "
                   "(empty) to run as root")
-        sys.exit(3)
+        sys.exit(Exit.CANNOT_START)
     log.info("privileges_dropped", user=user.pw_name, capabilities=list(caps))
 
 
@@ -132,14 +133,14 @@ def status(run_dir, as_json) -> None:
     """Show handlers, counters and subreceiver states; exit 1 when the supervisor is not running."""
     report = status_mod.collect(rundir.resolve_run_dir(run_dir))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else status_mod.render(report))
-    sys.exit(0 if report.running else 1)
+    sys.exit(Exit.OK if report.running else Exit.FAILED)
 
 
 def _signal_supervisor(run_dir: str | None, sig: int) -> int:
     pid = status_mod.supervisor_pid(rundir.resolve_run_dir(run_dir))
     if pid is None:
         click.echo("ipfix-balancer: supervisor is not running", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
     os.kill(pid, sig)
     return pid
 
@@ -154,7 +155,7 @@ def stop(run_dir, timeout) -> None:
     while status_mod.supervisor_pid(rundir.resolve_run_dir(run_dir)) == pid:
         if time.monotonic() > deadline:
             click.echo(f"ipfix-balancer: supervisor {pid} still running after {timeout}s", err=True)
-            sys.exit(1)
+            sys.exit(Exit.FAILED)
         time.sleep(0.1)
     click.echo(f"stopped supervisor {pid}")
 
@@ -171,11 +172,11 @@ def reload(run_dir, timeout, main_pid) -> None:
         outcome = reload_mod.request(rundir.resolve_run_dir(run_dir), timeout, main_pid)
     except (reload_mod.NotRunning, TimeoutError) as exc:
         click.echo(f"ipfix-balancer: {exc}", err=True)
-        sys.exit(1)
+        sys.exit(Exit.FAILED)
     refused = outcome.result == reload_mod.REFUSED
     for line in outcome.lines():
         click.echo(line, err=refused)
-    sys.exit(1 if refused else 0)
+    sys.exit(Exit.FAILED if refused else Exit.OK)
 
 
 @main.command()
@@ -204,7 +205,7 @@ def restart(config_path, run_dir, timeout) -> None:
             return
         time.sleep(0.2)
     click.echo(f"ipfix-balancer: handlers not all back after {timeout}s; see the log", err=True)
-    sys.exit(1)
+    sys.exit(Exit.FAILED)
 
 
 @main.command(hidden=True)

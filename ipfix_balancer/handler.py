@@ -1,16 +1,18 @@
-"""One handler process per receiver: the composition root of the data plane.
+"""One handler process per receiver: the composition root of the data plane. It wires and runs; the
+decisions and the steps live in the rooms.
 
 It builds the loop, the listener (``net.listener``), one ``core.session.ExporterSession`` per exporter with a
-``net.connector.Connector`` per output, and the recorder; and it handles what concerns the whole
-process: handover to a successor, signals, live reconfiguration, stop and drain, the status document.
+``net.connector.Connector`` per output, and the recorder, and runs the process's life: start (or take
+over, ``net.handover``), the supervisor's messages and signals, live reconfiguration, stop and drain, the
+exit status (``control.exits``). Every loss is counted in one ``core.ledger.LossLedger``; ODIDs shared with
+conflicting templates are found by ``core.odid``; the status document is built and written by
+``control.status.HandlerStatusWriter`` from the records the parts report.
 """
 
 from __future__ import annotations
 
-import errno
 import functools
 import ipaddress
-import itertools
 import os
 import signal
 import socket
@@ -18,13 +20,16 @@ import time
 
 from .config.model import Mode, ReceiverConfig, live_change_impossible
 from .control import channel, rundir
-from .control.rundir import DRAIN_TIMEOUT
+from .control.exits import Exit
 from .control.ports import bind, listen_failure
 from .control.privileges import raise_fd_limit
+from .control.rundir import DRAIN_TIMEOUT
 from .control.signals import Wakeup, set_process_name
-from .control.status import (SESSIONS_LISTED, ExporterSessionStatus, HandlerStatus, ListenStatus, PeriodRates,
-                             SubreceiverStatus)
+from .control.status import STATUS_PERIOD, ExporterSessionStatus, HandlerStatusWriter
 from .core.framing import FramingError
+from .core.ledger import LossLedger, held
+from .core.odid import SharedOdids
+from .core.records import Loss
 from .core.sendqueue import DRAIN_LIMIT, Budget, SendQueue, State, SubreceiverStats
 from .core.session import Counters, ExporterSession, Forwarding, Lifecycle, over_drain_limit
 from .core.templates import TemplateLimit, TemplatePool
@@ -34,8 +39,6 @@ from .net.connector import Connector
 from .net.listener import TcpListener, UdpListener, kernel_drops, peer_host
 from .net.loop import READ, Loop
 
-STATUS_PERIOD = 1.0
-EXIT_CANNOT_LISTEN = 75  # EX_TEMPFAIL: the port may be free later, the supervisor retries with backoff
 TEMPLATE_MEMORY_SHARE = 8  # the templates of all sessions together may take MEMORY_BYTES / 8
 
 
@@ -45,40 +48,34 @@ class ListenError(Exception):
 
 
 class Handler:
+    """Wires one receiver's parts together and runs them until stopped (see the module docstring)."""
+
     def __init__(self, rc: ReceiverConfig, run_dir: str, log, control: socket.socket | None = None):
         self.rc = rc
         self.control = control  # the supervisor's private channel (control/channel.py)
-        self.handover_conn: socket.socket | None = None  # to the successor, while one is announced
-        self.run_dir = run_dir
+        self.successor: handover.Successor | None = None  # while one is announced
         self.log = log
         self.throttle = Throttle(log)  # every line that can repeat per message, connection or retry
         self.loop = Loop()
-        self.subreceivers = [SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
+        self.ledger = LossLedger(rc.forwarding.subreceivers)
         self.budget = Budget(rc.limits.memory_bytes)  # shared by every send queue of this handler
         self.template_pool = TemplatePool(rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE)  # every session's
         self.recorder = None
-        self.sessions: set[ExporterSession] = set()
-        self.opened: dict[ExporterSession, float] = {}  # session -> when it was opened, for the status
+        self.sessions: dict[ExporterSession, float] = {}  # session -> when it was opened, for the status
         self.counters = Counters()
-        self.malformed: dict[str, int] = {}
-        self.overflow = 0  # the UDP listening socket's kernel drops since this process has it, as last read
-        self._overflow_base = 0  # ... and when it took the socket (a handed-over socket has a past)
-        self.connections_total = 0
-        self.retired_drops = 0  # drops of recorders replaced by a reconfiguration
-        self.retired_subreceivers: list[SubreceiverStats] = []  # removed by a reconfiguration
-        self.started = time.time()
-        self.rates = PeriodRates()
+        self.odids: SharedOdids[ExporterSession] = SharedOdids(lambda s, odid: s.tracker.snapshot.domain(odid))
         self.listener: TcpListener | UdpListener | None = None
-        self.listening = False
-        self.handed_over = False
-        self._status_error = False
-        self.stopping = False
-        self._stop_deadline = 0.0
-        self.exit_code = 0
-        self.status_path = rundir.handler_status_path(run_dir, rc.stream, rc.index)
-        self._odid_announcer: dict[int, ExporterSession] = {}  # odid -> the session that last announced templates
-        self._odid_conflicts: set[int] = set()  # ODIDs logged as shared with conflicting templates
-        self._reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY)  # for the status at the descriptor limit
+        self.status: HandlerStatusWriter | None = HandlerStatusWriter(
+            rundir.handler_status_path(run_dir, rc.stream, rc.index), log)  # None once handed over
+        self._stop_at: float | None = None  # the drain deadline, once stopping (handed over, or asked to)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop_at is not None
+
+    @property
+    def listening(self) -> bool:
+        return self.listener is not None and not self.stopping
 
     # -- setup ---------------------------------------------------------------------------------
     def start(self, predecessor: socket.socket | None = None) -> None:
@@ -101,26 +98,29 @@ class Handler:
                 raise ListenError(listen_failure(lst.port_type, lst.bind, lst.port, exc)) from None
             self._listen(sock)
         else:
-            self._adopt(*taken)
-        self.listening = True
+            state, fds = taken
+            handover.adopt(state, fds, self._listen)
+            self.log.info("took_over", sessions=len(state["sessions"]), from_pid=state["pid"])
         if self.control is not None:
             self.loop.watch(self.control, READ, self._on_control)
-        self._install_signals()
+        wakeup = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
+        self.loop.watch(wakeup.sock, READ, lambda _mask: self._on_signals(wakeup.take()))
         self.loop.every(STATUS_PERIOD, self.write_status)
         self.write_status()
+        listen = f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}"
         if not rc.limits.allow and not ipaddress.ip_address(rc.listen.bind).is_loopback:
-            self.log.warning("anyone_may_export", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
+            self.log.warning("anyone_may_export", listen=listen,
                              hint=f"set IPFIX_{rc.stream}_ALLOW[{rc.index}] to the exporters' addresses")
-        self.log.info("handler_started", listen=f"{rc.listen.bind}/{rc.listen.port}/{rc.listen.port_type}",
-                      mode=rc.forwarding.mode.value, subreceivers=[str(e) for e in rc.forwarding.subreceivers],
-                      dpi_id=rc.recording.dpi_id)
+        self.log.info("handler_started", listen=listen, mode=rc.forwarding.mode.value,
+                      subreceivers=[str(e) for e in rc.forwarding.subreceivers], dpi_id=rc.recording.dpi_id)
 
-    def _listen(self, sock: socket.socket) -> None:
+    def _listen(self, sock: socket.socket) -> TcpListener | UdpListener:
         cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
         self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed, self.rc.limits,
                             self.throttle)
-        if cls is UdpListener:
-            self._overflow_base = kernel_drops(sock) or 0
+        if cls is UdpListener:  # the kernel's count from here on: a handed-over socket has a past
+            self.ledger.kernel_drops(kernel_drops(sock) or 0)
+        return self.listener
 
     def _new_recorder(self, rc: ReceiverConfig):
         from .recording.recorder import Recorder  # recording pulls in file handling only where it is used
@@ -130,7 +130,7 @@ class Handler:
     def _forwarding(self) -> Forwarding:
         fw = self.rc.forwarding
         refresh = fw.template_refresh if fw.sub_proto == "udp" else 0.0
-        return Forwarding(fw.mode, self.subreceivers, fw.queue_bytes, refresh, self.recorder,
+        return Forwarding(fw.mode, self.ledger.subreceivers, fw.queue_bytes, refresh, self.recorder,
                           stall_seconds=fw.stall_seconds if fw.sub_proto == "tcp" else 0,
                           template_limits=self.rc.template_limits, drain_seconds=fw.drain_seconds)
 
@@ -143,26 +143,16 @@ class Handler:
         session.configure(self._forwarding())
         session.on_templates = self._templates_announced
         session.tracker.pool = self.template_pool
-        self.sessions.add(session)
-        self.opened[session] = time.time()
-        self.connections_total += 1
+        self.sessions[session] = time.time()
+        self.counters.connections_total += 1
         return session
 
     def _templates_announced(self, session: ExporterSession, odid: int) -> None:
-        """Collectors that scope templates by (source address, ODID), as nfcapd and nfacctd do, see every
-        exporter behind the balancer as one: two sessions defining one template id of one ODID differently
-        garble each other there. Logged once per ODID (the recorder handles its own files)."""
         if self.rc.forwarding.mode is Mode.DISABLED:
             return
-        last = self._odid_announcer.get(odid)
-        self._odid_announcer[odid] = session
-        if last is None or last is session or last.peer == session.peer or odid in self._odid_conflicts:
-            return  # compared only when the announcer changes: a session's own template stream costs O(1)
-        mine = session.tracker.snapshot.domain(odid) or {}
-        theirs = last.tracker.snapshot.domain(odid) or {}
-        if any(theirs.get(tid, record) != record for tid, record in mine.items()):
-            self._odid_conflicts.add(odid)
-            self.log.warning("odid_shared_with_other_templates", odid=odid, sessions=[last.peer, session.peer],
+        other = self.odids.announced(session, session.peer, odid)
+        if other is not None:
+            self.log.warning("odid_shared_with_other_templates", odid=odid, sessions=[other, session.peer],
                              remedy="give each exporter its own ODID: collectors that key templates by source "
                                     "address and ODID cannot tell these sessions apart")
 
@@ -173,51 +163,36 @@ class Handler:
 
     def _session_gone(self, session: ExporterSession) -> None:
         session.tracker.release()
-        self.sessions.discard(session)
-        self.opened.pop(session, None)
+        self.sessions.pop(session, None)
         if self.listener is not None:
             self.listener.forget(session)
 
-    @property
-    def connections(self) -> int:
-        return sum(1 for s in self.sessions if s.state is Lifecycle.OPEN)
+    def _open(self) -> list[ExporterSession]:
+        return [s for s in self.sessions if s.state is Lifecycle.OPEN]
 
     def count_malformed(self, error: FramingError, peer: str) -> None:
-        self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
+        """A message the listener could not frame: counted, logged (throttled per exporter host)."""
+        total = self.ledger.refused(error.reason)
         self.throttle.warning("malformed_ipfix", peer_host(peer), peer=peer, reason=error.reason, detail=error.detail,
-                         action="session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped",
-                         malformed_total=sum(self.malformed.values()))
+                              action=self._refusal_action(), malformed_total=total)
 
     def _session_refused(self, session: ExporterSession, error: FramingError, first: bool) -> None:
         """A message of ``session`` was refused: counted each time, logged once per session and reason (a
         session repeating itself must not flood the log)."""
-        self.malformed[error.reason] = self.malformed.get(error.reason, 0) + 1
+        total = self.ledger.refused(error.reason)
         if not first:
             return
         if isinstance(error, TemplateLimit):
-            event, action = "template_limit", ("session closed" if self.rc.listen.port_type == "tcp"
-                                               else "datagram dropped")
+            event, action = "template_limit", self._refusal_action()
         else:
             event, action = "malformed_ipfix", "message dropped, session continues"
         self.log.warning(event, peer=session.peer, reason=error.reason, detail=error.detail, action=action,
-                         malformed_total=sum(self.malformed.values()), logged="once per session and reason")
+                         malformed_total=total, logged="once per session and reason")
 
-    # -- handover (restart without dropping exporters) ------------------------------------------
-    def _adopt(self, state: dict, fds: list[int]) -> None:
-        """Continue the predecessor's sockets: its listener, and each exporter session with the part
-        of a message it had already read and the templates it had learnt (replayed to new outputs)."""
-        socks = [socket.socket(fileno=fd) for fd in fds]
-        listener = socks[state["listener"]]
-        listener.setblocking(False)
-        self._listen(listener)
-        for item in state["sessions"]:
-            templates = [memoryview(handover.decode(m)) for m in item["templates"]]
-            if "fd" in item:
-                self.listener.adopt(socks[item["fd"]], item["peer"], handover.decode(item["tail"]), templates)
-            else:
-                self.listener.adopt(tuple(item["addr"]), item["peer"], templates)
-        self.log.info("took_over", sessions=len(state["sessions"]), from_pid=state["pid"])
+    def _refusal_action(self) -> str:
+        return "session closed" if self.rc.listen.port_type == "tcp" else "datagram dropped"
 
+    # -- the supervisor's messages, signals, handover ------------------------------------------------
     def _on_control(self, _mask) -> None:
         """A message from the supervisor: new settings, or a successor to hand over to. End-of-file: the
         supervisor is gone (killed), and a handler without one must not keep the port."""
@@ -230,72 +205,32 @@ class Handler:
             return
         if got is None:
             self.log.error("supervisor_gone", action="stopping")
-            self._close_control()
+            self.loop.unwatch(self.control)
+            self.control.close()
+            self.control = None
             self.stop()
             return
         doc, fds = got
         if "receiver" in doc:
             self._apply_settings(doc["receiver"])
-        if doc.get("handover") and fds and not self.stopping and self.handover_conn is None:
-            self.handover_conn = socket.socket(fileno=fds.pop(0))
-            self.handover_conn.setblocking(False)
-            self.loop.watch(self.handover_conn, READ, self._on_handover)
+        if doc.get("handover") and fds and not self.stopping and self.successor is None:
+            self.successor = handover.Successor(self.loop, fds.pop(0), self._on_handover)
         for fd in fds:  # nothing else is expected with a message
             os.close(fd)
 
-    def _close_control(self) -> None:
-        self.loop.unwatch(self.control)
-        self.control.close()
-        self.control = None
+    def _on_handover(self, conn: socket.socket) -> None:
+        """Our successor wrote: if it asks for our sockets, hand everything over, then drain and exit."""
+        self.successor = None
+        if handover.give(conn, self.listener, _templates, self.log, self._retire_recorder):
+            self.status = None  # the status file is the successor's now
+            self._stop_at = time.monotonic() + DRAIN_TIMEOUT
 
-    def _on_handover(self, _mask) -> None:
-        """Our successor asks for our sockets: stop reading, hand everything over, then drain and exit.
-        Anything but the request (it died while starting) is logged and we keep serving."""
-        conn = self._close_handover_conn()
-        try:
-            request = conn.recv(1)
-        except OSError as exc:
-            request = str(exc).encode()
-        if request != handover.REQUEST:
-            self.log.error("handover_abandoned", reason="successor closed" if not request else "unexpected request")
-            conn.close()
-            return
-        fds = [self.listener.sock.fileno()]
-        items = []
-        for session, item in self.listener.handover_items(fds):
-            item["templates"] = [handover.encode(m) for m in session.tracker.snapshot.messages(lambda _odid: 0, 0)]
-            items.append(item)
-        if self.recorder is not None:  # complete our file before the successor opens the directory
-            self._retire_recorder()
-        try:
-            with conn:
-                handover.offer(conn, {"pid": os.getpid(), "listener": 0, "sessions": items}, fds)
-        except OSError as exc:  # the sockets are detached already: the supervisor's restart of it binds anew
-            self.log.error("handover_failed", reason=str(exc), sessions=len(items))
-        else:
-            self.log.info("handed_over", sessions=len(items))
-        self.handed_over = True  # the status file is the successor's now
-        self.listener.release_handed_over()
-        self.listening = False
-        self._begin_stop()
-
-    def _close_handover_conn(self) -> socket.socket | None:
-        conn, self.handover_conn = self.handover_conn, None
-        if conn is not None:
-            self.loop.unwatch(conn)
-        return conn
-
-    def _install_signals(self) -> None:
-        self._wakeup = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP))
-        self.loop.watch(self._wakeup.sock, READ, self._on_wake)
-
-    def _on_wake(self, _mask) -> None:
-        for sig in self._wakeup.take():
-            if sig == signal.SIGHUP:
-                if self.recorder is not None:
-                    self.recorder.rotate(reason="hup")
-            else:
+    def _on_signals(self, signals: list[int]) -> None:
+        for sig in signals:
+            if sig != signal.SIGHUP:
                 self.stop()
+            elif self.recorder is not None:
+                self.recorder.rotate(reason="hup")
 
     # -- live reconfiguration ------------------------------------------------------------------
     def _apply_settings(self, receiver_json: str) -> None:
@@ -320,25 +255,24 @@ class Handler:
         self.template_pool.limit = rc.limits.memory_bytes // TEMPLATE_MEMORY_SHARE
         if self.listener is not None:
             self.listener.set_limits(rc.limits)
-        kept = {s.subreceiver: s for s in self.subreceivers}
-        self.subreceivers = [kept.pop(ep, None) or SubreceiverStats(ep) for ep in rc.forwarding.subreceivers]
-        self.retired_subreceivers.extend(kept.values())  # their outputs drain, then close
+        self.ledger.subscribe(rc.forwarding.subreceivers)  # removed ones' outputs drain, then close
         if self.recorder is not None and (rc.forwarding.mode is not Mode.DISABLED
                                           or self.recorder.rc.recording != rc.recording):
-            self._retire_recorder()  # completes the current file before a new recorder takes the directory
+            self._retire_recorder()
         if rc.forwarding.mode is Mode.DISABLED and self.recorder is None:
             self.recorder = self._new_recorder(rc)
         forwarding = self._forwarding()
-        for session in self.sessions:
-            if session.state is Lifecycle.OPEN:
-                session.configure(forwarding)
+        for session in self._open():
+            session.configure(forwarding)
         self.log.info("reconfigured", mode=rc.forwarding.mode.value,
                       subreceivers=[str(e) for e in rc.forwarding.subreceivers], sessions=len(self.sessions))
 
     def _retire_recorder(self) -> None:
-        self.recorder.close()
-        self.retired_drops += self.recorder.drops
-        self.recorder = None
+        """Complete the recorder's file (before another recorder, or a successor, takes the directory)."""
+        if self.recorder is not None:
+            self.recorder.close()
+            self.ledger.recorder_closed(self.recorder.drops)
+            self.recorder = None
 
     # -- stop ----------------------------------------------------------------------------------
     def stop(self) -> None:
@@ -346,146 +280,80 @@ class Handler:
         if self.stopping:
             return
         self.log.info("handler_stopping", sessions=len(self.sessions))
-        conn = self._close_handover_conn()
-        if conn is not None:
-            conn.close()
+        if self.successor is not None:
+            self.successor.cancel()
+            self.successor = None
         self.listener.stop(drain=True)
-        self.listening = False
-        self._begin_stop()
-
-    def _begin_stop(self) -> None:
-        self.stopping = True
-        self._stop_deadline = time.monotonic() + DRAIN_TIMEOUT
+        self._stop_at = time.monotonic() + DRAIN_TIMEOUT
 
     def _done(self) -> bool:
         if not self.stopping:
             return False
         pending = any(not q.idle for s in self.sessions for q in s.queues if q.state is not State.CLOSED)
-        return not pending or time.monotonic() >= self._stop_deadline
+        return not pending or time.monotonic() >= self._stop_at
 
-    def run(self, predecessor: socket.socket | None = None) -> int:
+    def run(self, predecessor: socket.socket | None = None) -> Exit:
         self.start(predecessor)
         self.loop.run(until=self._done)
-        self._finish()
-        return self.exit_code
+        return self._finish()
 
-    def _finish(self) -> None:
+    def _finish(self) -> Exit:
         """Close what is left (counted); exit non-zero when anything was lost over the handler's life."""
-        lost_before = self.drops()
+        lost_before = self._loss().drops
         for session in list(self.sessions):
             for queue in list(session.queues):
                 queue.close()
         if self.recorder is not None:
             self.recorder.close()
-        if self.drops():
-            self.log.error("handler_stopped_with_loss", unsent_messages=self.drops() - lost_before,
-                           drain_timeout=DRAIN_TIMEOUT, drops=self.drops(), drops_by_reason=self.drops_by_reason()[0])
-            self.exit_code = 1
+        loss = self._loss()
+        if loss.drops:
+            self.log.error("handler_stopped_with_loss", unsent_messages=loss.drops - lost_before,
+                           drain_timeout=DRAIN_TIMEOUT, drops=loss.drops, drops_by_reason=loss.drops_by_reason)
         self.write_status()
-        self.log.info("handler_stopped", msgs_in=self.counters.msgs_in, drops=self.drops())
+        self.log.info("handler_stopped", msgs_in=self.counters.msgs_in, drops=loss.drops)
+        return Exit.FAILED if loss.drops else Exit.OK
 
     # -- status --------------------------------------------------------------------------------
-    def _rcvbuf_overflow(self) -> int:
-        """The kernel's drops on the UDP listening socket since this process took it (a counter per
-        process like the others, docs/operations.md "Metrics"); the last value read stays once the socket is closed."""
-        listener = self.listener
-        if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
-            n = kernel_drops(listener.sock)
-            if n is not None:
-                self.overflow = n - self._overflow_base
-        return self.overflow
-
-    def drops(self) -> int:
-        total = self.retired_drops + sum(s.drops for s in self.subreceivers + self.retired_subreceivers)
-        if self.recorder is not None:
-            total += self.recorder.drops
-        return total
-
-    def drops_by_reason(self) -> tuple[dict[str, int], dict[str, int]]:
-        """Messages and records lost, per reason, over every subreceiver (a recorder's drops: ``recorder``)."""
-        msgs: dict[str, int] = {}
-        records: dict[str, int] = {}
-        for stats in self.subreceivers + self.retired_subreceivers:
-            for total, part in ((msgs, stats.drops_by_reason), (records, stats.drop_records_by_reason)):
-                for reason, n in part.items():
-                    total[reason] = total.get(reason, 0) + n
-        recorder = self.retired_drops + (self.recorder.drops if self.recorder is not None else 0)
-        if recorder:
-            msgs["recorder"] = recorder
-        return msgs, records
+    def _loss(self) -> Loss:
+        return self.ledger.loss(self.recorder.drops if self.recorder is not None else 0)
 
     def write_status(self) -> None:
-        if self.handed_over:
+        """Publish the status document (not once handed over: the file is the successor's then)."""
+        if self.status is None:
             return
-        rc, counters = self.rc, self.counters
-        cpu = os.times()
-        outs = self.subreceivers + self.retired_subreceivers
-        beat = time.monotonic()
-        rates = self.rates.update(beat, {
-            "cpu": cpu.user + cpu.system, "msgs_in": counters.msgs_in, "bytes_in": counters.bytes_in,
-            "msgs_out": sum(s.msgs_out for s in outs), "bytes_out": sum(s.bytes_out for s in outs)})
-        by_reason = self.drops_by_reason()
-        draining = self._bound_draining()
-        held = [q.held_counts() for s in self.sessions for q in s.queues]
-        doc = HandlerStatus(
-            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
-            beat=beat,
-            listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
-                                listening=self.listening),
-            mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset,
-            msgs_in=counters.msgs_in, bytes_in=counters.bytes_in,
-            malformed=sum(self.malformed.values()), malformed_by_reason=dict(self.malformed),
-            unknown_template=counters.unknown_template + sum(s.tracker.unknown_template for s in self.sessions
-                                                             if s.state is Lifecycle.OPEN),
-            connections=self.connections, connections_total=self.connections_total,
-            drops=self.drops(), drop_records=sum(by_reason[1].values()),
-            drops_by_reason=by_reason[0], drop_records_by_reason=by_reason[1],
-            limited=dict(self.listener.limited) if self.listener is not None else {},
-            queued_bytes=self.budget.used, memory_bytes=self.budget.limit, rcvbuf_overflow=self._rcvbuf_overflow(),
-            draining=len(draining), draining_bytes=sum(s.queued_bytes for s in draining),
-            queued_msgs=sum(m for m, _r in held), queued_records=sum(r for _m, r in held),
-            subreceivers=[SubreceiverStatus(**s.status()) for s in self.subreceivers],
+        listener = self.listener
+        if isinstance(listener, UdpListener) and listener.sock.fileno() >= 0:
+            self.ledger.kernel_drops(kernel_drops(listener.sock))  # docs/operations.md "Metrics"
+        self._bound_draining()
+        open_sessions = self._open()
+        self.status.write(
+            self.rc, listening=self.listening, msgs_in=self.counters.msgs_in, bytes_in=self.counters.bytes_in,
+            unknown_template=self.counters.unknown_template + sum(s.tracker.unknown_template for s in open_sessions),
+            loss=self._loss(), sent=self.ledger.sent(), held=held(self.sessions, self.budget),
+            subreceivers=[s.status() for s in self.ledger.subreceivers],
             recorder=None if self.recorder is None else self.recorder.status(),
-            period=STATUS_PERIOD, cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates,
-            sessions=list(itertools.islice((ExporterSessionStatus(s.peer, since, sorted(s.tracker.snapshot.odids()), s.msgs_in)
-                                            for s, since in self.opened.items() if s.state is Lifecycle.OPEN),
-                                           SESSIONS_LISTED)))
-        try:
-            self._write_status_file(doc.to_dict())
-        except OSError as exc:  # status is for operators: never a reason to drop traffic
-            if not self._status_error:
-                self.log.error("status_write_failed", path=self.status_path, reason=str(exc))
-            self._status_error = True
-        else:
-            self._status_error = False
+            sessions=(ExporterSessionStatus(s.peer, self.sessions[s], sorted(s.tracker.snapshot.odids()), s.msgs_in)
+                      for s in open_sessions),
+            connections=len(open_sessions), connections_total=self.counters.connections_total,
+            limited=dict(listener.limited) if listener is not None else {})
 
-
-    def _bound_draining(self) -> list[ExporterSession]:
+    def _bound_draining(self) -> None:
         """Sessions whose exporter left hold descriptors while they drain: at most MAX_SESSIONS of them. Past
         that the ones that left first are closed, what they hold counted (``drain_limit``): a flood of short
-        sessions while collectors are away must not hold the handler's descriptors. Returns those left."""
+        sessions while collectors are away must not hold the handler's descriptors."""
         excess = over_drain_limit(self.sessions, self.rc.limits.max_sessions)
         if excess:
             lost = sum(s.abandon(DRAIN_LIMIT) for s in excess)
             self.throttle.error("drain_limit", "drain_limit", sessions_closed=len(excess), unsent_messages=lost,
                                 max_sessions=self.rc.limits.max_sessions)
-        return [s for s in self.sessions if s.state is Lifecycle.DRAINING]
-
-    def _write_status_file(self, doc: dict) -> None:
-        """At the descriptor limit the status matters most: a descriptor kept in reserve is lent for the write."""
-        try:
-            rundir.write_json(self.status_path, doc)
-        except OSError as exc:
-            if exc.errno != errno.EMFILE or self._reserve_fd is None:
-                raise
-            os.close(self._reserve_fd)
-            try:
-                rundir.write_json(self.status_path, doc)
-            finally:
-                self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
 
 
-def main(control_fd: int, run_dir: str, log_format: str) -> int:
+def _templates(session: ExporterSession) -> list:
+    """The template messages of ``session``, for its successor to replay to new outputs."""
+    return session.tracker.snapshot.messages(lambda _odid: 0, 0)
+
+
+def main(control_fd: int, run_dir: str, log_format: str) -> Exit:
     """Entry point of ``ipfix-balancer handler``: read the settings (and, for a restart in place, the
     handover socket) from the supervisor's channel, set up the process, run, exit with the loop's verdict."""
     from . import logs
@@ -497,7 +365,7 @@ def main(control_fd: int, run_dir: str, log_format: str) -> int:
     except (OSError, ValueError, TypeError, KeyError, channel.ChannelError) as exc:
         logs.setup(log_format, stream="handler").error("handler_not_started", reason=f"no settings from the "
                                                        f"supervisor: {exc!r}")
-        return 70
+        return Exit.INTERNAL_ERROR
     control.setblocking(False)
     predecessor = socket.socket(fileno=fds[0]) if doc.get("handover") and fds else None
     log = logs.setup(log_format, stream=rc.stream, receiver=rc.index)
@@ -509,9 +377,9 @@ def main(control_fd: int, run_dir: str, log_format: str) -> int:
     try:
         return handler.run(predecessor)
     except ListenError as exc:
-        log.error("listen_failed", reason=str(exc), exit_code=EXIT_CANNOT_LISTEN)
-        return EXIT_CANNOT_LISTEN
+        log.error("listen_failed", reason=str(exc), exit_code=int(Exit.CANNOT_LISTEN))
+        return Exit.CANNOT_LISTEN
     except Exception:
         # An internal error must be loud and restartable: one traceback, non-zero exit.
         log.exception("handler_crashed")
-        return 70
+        return Exit.INTERNAL_ERROR

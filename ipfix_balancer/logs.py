@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import time
+from typing import Any, Protocol
 
 import structlog
 
@@ -26,6 +27,16 @@ _PRIORITY = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
 RING_ENV = "IPFIX_BALANCER_LOG_RING"
 RING_BYTES = 1 << 20
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+
+
+class Log(Protocol):
+    """What the product asks of a logger: one event and its fields per call. ``setup``'s structlog logger is
+    one, as are the tests' fakes (tests/fakes.py)."""
+
+    def debug(self, event: str, **fields: Any) -> object: ...
+    def info(self, event: str, **fields: Any) -> object: ...
+    def warning(self, event: str, **fields: Any) -> object: ...
+    def error(self, event: str, **fields: Any) -> object: ...
 
 
 def _journal_prefix(_logger, method: str, line: str) -> str:

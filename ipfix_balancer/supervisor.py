@@ -38,13 +38,14 @@ from .config.model import Config, Console, Mode, ReceiverConfig, live_change_imp
 from .config.parse import ConfigError, load
 from .control import channel, rundir
 from .control import reload as reload_outcome
+from .control.exits import Exit
 from .control.health import Watch
-from .control.metrics import MetricsServer
-from .control.ports import bind_failure, listen_failure
+from .control.metrics import MetricsService
+from .control.ports import bind_failure
 from .control.privileges import raise_fd_limit
 from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
-from .control.status import SupervisedHandler, SupervisorStatus
+from .control.status import SupervisedHandler, SupervisorStatus, write_supervisor_status
 
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
@@ -56,15 +57,6 @@ def _inherited(fd: int) -> socket.socket:
     """A channel descriptor that survived the re-execution; not to be inherited by the handlers."""
     os.set_inheritable(fd, False)
     return socket.socket(fileno=fd)
-
-
-def _read_token(path: str) -> str:
-    """The first line of a token file (ValueError when there is none)."""
-    with open(path) as f:
-        token = f.readline().strip()
-    if not token:
-        raise ValueError("holds no token")
-    return token
 
 
 def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
@@ -108,6 +100,10 @@ class Child:
     def name(self) -> str:
         return self.rc.name
 
+    def status(self) -> SupervisedHandler:
+        return SupervisedHandler(name=self.rc.name, stream=self.rc.stream, index=self.rc.index, pid=self.pid,
+                                 restarts=self.restarts, killed_msgs=self.killed[0], killed_records=self.killed[1])
+
 
 class ConsoleChild(Child):
     """The web console process (IPFIX_BALANCER_CONSOLE): restarted like a handler; it never sees traffic,
@@ -146,8 +142,7 @@ class Supervisor:
         self.notify = Notifier()
         self.ready_sent = False
         self.started_at = time.monotonic()
-        self.metrics: MetricsServer | None = None
-        self.metrics_at = None  # the endpoint and token self.metrics was asked for
+        self.metrics = MetricsService(lambda: self.watch.snapshot, log)
         self.unreadable: set[str] = set()  # handlers whose status document could not be read last turn
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -158,7 +153,7 @@ class Supervisor:
             for problem in err.problems:
                 self.log.error("config_invalid", config=self.config_path, problem=problem)
             self.log.error("not_started", reason=f"{len(err.problems)} configuration problem(s)")
-            return 2
+            return Exit.CONFIG_INVALID
         try:
             rundir.secure(self.run_dir)
             predecessors = self._read_adopt_file() if self.adopt else {}
@@ -166,11 +161,11 @@ class Supervisor:
                 self.lock_fd = rundir.lock(self.run_dir)
         except rundir.RunDirError as err:
             self.log.error("not_started", reason=str(err))
-            return 3
+            return Exit.CANNOT_START
         if self.lock_fd is None:
             self.log.error("not_started", reason=f"a supervisor already runs with run dir {self.run_dir}",
                            other_pid=rundir.lock_holder(self.run_dir))
-            return 3
+            return Exit.CANNOT_START
         if not predecessors:  # stale handler files from an earlier run would mislead status
             for path in rundir.handler_files(self.run_dir):
                 os.unlink(path)
@@ -188,7 +183,7 @@ class Supervisor:
             if name in self.children:
                 self.children[name].restarts = n
         self._write_status()  # also with no receivers: reload and the console's Apply look for it
-        self._serve_metrics()
+        self.metrics.serve(self.config.metrics, self.config.metrics_token_file)
         self._set_console(self.config.console)
         try:
             while not self.stopping:
@@ -201,8 +196,7 @@ class Supervisor:
                     self.log.exception("supervisor_turn_failed")
         finally:
             self.notify.send("STOPPING=1")
-            if self.metrics is not None:
-                self.metrics.close()
+            self.metrics.close()
             code = self._shutdown()
             try:
                 os.unlink(rundir.supervisor_pid_path(self.run_dir))
@@ -472,7 +466,7 @@ class Supervisor:
         self._set_console(None)  # first: no edits while handlers stop; its exit status says nothing about traffic
         clean = self._stop_children(list(self.children.values()), rundir.DRAIN_TIMEOUT + 5)
         self.log.info("supervisor_stopped", clean=clean)
-        return 0 if clean else 1
+        return Exit.OK if clean else Exit.FAILED
 
     # -- reload / rotation ---------------------------------------------------------------------
     def reload(self) -> bool:
@@ -528,7 +522,7 @@ class Supervisor:
             self._spawn(Child(fresh[name]))
         self.config = new
         self.watch.hang_seconds = new.hang_seconds
-        self._serve_metrics()
+        self.metrics.serve(self.config.metrics, self.config.metrics_token_file)
         self._set_console(new.console)
         self.log.info("reloaded", reconfigured=in_place, restarted=replaced, removed=removed, added=added)
         self._write_status()
@@ -564,34 +558,6 @@ class Supervisor:
         if not hung:
             self.notify.watchdog(now)
 
-    def _serve_metrics(self) -> None:
-        """(Re)start the metrics server when IPFIX_BALANCER_METRICS or its token changed. A failure is logged,
-        never fatal: metrics must not be the reason traffic is not forwarded. A token file that cannot be
-        read serves no metrics (rather than metrics to anyone)."""
-        endpoint, token_file = self.config.metrics, self.config.metrics_token_file
-        try:
-            token = _read_token(token_file) if endpoint is not None and token_file else ""
-        except (OSError, ValueError) as exc:
-            self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
-            endpoint = token = None
-        want = (endpoint, token)
-        if want == self.metrics_at:
-            return
-        if self.metrics is not None:
-            self.metrics.close()
-            self.metrics = None
-        self.metrics_at = want
-        if endpoint is None:
-            return
-        try:
-            family = socket.AF_INET6 if endpoint.ip_version == 6 else socket.AF_INET
-            self.metrics = MetricsServer(endpoint.host, endpoint.port, family, lambda: self.watch.snapshot, token)
-        except OSError as exc:
-            self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
-            return
-        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
-        self.log.info("metrics_serving", url=f"http://{host}:{endpoint.port}/metrics", token=bool(token))
-
     def _write_reload_outcome(self, outcome: reload_outcome.Outcome) -> None:
         """For ``ipfix-balancer reload`` and the console, which wait for it after their SIGHUP."""
         try:
@@ -607,10 +573,7 @@ class Supervisor:
 
     def _write_status(self) -> None:
         try:
-            doc = SupervisorStatus(pid=os.getpid(), config=self.config_path, handlers=[
-                SupervisedHandler(name=c.rc.name, stream=c.rc.stream, index=c.rc.index, pid=c.pid, restarts=c.restarts,
-                                  killed_msgs=c.killed[0], killed_records=c.killed[1])
-                for c in self.children.values()])
-            rundir.write_json(rundir.supervisor_status_path(self.run_dir), doc.to_dict())
+            write_supervisor_status(self.run_dir, SupervisorStatus(
+                pid=os.getpid(), config=self.config_path, handlers=[c.status() for c in self.children.values()]))
         except OSError as exc:  # status is for operators: never a reason to stop supervising
             self.log.error("status_write_failed", run_dir=self.run_dir, reason=str(exc))

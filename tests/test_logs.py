@@ -2,68 +2,57 @@
 
 from ipfix_balancer.logs import Throttle
 
-
-class Recorder:
-    def __init__(self):
-        self.lines = []
-
-    def warning(self, event, **fields):
-        self.lines.append((event, fields))
-
-    info = error = warning
+from fakes import FakeClock, Log
 
 
-class Clock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self):
-        return self.now
+def lines(log: Log) -> list:
+    """What was written, without the level: (event, fields)."""
+    return [(event, fields) for _level, event, fields in log.events]
 
 
 def test_one_line_per_event_and_source_per_interval_then_the_count():
-    log, clock = Recorder(), Clock()
+    log, clock = Log(), FakeClock()
     throttle = Throttle(log, interval=60, clock=clock)
     assert throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
     for _ in range(999):
         assert not throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
     assert throttle.warning("malformed_ipfix", "10.0.0.2", reason="bad_version"), "another source has its own window"
     assert throttle.warning("accept_failed", "10.0.0.1"), "another event has its own window"
-    clock.now += 59.9
+    clock.advance(59.9)
     assert not throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
-    clock.now += 0.1
+    clock.advance(0.1)
     assert throttle.warning("malformed_ipfix", "10.0.0.1", reason="short")
-    assert log.lines == [
+    assert lines(log) == [
         ("malformed_ipfix", {"reason": "bad_version"}),
         ("malformed_ipfix", {"reason": "bad_version"}),
         ("accept_failed", {}),
         ("malformed_ipfix", {"reason": "short", "suppressed": 1000}),
     ]
-    clock.now += 60
+    clock.advance(60)
     throttle.warning("malformed_ipfix", "10.0.0.1", reason="short")
-    assert log.lines[-1] == ("malformed_ipfix", {"reason": "short"}), "nothing suppressed: no count"
+    assert lines(log)[-1] == ("malformed_ipfix", {"reason": "short"}), "nothing suppressed: no count"
 
 
 def test_the_window_table_stays_bounded_under_a_flood_of_sources():
-    log, clock = Recorder(), Clock()
+    log, clock = Log(), FakeClock()
     throttle = Throttle(log, interval=60, clock=clock)
     for i in range(3 * Throttle.MAX_KEYS):
         throttle.info("exporter_connected", f"10.{i >> 16}.{(i >> 8) & 255}.{i & 255}")
-        clock.now += 0.1  # 7 minutes in all: every minute PER_EVENT new sources are heard
+        clock.advance(0.1)  # 7 minutes in all: every minute PER_EVENT new sources are heard
     assert len(throttle._windows) <= Throttle.MAX_KEYS
-    assert len(log.lines) <= (3 * Throttle.MAX_KEYS * 0.1 / 60 + 1) * Throttle.PER_EVENT
+    assert len(lines(log)) <= (3 * Throttle.MAX_KEYS * 0.1 / 60 + 1) * Throttle.PER_EVENT
 
 
 def test_one_event_from_many_sources_is_capped_overall_and_the_rest_counted():
-    log, clock = Recorder(), Clock()
+    log, clock = Log(), FakeClock()
     throttle = Throttle(log, interval=60, clock=clock)
     for i in range(2000):  # junk from 2,000 sources within a minute
         throttle.warning("malformed_ipfix", f"10.0.{i >> 8}.{i & 255}", reason="bad_version")
     assert throttle.warning("accept_failed", ""), "another event has its own cap"
-    assert len(log.lines) == Throttle.PER_EVENT + 1
-    clock.now += 60
+    assert len(lines(log)) == Throttle.PER_EVENT + 1
+    clock.advance(60)
     throttle.warning("malformed_ipfix", "10.0.0.0", reason="bad_version")
     held_back = 2000 - Throttle.PER_EVENT
-    assert log.lines[-1] == ("malformed_ipfix", {"reason": "bad_version", "suppressed_overall": held_back})
+    assert lines(log)[-1] == ("malformed_ipfix", {"reason": "bad_version", "suppressed_overall": held_back})
     throttle.warning("malformed_ipfix", "10.0.0.1", reason="bad_version")
-    assert log.lines[-1] == ("malformed_ipfix", {"reason": "bad_version"}), "counted once"
+    assert lines(log)[-1] == ("malformed_ipfix", {"reason": "bad_version"}), "counted once"

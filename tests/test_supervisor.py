@@ -7,10 +7,12 @@ from pathlib import Path
 
 from ipfix_balancer import config, supervisor
 from ipfix_balancer.config.host import LocalHost
+from ipfix_balancer.control.status import SupervisedHandler
 
 REPO = Path(__file__).resolve().parents[1]
 ALLOWED = ("ipfix_balancer.config", "ipfix_balancer.control")
-DECISIONS = ("ipfix_balancer.core", "ipfix_balancer.core.liveness")  # pure, no data plane: the hang decision
+# pure, no data plane: the hang decision, and the records core fills for the status contract
+DECISIONS = ("ipfix_balancer.core", "ipfix_balancer.core.liveness", "ipfix_balancer.core.records")
 
 
 def _allowed(module: str) -> bool:
@@ -61,3 +63,10 @@ def test_an_adopt_file_of_a_version_without_channels_means_stop_not_take_over(tm
     assert sup._read_adopt_file() == {rc.name: (4242, rc, None)}
     assert sup.retiring == {4343: None} and sup.lock_fd is None
     assert not (tmp_path / "supervisor.adopt.json").exists()
+
+
+def test_a_handlers_line_in_the_supervisors_document(monkeypatch):
+    monkeypatch.setattr(LocalHost, "local_addresses", lambda _self: set())
+    child = supervisor.Child(config.load_values({"IPFIX_FULLFLOW_PORT[0]": "1500"}, cpus=range(4)).receivers[0])
+    child.restarts, child.killed = 2, (5, 50)
+    assert child.status() == SupervisedHandler("fullflow[0]", "FULLFLOW", 0, None, 2, killed_msgs=5, killed_records=50)

@@ -10,6 +10,7 @@ import enum
 import functools
 import ipaddress
 import json
+from typing import Any
 
 STREAMS = ("FULLFLOW", "CLICKSTREAM", "DNSFLOW")
 MEMORY_BYTES_MAX = 1024 ** 3  # MEMORY_BYTES when not set, unless a quarter of the host's memory is less (derive)
@@ -96,7 +97,7 @@ class Limits:
         return any(ip in net for net in self._networks)
 
     @functools.cached_property
-    def _networks(self) -> list:
+    def _networks(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         """The ALLOW networks; an IPv4-mapped range (``::ffff:10.0.0.0/104``) as the IPv4 one it maps, since
         a peer's address is compared as IPv4 (``allows``)."""
         nets = [ipaddress.ip_network(net) for net in self.allow]
@@ -158,16 +159,16 @@ class ReceiverConfig:
             limits=Limits(**{**data.get("limits", {}), "allow": tuple(data.get("limits", {}).get("allow", ()))}))
 
 
-def _endpoints(items: list[dict]) -> tuple[Endpoint, ...]:
+def _endpoints(items: list[dict[str, Any]]) -> tuple[Endpoint, ...]:
     return tuple(Endpoint(**e) for e in items)
 
 
-def _nest_flat(data: dict) -> dict:
+def _nest_flat(data: dict[str, Any]) -> dict[str, Any]:
     """The flat form of releases before the settings groups. A supervisor restarted in place for an upgrade
     reads the running receivers from the adopt file its predecessor wrote in that form."""
     flat = {**data, "max_flows_per_file": data["fw_max_queue_size"]}
 
-    def group(cls) -> dict:
+    def group(cls: type) -> dict[str, Any]:
         return {f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat}  # newer keys: defaults
 
     return {"stream": flat["stream"], "index": flat["index"], "taskset": flat["taskset"], "listen": group(Listen),

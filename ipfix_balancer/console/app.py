@@ -61,7 +61,7 @@ SECURITY_HEADERS = {
 
 
 @dataclasses.dataclass
-class Session:
+class LoginSession:
     csrf: str
     authenticated: bool = False
     seen: float = dataclasses.field(default_factory=time.monotonic)
@@ -75,7 +75,7 @@ class ConsoleState:
     def __init__(self, settings: config_mod.Console, config_path: str, run_dir: str, token: str, log):
         self.settings, self.config_path, self.run_dir, self.token, self.log = \
             settings, config_path, run_dir, token, log
-        self.sessions: OrderedDict[str, Session] = OrderedDict()  # logged-in sessions only
+        self.sessions: OrderedDict[str, LoginSession] = OrderedDict()  # logged-in sessions only
         self.login_key = secrets.token_bytes(32)  # signs the login form's CSRF token
         self.failures = FailureThrottle()
         self.throttle = Throttle(log)  # failed and refused logins: one line per address per minute
@@ -84,7 +84,7 @@ class ConsoleState:
         self.templates.env.filters.update(utc=_utc, duration=_duration)
 
     # -- sessions --------------------------------------------------------------------------------
-    def session(self, request: Request) -> tuple[str, Session] | None:
+    def session(self, request: Request) -> tuple[str, LoginSession] | None:
         sid = request.cookies.get(COOKIE, "")
         found = self.sessions.get(sid)
         if found is None or time.monotonic() - found.seen > SESSION_IDLE:
@@ -94,10 +94,10 @@ class ConsoleState:
         self.sessions.move_to_end(sid)
         return sid, found
 
-    def new_session(self) -> tuple[str, Session]:
+    def new_session(self) -> tuple[str, LoginSession]:
         """A logged-in session (the only kind that is kept)."""
         sid = secrets.token_urlsafe(32)
-        self.sessions[sid] = found = Session(csrf=secrets.token_urlsafe(32), authenticated=True)
+        self.sessions[sid] = found = LoginSession(csrf=secrets.token_urlsafe(32), authenticated=True)
         while len(self.sessions) > MAX_SESSIONS:
             self.sessions.popitem(last=False)
         return sid, found
@@ -118,7 +118,7 @@ class ConsoleState:
                             path="/")
         return response
 
-    def render(self, request: Request, name: str, session: Session, status_code: int = 200, **context) -> Response:
+    def render(self, request: Request, name: str, session: LoginSession, status_code: int = 200, **context) -> Response:
         context.update(csrf=session.csrf, authenticated=session.authenticated, path=request.url.path)
         return self.templates.TemplateResponse(request, name, context, status_code=status_code,
                                                headers=SECURITY_HEADERS)
@@ -149,7 +149,7 @@ class ConsoleState:
                           "bytes_out": sum(s.bytes_out for s in d.subreceivers), **_drops(d.drops_by_reason)},
                 gauges={"queued_bytes": d.queued_bytes, "sessions": d.connections})
             for s in d.subreceivers:
-                self.history.record(sub_key(d.name, s.endpoint), now, at=d.time, state=s.state,
+                self.history.record(sub_key(d.name, s.subreceiver), now, at=d.time, state=s.state,
                                     counters={"msgs_out": s.msgs_out, "bytes_out": s.bytes_out,
                                               **_drops(s.drops_by_reason)},
                                     gauges={"queued_bytes": s.queued_bytes})
@@ -187,9 +187,9 @@ def _duration(seconds: float) -> str:
     return " ".join(f"{n} {unit}" for n, unit in parts[first:first + 2])
 
 
-def sub_key(handler: str, endpoint: str) -> str:
+def sub_key(handler: str, subreceiver: str) -> str:
     """A subreceiver's name in the history: its handler's and its own."""
-    return f"{handler} {endpoint}"
+    return f"{handler} {subreceiver}"
 
 
 def _drops(by_reason: dict[str, int]) -> dict[str, int]:
@@ -238,7 +238,7 @@ def _guarded(handler, method: str):
 # -- login -------------------------------------------------------------------------------------------
 def _login_form(console: ConsoleState, request: Request, status_code: int = 200, error: str = "") -> Response:
     """The login page, with a fresh signed CSRF token (no session: one is made only by a login)."""
-    form = Session(csrf=console.login_csrf(time.time()))
+    form = LoginSession(csrf=console.login_csrf(time.time()))
     return console.render(request, "login.html", form, status_code=status_code, error=error,
                           token_file=console.settings.token_file)
 
@@ -274,7 +274,7 @@ async def login(request: Request) -> Response:
     return console.set_cookie(RedirectResponse("/receivers", status_code=303), sid)
 
 
-async def logout(console: ConsoleState, request: Request, session: Session, form) -> Response:
+async def logout(console: ConsoleState, request: Request, session: LoginSession, form) -> Response:
     console.sessions.pop(request.cookies.get(COOKIE, ""), None)
     return RedirectResponse("/login", status_code=303)
 
@@ -287,26 +287,26 @@ async def _table(console: ConsoleState) -> dict:
     return {"rows": await run_in_threadpool(console.receiver_rows, text, report), "digest": envfile.digest(text)}
 
 
-async def receivers(console: ConsoleState, request: Request, session: Session) -> Response:
+async def receivers(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     message, problems = session.outcome or ([], [])
     session.outcome = None  # shown once: a refresh of the page shows the table alone
     return console.render(request, "receivers.html", session, message=message, problems=problems,
                           config_path=console.config_path, **await _table(console))
 
 
-def _outcome(session: Session, message: list[str] | None = None, problems: list[str] | None = None) -> Response:
+def _outcome(session: LoginSession, message: list[str] | None = None, problems: list[str] | None = None) -> Response:
     """Post/Redirect/Get: the outcome goes with the session to the receiver table, so refreshing the page
     the browser lands on submits nothing again."""
     session.outcome = (message or [], problems or [])
     return RedirectResponse("/receivers", status_code=303)
 
 
-async def receivers_table(console: ConsoleState, request: Request, session: Session) -> Response:
+async def receivers_table(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     """The table alone, for the page's refresh."""
     return console.render(request, "receivers_table.html", session, **await _table(console))
 
 
-def _form(console: ConsoleState, request: Request, session: Session, *, stream: str, index: int | None,
+def _form(console: ConsoleState, request: Request, session: LoginSession, *, stream: str, index: int | None,
           values: dict, digest: str, status_code: int = 200, errors: dict | None = None,
           problems: list[str] | None = None, original_stream: str | None = None) -> Response:
     """The receiver form; ``original_stream``/``index`` name the receiver being edited (index None: a new one),
@@ -319,13 +319,13 @@ def _form(console: ConsoleState, request: Request, session: Session, *, stream: 
                           first_error=next((f.param for f in fields.FIELDS if f.param in (errors or {})), None))
 
 
-async def new_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
+async def new_receiver(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     text = envfile.read(console.config_path)
     return _form(console, request, session, stream="FULLFLOW", index=None, values=fields.form_values({}),
                  digest=envfile.digest(text))
 
 
-async def edit_receiver(console: ConsoleState, request: Request, session: Session) -> Response:
+async def edit_receiver(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     stream, index = request.path_params["stream"], request.path_params["index"]
     text = envfile.read(console.config_path)
     written = envfile.EnvFile(text).receivers().get((stream, index))
@@ -335,7 +335,7 @@ async def edit_receiver(console: ConsoleState, request: Request, session: Sessio
                  digest=envfile.digest(text))
 
 
-async def apply_receiver(console: ConsoleState, request: Request, session: Session, form) -> Response:
+async def apply_receiver(console: ConsoleState, request: Request, session: LoginSession, form) -> Response:
     """Validate the edited file with check-config's checker, write it atomically, reload, show the outcome."""
     text = envfile.read(console.config_path)
     env = envfile.EnvFile(text)
@@ -374,7 +374,7 @@ async def apply_receiver(console: ConsoleState, request: Request, session: Sessi
     return await _write_and_reload(console, request, session, text, new_text)
 
 
-async def delete_receiver(console: ConsoleState, request: Request, session: Session, form) -> Response:
+async def delete_receiver(console: ConsoleState, request: Request, session: LoginSession, form) -> Response:
     stream, index = request.path_params["stream"], request.path_params["index"]
     text = envfile.read(console.config_path)
     if not hmac.compare_digest(str(form.get("digest", "")), envfile.digest(text)):
@@ -395,7 +395,7 @@ async def _check(console: ConsoleState, text: str) -> None:
     await run_in_threadpool(config_mod.load_text, text, console.config_path)
 
 
-async def _write_and_reload(console: ConsoleState, request: Request, session: Session, old: str, new: str) -> Response:
+async def _write_and_reload(console: ConsoleState, request: Request, session: LoginSession, old: str, new: str) -> Response:
     if new != old:
         envfile.write_atomic(console.config_path, new, old)
         console.log.info("console_config_written", config=console.config_path)
@@ -420,7 +420,7 @@ def _log_filters(request: Request) -> tuple[str, str, str]:
     return q.get("stream", ""), q.get("level", ""), q.get("q", "")
 
 
-async def logs_page(console: ConsoleState, request: Request, session: Session) -> Response:
+async def logs_page(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     stream, level, text = _log_filters(request)
     source, lines = await run_in_threadpool(console.log_lines, stream, level, text)
     name = "logs_table.html" if request.query_params.get("part") == "table" else "logs.html"
@@ -429,7 +429,7 @@ async def logs_page(console: ConsoleState, request: Request, session: Session) -
                           streams=["supervisor", "console", *envfile.TITLES])
 
 
-async def logs_download(console: ConsoleState, request: Request, session: Session) -> Response:
+async def logs_download(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     """Every line the filters match (of the last LOG_SCAN read), oldest first, one JSON document a line."""
     _source, lines = await run_in_threadpool(console.log_lines, *_log_filters(request), LOG_SCAN)
     body = "".join(json.dumps(doc, default=str) + "\n" for doc in reversed(lines))
@@ -438,7 +438,7 @@ async def logs_download(console: ConsoleState, request: Request, session: Sessio
         **SECURITY_HEADERS, "Content-Disposition": f'attachment; filename="ipfix-balancer-logs-{stamp}.jsonl"'})
 
 
-async def status_page(console: ConsoleState, request: Request, session: Session) -> Response:
+async def status_page(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     report = await run_in_threadpool(status_mod.collect, console.run_dir)
     name = "status_table.html" if request.query_params.get("part") == "table" else "status.html"
     now = time.time()
@@ -447,7 +447,7 @@ async def status_page(console: ConsoleState, request: Request, session: Session)
     return console.render(request, name, session, report=report, now=now, overview=overview)
 
 
-async def receiver_page(console: ConsoleState, request: Request, session: Session) -> Response:
+async def receiver_page(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     """One receiver: its charts, subreceivers, exporter sessions and recorder; the live part is refreshed."""
     stream, index = request.path_params["stream"], request.path_params["index"]
     if stream not in envfile.TITLES:
@@ -457,7 +457,7 @@ async def receiver_page(console: ConsoleState, request: Request, session: Sessio
     name = f"{stream.lower()}[{index}]"
     now = time.time()
     subs = [] if handler is None else [
-        (s, charts.charts(console.history, sub_key(name, s.endpoint), charts.SUBRECEIVER, now))
+        (s, charts.charts(console.history, sub_key(name, s.subreceiver), charts.SUBRECEIVER, now))
         for s in handler.doc.subreceivers]
     page = "receiver_live.html" if request.query_params.get("part") == "live" else "receiver.html"
     return console.render(request, page, session, receiver=name, stream=stream, index=index,
@@ -465,7 +465,7 @@ async def receiver_page(console: ConsoleState, request: Request, session: Sessio
                           charts=charts.charts(console.history, name, charts.HANDLER, now), subs=subs)
 
 
-async def home(console: ConsoleState, request: Request, session: Session) -> Response:
+async def home(console: ConsoleState, request: Request, session: LoginSession) -> Response:
     return RedirectResponse("/receivers", status_code=303)
 
 

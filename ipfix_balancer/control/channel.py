@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import socket
+from typing import Any
 
 MAX_MESSAGE = 1 << 20  # settings are a few KB; a longer message is refused, not cut
 
@@ -32,11 +33,11 @@ def handover_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
 
 
-def send(sock: socket.socket, doc: dict, fds: tuple[int, ...] = ()) -> None:
+def send(sock: socket.socket, doc: dict[str, Any], fds: tuple[int, ...] = ()) -> None:
     socket.send_fds(sock, [json.dumps(doc).encode()], list(fds))
 
 
-def receive(sock: socket.socket) -> tuple[dict, list[int]] | None:
+def receive(sock: socket.socket) -> tuple[dict[str, Any], list[int]] | None:
     """The next message and the descriptors that came with it; None at end-of-file (the peer is gone)."""
     data, fds, flags, _addr = socket.recv_fds(sock, MAX_MESSAGE, 4)
     if not data and not fds:

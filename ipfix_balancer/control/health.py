@@ -4,7 +4,7 @@
   ``hang_seconds`` (or none ``hang_seconds`` after the start) means the loop does not turn: hung, stopped
   (SIGSTOP), or stuck in the kernel. The supervisor replaces such a handler.
 - **Readiness**: every handler's current process listens (systemd's READY=1).
-- **Counters over restarts** (``CounterCarry``) and the ``Snapshot`` the metrics thread serves.
+- **Counters over restarts** (``CounterCarry``) and the ``MetricsSnapshot`` the metrics thread serves.
 """
 
 from __future__ import annotations
@@ -13,11 +13,16 @@ import contextlib
 import dataclasses
 import os
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from ..core import liveness
 from . import rundir
-from .metrics import DROPPED, DROPPED_RECORDS, HandlerView, Sample, Snapshot, counter_samples
+from .metrics import DROPPED, DROPPED_RECORDS, HandlerView, MetricsSnapshot, Sample, counter_samples
 from .status import load_handler_document
+
+if TYPE_CHECKING:
+    from ..config.model import ReceiverConfig
 
 KILLED = (("subreceiver", "handler"), ("reason", "handler_killed"))
 
@@ -29,12 +34,28 @@ class _Carried:
     offset: dict[Sample, float]  # counted by earlier processes (or before a counter restarted)
 
 
+class Child(Protocol):
+    """What ``Watch.turn`` reads of a handler the supervisor runs (``supervisor.Child``)."""
+
+    @property
+    def rc(self) -> ReceiverConfig: ...
+    @property
+    def pid(self) -> int | None: ...  # None while no process of it runs
+    @property
+    def started(self) -> float: ...  # when its process started, on the supervisor's monotonic clock
+    @property
+    def restarts(self) -> int: ...
+
+
+_Child = TypeVar("_Child", bound=Child)
+
+
 class CounterCarry:
     """A handler's counters summed over all its processes. When its pid changes (a restart, a restart in
     place) or a counter falls (a subreceiver removed and added again starts from 0), what had been counted
     becomes an offset, so an exported counter never goes backwards."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.handlers: dict[str, _Carried] = {}
 
     def see(self, name: str, pid: int, samples: dict[Sample, float]) -> dict[Sample, float]:
@@ -65,15 +86,15 @@ class CounterCarry:
         self.handlers.pop(name, None)
 
     # A supervisor restarting in place hands the carry to its successor through the run directory.
-    def to_json(self) -> dict:
-        def pairs(d: dict[Sample, float]) -> list:
+    def to_json(self) -> dict[str, Any]:
+        def pairs(d: dict[Sample, float]) -> list[list[Any]]:
             return [[name, [list(kv) for kv in labels], v] for (name, labels), v in d.items()]
         return {name: {"pid": c.pid, "last": pairs(c.last), "offset": pairs(c.offset)}
                 for name, c in self.handlers.items()}
 
     @classmethod
-    def from_json(cls, doc: dict) -> CounterCarry:
-        def samples(items: list) -> dict[Sample, float]:
+    def from_json(cls, doc: dict[str, Any]) -> CounterCarry:
+        def samples(items: list[Any]) -> dict[Sample, float]:
             return {(name, tuple(tuple(kv) for kv in labels)): v for name, labels, v in items}
         carry = cls()
         for name, c in doc.items():
@@ -85,24 +106,24 @@ class Watch:
     """Reads the handlers' documents for the supervisor; ``snapshot`` is read by the metrics thread (it is
     replaced whole on each turn, never changed in place)."""
 
-    def __init__(self, run_dir: str, hang_seconds: float):
+    def __init__(self, run_dir: str, hang_seconds: float) -> None:
         self.run_dir = run_dir
         self.hang_seconds = hang_seconds
         self.carry = CounterCarry()
-        self.snapshot = Snapshot(time.monotonic(), time.time(), hang_seconds)
+        self.snapshot = MetricsSnapshot(time.monotonic(), time.time(), hang_seconds)
         self.unreadable: dict[str, str] = {}  # handler name -> why its document could not be read this turn
 
-    def turn(self, children, now: float) -> list[tuple[object, float]]:
-        """Look at each child (the supervisor's ``Child``: rc, pid, started, restarts; ``now`` on the same
-        monotonic clock as ``started``). Returns the running ones without a heartbeat for more than
-        hang_seconds, with the seconds of silence (``core.liveness``). A document that could not be read
-        is no evidence either way: its handler keeps the view of the last turn and is named in
-        ``unreadable``."""
+    def turn(self, children: Iterable[_Child], now: float) -> list[tuple[_Child, float]]:
+        """Look at each child (``now`` on the same monotonic clock as ``started``). Returns the running ones
+        without a heartbeat for more than hang_seconds, with the seconds of silence (``core.liveness``). A
+        document that could not be read is no evidence either way: its handler keeps the view of the last turn
+        and is named in ``unreadable``."""
         wall, previous = time.time(), {h.name: h for h in self.snapshot.handlers}
         views, hung, self.unreadable = [], [], {}
         for child in children:
             rc, doc = child.rc, None
             if child.pid is not None:
+                beat: float | None | liveness.Unreadable
                 try:
                     doc = load_handler_document(rundir.handler_status_path(self.run_dir, rc.stream, rc.index))
                     doc = doc if doc is not None and doc.pid == child.pid else None
@@ -118,7 +139,7 @@ class Watch:
             counters = (self.carry.see(rc.name, doc.pid, counter_samples(doc)) if doc is not None
                         else self.carry.totals(rc.name))
             views.append(HandlerView(rc.name, rc.stream, rc.index, doc, child.restarts, counters))
-        self.snapshot = Snapshot(now, wall, self.hang_seconds, tuple(views))
+        self.snapshot = MetricsSnapshot(now, wall, self.hang_seconds, tuple(views))
         return hung
 
     def killed(self, name: str) -> tuple[int, int]:

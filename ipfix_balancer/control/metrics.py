@@ -1,7 +1,7 @@
 """Prometheus metrics (``GET /metrics``) and a health check (``GET /healthz``) from the handlers' status
 documents, served by a thread of the supervisor.
 
-The thread only formats the last ``Snapshot`` the supervisor's loop published (``health.Watch``): a scrape
+The thread only formats the last ``MetricsSnapshot`` the supervisor's loop published (``health.Watch``): a scrape
 reads no file, takes no lock the supervisor waits for and never reaches a handler, so neither the
 supervisor nor the traffic can be held up by it. Counters are the handlers' counters plus what earlier
 processes of the same handler had counted (``health.CounterCarry``), so they never go backwards across a
@@ -17,16 +17,30 @@ from __future__ import annotations
 import dataclasses
 import errno
 import hmac
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 from wsgiref.simple_server import WSGIRequestHandler, make_server
 
 from prometheus_client import CollectorRegistry, make_wsgi_app
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import ThreadingWSGIServer
 
+from .ports import listen_failure
 from .status import HandlerStatus, is_stale
+
+if TYPE_CHECKING:
+    from io import BufferedIOBase
+    from socket import socket as Socket
+    from typing import TypeAlias
+    from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
+
+    from ..config.model import Endpoint
+    from ..logs import Log
+
+    Request: TypeAlias = Socket | tuple[bytes, Socket]  # socketserver's: a connection, or a datagram and socket
 
 Labels = tuple[tuple[str, str], ...]
 Sample = tuple[str, Labels]  # (counter name without _total, labels)
@@ -70,7 +84,7 @@ def counter_samples(doc: HandlerStatus) -> dict[Sample, float]:
     for reason, n in doc.malformed_by_reason.items():
         out["ipfix_balancer_malformed", (("reason", reason),)] = n
     for sub in doc.subreceivers:
-        s = (("subreceiver", sub.endpoint),)
+        s = (("subreceiver", sub.subreceiver),)
         out["ipfix_balancer_messages_sent", s] = sub.msgs_out
         out["ipfix_balancer_bytes_sent", s] = sub.bytes_out
         for reason, n in {**sub.drops_by_reason, **_rest(sub.drops, sub.drops_by_reason)}.items():
@@ -99,7 +113,7 @@ def gauge_samples(doc: HandlerStatus) -> Iterator[tuple[str, Labels, float]]:
     yield "ipfix_balancer_draining_bytes", (), doc.draining_bytes
     yield "ipfix_balancer_handler_cpu_percent", (), doc.cpu_percent
     for sub in doc.subreceivers:
-        s = (("subreceiver", sub.endpoint),)
+        s = (("subreceiver", sub.subreceiver),)
         yield "ipfix_balancer_subreceiver_up", s, 1 if sub.state == "up" else 0
         yield "ipfix_balancer_queue_bytes", s, sub.queued_bytes
     if doc.recorder is not None:
@@ -117,12 +131,12 @@ class HandlerView:
     restarts: int
     counters: dict[Sample, float]  # carried over earlier processes of this handler
 
-    def fresh(self, taken: Snapshot) -> bool:
+    def fresh(self, taken: MetricsSnapshot) -> bool:
         return self.doc is not None and not is_stale(self.doc, taken.mono, taken.wall)
 
 
 @dataclasses.dataclass(frozen=True)
-class Snapshot:
+class MetricsSnapshot:
     """What the supervisor's loop saw at ``mono`` (its monotonic clock; ``wall``: the wall clock at the same
     moment, for documents of older handlers). Freshness is judged at that moment, so a supervisor busy for a
     few seconds (waiting for a replaced handler to drain) does not make every handler look stale; the
@@ -133,7 +147,7 @@ class Snapshot:
     handlers: tuple[HandlerView, ...] = ()
 
 
-def health(snapshot: Snapshot, now: float) -> tuple[bool, str]:
+def health(snapshot: MetricsSnapshot, now: float) -> tuple[bool, str]:
     """(the supervisor turns and every handler runs with a fresh status, one line per handler); ``now`` on
     the monotonic clock."""
     lines = []
@@ -156,11 +170,12 @@ def health(snapshot: Snapshot, now: float) -> tuple[bool, str]:
 class _Collector:
     """Builds every family at scrape time from the latest snapshot."""
 
-    def __init__(self, snapshot: Callable[[], Snapshot]):
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot]) -> None:
         self.snapshot = snapshot
 
-    def collect(self):
+    def collect(self) -> Iterator[Metric]:
         snapshot = self.snapshot()
+        families: dict[str, CounterMetricFamily | GaugeMetricFamily]
         families = {name: CounterMetricFamily(name, text, labels=("stream", "receiver") + extra)
                     for name, (text, extra) in COUNTERS.items()}
         families[RESTARTS] = CounterMetricFamily(RESTARTS, "Times the supervisor started the handler again "
@@ -189,10 +204,10 @@ class _Bounded:
     either it reads as end-of-file, which ``http.server`` answers with 400 or a close: a connection that
     trickles or never finishes its request cannot hold a thread and a descriptor for long."""
 
-    def __init__(self, raw, deadline: float):
+    def __init__(self, raw: BufferedIOBase, deadline: float) -> None:
         self.raw, self.left, self.deadline = raw, MAX_REQUEST, deadline
 
-    def _take(self, read, size: int | None) -> bytes:
+    def _take(self, read: Callable[[int], bytes], size: int | None) -> bytes:
         n = 0 if time.monotonic() > self.deadline else self.left if size is None or size < 0 else min(size, self.left)
         data = read(n) if n else b""
         self.left -= len(data)
@@ -213,9 +228,11 @@ class _QuietHandler(WSGIRequestHandler):
 
     def setup(self) -> None:
         super().setup()
-        self.rfile = _Bounded(self.rfile, time.monotonic() + REQUEST_SECONDS)
+        # http.server reads the request through readline, read and close only: _Bounded has those (typeshed
+        # declares rfile a BufferedIOBase, which it is not)
+        self.rfile = _Bounded(self.rfile, time.monotonic() + REQUEST_SECONDS)  # type: ignore[assignment]
 
-    def log_message(self, *args) -> None:  # scrapes every 15 s would flood the journal
+    def log_message(self, format: str, *args: Any) -> None:  # scrapes every 15 s would flood the journal
         pass
 
 
@@ -224,11 +241,11 @@ class _CappedServer(ThreadingWSGIServer):
     supervisor); one over the cap is closed at once. An accept that fails (descriptors exhausted) waits a
     little instead of spinning on the listening socket."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         super().__init__(*args, **kwargs)
 
-    def get_request(self):
+    def get_request(self) -> tuple[Socket, Any]:
         try:
             return super().get_request()
         except OSError as exc:
@@ -236,7 +253,7 @@ class _CappedServer(ThreadingWSGIServer):
                 time.sleep(0.1)
             raise
 
-    def process_request(self, request, client_address) -> None:
+    def process_request(self, request: Request, client_address: Any) -> None:
         if not self.slots.acquire(blocking=False):
             self.shutdown_request(request)
             return
@@ -246,23 +263,32 @@ class _CappedServer(ThreadingWSGIServer):
             self.slots.release()
             raise
 
-    def process_request_thread(self, request, client_address) -> None:
+    def process_request_thread(self, request: Request, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
             self.slots.release()
 
 
+def read_token(path: str) -> str:
+    """The first line of IPFIX_BALANCER_METRICS_TOKEN_FILE (ValueError when there is none)."""
+    with open(path) as f:
+        token = f.readline().strip()
+    if not token:
+        raise ValueError("holds no token")
+    return token
+
+
 class MetricsServer:
     """``GET /metrics`` (Prometheus text format) and ``GET /healthz`` (200 / 503) on host:port."""
 
-    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], Snapshot], token: str = ""):
+    def __init__(self, host: str, port: int, family: int, snapshot: Callable[[], MetricsSnapshot], token: str = ""):
         """``token``: when set, ``GET /metrics`` answers 401 without ``Authorization: Bearer <token>``."""
         registry = CollectorRegistry()
         registry.register(_Collector(snapshot))
-        metrics = make_wsgi_app(registry)
+        metrics: WSGIApplication = make_wsgi_app(registry)
 
-        def app(environ, start_response):
+        def app(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
             if path == "/healthz":
                 ok, text = health(snapshot(), time.monotonic())
@@ -280,10 +306,49 @@ class MetricsServer:
             return [b"GET /metrics or /healthz\n"]
 
         server_class = type("MetricsHTTPServer", (_CappedServer,), {"address_family": family})
-        self.httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
+        self.httpd: _CappedServer = make_server(host, port, app, server_class, handler_class=_QuietHandler)
         self.thread = threading.Thread(target=self.httpd.serve_forever, name="metrics", daemon=True)
         self.thread.start()
 
     def close(self) -> None:
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+class MetricsService:
+    """The supervisor's metrics server as configured: (re)started when IPFIX_BALANCER_METRICS or its token
+    changed. A failure is logged, never fatal: metrics must not be the reason traffic is not forwarded. A
+    token file that cannot be read serves no metrics (rather than metrics to anyone)."""
+
+    def __init__(self, snapshot: Callable[[], MetricsSnapshot], log: Log) -> None:
+        self.snapshot = snapshot
+        self.log = log
+        self.server: MetricsServer | None = None
+        self._asked: tuple[Endpoint | None, str] | None = None  # the endpoint and token the server was asked for
+
+    def serve(self, endpoint: Endpoint | None, token_file: str | None) -> None:
+        """``endpoint``: None for no metrics."""
+        try:
+            token = read_token(token_file) if endpoint is not None and token_file else ""
+        except (OSError, ValueError) as exc:
+            self.log.error("metrics_failed", reason=f"IPFIX_BALANCER_METRICS_TOKEN_FILE {token_file}: {exc}")
+            endpoint, token = None, ""  # as when no metrics are configured: no server
+        if (endpoint, token) == self._asked:
+            return
+        self.close()
+        self._asked = (endpoint, token)
+        if endpoint is None:
+            return
+        try:
+            family = socket.AF_INET6 if endpoint.ip_version == 6 else socket.AF_INET
+            self.server = MetricsServer(endpoint.host, endpoint.port, family, self.snapshot, token)
+        except OSError as exc:
+            self.log.error("metrics_failed", reason=listen_failure("tcp", endpoint.host, endpoint.port, exc))
+            return
+        host = f"[{endpoint.host}]" if ":" in endpoint.host else endpoint.host
+        self.log.info("metrics_serving", url=f"http://{host}:{endpoint.port}/metrics", token=bool(token))
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            self.server = None

@@ -12,6 +12,10 @@ import os
 import pwd
 import resource
 import sys
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..config.model import Config
 
 SERVICE_USER = "ipfix-balancer"  # created by the RPM; $IPFIX_BALANCER_USER overrides, empty: never drop
 CAP_NET_BIND_SERVICE = 10
@@ -22,7 +26,7 @@ _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def capabilities(config) -> tuple[str, ...]:
+def capabilities(config: Config) -> tuple[str, ...]:
     """What a configuration needs beyond an ordinary user: CAP_NET_BIND_SERVICE for a port < 1024,
     CAP_NET_RAW for source-address preservation (BALANCER_SUB_SOURCE=exporter writes raw IPv4 datagrams)."""
     needs = {"CAP_NET_BIND_SERVICE": any(rc.listen.port < 1024 for rc in config.receivers),

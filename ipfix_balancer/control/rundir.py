@@ -18,6 +18,7 @@ import json
 import os
 import stat
 import tempfile
+from typing import Any
 
 DEFAULT_RUN_DIR = "/run/fast_ipfix_balancer"
 DRAIN_TIMEOUT = 10.0  # seconds a handler flushes queues at stop and at session end while a collector is down
@@ -62,12 +63,12 @@ def log_ring_path(run_dir: str) -> str:
     return os.path.join(run_dir, _LOG_RING)
 
 
-def _handler_stem(run_dir: str, stream: str, index: int) -> str:
+def _handler_stem(run_dir: str, stream: str, index: int | str) -> str:
     return os.path.join(run_dir, f"{_HANDLER_PREFIX}{stream.lower()}-{index}")
 
 
-def handler_status_path(run_dir: str, stream: str, index: int) -> str:
-    """``handler-<stream>-<index>.json``: the handler's counters, rewritten every second."""
+def handler_status_path(run_dir: str, stream: str, index: int | str) -> str:
+    """``handler-<stream>-<index>.json``: the handler's counters, rewritten every second (a str index: a glob)."""
     return _handler_stem(run_dir, stream, index) + ".json"
 
 
@@ -161,11 +162,11 @@ def write_atomic(path: str, text: str) -> None:
         raise
 
 
-def write_json(path: str, doc: dict) -> None:
+def write_json(path: str, doc: dict[str, Any]) -> None:
     write_atomic(path, json.dumps(doc))
 
 
-def load_json(path: str) -> dict | None:
+def load_json(path: str) -> dict[str, Any] | None:
     """The document at path, or None when it is missing or not JSON. Any other failure to read it (EMFILE,
     EACCES, ELOOP: a symlink) raises OSError: "could not look" must never pass for "nothing there"."""
     try:
@@ -174,12 +175,13 @@ def load_json(path: str) -> dict | None:
         return None
     with open(fd) as f:
         try:
-            return json.load(f)
+            doc: dict[str, Any] = json.load(f)  # what the balancer writes here; another JSON value is not checked
+            return doc
         except ValueError:
             return None
 
 
-def read_json(path: str) -> dict | None:
+def read_json(path: str) -> dict[str, Any] | None:
     """The document at path, or None when it is missing or unreadable (for readers to whom both mean
     "nothing to show")."""
     try:

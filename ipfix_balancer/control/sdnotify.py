@@ -9,10 +9,11 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Mapping
 
 
 class Notifier:
-    def __init__(self, environ=os.environ):
+    def __init__(self, environ: Mapping[str, str] = os.environ) -> None:
         address = environ.get("NOTIFY_SOCKET", "")
         self.address = "\0" + address[1:] if address.startswith("@") else address  # '@': abstract namespace
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) if self.address else None

@@ -10,43 +10,50 @@ restart in place for an upgrade) still reads.
 from __future__ import annotations
 
 import dataclasses
+import errno
+import itertools
+import os
 import time
-from typing import Any
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import psutil
 
 from ..core import liveness
+from ..core.records import Held, Loss, SubreceiverStatus
 from . import rundir
 from .signals import SUPERVISOR_NAME
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
-def _known(cls, doc: dict, **nested) -> Any:
+    from ..config.model import ReceiverConfig
+    from ..logs import Log
+
+_Doc = TypeVar("_Doc", bound="DataclassInstance")
+
+
+def _known(cls: type[_Doc], doc: dict[str, Any], **nested: Any) -> _Doc:
     """cls from the keys of doc that are its fields, with nested documents already converted."""
     names = {f.name for f in dataclasses.fields(cls)}
     return cls(**{k: v for k, v in doc.items() if k in names and k not in nested}, **nested)
 
 
-@dataclasses.dataclass
-class SubreceiverStatus:
-    """Counters for one subreceiver, summed over every output session to it."""
-    endpoint: str
-    state: str  # up | probation | stalled | down | idle (no exporter session open)
-    sessions: int
-    msgs_out: int
-    bytes_out: int
-    drops: int  # messages lost: the sum of drops_by_reason
-    queued_bytes: int
-    last_error: str = ""
-    drop_records: int = 0
-    drops_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
-    drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
-    resent: int = 0  # written but not acknowledged when a connection failed: sent again
-    unacked_bytes: int = 0  # written, not yet acknowledged by the collector's TCP
-    draining: int = 0  # outputs of sessions whose exporter left, still delivering
+#: the old name of a subreceiver's ``subreceiver`` key, still written for tools that read it: deprecated,
+#: to be dropped in the release after next (README "Status")
+DEPRECATED_ENDPOINT = "endpoint"
 
-    @classmethod
-    def from_dict(cls, doc: dict) -> SubreceiverStatus:
-        return _known(cls, doc)
+
+def _subreceiver(doc: dict[str, Any]) -> SubreceiverStatus:
+    """A subreceiver's entry; one written by an older release names it ``endpoint`` only."""
+    if "subreceiver" not in doc and DEPRECATED_ENDPOINT in doc:
+        doc = {**doc, "subreceiver": doc[DEPRECATED_ENDPOINT]}
+    return _known(SubreceiverStatus, doc)
+
+
+def _subreceiver_dict(sub: SubreceiverStatus) -> dict[str, Any]:
+    doc = dataclasses.asdict(sub)
+    return {"subreceiver": sub.subreceiver, DEPRECATED_ENDPOINT: sub.subreceiver, **doc}
 
 
 @dataclasses.dataclass
@@ -59,7 +66,7 @@ class ExportTargetStatus:
     error: str = ""
 
     @classmethod
-    def from_dict(cls, doc: dict) -> ExportTargetStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> ExportTargetStatus:
         return _known(cls, doc)
 
 
@@ -92,7 +99,7 @@ class RecorderStatus:
     exports: list[ExportTargetStatus] = dataclasses.field(default_factory=list)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> RecorderStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> RecorderStatus:
         return _known(cls, doc, exports=[ExportTargetStatus.from_dict(t) for t in doc.get("exports", [])])
 
 
@@ -147,7 +154,7 @@ class HandlerStatus:
     drop_records_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)
     limited: dict[str, int] = dataclasses.field(default_factory=dict)  # sessions refused/closed by a limit, by reason
     queued_bytes: int = 0  # every send queue together, with the copies kept until acknowledged (MEMORY_BYTES)
-    memory_bytes: int = 0
+    memory_bytes: float = 0  # MEMORY_BYTES (core.records.Held): an int in a handler
     rcvbuf_overflow: int = 0  # UDP: datagrams the kernel dropped on the listening socket (buffer full)
     draining: int = 0  # sessions whose exporter left, their outputs still delivering (DRAIN_SECONDS)
     draining_bytes: int = 0  # what those still hold
@@ -161,17 +168,18 @@ class HandlerStatus:
         return wall - self.time if self.beat is None else mono - self.beat
     sessions: list[ExporterSessionStatus] = dataclasses.field(default_factory=list)  # the first SESSIONS_LISTED
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         doc = dataclasses.asdict(self)
+        doc["subreceivers"] = [_subreceiver_dict(s) for s in self.subreceivers]
         if self.recorder is None:
             del doc["recorder"]
         return doc
 
     @classmethod
-    def from_dict(cls, doc: dict) -> HandlerStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> HandlerStatus:
         recorder = doc.get("recorder")
         return _known(cls, doc, listen=_known(ListenStatus, doc["listen"]),
-                      subreceivers=[SubreceiverStatus.from_dict(s) for s in doc.get("subreceivers", [])],
+                      subreceivers=[_subreceiver(s) for s in doc.get("subreceivers", [])],
                       sessions=[_known(ExporterSessionStatus, s) for s in doc.get("sessions", [])],
                       recorder=None if recorder is None else RecorderStatus.from_dict(recorder))
 
@@ -184,7 +192,7 @@ class PeriodRates:
     CPU seconds at every status write, so each document carries rates and %CPU of the last period and
     ``status`` needs no sampling of its own (a reader's two quick samples would measure nothing)."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self._last: tuple[float, dict[str, float]] | None = None
 
     def update(self, now: float, counters: dict[str, float]) -> dict[str, float]:
@@ -194,6 +202,69 @@ class PeriodRates:
         elapsed = now - last[0]
         # never negative: a subreceiver removed by a reload takes its counters out of the sum
         return {k: max(0.0, (v - last[1].get(k, 0)) / elapsed) for k, v in counters.items()}
+
+
+STATUS_PERIOD = 1.0  # seconds between two handler documents: the heartbeat
+
+
+class HandlerStatusWriter:
+    """Builds a handler's document from the typed records its parts report, and writes it (every
+    STATUS_PERIOD). Rates and %CPU are over the period since the last write. Status is for operators, never
+    a reason to drop traffic: a failed write is logged once per episode; at the descriptor limit, where the
+    status matters most, a descriptor kept in reserve is lent for the write."""
+
+    def __init__(self, path: str, log: Log) -> None:
+        self.path = path
+        self.log = log
+        self.started = time.time()
+        self._rates = PeriodRates()
+        self._failing = False
+        self._reserve_fd: int | None = os.open(os.devnull, os.O_RDONLY)
+
+    def write(self, rc: ReceiverConfig, *, listening: bool, msgs_in: int, bytes_in: int, unknown_template: int,
+              loss: Loss, sent: tuple[int, int], held: Held, subreceivers: list[SubreceiverStatus],
+              recorder: RecorderStatus | None, sessions: Iterable[ExporterSessionStatus], connections: int,
+              connections_total: int, limited: dict[str, int]) -> None:
+        """``sent``: messages and bytes handed to subreceivers; ``sessions``: the open ones (the first
+        SESSIONS_LISTED are listed)."""
+        cpu = os.times()
+        beat = time.monotonic()
+        rates = self._rates.update(beat, {"cpu": cpu.user + cpu.system, "msgs_in": msgs_in, "bytes_in": bytes_in,
+                                          "msgs_out": sent[0], "bytes_out": sent[1]})
+        doc = HandlerStatus(
+            stream=rc.stream, index=rc.index, name=rc.name, pid=os.getpid(), started=self.started, time=time.time(),
+            beat=beat, listen=ListenStatus(proto=rc.listen.port_type, bind=rc.listen.bind, port=rc.listen.port,
+                                           listening=listening),
+            mode=rc.forwarding.mode.value, dpi_id=rc.recording.dpi_id, cpu=rc.taskset, msgs_in=msgs_in,
+            bytes_in=bytes_in, malformed=loss.malformed, malformed_by_reason=loss.malformed_by_reason,
+            unknown_template=unknown_template, connections=connections, connections_total=connections_total,
+            drops=loss.drops, drop_records=loss.drop_records, drops_by_reason=loss.drops_by_reason,
+            drop_records_by_reason=loss.drop_records_by_reason, limited=limited, queued_bytes=held.queued_bytes,
+            memory_bytes=held.memory_bytes, rcvbuf_overflow=loss.rcvbuf_overflow, draining=held.draining,
+            draining_bytes=held.draining_bytes, queued_msgs=held.queued_msgs, queued_records=held.queued_records,
+            subreceivers=subreceivers, recorder=recorder, period=STATUS_PERIOD,
+            cpu_percent=round(100 * rates.pop("cpu"), 1), rates=rates,
+            sessions=list(itertools.islice(sessions, SESSIONS_LISTED)))
+        try:
+            self._write(doc.to_dict())
+        except OSError as exc:
+            if not self._failing:
+                self.log.error("status_write_failed", path=self.path, reason=str(exc))
+            self._failing = True
+        else:
+            self._failing = False
+
+    def _write(self, doc: dict[str, Any]) -> None:
+        try:
+            rundir.write_json(self.path, doc)
+        except OSError as exc:
+            if exc.errno != errno.EMFILE or self._reserve_fd is None:
+                raise
+            os.close(self._reserve_fd)
+            try:
+                rundir.write_json(self.path, doc)
+            finally:
+                self._reserve_fd = os.open(os.devnull, os.O_RDONLY)
 
 
 @dataclasses.dataclass
@@ -214,12 +285,16 @@ class SupervisorStatus:
     config: str
     handlers: list[SupervisedHandler]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, doc: dict) -> SupervisorStatus:
+    def from_dict(cls, doc: dict[str, Any]) -> SupervisorStatus:
         return _known(cls, doc, handlers=[_known(SupervisedHandler, h) for h in doc.get("handlers", [])])
+
+
+def write_supervisor_status(run_dir: str, doc: SupervisorStatus) -> None:
+    rundir.write_json(rundir.supervisor_status_path(run_dir), doc.to_dict())
 
 
 def read_supervisor_status(run_dir: str) -> SupervisorStatus | None:
@@ -255,7 +330,7 @@ class HandlerReport:
     restarts: int | None = None  # from the supervisor's document
     killed: tuple[int, int] = (0, 0)  # from the supervisor's document: messages, records lost with killed processes
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         observed = {"psr": self.psr, "rss": self.rss, "restarts": self.restarts,
                     "handler_killed": list(self.killed) if self.killed[0] else None}
         return {**self.doc.to_dict(), "alive": self.alive, "stale": self.stale,
@@ -271,7 +346,7 @@ class StatusReport:
     run_dir: str
     handlers: list[HandlerReport]
 
-    def to_dict(self) -> dict:
+    def to_dict(self) -> dict[str, Any]:
         return {"running": self.running, "supervisor_pid": self.supervisor_pid, "config": self.config,
                 "run_dir": self.run_dir, "handlers": [h.to_dict() for h in self.handlers]}
 
@@ -389,7 +464,7 @@ def render(report: StatusReport) -> str:
             f"{rate['bytes_in'] / 1e6:>8.1f}{rate['bytes_out'] / 1e6:>9.1f}{d.drops:>8}{d.malformed:>10}"
             f"{d.connections:>5}{'-' if h.restarts is None else h.restarts:>9}  {int(h.uptime)}s{state}")
         for sub in d.subreceivers:
-            lines.append(f"    -> {sub.endpoint:<28}{sub.state:<8} msgs_out={sub.msgs_out} "
+            lines.append(f"    -> {sub.subreceiver:<28}{sub.state:<8} msgs_out={sub.msgs_out} "
                          f"bytes_out={sub.bytes_out} drops={sub.drops}{_reasons(sub)} queued={_size(sub.queued_bytes)}"
                          + (f" resent={sub.resent}" if sub.resent else "")
                          + (f" error={sub.last_error!r}" if sub.last_error else ""))

@@ -2,45 +2,72 @@
 
 Both keep every collector able to decode what it gets: a message carrying template sets reaches every
 output (for a mixed message, the chosen output gets the message and the others a copy holding only its
-template sets, so no data record is ever duplicated). The recorder is the third dispatcher.
+template sets, so no data record is ever duplicated). The recorder is the third dispatcher; the two
+forwarding ones (``FORWARDERS``) are also ``Forwarder``s: they own send queues.
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
 from ..config.model import Mode
 from .entry import MSG, entries_size
 from .sendqueue import PROBATION, UP, SendQueue
 from .wire import MAX_MESSAGE
 
+if TYPE_CHECKING:
+    # (Entry is a bare ``tuple`` alias so far: its uses carry ``type: ignore[type-arg]``, which mypy reports as
+    # unused once Entry is typed)
+    from .entry import Entry
+    from .templates import Snapshot
+    from .wire import Message
+
 
 class Dispatcher(Protocol):
     """What an exporter session hands its messages to. Entries are ``core.entry.Entry`` tuples."""
 
-    def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
+    def dispatch(self, msg: Message, odid: int, nrec: int, tmpl: Message | None, snapshot: Snapshot) -> None:
         """One message; ``tmpl`` is None, the message itself (templates only) or its template-only copy."""
 
-    def dispatch_many(self, entries: list, size: int) -> None:
+    def dispatch_many(self, entries: list[Entry], size: int) -> None:  # type: ignore[type-arg]
         """A run of data-only entries (one read's worth), ``size`` bytes in all."""
+
+
+class Forwarder(Dispatcher, Protocol):
+    """A dispatcher over one send queue per subreceiver (``RoundRobin``, ``Replicate``): the session makes
+    the queues with the class's ``rewrite_seq`` and ``move_stalled`` and hooks their ``on_down`` and
+    ``on_up`` to it."""
+
+    rewrite_seq: ClassVar[bool]  # the queues rewrite the header sequence number (``SendQueue``)
+    move_stalled: ClassVar[bool]  # a stalled queue gives up its messages (``OutputLifecycle``)
+    queues: list[SendQueue]
+
+    def __init__(self, queues: list[SendQueue]) -> None:
+        """Dispatch to ``queues`` (the session's list: it adds the queues after)."""
+
+    def on_down(self, queue: SendQueue) -> None:
+        """``queue``'s connection failed."""
+
+    def on_up(self, queue: SendQueue) -> None:
+        """``queue``'s connection is up (again)."""
 
 
 class Replicate:
     """Every message to every output; each output's queue is bounded on its own, so a slow collector
     loses its oldest messages (counted) instead of stalling the exporter or the other collectors."""
 
-    rewrite_seq = False  # copies are complete: the exporter's sequence numbers stay true
-    move_stalled = False  # a stalled collector keeps its connection and its bounded queue
+    rewrite_seq: ClassVar[bool] = False  # copies are complete: the exporter's sequence numbers stay true
+    move_stalled: ClassVar[bool] = False  # a stalled collector keeps its connection and its bounded queue
 
     def __init__(self, queues: list[SendQueue]):
         self.queues = queues
 
-    def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
+    def dispatch(self, msg: Message, odid: int, nrec: int, tmpl: Message | None, snapshot: Snapshot) -> None:
         entry = (msg, odid, nrec, snapshot)
         for queue in self.queues:
             queue.enqueue(entry)
 
-    def dispatch_many(self, entries: list, size: int) -> None:
+    def dispatch_many(self, entries: list[Entry], size: int) -> None:  # type: ignore[type-arg]
         for queue in self.queues:
             queue.enqueue_many(entries, size)
 
@@ -54,8 +81,8 @@ class Replicate:
 class RoundRobin:
     """Each data message to the next *available* output (connected, with room in its queue)."""
 
-    rewrite_seq = True  # each collector sees only some messages: renumber so it sees no false gaps
-    move_stalled = True  # a stalled collector's messages go to the live ones
+    rewrite_seq: ClassVar[bool] = True  # each collector sees only some messages: renumber so it sees no false gaps
+    move_stalled: ClassVar[bool] = True  # a stalled collector's messages go to the live ones
 
     def __init__(self, queues: list[SendQueue]):
         self.queues = queues
@@ -77,7 +104,7 @@ class RoundRobin:
             if queue.pending_bytes + size > queue.limit and queue.state is UP:
                 # A read batch can exceed a small queue: the kernel may take some first, rather than the
                 # message waiting at a collector that is down or stalled.
-                queue.transport.flush()
+                queue.transport.flush()  # type: ignore[union-attr]  # an UP queue has its connection
             if queue.pending_bytes + size <= queue.limit:
                 if queue.state is UP or (queue.state is PROBATION
                                          and queue.outstanding + size <= queue.life.probe_bytes):
@@ -91,7 +118,7 @@ class RoundRobin:
         self._next = (start + i + 1) % count
         return queue
 
-    def dispatch(self, msg, odid: int, nrec: int, tmpl, snapshot) -> None:
+    def dispatch(self, msg: Message, odid: int, nrec: int, tmpl: Message | None, snapshot: Snapshot) -> None:
         target = self._choose(len(msg))
         target.enqueue((msg, odid, nrec, snapshot))
         if tmpl is not None:
@@ -101,7 +128,7 @@ class RoundRobin:
                 if queue is not target:
                     queue.enqueue(entry)
 
-    def dispatch_many(self, entries: list, size: int) -> None:
+    def dispatch_many(self, entries: list[Entry], size: int) -> None:  # type: ignore[type-arg]
         """When every output is up with room for its share, output k gets ``entries[k::n]``: exactly the
         message-by-message rotation, without a call per message."""
         queues = self.queues
@@ -136,4 +163,4 @@ class RoundRobin:
 
 
 #: the dispatcher class of each forwarding mode (``Disabled`` records instead)
-FORWARDERS = {Mode.ROUND_ROBIN: RoundRobin, Mode.ALL: Replicate}
+FORWARDERS: dict[Mode, type[Forwarder]] = {Mode.ROUND_ROBIN: RoundRobin, Mode.ALL: Replicate}

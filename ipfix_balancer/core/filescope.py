@@ -9,9 +9,12 @@ share an ODID with different templates. Pure: the recorder writes, counts and lo
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-from .wire import ODID, TIME_SEQUENCE, EXPORT_TIME, U32
+from .wire import ODID, TIME_SEQUENCE, EXPORT_TIME, U32, Message
+
+if TYPE_CHECKING:  # the recorder hands in the session's snapshots
+    from .templates import Domain, Snapshot
 
 #: template dicts remembered per ODID as equal to the one in effect (sessions with identical templates)
 MAX_EQUAL = 16
@@ -21,7 +24,7 @@ class Head(NamedTuple):
     """What goes before a message: ``messages`` (template messages, in order), and whether the sender's
     templates replace another session's for this ODID (``switched``), logged once per ODID and file
     (``first_switch``)."""
-    messages: tuple = ()
+    messages: tuple[bytes, ...] = ()
     switched: bool = False
     first_switch: bool = False
 
@@ -39,10 +42,10 @@ class FileScope:
     __slots__ = ("heads", "_effective", "_equal", "_switched")
 
     def __init__(self) -> None:
-        self.heads: dict = {}        # odid -> snapshot of the last message of that ODID in this file
-        self._effective: dict = {}   # odid -> template dict in effect in this file
-        self._equal: dict = {}       # odid -> template dicts known to equal the effective one
-        self._switched: set = set()  # ODIDs whose sender's templates changed in this file
+        self.heads: dict[int, Snapshot] = {}  # odid -> snapshot of the last message of that ODID in this file
+        self._effective: dict[int, Domain | None] = {}   # odid -> template dict in effect in this file
+        self._equal: dict[int, list[Domain | None]] = {}  # odid -> template dicts known to equal the effective one
+        self._switched: set[int] = set()  # ODIDs whose sender's templates changed in this file
 
     def reset(self) -> None:
         """A new file: no templates are in effect."""
@@ -51,7 +54,7 @@ class FileScope:
         self._equal.clear()
         self._switched.clear()
 
-    def enter(self, msg, odid: int, tmpl, snapshot) -> Head:
+    def enter(self, msg: Message, odid: int, tmpl: Message | None, snapshot: Snapshot) -> Head:
         """``msg`` (of ODID ``odid``, sent with ``snapshot``; ``tmpl`` not None when it carries template sets)
         goes to the file next: what must be written before it."""
         self.heads[odid] = snapshot
@@ -82,7 +85,7 @@ class FileScope:
         return Head(messages, switched=True, first_switch=first)
 
 
-def head_messages(msg, odid: int, snapshot) -> tuple:
+def head_messages(msg: Message, odid: int, snapshot: Snapshot) -> tuple[bytes, ...]:
     """The snapshot's template messages of ``odid``, with the sequence number and export time of ``msg``
     (template records do not count in the sequence, RFC 7011 §3.1: a decoder sees no gap)."""
     if not len(snapshot):

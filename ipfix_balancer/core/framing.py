@@ -16,7 +16,7 @@ from collections import deque
 from itertools import repeat
 from operator import add
 
-from .wire import HEADER_LEN, MAX_MESSAGE, VERSION, VERSION_LENGTH, FramingError, header_error, walk
+from .wire import HEADER_LEN, MAX_MESSAGE, VERSION, VERSION_LENGTH, FramingError, Message, header_error, walk
 
 _VERSION_WORD = VERSION.to_bytes(2, "big")
 
@@ -93,7 +93,7 @@ class StreamFramer:
         self._start = self._end = 0
         self._held = bytes(tail)  # without a chunk: the start of a message already read (handover, release)
 
-    def _new_chunk(self, carry) -> None:
+    def _new_chunk(self, carry: Message) -> None:
         size = max(self._size, 2 * len(carry))  # 2x: a long message always fits in time
         view = memoryview(self._pool.take() if size == self.chunk_size and self._pool else bytearray(size))
         view[:len(carry)] = carry
@@ -109,7 +109,7 @@ class StreamFramer:
             if self._reads <= self.BUSY_READS and self._size < self.chunk_size:
                 self._size = min(self._size * 4, self.chunk_size)
             self._new_chunk(view[self._start:self._end])
-        return self._view[self._end:]
+        return self._view[self._end:]  # type: ignore[index]  # _new_chunk made one
 
     def feed(self, n: int) -> tuple[list[memoryview], FramingError | None]:
         """``n`` bytes were read into the last ``get_buffer()``: the whole messages now complete, and the
@@ -117,7 +117,7 @@ class StreamFramer:
         discarded: a TCP stream offers no safe point to resynchronise, so the caller closes the session."""
         self._end += n
         self._reads += 1
-        view = self._view
+        view: memoryview = self._view  # type: ignore[assignment]  # get_buffer() made one
         out: list[memoryview] = []
         self._start, error = walk(view, self._start, self._end, out.append)
         if error is not None:
@@ -195,12 +195,12 @@ class DatagramSlots:
         self.first = 0
         return True
 
-    def received(self, lengths: list[int]) -> list:
+    def received(self, lengths: list[int]) -> list[memoryview]:
         """The read filled the next ``len(lengths)`` slots with datagrams of these lengths: their views
         (a copy for one that ran into the spill area). Sets ``whole``: what ``all_whole`` would say of them,
         read from every slot's header at once (the slots are evenly spaced)."""
         slot, first = self.slot, self.first
-        view = memoryview(self.chunk)
+        view = memoryview(self.chunk)  # type: ignore[arg-type]  # next_read() made one
         count, half, longest = len(lengths), slot // 2, max(lengths)
         words = view.cast("H")  # a slot's header starts (version, length): its 1st and 2nd 16-bit words
         self.whole = (min(lengths) >= HEADER_LEN and longest <= MAX_MESSAGE
@@ -232,7 +232,7 @@ def check_datagram(msg: memoryview) -> None:
         raise FramingError("length_mismatch", f"header length {length} but datagram of {len(msg)} bytes")
 
 
-def all_whole(msgs: list) -> bool:
+def all_whole(msgs: list[Message]) -> bool:
     """True when every datagram of a run carries exactly one whole message, checked in C-level steps (the
     common case); otherwise ``check_datagram`` tells which do not, and why."""
     lengths = list(map(len, msgs))

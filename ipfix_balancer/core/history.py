@@ -35,7 +35,8 @@ class _Subject:
     def __init__(self, size: int, number: int):
         self.numbers = array("q", [-1]) * size
         self.states: list[str | None] = [None] * size
-        self.metrics: dict[str, tuple[array, array, array]] = {}  # name -> (count, sum, max) per slot
+        # name -> (count, sum, max) per slot
+        self.metrics: dict[str, tuple[array[int], array[float], array[float]]] = {}
         self.first = self.newest = number
         self.last: tuple[float, dict[str, float]] | None = None  # (when, counters) of the last sample
 
@@ -58,7 +59,8 @@ class _Subject:
             peak[slot] = value if not count[slot] else max(peak[slot], value)
             count[slot] += 1
             total[slot] += value
-        if state is not None and (self.states[slot] is None or _rank(state) > _rank(self.states[slot])):
+        seen = self.states[slot]
+        if state is not None and (seen is None or _rank(state) > _rank(seen)):
             self.states[slot] = state
 
 
@@ -128,10 +130,10 @@ class History:
         states: list[str | None] = []
         for n in numbers:
             slot = n % self.size
-            held = subject is not None and subject.numbers[slot] == n
-            states.append(subject.states[slot] if held else None)
+            held = subject if subject is not None and subject.numbers[slot] == n else None
+            states.append(held.states[slot] if held is not None else None)
             for m in metrics:
-                arrays = subject.metrics.get(m) if held else None
+                arrays = held.metrics.get(m) if held is not None else None
                 if arrays is None or not arrays[0][slot]:
                     lines[m].append(None)
                 else:

@@ -27,7 +27,7 @@ UNREADABLE = Unreadable()
 def silence(now: float, started: float, beat: float | None | Unreadable) -> float | None:
     """Seconds since the handler last showed life (its latest heartbeat; before its first one, its start),
     or None when that cannot be told (``UNREADABLE``). ``now``, ``started`` and ``beat`` on one clock."""
-    if beat is UNREADABLE:
+    if isinstance(beat, Unreadable):  # (UNREADABLE, the only one; isinstance tells the type checker)
         return None
     return now - (started if beat is None else beat)
 

@@ -21,15 +21,20 @@ from __future__ import annotations
 from typing import Callable
 
 from .acklog import AckLog
-# (DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE and Budget too: the names the handler and net take from here)
-from .backlog import (CONNECTION_LOST, DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE, PROBATION, REFUSED,  # noqa: F401
-                      STALLED, UP, Backlog, Budget, Transport)
+from .backlog import (CONNECTION_LOST, DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE, PROBATION, REFUSED, STALLED, UP,
+                      Backlog, Budget, Transport)
 from .entry import entries_size, nrec_of
 from .lifecycle import COUNT, DELIVERED, OutputLifecycle, State
+from .records import SubreceiverStatus
 from .replay import TemplateReplay
 from .sequencer import Sequencer
 from .templates import Snapshot
 from .writing import DatagramWriter, StreamWriter
+
+#: what callers take from here (some defined by the queue's parts)
+__all__ = ["SendQueue", "SubreceiverStats", "OutputHooks", "Budget", "Transport", "State", "UP", "PROBATION",
+           "DELIVERED", "COUNT", "CONNECTION_LOST", "DRAIN_DEADLINE", "DRAIN_LIMIT", "OVERSIZE", "REFUSED",
+           "STALLED"]
 
 
 class SubreceiverStats:
@@ -60,19 +65,19 @@ class SubreceiverStats:
         self.drops_by_reason[reason] = self.drops_by_reason.get(reason, 0) + msgs
         self.drop_records_by_reason[reason] = self.drop_records_by_reason.get(reason, 0) + records
 
-    def status(self) -> dict:
+    def status(self) -> SubreceiverStatus:
         states = {q.state for q in self.queues}
         # A stalled connection is what an operator must see, even when other sessions to it are up.
         state = next((s for s in (State.STALLED, PROBATION, UP) if s in states),
                      State.DOWN if states - {State.CLOSED} else None)
-        return {"endpoint": str(self.subreceiver), "state": state.value if state else "idle",
-                "sessions": len(self.queues), "msgs_out": self.msgs_out, "bytes_out": self.bytes_out,
-                "drops": self.drops, "queued_bytes": sum(q.pending_bytes for q in self.queues),
-                "last_error": self.last_error, "drop_records": self.drop_records,
-                "drops_by_reason": dict(self.drops_by_reason),
-                "drop_records_by_reason": dict(self.drop_records_by_reason), "resent": self.resent,
-                "unacked_bytes": sum(q.acks.outstanding for q in self.queues),
-                "draining": sum(1 for q in self.queues if q.closing)}
+        return SubreceiverStatus(
+            subreceiver=str(self.subreceiver), state=state.value if state else "idle", sessions=len(self.queues),
+            msgs_out=self.msgs_out, bytes_out=self.bytes_out, drops=self.drops,
+            queued_bytes=sum(q.pending_bytes for q in self.queues), last_error=self.last_error,
+            drop_records=self.drop_records, drops_by_reason=dict(self.drops_by_reason),
+            drop_records_by_reason=dict(self.drop_records_by_reason), resent=self.resent,
+            unacked_bytes=sum(q.acks.outstanding for q in self.queues),
+            draining=sum(1 for q in self.queues if q.closing))
 
 
 class OutputHooks:

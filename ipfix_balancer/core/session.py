@@ -22,10 +22,11 @@ from .wire import FramingError
 class Counters:
     """What a handler received, summed over all its sessions (sessions come and go, totals stay)."""
 
-    __slots__ = ("msgs_in", "bytes_in", "unknown_template")
+    __slots__ = ("msgs_in", "bytes_in", "unknown_template", "connections_total")
 
     def __init__(self) -> None:
         self.msgs_in = self.bytes_in = self.unknown_template = 0
+        self.connections_total = 0  # exporter sessions opened (the handler counts them)
 
 
 class Lifecycle(enum.Enum):

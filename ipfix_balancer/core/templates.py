@@ -28,13 +28,14 @@ from __future__ import annotations
 import bisect
 import struct
 from collections import deque
+from collections.abc import Mapping
 from itertools import repeat
 from operator import floordiv, sub
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Never, TypeAlias
 
 from ..config.model import TemplateLimits
 from .wire import (HEADER, HEADER_LEN, MAX_MESSAGE, MIN_DATA_SET, ODID, OPTIONS_TEMPLATE_SET, SET_HEADER,
-                   SET_HEADER_LEN, TEMPLATE_SET, U32, VERSION, FramingError)
+                   SET_HEADER_LEN, TEMPLATE_SET, U32, VERSION, FramingError, Message)
 
 __all__ = ["EMPTY", "MalformedSet", "Snapshot", "TemplateLimit", "TemplateTracker"]
 
@@ -43,8 +44,23 @@ VARLEN = 65535  # field length in a template: the record carries the length
 #: bound on bytes is also a bound on memory for many tiny templates
 TEMPLATE_OVERHEAD = 64
 
+#: one ODID's templates as a snapshot gives them: template id -> (set id, record bytes)
+Domain: TypeAlias = dict[int, tuple[int, bytes]]
+#: a variable-length layout (see ``_layout``): (minimum record length, fixed bytes before the first
+#: variable-length field, fixed bytes after each variable-length field)
+VarLayout: TypeAlias = tuple[int, int, tuple[int, ...]]
+#: what counting a data set's records needs: the fixed record length, or a VarLayout
+Layout: TypeAlias = int | VarLayout
+#: one message's definition of a template: (set id, record bytes, layout; None when a record would be empty)
+_Definition: TypeAlias = tuple[int, bytes, Layout | None]
+#: a stored template: (set id 2|3, record bytes as received, version it appeared in)
+_Stored: TypeAlias = tuple[int, bytes, int]
+#: a replaced or withdrawn template (``_Store.retired``): (version it ended, version it appeared, odid,
+#: template id, set id, record)
+_Retired: TypeAlias = tuple[int, int, int, int, int, bytes]
+
 _U16 = struct.Struct("!H")
-_NO_LAYOUT: dict = {}              # shared, never written: lookups for an ODID without templates
+_NO_LAYOUT: Mapping[int, Never] = {}  # shared, never written: lookups for an ODID without templates
 _FIRST_SET_END = HEADER_LEN + 4
 # bound methods at module level: one global lookup each on the hot path
 _unpack_set = SET_HEADER.unpack_from
@@ -77,17 +93,17 @@ class _Store:
 
     def __init__(self) -> None:
         self.version = 0
-        self.domains: dict[int, dict[int, tuple[int, bytes, int]]] = {}
+        self.domains: dict[int, dict[int, _Stored]] = {}
         # odid -> set id -> its template ids: a withdraw-all visits only the templates it withdraws
         self.kinds: dict[int, dict[int, set[int]]] = {}
         self.changed: dict[int, int] = {}   # odid -> version of its last change
-        self.retired: deque = deque()
+        self.retired: deque[_Retired] = deque()
         self.count = 0       # current templates
         self.nbytes = 0      # current record bytes + TEMPLATE_OVERHEAD each
         self.odids = 0       # ODIDs with at least one current template
-        self._views: dict[int, dict | None] = {}  # odid -> current templates as template id -> (set id, record)
-        self._live: deque = deque()   # versions of the snapshots published, oldest first
-        self._dead: set = set()       # of those, released out of order
+        self._views: dict[int, Domain | None] = {}  # odid -> its current templates
+        self._live: deque[int] = deque()   # versions of the snapshots published, oldest first
+        self._dead: set[int] = set()       # of those, released out of order
         self._compact_at = 64         # compact ``retired`` when it grows past this
 
     def publish(self, odid: int) -> Snapshot:
@@ -97,7 +113,7 @@ class _Store:
         self._live.append(self.version)
         return Snapshot(self, self.version, self.count)
 
-    def retire(self, record: tuple) -> None:
+    def retire(self, record: _Retired) -> None:
         self.retired.append(record)
         if len(self.retired) > self._compact_at:
             self._compact()
@@ -131,7 +147,7 @@ class _Store:
                 del changed[odid]
                 self._views.pop(odid, None)
 
-    def view(self, odid: int):
+    def view(self, odid: int) -> Domain | None:
         """The current templates of ``odid`` as an immutable-by-contract dict, built once per change."""
         views = self._views
         if odid in views:
@@ -140,10 +156,10 @@ class _Store:
         view = views[odid] = {tid: (kind, raw) for tid, (kind, raw, _) in domain.items()} if domain else None
         return view
 
-    def view_at(self, odid: int, version: int):
+    def view_at(self, odid: int, version: int) -> Domain | None:
         """The templates of ``odid`` at ``version`` (a snapshot older than the ODID's last change)."""
-        out = {tid: (kind, raw) for tid, (kind, raw, since) in self.domains.get(odid, _NO_LAYOUT).items()
-               if since <= version}
+        out: Domain = {tid: (kind, raw) for tid, (kind, raw, since) in self.domains.get(odid, _NO_LAYOUT).items()
+                       if since <= version}
         for until, since, o, tid, kind, raw in self.retired:
             if o == odid and since <= version < until:
                 out[tid] = (kind, raw)
@@ -170,9 +186,16 @@ class Snapshot:
         self._version = version
         self._count = count
         self._bodies: tuple[tuple[int, bytes], ...] | None = None
-        self._views: dict | None = None   # views of ODIDs changed since this version, built on demand
+        self._views: dict[int, Domain | None] | None = None   # of ODIDs changed since this version, on demand
 
-    def __del__(self):
+    def __del__(self) -> None:
+        # A snapshot is shared by every queue entry dispatched under it (queued, or kept until acknowledged) and by
+        # the recorder's file scope; no one owns it, so none can say when it is done. CPython's reference counting
+        # runs this the moment the last holder lets go, which is what lets ``_Store.release`` forget retired records
+        # at once: the store's bound ("never more than the changes since the oldest live snapshot") and
+        # tests/core/test_templates.py (``del kept`` then ``retired`` is empty) rely on it. Holders must keep
+        # snapshots out of reference cycles (a cycle delays this to the cyclic GC: memory held, not a wrong result).
+        # It runs once per object (PEP 442), so each version is released once.
         if self._store is not None:
             self._store.release(self._version)
 
@@ -180,7 +203,7 @@ class Snapshot:
         store = self._store
         return [] if store is None else [odid for odid in store.domains if self.domain(odid)]
 
-    def domain(self, odid: int):
+    def domain(self, odid: int) -> Domain | None:
         """The templates of one ODID (template id -> (set id, record bytes)), or None. Shared, not copied:
         equal objects mean equal templates, the same object means nothing changed."""
         store = self._store
@@ -213,7 +236,7 @@ class Snapshot:
         bodies = self._bodies
         if bodies is None:
             bodies = self._bodies = self._build_bodies()
-        out = []
+        out: list[bytes] = []
         pack = HEADER.pack
         seqs: dict[int, int] = {}
         for odid, body in bodies:
@@ -226,9 +249,10 @@ class Snapshot:
     def _build_bodies(self) -> tuple[tuple[int, bytes], ...]:
         """(odid, message body) pairs; computed once per snapshot since it never changes."""
         limit = MAX_MESSAGE - HEADER_LEN
-        result = []
+        result: list[tuple[int, bytes]] = []
         for odid in self.odids():
             domain = self.domain(odid)
+            assert domain is not None  # odids() lists only ODIDs with templates
             parts: list[bytes] = []       # sets of the message being filled
             used = 0                      # bytes of those sets
             for kind in (TEMPLATE_SET, OPTIONS_TEMPLATE_SET):
@@ -256,7 +280,7 @@ class Snapshot:
 EMPTY = Snapshot(None, 0, 0)
 
 
-def _layout(msg, pos: int, end: int, field_count: int):
+def _layout(msg: Message, pos: int, end: int, field_count: int) -> tuple[int, Layout | None]:
     """Parse ``field_count`` field specifiers at ``pos``; raises MalformedSet when they run past ``end``.
 
     Returns (end of the specifiers, layout). The layout is what counting needs: an int (fixed record length),
@@ -264,7 +288,7 @@ def _layout(msg, pos: int, end: int, field_count: int):
     variable-length field), or None when a record would be empty.
     """
     unpack = SET_HEADER.unpack_from
-    gaps = []
+    gaps: list[int] = []
     fixed = 0
     for _ in range(field_count):
         if pos + 4 > end:
@@ -286,7 +310,7 @@ def _layout(msg, pos: int, end: int, field_count: int):
     return pos, (sum(gaps) + len(gaps) - 1, gaps[0], tuple(gaps[1:]))
 
 
-def _count_variable(msg, pos: int, end: int, layout) -> tuple[int, bool]:
+def _count_variable(msg: Message, pos: int, end: int, layout: VarLayout) -> tuple[int, bool]:
     """Count records with variable-length fields in ``msg[pos:end]``: (count, True if a record overran)."""
     min_len, first, rest = layout
     n = 0
@@ -349,11 +373,11 @@ class TemplateTracker:
         self.limits = limits        # None: unbounded (templates a predecessor already accepted)
         self._store: _Store | None = None
         # odid -> template id -> layout (see _layout); only templates whose data can be counted
-        self._layouts: dict[int, dict[int, object]] = {}
+        self._layouts: dict[int, dict[int, Layout]] = {}
         self.pool: TemplatePool | None = None  # the handler's, once it has one for this session
         self._pooled = 0  # bytes charged to the pool (not a predecessor's templates, learnt before it)
 
-    def inspect(self, msg: memoryview) -> tuple[int, int, object]:
+    def inspect(self, msg: Message) -> tuple[int, int, Message | None]:
         """-> (odid, data_record_count, tmpl) for one whole message (header already validated by framing).
 
         ``tmpl`` is None when the message has no (options) template sets; ``msg`` itself when all its sets are
@@ -373,12 +397,12 @@ class TemplateTracker:
         layouts = self._layouts.get(odid, _NO_LAYOUT)
         if set_len == end - HEADER_LEN and set_id >= MIN_DATA_SET:
             layout = layouts.get(set_id)  # the common message: one data set of fixed-length records
-            if layout.__class__ is int:
+            if layout.__class__ is int:  # (not isinstance: no call, per message)
                 return odid, (set_len - 4) // layout, None
         pos = HEADER_LEN
         count = unknown = 0
-        tsets = None
-        pending = None  # this message's template changes, applied once the whole message parsed
+        tsets: list[tuple[int, int]] | None = None  # (start, end) of each template set
+        pending: _Pending | None = None  # this message's template changes, applied once the whole message parsed
         while True:
             nxt = pos + set_len
             if set_len < 4:
@@ -393,7 +417,8 @@ class TemplateTracker:
                 elif layout.__class__ is int:
                     count += (set_len - 4) // layout
                 else:
-                    n, overran = _count_variable(msg, pos + 4, nxt, layout)
+                    # (a VarLayout: the type checker narrows ``__class__ is int`` only where it holds)
+                    n, overran = _count_variable(msg, pos + 4, nxt, layout)  # type: ignore[arg-type]
                     if overran:
                         raise MalformedSet("varlen_past_end", f"data set {set_id} at offset {pos}: a "
                                                               "variable-length field runs past the set end")
@@ -403,7 +428,7 @@ class TemplateTracker:
                     tsets = []
                     pending = _Pending(self._store, odid)
                 tsets.append((pos, nxt))
-                _template_set(msg, pos + 4, nxt, set_id, pending)
+                _template_set(msg, pos + 4, nxt, set_id, pending)  # type: ignore[arg-type]  # set with tsets
             else:  # no collector can read it, and it is not ours to forward
                 raise MalformedSet("reserved_set_id", f"set id {set_id} at offset {pos} is reserved (0, 1, 4..255)")
             pos = nxt
@@ -415,7 +440,7 @@ class TemplateTracker:
         if tsets is None:
             self.unknown_template += unknown
             return odid, count, None
-        self._commit(odid, pending)
+        self._commit(odid, pending)  # type: ignore[arg-type]  # set with tsets
         self.unknown_template += unknown
         if sum(b - a for a, b in tsets) == end - HEADER_LEN:
             return odid, count, msg
@@ -424,7 +449,7 @@ class TemplateTracker:
         version, _, export_time, seq, _ = HEADER.unpack_from(msg)
         return odid, count, b"".join([HEADER.pack(version, size, export_time, seq, odid), *body])
 
-    def inspect_data_run(self, msgs: list) -> tuple[int, list[int]] | None:
+    def inspect_data_run(self, msgs: list[Message]) -> tuple[int, list[int]] | None:
         """The common run, in C-level steps: every message one data set of one ODID and one known template of
         fixed-length records -> (odid, each message's record count), what ``inspect`` would say of each.
         None for any other run (nothing changed): the caller inspects message by message."""
@@ -456,7 +481,7 @@ class TemplateTracker:
         domain = store.domains.get(odid)
         before = len(domain) if domain else 0
         count, nbytes = before, store.nbytes
-        changes = []
+        changes: list[tuple[int, _Definition | None, _Stored | None]] = []  # (template id, new, old)
         for tid, new in pending.final():
             old = domain.get(tid) if domain else None
             if old is None:
@@ -538,11 +563,11 @@ class _Pending:
     def __init__(self, store: _Store | None, odid: int):
         self.domain = store.domains.get(odid) if store else None  # the ODID's stored templates, or None
         self.kinds = store.kinds.get(odid) if store else None     # and their ids per set id
-        self.defs: dict[int, tuple | None] = {}
+        self.defs: dict[int, _Definition | None] = {}
         self.cleared: set[int] = set()
         self._since_clear: dict[int, list[int]] = {TEMPLATE_SET: [], OPTIONS_TEMPLATE_SET: []}
 
-    def define(self, tid: int, kind: int, raw: bytes, layout) -> None:
+    def define(self, tid: int, kind: int, raw: bytes, layout: Layout | None) -> None:
         self.defs[tid] = (kind, raw, layout)
         self._since_clear[kind].append(tid)
 
@@ -552,12 +577,13 @@ class _Pending:
     def withdraw_all(self, kind: int) -> None:
         defs = self.defs
         for tid in self._since_clear[kind]:  # each definition is cleared at most once: O(1) amortised
-            if defs.get(tid) is not None and defs[tid][0] == kind:
+            new = defs.get(tid)
+            if new is not None and new[0] == kind:
                 defs[tid] = None
         self._since_clear[kind] = []
         self.cleared.add(kind)
 
-    def layout(self, tid: int, layouts: dict):
+    def layout(self, tid: int, layouts: Mapping[int, Layout]) -> Layout | None:
         """The layout data set ``tid`` is counted with at this point of the message."""
         if tid in self.defs:
             new = self.defs[tid]
@@ -566,7 +592,7 @@ class _Pending:
             return None
         return layouts.get(tid)
 
-    def final(self) -> list:
+    def final(self) -> list[tuple[int, _Definition | None]]:
         """(template id, (set id, record, layout) or None) for every template this message touches."""
         out = list(self.defs.items())
         if self.cleared and self.kinds:
@@ -576,7 +602,7 @@ class _Pending:
         return out
 
 
-def _template_set(msg, pos: int, end: int, kind: int, pending: _Pending) -> None:
+def _template_set(msg: Message, pos: int, end: int, kind: int, pending: _Pending) -> None:
     """Parse one (options) template set's records into ``pending``; raises MalformedSet."""
     unpack = SET_HEADER.unpack_from
     while end - pos >= 4:  # fewer than 4 bytes left: padding

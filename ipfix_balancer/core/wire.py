@@ -7,7 +7,7 @@ messages (TCP framing, dump recovery, dump export) goes through ``walk``.
 from __future__ import annotations
 
 import struct
-from typing import Callable
+from typing import Callable, TypeAlias, TypeVar
 
 VERSION = 10
 HEADER = struct.Struct("!HHIII")   # version, length, export time, sequence number, observation domain id
@@ -32,6 +32,12 @@ MIN_DATA_SET = 256
 SET_HEADER = struct.Struct("!HH")  # set id, set length; also template id + field count, IE id + length
 SET_HEADER_LEN = SET_HEADER.size
 
+#: one whole message as the rooms pass it on: a view into the chunk it was read into, or bytes made here (a
+#: template-only copy, a template replay)
+Message: TypeAlias = memoryview | bytes
+#: what ``walk`` cuts: each message is a slice of the same type (a view of a view, bytes of bytes)
+Buffer = TypeVar("Buffer", memoryview, bytes, bytearray)
+
 
 class FramingError(Exception):
     """The bytes are not IPFIX: ``reason`` is a short counter name, ``detail`` says what was seen."""
@@ -51,7 +57,7 @@ def header_error(version: int, length: int) -> FramingError | None:
     return None
 
 
-def walk(buf, pos: int, end: int, emit: Callable) -> tuple[int, FramingError | None]:
+def walk(buf: Buffer, pos: int, end: int, emit: Callable[[Buffer], object]) -> tuple[int, FramingError | None]:
     """Hand ``emit`` each whole message of ``buf[pos:end]`` (as ``buf[a:b]``: a view when ``buf`` is one).
 
     Returns (start of the first incomplete message, or of the bad header; the error or None). The loop is

@@ -161,8 +161,10 @@ class Receiver:
             hdr = self._hdrs[i].msg_hdr
             hdr.msg_name = names + i * NAME_SIZE
             hdr.msg_namelen = NAME_SIZE
+            _iovs[2 * i].iov_len = slots.slot  # the kernel writes no iovec: only a slot's address changes
             _iovs[2 * i + 1].iov_base = spill + i * slots.spill_size
             _iovs[2 * i + 1].iov_len = slots.spill_size
+        self._starts: dict[int, array.array] = {}  # a pooled chunk's address -> its slots' addresses
         self._ints = memoryview(self._hdrs).cast("B").cast("I")
         self._full = memoryview(array.array("I", [NAME_SIZE] * count))
         self._base = _address_of(self._hdrs)
@@ -174,9 +176,14 @@ class Receiver:
         slot (more may be waiting)."""
         slots = self.slots
         if slots.next_read():  # a new chunk: every slot's iovec points into it
-            base, size = _address_of(_from_buffer(slots.chunk)), slots.slot
-            self._iovq[0::4] = _array(range(base, base + size * slots.count, size))
-            self._iovq[1::4] = _array([size] * slots.count)
+            base = _address_of(_from_buffer(slots.chunk))
+            starts = self._starts.get(base)
+            if starts is None:
+                if len(self._starts) >= 4 * slots.pool.keep:  # chunks beyond the pool's keep come and go
+                    self._starts.clear()
+                size = slots.slot
+                starts = self._starts[base] = _array(range(base, base + size * slots.count, size))
+            self._iovq[0::4] = starts
         first = slots.first
         n = _recvmmsg(self.fd, self._base + first * _HDR_SIZE, slots.count - first, 0, None)
         self.more = n == slots.count - first

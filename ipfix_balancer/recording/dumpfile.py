@@ -37,9 +37,15 @@ def dump_prefix(stream: str, dpi_id: int) -> str:
     return f"{stream.lower()}_{dpi_id}_"
 
 
-def dump_name(stream: str, dpi_id: int, start: float, end: float) -> str:
-    """The final name of a dump covering [start, end]."""
-    return f"{dump_prefix(stream, dpi_id)}{stamp(start)}_{stamp(end)}{DUMP}"
+def dump_stem(prefix: str, start: float) -> str:
+    """A dump's name while it is written (``<stem>.part``): ``dump_prefix`` and the start time."""
+    return f"{prefix}{stamp(start)}"
+
+
+def dump_name(stem: str, end: float, taken: int = 0) -> str:
+    """The final name of the dump ``stem`` ending at ``end``; ``taken`` > 0 when that name is already taken
+    (``_001``…), so that a clock stepped back or a same-second rotation never overwrites a dump."""
+    return f"{stem}_{stamp(end)}{f'_{taken:03d}' if taken else ''}{DUMP}"
 
 
 class WriteFailed(Exception):

@@ -15,6 +15,7 @@ import socket
 import time
 from typing import Callable
 
+from ..control.status import ExportTargetStatus
 from ..core.wire import UDP_MAX_PAYLOAD, walk
 from ..net.connection import unsent_bytes
 from ..net.loop import READ, WRITE, Loop
@@ -123,9 +124,9 @@ class ExportTarget:
         self._cleanup()
         self._to(State.CLOSED)
 
-    def status(self) -> dict:
-        return {"state": self.state.value, "pending": len(self.queue), "sent": self.files_sent,
-                "error": self.last_error}
+    def status(self) -> ExportTargetStatus:
+        return ExportTargetStatus(target=str(self.ep), state=self.state.value, pending=len(self.queue),
+                                  sent=self.files_sent, error=self.last_error)
 
     # -- one transfer ----------------------------------------------------------------------------
     def _start(self, name: str) -> None:

@@ -8,10 +8,10 @@ from typing import Callable
 
 from ..config.model import ReceiverConfig
 from ..control.signals import notify_supervisor
-from ..control.status import ExportTargetStatus, RecorderStatus
+from ..control.status import RecorderStatus
 from ..core.filescope import FileScope
 from ..net.loop import Loop
-from .dumpfile import BUFFER_BYTES, PART, PART_RE, DumpWriter, WriteFailed, stamp
+from .dumpfile import BUFFER_BYTES, PART, PART_RE, DumpWriter, WriteFailed, dump_prefix, dump_stem
 from .export import ExportTarget
 from .spool import Spool
 
@@ -34,7 +34,7 @@ class Recorder:
         settings = rc.recording
         self.log = log.bind(dpi_id=settings.dpi_id)
         self.dir = settings.dump_dir
-        self.prefix = f"{rc.stream.lower()}_{settings.dpi_id}"
+        self.prefix = dump_prefix(rc.stream, settings.dpi_id)
         self.rotate_seconds = settings.rotate_seconds
         self.max_flows = settings.max_flows_per_file
         self._flow_limit = settings.max_flows_per_file or NO_FLOW_LIMIT
@@ -143,7 +143,7 @@ class Recorder:
         # After the wall clock stepped back, names keep the newest name's time (same-second suffixes
         # _001… keep them in order) until the clock passes it again: sorted by name is sorted by time.
         self.file_start = max(self.file_start, self._named_until)
-        base = f"{self.prefix}_{stamp(self.file_start)}"
+        base = dump_stem(self.prefix, self.file_start)
         try:
             path = self._writer.open(base)
         except OSError as exc:
@@ -279,4 +279,4 @@ class Recorder:
             spool_files=len(spool.completed), spool_bytes=spool.bytes, spool_limit=spool.limit,
             evicted_files=spool.evicted_files, template_switches=self.template_switches,
             drops=self.drops, error=self.error, errors=self.errors,
-            exports=[ExportTargetStatus(target=str(t.ep), **t.status()) for t in self.targets])
+            exports=[t.status() for t in self.targets])

@@ -13,7 +13,7 @@ import stat
 from typing import TYPE_CHECKING
 
 from ..core.wire import HEADER_LEN, walk
-from .dumpfile import DUMP, PART, PART_RE, fsync_dir, make_safe_dir, open_regular, parse_stamp, stamp, unlink
+from .dumpfile import DUMP, PART, PART_RE, dump_name, fsync_dir, make_safe_dir, open_regular, parse_stamp, unlink
 
 if TYPE_CHECKING:  # the spool uses a target's token, ep, queue, add and drop
     from .export import ExportTarget
@@ -162,12 +162,10 @@ class Spool:
         """Rename a finished .part to ``<stem>_<end>.ipfix`` (never over an existing file; ``_001``… when the
         name is taken), marking it pending for every target first; register it for export and apply the limit
         (at start-up ``load`` registers it instead). Returns the final name, None if it could not be renamed."""
-        base = f"{stem}_{stamp(end)}"
-        name = base + DUMP
-        i = 0
+        name, taken = dump_name(stem, end), 0
         while os.path.lexists(os.path.join(self.dir, name)) or name in self.completed:
-            i += 1
-            name = f"{base}_{i:03d}{DUMP}"
+            taken += 1
+            name = dump_name(stem, end, taken)
         for t in self.targets:
             try:
                 _touch(os.path.join(self.dir, name + PENDING + t.token))

@@ -7,7 +7,7 @@ import types
 
 from ipfix_balancer.control import rundir
 from ipfix_balancer.control.health import CounterCarry, Watch
-from ipfix_balancer.control.metrics import HandlerView, Snapshot, counter_samples, health
+from ipfix_balancer.control.metrics import HandlerView, MetricsSnapshot, counter_samples, health
 from ipfix_balancer.control.sdnotify import Notifier
 from ipfix_balancer.control.status import SubreceiverStatus
 
@@ -41,7 +41,7 @@ def view(doc, name="fullflow[0]") -> HandlerView:
 
 
 def test_healthz_needs_every_handler_fresh_and_a_supervisor_that_looks():
-    ok = Snapshot(NOW, NOW, 15, (view(handler(time=NOW - 1)),))
+    ok = MetricsSnapshot(NOW, NOW, 15, (view(handler(time=NOW - 1)),))
     assert health(ok, NOW + 1) == (True, "fullflow[0] pid 4242 ok\n")
     stale = dataclasses.replace(ok, handlers=ok.handlers + (view(handler(time=NOW - 5), "fullflow[1]"),
                                                             view(None, "dnsflow[0]")))

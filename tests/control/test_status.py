@@ -7,7 +7,8 @@ import time
 from ipfix_balancer.control import rundir
 from ipfix_balancer.control.status import (ExporterSessionStatus, ExportTargetStatus, HandlerReport, HandlerStatus, ListenStatus,
                                            PeriodRates, RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
-                                           SupervisorStatus, collect, render)
+                                           SupervisorStatus, collect, read_supervisor_status, render,
+                                           write_supervisor_status)
 
 NOW = time.time()
 RATES = {"msgs_in": 30012.4, "bytes_in": 42.5e6, "msgs_out": 90037.0, "bytes_out": 127.5e6}
@@ -58,11 +59,21 @@ def test_json_keys_operators_and_scripts_read():
     doc = handler().to_dict()
     assert "recorder" not in doc   # forwarding handlers have none
     assert doc["listen"] == {"proto": "tcp", "bind": "0.0.0.0", "port": 1500, "listening": True}
-    assert set(doc["subreceivers"][0]) == {"endpoint", "state", "sessions", "msgs_out", "bytes_out", "drops",
+    assert set(doc["subreceivers"][0]) == {"subreceiver", "endpoint", "state", "sessions", "msgs_out", "bytes_out", "drops",
                                            "queued_bytes", "last_error", "drop_records", "drops_by_reason",
                                            "drop_records_by_reason", "resent", "unacked_bytes", "draining"}
     assert {"drops", "drop_records", "drops_by_reason", "drop_records_by_reason"} <= set(doc)
     assert {"draining", "draining_bytes"} <= set(doc)
+
+
+def test_a_subreceiver_is_named_subreceiver_and_endpoint_until_the_deprecated_key_goes():
+    doc = handler().to_dict()
+    assert [(s["subreceiver"], s["endpoint"]) for s in doc["subreceivers"]] == [
+        ("10.0.0.2/9920/tcp", "10.0.0.2/9920/tcp"), ("10.0.0.3/9920/tcp", "10.0.0.3/9920/tcp")]
+    older = through_json(doc)  # a handler of the release before the rename wrote ``endpoint`` only
+    for sub in older["subreceivers"]:
+        del sub["subreceiver"]
+    assert HandlerStatus.from_dict(older) == handler()
 
 
 def test_documents_of_another_release_read_with_the_keys_both_know():
@@ -81,9 +92,11 @@ def test_exporter_sessions_round_trip_and_an_older_document_has_none():
     assert HandlerStatus.from_dict(older).sessions == []
 
 
-def test_supervisor_document_round_trips():
+def test_supervisor_document_round_trips(tmp_path):
     doc = SupervisorStatus(pid=1, config="/e.env", handlers=[SupervisedHandler("fullflow[0]", "FULLFLOW", 0, None, 2)])
     assert SupervisorStatus.from_dict(through_json(doc.to_dict())) == doc
+    write_supervisor_status(str(tmp_path), doc)
+    assert read_supervisor_status(str(tmp_path)) == doc
 
 
 def test_report_shows_process_facts_only_when_known():

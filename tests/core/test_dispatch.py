@@ -7,7 +7,8 @@ from ipfix_balancer.core.dispatch import Replicate, RoundRobin
 from ipfix_balancer.core.sendqueue import Budget, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.templates import EMPTY
 
-from test_sendqueue import FakeTransport, data_message, ident_of
+from fakes import FakeTransport
+from test_sendqueue import data_message, ident_of
 
 
 def queues(n: int, states=None, limit: int = 1_000_000) -> list[SendQueue]:

@@ -2,16 +2,9 @@
 from ipfix_balancer.core import liveness
 from ipfix_balancer.core.liveness import UNREADABLE, hung, silence, stale
 
+from fakes import FakeClock
+
 HANG = 15.0
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def advance(self, dt: float) -> float:
-        self.t += dt
-        return self.t
 
 
 def test_silence_counts_from_the_start_until_the_first_heartbeat_then_from_the_latest():

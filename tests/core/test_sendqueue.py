@@ -12,29 +12,9 @@ from ipfix_balancer.core.sendqueue import DELIVERED, OVERSIZE, Budget, SendQueue
 from ipfix_balancer.core.templates import EMPTY, TemplateTracker
 from ipfix_balancer.core.wire import HEADER, walk
 
+from fakes import FakeTransport
+
 ODID = 7
-
-
-class FakeTransport:
-    """Records what the queue asks of its transport."""
-
-    def __init__(self):
-        self.woken = self.flushed = self.closed = self.draining = 0
-
-    def wake(self):
-        self.woken += 1
-
-    def flush(self):
-        self.flushed += 1
-
-    def close_when_drained(self):
-        self.draining += 1
-
-    def close(self, abort=False):
-        self.closed += 1
-        self.aborted = abort
-
-    aborted = False
 
 
 def up(queue: SendQueue, now: int = 0, probation: bool = False) -> None:
@@ -226,7 +206,7 @@ def test_drops_by_reason_in_messages_and_records_sum_to_the_totals():
     assert stats.drop_records_by_reason == {"queue_full": 6, "connection_lost": 6}
     assert (stats.drops, stats.drop_records) == (4, 12)
     doc = stats.status()
-    assert doc["drops_by_reason"] == stats.drops_by_reason and doc["drop_records"] == 12
+    assert doc.drops_by_reason == stats.drops_by_reason and doc.drop_records == 12
 
 
 def test_a_stalled_queue_drops_its_oldest_as_stalled():
@@ -235,7 +215,7 @@ def test_a_stalled_queue_drops_its_oldest_as_stalled():
     stall(queue)
     for i in range(3):
         queue.enqueue(entry(i))
-    assert stats.drops_by_reason == {"stalled": 1} and stats.status()["state"] == "stalled"
+    assert stats.drops_by_reason == {"stalled": 1} and stats.status().state == "stalled"
 
 
 def test_an_oversize_datagram_is_dropped_and_the_next_goes_out():

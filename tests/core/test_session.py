@@ -11,7 +11,8 @@ from ipfix_balancer.core.sendqueue import DRAIN_DEADLINE, SendQueue, State, Subr
 from ipfix_balancer.core.session import Counters, ExporterSession, Forwarding, Lifecycle
 from ipfix_balancer.core.wire import HEADER
 
-from test_sendqueue import FakeTransport, data_message, ident_of, lose, messages, stall, up, write
+from fakes import FakeTransport
+from test_sendqueue import data_message, ident_of, lose, messages, stall, up, write
 
 
 class Outputs:

@@ -636,7 +636,7 @@ def test_udp_output_templates_resent_on_refresh_period(sinks, balancer, mode):
                     first_at.setdefault(s.port, now)
                 if n >= 2:
                     refresh_at.setdefault(s.port, now)
-            time.sleep(0.02)
+            time.sleep(0.02)  # the poll interval of the measurement: when each refresh arrived
         for s in subs:
             assert s.port in refresh_at, f"no template refresh at {s.port} within 8 s\n{b.log_tail()}"
             # period 1 s (timers and polling make it a little less exact)

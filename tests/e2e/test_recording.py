@@ -130,7 +130,7 @@ def test_fullflow_rotation_rotates_clickstream_within_a_second(balancer, tmp_pat
             if len(ff_done) >= 2:
                 break
             assert time.monotonic() < deadline, b.log_tail()
-            time.sleep(0.1)
+            time.sleep(0.1)  # the exporters' pace while the rotations are waited for
         wait_until(lambda: len([e for e in b.logs() if e.get("event") == "dump_completed"
                                 and e.get("stream") == "CLICKSTREAM"]) >= 2, "clickstream rotations", b)
     finally:

@@ -37,7 +37,7 @@ def test_restart_hands_sockets_over_while_the_exporter_keeps_sending(balancer):
                         after += restarted.is_set()
                         if after > 20:
                             break
-                        time.sleep(0.01)
+                        time.sleep(0.01)  # the scenario: a steady exporter, not a burst before the restart
             except OSError as exc:  # the exporter must never see its connection fail
                 errors.append(exc)
 

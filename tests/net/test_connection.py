@@ -21,17 +21,9 @@ from ipfix_balancer.net.loop import READ, WRITE, Loop
 from ipfix_balancer.recording import export
 from ipfix_balancer.recording.export import ExportTarget
 
-from recording.recordkit import Log
+from fakes import FakeClock, Log
 
 ODID = 7
-
-
-class FakeClock:
-    def __init__(self):
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 class FakeTimer:
@@ -58,7 +50,7 @@ class FakeLoop:
         self.watched.pop(sock, None)
 
     def call_later(self, delay, callback):
-        timer = FakeTimer(self.clock.now + delay, callback)
+        timer = FakeTimer(self.clock.t + delay, callback)
         self.timers.append(timer)
         return timer
 
@@ -73,23 +65,23 @@ class FakeLoop:
 
     def advance(self, seconds: float):
         """Move the clock, running each timer due on the way, in time order."""
-        end = self.clock.now + seconds
+        end = self.clock.t + seconds
         while True:
             due = sorted((t for t in self.timers if not t.cancelled and t.when <= end), key=lambda t: t.when)
             if not due:
                 break
             timer = due[0]
             self.timers.remove(timer)
-            self.clock.now = max(self.clock.now, timer.when)
+            self.clock.t = max(self.clock.t, timer.when)
             timer.callback()
-        self.clock.now = end
+        self.clock.t = end
 
     def event(self, sock, mask):
         self.watched[sock][1](mask)
 
 
-class FakeSocket:
-    """A non-blocking socket whose kernel takes ``room`` bytes per send; ``outq``: bytes not yet
+class ScriptedSocket:
+    """A socket without a descriptor whose kernel takes ``room`` bytes per send; ``outq``: bytes not yet
     acknowledged (SIOCOUTQ); ``window``: what the peer advertises (TCP_INFO)."""
 
     def __init__(self, family=socket.AF_INET, kind=socket.SOCK_STREAM, *_args):
@@ -151,13 +143,13 @@ class FakeSocket:
         self.closed = True
 
 
-made: list[FakeSocket] = []
+made: list[ScriptedSocket] = []
 
 
 @pytest.fixture
 def fake(monkeypatch):
     made.clear()
-    monkeypatch.setattr(connector.socket, "socket", FakeSocket)
+    monkeypatch.setattr(connector.socket, "socket", ScriptedSocket)
     monkeypatch.setattr(connection, "unsent_bytes", lambda sock: sock.outq)
     monkeypatch.setattr(connector.mmsg, "AVAILABLE", False)
     clock = FakeClock()
@@ -179,7 +171,7 @@ def output(fake, proto="tcp", rewrite_seq=True, stall=0.0, move_stalled=False, h
     return Connector(loop, queue, log, Throttle(log), clock=clock)
 
 
-def connected(fake, **kw) -> tuple[Connector, FakeSocket]:
+def connected(fake, **kw) -> tuple[Connector, ScriptedSocket]:
     """A TCP output whose handshake completed."""
     out = output(fake, **kw)
     sock = made[-1]
@@ -349,7 +341,7 @@ def test_an_output_without_a_descriptor_goes_down_and_retries(fake, monkeypatch)
     out = output(fake)
     assert out.queue.state is State.DOWN and out.queue.stats.last_error == "Too many open files"
     (timer,) = [t for t in fake[0].timers if not t.cancelled]
-    assert timer.when == fake[1].now + BACKOFF_FIRST, "a retry is scheduled"
+    assert timer.when == fake[1].t + BACKOFF_FIRST, "a retry is scheduled"
     (line,) = out.log.named("subreceiver_down")
     assert line["reason"] == "Too many open files"
 

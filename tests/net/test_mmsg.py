@@ -15,7 +15,7 @@ from ipfix_balancer.net import mmsg
 from ipfix_balancer.net.listener import UdpListener
 from ipfix_balancer.net.loop import Loop
 
-from recording.recordkit import Log
+from fakes import FakeSession, Log
 
 pytestmark = pytest.mark.skipif(not mmsg.AVAILABLE, reason="no recvmmsg/sendmmsg in this C library")
 
@@ -163,18 +163,6 @@ def test_a_refusal_shows_even_when_a_short_count_swallowed_it(sizes):
     assert sent <= (3 if sizes[0] != sizes[1] else 8), f"{sent} went to a closed port unnoticed"
 
 
-class Session:
-    def __init__(self, addr, peer):
-        self.addr, self.peer, self.runs, self.last_seen = addr, peer, [], 0.0
-
-    def deliver(self, msgs, stop=True):
-        assert not stop, "UDP datagrams stand alone: a refused one does not end the run"
-        self.runs.append([bytes(m) for m in msgs])
-
-    def end(self):
-        pass
-
-
 @pytest.mark.parametrize("batched", [True, False])
 def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_batch(monkeypatch, batched):
     monkeypatch.setattr(listener_module.mmsg, "AVAILABLE", batched)
@@ -182,7 +170,7 @@ def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_b
     sessions, malformed = {}, []
 
     def open_session(addr, peer, templates=()):
-        sessions[addr] = Session(addr, peer)
+        sessions[addr] = FakeSession(addr, peer, templates)
         return sessions[addr]
     log = Log()
     lst = UdpListener(Loop(), rx, log, open_session, lambda err, peer: malformed.append((err.reason, peer)),
@@ -196,7 +184,9 @@ def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_b
         if i != 33:
             sent[src.getsockname()].append(data)
     lst._on_readable(0)
-    assert {addr: sum(s.runs, []) for addr, s in sessions.items()} == sent
+    assert {addr: s.messages for addr, s in sessions.items()} == sent
+    assert not any(stop for s in sessions.values() for stop in s.stops), \
+        "UDP datagrams stand alone: a refused one does not end the run"
     assert malformed == [("length_mismatch", "127.0.0.1:%d" % a.getsockname()[1])]
     runs = [len(run) for s in sessions.values() for run in s.runs]
     if batched:  # 20 runs; one more where a read (64 slots) ends within one

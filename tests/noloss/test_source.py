@@ -10,9 +10,11 @@ import subprocess
 import sys
 import time
 
+import psutil
 import pytest
 
-from ipfixkit import REPO_ROOT, FULLFLOW_FIELDS, UdpSink, extract_serials, free_port, make_stream, product_env
+from ipfixkit import REPO_ROOT, FULLFLOW_FIELDS, UdpSink, extract_serials, free_port, make_stream, product_env, \
+    wait_until
 from ipfix_balancer import config
 from ipfix_balancer.config.host import LocalHost
 
@@ -143,7 +145,8 @@ def test_nfcapd_and_nfacctd_decode_two_exporters_sharing_an_odid(balancer, tmp_p
     try:
         bal = balancer(env(port, [ncap, nacct], source))
         bal.wait_ready()
-        time.sleep(1.0)  # the collectors bind
+        wait_until(lambda: {ncap, nacct} <= {c.laddr.port for c in psutil.net_connections("udp4")},
+                   "the collectors to bind", bal)
         sent = export(port)
         bal.wait_status(HANDLER, lambda s: s["msgs_in"] == 2 * (MESSAGES + 1) and
                         all(sub["queued_bytes"] == 0 for sub in s["subreceivers"]), timeout=30)

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from recordkit import Clock, Log, receiver
+from fakes import FakeClock, Log
+from recordkit import T0, receiver
 from ipfix_balancer.net.loop import Loop
 from ipfix_balancer.recording.recorder import Recorder
 
@@ -14,7 +15,7 @@ def make(tmp_path):
     made = []
 
     def factory(dump_dir=None, clock=None, loop=None, **keys):
-        clock = clock or Clock()
+        clock = clock or FakeClock(T0)
         log = Log()
         notified = []
         rc = receiver(dump_dir or tmp_path / "dump", **keys)

@@ -1,4 +1,4 @@
-"""Helpers of the recording tests: a log that captures events, a fake clock, a receiver from .env keys, an
+"""Helpers of the recording tests (the log and clock fakes are tests/fakes.py): a receiver from .env keys, an
 exporter session driving ``Recorder.dispatch`` as the handler does, and file listings."""
 from __future__ import annotations
 
@@ -10,38 +10,6 @@ from ipfix_balancer.config.parse import load_values
 from ipfix_balancer.core.templates import TemplateTracker
 
 T0 = 1_700_000_000.0   # 2023-11-14T22:13:20Z
-
-
-class Log:
-    """Captures structlog-style calls: ``events`` is a list of (level, event, fields)."""
-
-    def __init__(self):
-        self.events = []
-
-    def bind(self, **_kw):
-        return self
-
-    def _add(self, level):
-        return lambda event, **kw: self.events.append((level, event, kw))
-
-    def __getattr__(self, level):
-        if level in ("debug", "info", "warning", "error", "exception"):
-            return self._add(level)
-        raise AttributeError(level)
-
-    def named(self, event):
-        return [kw for _, e, kw in self.events if e == event]
-
-
-class Clock:
-    def __init__(self, t=T0):
-        self.t = t
-
-    def __call__(self):
-        return self.t
-
-    def advance(self, seconds):
-        self.t += seconds
 
 
 def receiver(dump_dir, **keys):

@@ -8,16 +8,26 @@ import os
 import pytest
 
 from ipfixkit import make_stream, split_messages
-from recordkit import T0, Log
+from fakes import Log
+from recordkit import T0
 from ipfix_balancer.config import Endpoint
 from ipfix_balancer.recording import dumpfile
-from ipfix_balancer.recording.dumpfile import DumpWriter, WriteFailed, dump_name, parse_stamp, stamp
+from ipfix_balancer.recording.dumpfile import (PART_RE, DumpWriter, WriteFailed, dump_name, dump_prefix, dump_stem,
+                                               parse_stamp, stamp)
 from ipfix_balancer.recording.export import target_token
 
 
 def test_names_are_utc_sortable_and_carry_stream_and_dpi_id():
     assert stamp(T0) == "20231114T221320Z" and parse_stamp("20231114T221320Z") == T0
-    assert dump_name("FULLFLOW", 7, T0, T0 + 600) == "fullflow_7_20231114T221320Z_20231114T222320Z.ipfix"
+    stem = dump_stem(dump_prefix("FULLFLOW", 7), T0)
+    assert stem == "fullflow_7_20231114T221320Z"
+    assert dump_name(stem, T0 + 600) == "fullflow_7_20231114T221320Z_20231114T222320Z.ipfix"
+    assert dump_name(stem, T0 + 600, taken=2) == "fullflow_7_20231114T221320Z_20231114T222320Z_002.ipfix"
+    assert sorted([dump_name(stem, T0, 1), dump_name(stem, T0), dump_name(stem, T0 + 1)]) == \
+        [dump_name(stem, T0), dump_name(stem, T0, 1), dump_name(stem, T0 + 1)], "sorted by name is by time"
+    for part in (f"{stem}.part", f"{stem}.3.part"):  # what a recovery reads back from a leftover .part
+        m = PART_RE.fullmatch(part)
+        assert (m["stem"], parse_stamp(m["start"])) == (stem, T0)
     assert target_token(Endpoint("10.0.0.2", 9920, "tcp")) == "10.0.0.2_9920_tcp"
     assert target_token(Endpoint("::1", 9920, "udp")) == "[::1]_9920_udp"
 

@@ -8,8 +8,10 @@ import socket
 import pytest
 
 from ipfixkit import FULLFLOW_FIELDS, TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, split_messages
-from recordkit import Exporter, Log, dumps, markers, run_loop
+from fakes import Log
+from recordkit import Exporter, dumps, markers, run_loop
 from ipfix_balancer.config import Endpoint
+from ipfix_balancer.control.status import ExportTargetStatus
 from ipfix_balancer.net.loop import Loop
 from ipfix_balancer.recording.export import TRANSITIONS, ExportTarget, State
 
@@ -122,7 +124,7 @@ def test_tcp_transfer_reports_delivery_and_walks_the_states(tmp_path):
         run_loop(loop, lambda: len(t.delivered) == 2)
         assert t.delivered == ["a.ipfix", "b.ipfix"] and t.queue == [] and t.state is State.IDLE
         assert t.trace == [State.CONNECTING, State.SENDING, State.DRAINING, State.IDLE] * 2
-        assert t.status() == {"state": "idle", "pending": 0, "sent": 2, "error": ""}
+        assert t.status() == ExportTargetStatus(sink.endpoint, "idle", pending=0, sent=2, error="")
         assert (t.files_sent, t.bytes_sent) == (2, 2 * sum(map(len, stream)))
         assert sorted(os.listdir(tmp_path)) == ["a.ipfix", "b.ipfix"]   # the files are the owner's business
         assert [split_messages(c) for c in sink.connections] == [stream, stream]
@@ -134,7 +136,7 @@ def test_down_target_retries_and_a_vanished_file_is_reported(tmp_path):
     t = Traced(loop, tmp_path, Endpoint("127.0.0.1", port, "tcp"))
     t.add(dump_file(tmp_path, "a.ipfix", make_stream(1, 1)))
     run_loop(loop, lambda: t.state is State.DOWN)
-    assert t.trace[-1] is State.DOWN and t.last_error and t.status()["state"] == "down"
+    assert t.trace[-1] is State.DOWN and t.last_error and t.status().state == "down"
     assert t.delivered == [] and t.queue == ["a.ipfix"] and t.log.named("export_failed")
     os.unlink(tmp_path / "a.ipfix")
     t._retry()   # the backoff timer: DOWN -> IDLE, the file is gone

@@ -15,7 +15,8 @@ import pytest
 
 import ipfixkit
 from ipfixkit import FULLFLOW_FIELDS, decode_records, extract_serials, header, make_stream, split_messages
-from recordkit import T0, Clock, Exporter, Log, dumps, read_messages, receiver, run_loop
+from fakes import FakeClock, Log
+from recordkit import T0, Exporter, dumps, read_messages, receiver, run_loop
 from ipfix_balancer.config import parse
 from ipfix_balancer.net.loop import Loop
 from ipfix_balancer.recording import dumpfile
@@ -129,7 +130,7 @@ def test_flow_count_rotation_exact_multiple(make, tmp_path):
 
 def test_non_fullflow_recorder_does_not_notify_by_default(tmp_path):
     (rc,) = parse.load_values({"IPFIX_CLICKSTREAM_DUMP_DIR[0]": str(tmp_path)}, cpus=range(4)).receivers
-    rec = Recorder(Loop(), rc, Log(), clock=Clock())
+    rec = Recorder(Loop(), rc, Log(), clock=FakeClock(T0))
     assert rec._notify is None
     rec.close()
 
@@ -260,7 +261,7 @@ def test_periodic_flush_puts_whole_messages_in_the_part(make, tmp_path):
     assert read_messages(tmp_path / "dump" / part)[1:] == stream and rec.status().buffered_bytes == 0
 
 def test_full_buffer_is_written_in_whole_messages(tmp_path):
-    rec = Recorder(Loop(), receiver(tmp_path), Log(), clock=Clock(), notify=lambda: None, buffer_bytes=200_000)
+    rec = Recorder(Loop(), receiver(tmp_path), Log(), clock=FakeClock(T0), notify=lambda: None, buffer_bytes=200_000)
     stream = make_stream(500, 10)   # ~240 kB: one write when the buffer is full
     Exporter(rec).send(stream)
     (part,) = os.listdir(tmp_path)

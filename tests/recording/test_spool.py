@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 from ipfixkit import TcpSink, free_port, make_stream
-from recordkit import T0, Exporter, Log, dumps, markers, read_messages, run_loop, write_part
+from fakes import Log
+from recordkit import T0, Exporter, dumps, markers, read_messages, run_loop, write_part
 from ipfix_balancer.net.loop import Loop
 from ipfix_balancer.recording.export import target_token
 from ipfix_balancer.recording.spool import Spool, whole_messages

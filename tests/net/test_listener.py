@@ -16,8 +16,8 @@ from ipfix_balancer.core.admission import FIRST_MESSAGE_SECONDS, SILENT_GRACE, R
 from ipfix_balancer.logs import Throttle
 from ipfix_balancer.net import handover
 from ipfix_balancer.net import listener as listener_module
-from ipfix_balancer.net.listener import (UDP_SESSION_IDLE, TcpListener, UdpListener, kernel_drops, peer_host,
-                                         peer_name)
+from ipfix_balancer.net.listener import (UDP_SESSION_IDLE, ListenerDeps, TcpListener, UdpListener, kernel_drops,
+                                         peer_host, peer_name)
 from ipfix_balancer.net.loop import Loop
 
 from fakes import FakeClock, FakeSession, FakeSocket, Log
@@ -41,8 +41,9 @@ class Harness:
         self.refuse = None  # what every new session's deliver returns
         self.log = Log()
         self.loop = Loop()
-        self.lst = kind(self.loop, sock, self.log, self._open,
-                        lambda err, peer: self.malformed.append((err.reason, peer)), limits, Throttle(self.log))
+        deps = ListenerDeps(self.loop, self.log, Throttle(self.log), self._open,
+                            lambda err, peer: self.malformed.append((err.reason, peer)))
+        self.lst = kind(deps, sock, limits)
 
     def _open(self, key, peer, templates=()):
         session = FakeSession(key, peer, templates)

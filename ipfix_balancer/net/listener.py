@@ -205,6 +205,15 @@ class Listener:
         self.deps.throttle.warning("exporter_limited", f"{peer_host(peer)} {reason}", peer=peer, reason=reason,
                               action=action, count=count)
 
+    def _make_room(self, host: str, peer: str, now: float, refused: str) -> list[tuple[Any, str]] | None:
+        """A new session from ``host`` at the caps (``core.admission``): None when it is refused (counted, with
+        the action ``refused``), else the sessions to close for it, each with its reason."""
+        reason, evict = self.admission.admit(source_of(host), now)
+        if reason is not None:
+            self._limit(reason, peer, refused)
+            return None
+        return [(key, "evicted_silent" if self.admission.never_delivered(key) else "evicted_idle") for key in evict]
+
     def forget(self, session: ExporterSession) -> None:
         """``session`` is gone (its outputs drained). A UDP session left the address table when it ended."""
 
@@ -242,12 +251,10 @@ class TcpListener(Listener):
         if not self._allowed(host):
             self._limit("not_allowed", peer, "connection refused")
             return False
-        reason, evict = self.admission.admit(source_of(host), time.monotonic())
-        if reason is not None:
-            self._limit(reason, peer, "connection refused")
+        room = self._make_room(host, peer, time.monotonic(), "connection refused")
+        if room is None:
             return False
-        for exporter in evict:
-            why = "evicted_silent" if self.admission.never_delivered(exporter) else "evicted_idle"
+        for exporter, why in room:
             self._limit(why, exporter.session.peer, f"connection closed for a new one from {host}")
             exporter.close(reason=f"{why}: room for a new exporter")
         return True
@@ -482,12 +489,10 @@ class UdpListener(Listener):
         except FramingError as exc:
             self.deps.count_malformed(exc, peer)
             return None
-        reason, evict = self.admission.admit(source_of(addr[0]), now)
-        if reason is not None:
-            self._limit(reason, peer, "datagram dropped")
+        room = self._make_room(addr[0], peer, now, "datagram dropped")
+        if room is None:
             return None
-        for old in evict:
-            why = "evicted_silent" if self.admission.never_delivered(old) else "evicted_idle"
+        for old, why in room:
             self._end(old, why, "session closed for a new one")
         session = self.sessions[addr] = self.deps.open_session(addr, peer)
         self.admission.add(addr, source_of(addr[0]), now)

@@ -36,7 +36,7 @@ from .core.templates import TemplateLimit, TemplatePool
 from .logs import Throttle
 from .net import handover
 from .net.connector import Connector
-from .net.listener import TcpListener, UdpListener, kernel_drops, peer_host
+from .net.listener import ListenerDeps, TcpListener, UdpListener, kernel_drops, peer_host
 from .net.loop import READ, Loop
 
 TEMPLATE_MEMORY_SHARE = 8  # the templates of all sessions together may take MEMORY_BYTES / 8
@@ -116,8 +116,8 @@ class Handler:
 
     def _listen(self, sock: socket.socket) -> TcpListener | UdpListener:
         cls = TcpListener if self.rc.listen.port_type == "tcp" else UdpListener
-        self.listener = cls(self.loop, sock, self.log, self._open_session, self.count_malformed, self.rc.limits,
-                            self.throttle)
+        deps = ListenerDeps(self.loop, self.log, self.throttle, self._open_session, self.count_malformed)
+        self.listener = cls(deps, sock, self.rc.limits)
         if cls is UdpListener:  # the kernel's count from here on: a handed-over socket has a past
             self.ledger.kernel_drops(kernel_drops(sock) or 0)
         return self.listener

@@ -18,19 +18,12 @@ import json
 import os
 import stat
 import tempfile
-from typing import Any
+from typing import Any, Callable
 
 DEFAULT_RUN_DIR = "/run/fast_ipfix_balancer"
 DRAIN_TIMEOUT = 10.0  # seconds a handler flushes queues at stop and at session end while a collector is down
 
-_SUPERVISOR_PID = "supervisor.pid"
-_SUPERVISOR_STATUS = "supervisor.json"
-_SUPERVISOR_ADOPT = "supervisor.adopt.json"  # handlers running when the supervisor re-executed itself
-_SUPERVISOR_LOCK = "supervisor.lock"
-_SUPERVISOR_CARRY = "supervisor.carry.json"  # counters and restarts a re-executed supervisor continues
 _HANDLER_PREFIX = "handler-"
-_RELOAD_OUTCOME = "reload.json"  # the supervisor's answer to the last reload (SIGHUP), numbered
-_LOG_RING = "log.jsonl"  # recent log lines of every process, for the console (bounded: two files)
 
 
 def resolve_run_dir(cli_value: str | None) -> str:
@@ -38,29 +31,21 @@ def resolve_run_dir(cli_value: str | None) -> str:
     return cli_value or os.environ.get("IPFIX_BALANCER_RUN_DIR") or DEFAULT_RUN_DIR
 
 
-def supervisor_pid_path(run_dir: str) -> str:
-    return os.path.join(run_dir, _SUPERVISOR_PID)
+def _named(name: str) -> Callable[[str], str]:
+    """The path of the file ``name`` in a given run directory: one function per fixed name below."""
+    def path(run_dir: str) -> str:
+        return os.path.join(run_dir, name)
+    return path
 
 
-def supervisor_status_path(run_dir: str) -> str:
-    return os.path.join(run_dir, _SUPERVISOR_STATUS)
-
-
-def adopt_path(run_dir: str) -> str:
-    return os.path.join(run_dir, _SUPERVISOR_ADOPT)
-
-
-def supervisor_carry_path(run_dir: str) -> str:
-    return os.path.join(run_dir, _SUPERVISOR_CARRY)
-
-
-def reload_outcome_path(run_dir: str) -> str:
-    return os.path.join(run_dir, _RELOAD_OUTCOME)
-
-
-def log_ring_path(run_dir: str) -> str:
-    """The current file of the log ring; the older half is this name + ``.1``."""
-    return os.path.join(run_dir, _LOG_RING)
+supervisor_pid_path = _named("supervisor.pid")
+supervisor_status_path = _named("supervisor.json")
+lock_path = _named("supervisor.lock")
+adopt_path = _named("supervisor.adopt.json")  # handlers running when the supervisor re-executed itself
+supervisor_carry_path = _named("supervisor.carry.json")  # counters and restarts a re-executed supervisor continues
+reload_outcome_path = _named("reload.json")  # the supervisor's answer to the last reload (SIGHUP), numbered
+#: recent log lines of every process, for the console: the current file; the older half is this name + ``.1``
+log_ring_path = _named("log.jsonl")
 
 
 def _handler_stem(run_dir: str, stream: str, index: int | str) -> str:
@@ -110,10 +95,6 @@ def secure(run_dir: str) -> None:
     reason = unsafe_reason(os.lstat(run_dir), f"run dir {run_dir}")
     if reason is not None:
         raise RunDirError(f"{reason}: refusing it (use a directory only this user can write, e.g. mode 0700)")
-
-
-def lock_path(run_dir: str) -> str:
-    return os.path.join(run_dir, _SUPERVISOR_LOCK)
 
 
 def lock(run_dir: str) -> int | None:

@@ -6,11 +6,12 @@ sockets into it (TCP through a ``core.framing.StreamFramer``, UDP one datagram p
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import socket
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from ..config.model import Limits
 from ..control.ports import set_rcvbuf
@@ -38,6 +39,17 @@ DRAIN_READS = 4096         # reads at stop before an exporter connection is clos
 SessionOpener = Callable[..., ExporterSession]
 #: ``count_malformed(error, peer)``
 MalformedCounter = Callable[[FramingError, str], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class ListenerDeps:
+    """What a listener uses but does not own, injected as one value (goflow2's habit): the handler builds it
+    once for every listener it opens (the first, and one adopted in a handover); a test builds it from fakes."""
+    loop: Loop
+    log: Any  # the structlog logger (``logs.setup``): events said once, not per peer
+    throttle: Throttle  # events that can repeat per peer or per datagram
+    open_session: SessionOpener
+    count_malformed: MalformedCounter
 
 
 def kernel_drops(sock: socket.socket) -> int | None:
@@ -76,7 +88,7 @@ class TcpExporter:
         self.loop = listener.loop
         self.sock = sock
         self.session = session
-        self.count_malformed = listener.count_malformed
+        self.deps = listener.deps
         self.framer = StreamFramer(tail=tail)
         self.open = True
         self._room = 0       # the size of the buffer of the last read
@@ -119,10 +131,10 @@ class TcpExporter:
             if error is None:
                 return n
         if isinstance(error, FramingError):
-            self.count_malformed(error, self.session.peer)
+            self.deps.count_malformed(error, self.session.peer)
         elif self.framer.pending:
-            self.listener.throttle.warning("exporter_truncated", peer_host(self.session.peer), peer=self.session.peer,
-                                           bytes=self.framer.pending)
+            self.deps.throttle.warning("exporter_truncated", peer_host(self.session.peer), peer=self.session.peer,
+                                       bytes=self.framer.pending)
         self.close(reason=str(error) if error else "closed by exporter")
         return 0
 
@@ -134,8 +146,8 @@ class TcpExporter:
         self.sock.close()
         self.framer.release()
         self.listener.closed(self)
-        self.listener.throttle.info("exporter_disconnected", peer_host(self.session.peer), peer=self.session.peer,
-                                    reason=reason)
+        self.deps.throttle.info("exporter_disconnected", peer_host(self.session.peer), peer=self.session.peer,
+                                reason=reason)
         self.session.end()
 
     def drain(self) -> None:
@@ -159,19 +171,15 @@ class TcpExporter:
 class Listener:
     """The listening socket of a receiver; subclasses turn what arrives on it into exporter sessions."""
 
-    def __init__(self, loop: Loop, sock: socket.socket, log, open_session: SessionOpener,
-                 count_malformed: MalformedCounter, limits: Limits, throttle: Throttle):
-        self.loop = loop
+    def __init__(self, deps: ListenerDeps, sock: socket.socket, limits: Limits):
+        self.deps = deps
+        self.loop = deps.loop  # the one dependency every method uses
         self.sock = sock
-        self.log = log
-        self.open_session = open_session
-        self.count_malformed = count_malformed
-        self.throttle = throttle
         self.limits = limits
         self.limited: dict[str, int] = {}  # sessions refused or closed by a limit, by reason (status)
         self._verdicts: dict[str, bool] = {}  # source address -> allowed
         self.admission = Admission(limits.max_sessions, limits.max_sessions_per_source)
-        loop.watch(sock, READ, self._on_readable)
+        self.loop.watch(sock, READ, self._on_readable)
 
     def _on_readable(self, _mask) -> None:
         raise NotImplementedError
@@ -194,8 +202,17 @@ class Listener:
     def _limit(self, reason: str, peer: str, action: str) -> None:
         """Count a session refused or closed by a limit; logged once per source and reason per interval."""
         self.limited[reason] = count = self.limited.get(reason, 0) + 1
-        self.throttle.warning("exporter_limited", f"{peer_host(peer)} {reason}", peer=peer, reason=reason,
+        self.deps.throttle.warning("exporter_limited", f"{peer_host(peer)} {reason}", peer=peer, reason=reason,
                               action=action, count=count)
+
+    def _make_room(self, host: str, peer: str, now: float, refused: str) -> list[tuple[Any, str]] | None:
+        """A new session from ``host`` at the caps (``core.admission``): None when it is refused (counted, with
+        the action ``refused``), else the sessions to close for it, each with its reason."""
+        reason, evict = self.admission.admit(source_of(host), now)
+        if reason is not None:
+            self._limit(reason, peer, refused)
+            return None
+        return [(key, "evicted_silent" if self.admission.never_delivered(key) else "evicted_idle") for key in evict]
 
     def forget(self, session: ExporterSession) -> None:
         """``session`` is gone (its outputs drained). A UDP session left the address table when it ended."""
@@ -204,12 +221,12 @@ class Listener:
 class TcpListener(Listener):
     """Accepts exporter connections; each gets a session and a ``TcpExporter``."""
 
-    def __init__(self, *args):
+    def __init__(self, deps: ListenerDeps, sock: socket.socket, limits: Limits):
         self.exporters: dict[ExporterSession, TcpExporter] = {}
         self._handed: list[TcpExporter] = []
         self._retry = None       # while paused at the descriptor limit: the timer that accepts again
         self._paused_at = 0.0    # when the current pause episode began (0: not paused)
-        super().__init__(*args)
+        super().__init__(deps, sock, limits)
         self.loop.every(IDLE_SWEEP, self._sweep)
 
     def adopt(self, sock: socket.socket, peer: str, tail: bytes, templates) -> None:
@@ -219,7 +236,7 @@ class TcpListener(Listener):
         self.admission.delivered(exporter, time.monotonic())
 
     def _add(self, sock: socket.socket, peer: str, tail: bytes = b"", templates=()) -> TcpExporter:
-        session = self.open_session(sock, peer, templates)
+        session = self.deps.open_session(sock, peer, templates)
         exporter = self.exporters[session] = TcpExporter(self, sock, session, tail)
         self.admission.add(exporter, source_of(peer_host(peer)), time.monotonic())
         return exporter
@@ -234,12 +251,10 @@ class TcpListener(Listener):
         if not self._allowed(host):
             self._limit("not_allowed", peer, "connection refused")
             return False
-        reason, evict = self.admission.admit(source_of(host), time.monotonic())
-        if reason is not None:
-            self._limit(reason, peer, "connection refused")
+        room = self._make_room(host, peer, time.monotonic(), "connection refused")
+        if room is None:
             return False
-        for exporter in evict:
-            why = "evicted_silent" if self.admission.never_delivered(exporter) else "evicted_idle"
+        for exporter, why in room:
             self._limit(why, exporter.session.peer, f"connection closed for a new one from {host}")
             exporter.close(reason=f"{why}: room for a new exporter")
         return True
@@ -250,7 +265,7 @@ class TcpListener(Listener):
                 conn, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 if self._paused_at:  # caught up with the backlog: the episode is over
-                    self.log.info("accept_resumed", paused_seconds=round(time.monotonic() - self._paused_at, 1),
+                    self.deps.log.info("accept_resumed", paused_seconds=round(time.monotonic() - self._paused_at, 1),
                                   connections=len(self.admission))
                     self._paused_at = 0.0
                 return
@@ -258,14 +273,14 @@ class TcpListener(Listener):
                 if exc.errno in _EXHAUSTED:
                     self._pause(exc)
                 else:  # e.g. ECONNABORTED: that one connection is gone, the next may come
-                    self.throttle.error("accept_failed", "", error=str(exc))
+                    self.deps.throttle.error("accept_failed", "", error=str(exc))
                 return
             peer = peer_name(addr)
             if not self._admit(addr[0], peer):
                 conn.close()
                 continue
             conn.setblocking(False)
-            self.throttle.info("exporter_connected", peer_host(peer), peer=peer)
+            self.deps.throttle.info("exporter_connected", peer_host(peer), peer=peer)
             self._add(conn, peer)
 
     def _pause(self, exc: OSError) -> None:
@@ -277,7 +292,7 @@ class TcpListener(Listener):
         if not self._paused_at:
             self._paused_at = time.monotonic()
             self.limited["fd_limit"] = self.limited.get("fd_limit", 0) + 1
-            self.log.warning("accept_paused", reason=exc.strerror or str(exc), connections=len(self.admission),
+            self.deps.log.warning("accept_paused", reason=exc.strerror or str(exc), connections=len(self.admission),
                              sessions=len(self.exporters), retry_every=ACCEPT_RETRY)
 
     def _resume(self) -> None:
@@ -351,17 +366,17 @@ class UdpListener(Listener):
     With ``mmsg`` (Linux): one ``recvmmsg`` reads up to UDP_SLOTS datagrams into the slots of a
     ``DatagramSlots``; elsewhere one ``recvfrom_into`` per datagram, packed into a ``DatagramReader``."""
 
-    def __init__(self, *args):
+    def __init__(self, deps: ListenerDeps, sock: socket.socket, limits: Limits):
         self.sessions: dict[tuple, ExporterSession] = {}
         self._names: dict[bytes, tuple] = {}  # raw source address (recvmmsg) -> address as Python gives it
         self.new_sessions = Rate()  # spoofed source ports must not open outputs to collectors at wire speed
-        super().__init__(*args)
+        super().__init__(deps, sock, limits)
         self.receiver = mmsg.Receiver(self.sock, DatagramSlots(count=UDP_SLOTS)) if mmsg.AVAILABLE else None
         self.reader = DatagramReader() if self.receiver is None else None
         self.loop.every(UDP_EXPIRY_PERIOD, self._expire)
 
     def adopt(self, addr: tuple, peer: str, templates) -> None:
-        self.sessions[addr] = self.open_session(addr, peer, templates)
+        self.sessions[addr] = self.deps.open_session(addr, peer, templates)
         now = time.monotonic()
         self.admission.add(addr, source_of(addr[0]), now)
         self.admission.delivered(addr, now)
@@ -381,7 +396,7 @@ class UdpListener(Listener):
             try:
                 msgs, sources = receive()
             except OSError as exc:
-                self.throttle.warning("udp_receive_failed", "", error=str(exc))
+                self.deps.throttle.warning("udp_receive_failed", "", error=str(exc))
                 return
             if not msgs:
                 return
@@ -419,7 +434,7 @@ class UdpListener(Listener):
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
-                self.throttle.warning("udp_receive_failed", "", error=str(exc))
+                self.deps.throttle.warning("udp_receive_failed", "", error=str(exc))
                 return
             self._deliver(addr, (reader.feed(n),))
 
@@ -453,7 +468,7 @@ class UdpListener(Listener):
             try:
                 check_datagram(msg)
             except FramingError as exc:
-                self.count_malformed(exc, peer_name(addr))
+                self.deps.count_malformed(exc, peer_name(addr))
                 continue
             good.append(msg)
         return good
@@ -472,18 +487,16 @@ class UdpListener(Listener):
         try:
             TemplateTracker().inspect(msg)  # on a scratch tracker: no outputs for a source that sent junk
         except FramingError as exc:
-            self.count_malformed(exc, peer)
+            self.deps.count_malformed(exc, peer)
             return None
-        reason, evict = self.admission.admit(source_of(addr[0]), now)
-        if reason is not None:
-            self._limit(reason, peer, "datagram dropped")
+        room = self._make_room(addr[0], peer, now, "datagram dropped")
+        if room is None:
             return None
-        for old in evict:
-            why = "evicted_silent" if self.admission.never_delivered(old) else "evicted_idle"
+        for old, why in room:
             self._end(old, why, "session closed for a new one")
-        session = self.sessions[addr] = self.open_session(addr, peer)
+        session = self.sessions[addr] = self.deps.open_session(addr, peer)
         self.admission.add(addr, source_of(addr[0]), now)
-        self.throttle.info("exporter_connected", addr[0], peer=peer)
+        self.deps.throttle.info("exporter_connected", addr[0], peer=peer)
         return session
 
     def _end(self, addr: tuple, reason: str, action: str) -> None:

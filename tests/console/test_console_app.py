@@ -1,4 +1,5 @@
 """The console app without a browser or a balancer (Starlette's TestClient): CSRF, and what Apply writes."""
+import dataclasses
 import json
 import os
 import re
@@ -221,6 +222,41 @@ def test_a_receivers_page_charts_its_history_and_lists_its_exporter_sessions(cli
     assert "connection refused" in status and "connection_lost: 3" in status
     assert "<figcaption>fullflow[0]: Messages/s</figcaption>" in status  # the overview chart
     assert '<td data-label="Exporter sessions">1 <span class="hint">(+2 draining, 2.0 KiB)</span></td>' in status
+
+
+def cards_tables(page: str) -> dict[str, tuple[list[str], list[list[str]], list[str]]]:
+    """Each ``table.cards`` of a page by kind: its header cells, each row's data-labels, its colspans."""
+    tables = {}
+    for kind, head, body in re.findall(r'<table class="cards (\w+)">\s*<thead>(.*?)</thead>(.*?)</table>', page, re.S):
+        labels = [re.findall(r'<td data-label="([^"]+)"', row) for row in re.findall(r"<tr[ >].*?</tr>", body, re.S)]
+        tables[kind] = (re.findall(r"<th>(.*?)</th>", head), labels, re.findall(r'colspan="(\d+)"', body))
+    return tables
+
+
+def test_every_status_table_labels_its_cells_with_its_columns_and_says_when_it_is_empty(client):
+    """The header comes from a list of columns, each cell names its column (data-label, the narrow-screen
+    card): they must agree, and the one row of an empty table spans every column."""
+    from ipfix_balancer.control import rundir
+    from ipfix_balancer.control.status import ExportTargetStatus, RecorderStatus
+    run = str(client.path.parent / "run")
+    empty = cards_tables(client.get("/status?part=table").text)
+    assert empty["handlers"][1:] == ([[]], ["14"]) and len(empty["handlers"][0]) == 14
+    doc = handler_doc(time.time(), 10, "down")
+    doc["recorder"] = dataclasses.asdict(RecorderStatus(
+        0, "/d", "f.ipfix", 4096, 0, 3, 7, 1.0, 30.0, 600, 0, 1, 2, "", 0, 3, 8192, 0, 0, 0, 1, "", 0,
+        exports=[ExportTargetStatus("10.0.0.2/9920/tcp", "down", 2, 5, "refused")]))
+    rundir.write_json(rundir.handler_status_path(run, "FULLFLOW", 0), doc)
+    pages = {url: cards_tables(client.get(url).text)
+             for url in ("/status?part=table", "/receivers/FULLFLOW/0?part=live", "/receivers/table")}
+    kinds = {(url, kind) for url, tables in pages.items() for kind in tables}
+    assert {kind for _, kind in kinds} == {"handlers", "subreceivers", "recorders", "exports", "sessions", "receivers"}
+    for url, tables in pages.items():
+        for kind, (columns, rows, spans) in tables.items():
+            assert rows and not spans, (url, kind)
+            for labels in rows:  # the receivers table's last column (actions) is a set of buttons, unlabelled
+                assert labels == (columns[:-1] if kind == "receivers" else columns), (url, kind)
+    assert "Receiver" in pages["/status?part=table"]["exports"][0]
+    assert "Receiver" not in pages["/receivers/FULLFLOW/0?part=live"]["exports"][0]
 
 
 def test_an_apply_the_supervisor_refuses_restores_the_file_and_shows_why(client, monkeypatch):

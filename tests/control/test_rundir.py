@@ -11,8 +11,12 @@ def test_handler_file_names():
 
 
 def test_supervisor_file_names():
-    assert [rundir.supervisor_pid_path("/r"), rundir.supervisor_status_path("/r"), rundir.adopt_path("/r")] == [
-        "/r/supervisor.pid", "/r/supervisor.json", "/r/supervisor.adopt.json"]
+    """The names docs/operations.md and README give operators, one per path function."""
+    paths = (rundir.supervisor_pid_path, rundir.supervisor_status_path, rundir.adopt_path, rundir.lock_path,
+             rundir.supervisor_carry_path, rundir.reload_outcome_path, rundir.log_ring_path)
+    assert [path("/r") for path in paths] == [
+        "/r/supervisor.pid", "/r/supervisor.json", "/r/supervisor.adopt.json", "/r/supervisor.lock",
+        "/r/supervisor.carry.json", "/r/reload.json", "/r/log.jsonl"]
 
 
 def test_status_files_are_found_and_handler_files_removable(tmp_path):

@@ -12,12 +12,12 @@ import types
 import pytest
 
 from ipfix_balancer.config import Limits
-from ipfix_balancer.core.admission import FIRST_MESSAGE_SECONDS, SILENT_GRACE, Rate
+from ipfix_balancer.core.admission import FIRST_MESSAGE_SECONDS, IDLE_EVICT_SECONDS, SILENT_GRACE, Rate
 from ipfix_balancer.logs import Throttle
 from ipfix_balancer.net import handover
 from ipfix_balancer.net import listener as listener_module
-from ipfix_balancer.net.listener import (UDP_SESSION_IDLE, TcpListener, UdpListener, kernel_drops, peer_host,
-                                         peer_name)
+from ipfix_balancer.net.listener import (UDP_SESSION_IDLE, ListenerDeps, TcpListener, UdpListener, kernel_drops,
+                                         peer_host, peer_name)
 from ipfix_balancer.net.loop import Loop
 
 from fakes import FakeClock, FakeSession, FakeSocket, Log
@@ -41,8 +41,9 @@ class Harness:
         self.refuse = None  # what every new session's deliver returns
         self.log = Log()
         self.loop = Loop()
-        self.lst = kind(self.loop, sock, self.log, self._open,
-                        lambda err, peer: self.malformed.append((err.reason, peer)), limits, Throttle(self.log))
+        deps = ListenerDeps(self.loop, self.log, Throttle(self.log), self._open,
+                            lambda err, peer: self.malformed.append((err.reason, peer)))
+        self.lst = kind(deps, sock, limits)
 
     def _open(self, key, peer, templates=()):
         session = FakeSession(key, peer, templates)
@@ -189,6 +190,22 @@ def test_at_the_per_source_cap_a_silent_session_makes_room_once_it_had_its_grace
     connect(h)  # the one there delivered a message just now: it keeps its slot
     h.run(lambda: h.lst.limited["max_sessions_per_source"] == 2)
     assert len(h.sessions) == 2 and not h.sessions[1].ended
+
+
+def test_at_the_session_cap_a_connection_idle_long_enough_makes_room(clock):
+    h = tcp(Limits(max_sessions=1))
+    first = connect(h)
+    first.sendall(MESSAGES[0])
+    h.run(lambda: h.sessions and h.sessions[0].messages)
+    clock.advance(IDLE_EVICT_SECONDS - 1)
+    refused = connect(h)
+    h.run(lambda: h.lst.limited)
+    assert h.lst.limited == {"max_sessions": 1} and closed_by_balancer(refused)
+    clock.advance(1)
+    connect(h)
+    h.run(lambda: len(h.sessions) == 2)
+    assert h.lst.limited == {"max_sessions": 1, "evicted_idle": 1} and closed_by_balancer(first)
+    assert h.events("exporter_disconnected")[0]["reason"] == "evicted_idle: room for a new exporter"
 
 
 def test_the_sweep_closes_a_connection_without_a_first_message_then_one_idle_too_long(clock):
@@ -356,6 +373,24 @@ def test_an_idle_udp_session_expires_and_the_next_datagram_opens_a_new_one(clock
     send(h, src, message(2))
     h.run(lambda: len(h.sessions) == 2)
     assert h.sessions[1].messages == [message(2)]
+
+
+def test_at_the_udp_session_cap_a_new_source_is_dropped_until_a_session_is_idle_long_enough(clock, batched):
+    h = udp_listener(Limits(max_sessions=1))
+    a, b = udp(), udp()
+    send(h, a, message(1))
+    h.run(lambda: h.sessions)
+    send(h, b, message(2))
+    h.run(lambda: h.lst.limited)
+    assert h.lst.limited == {"max_sessions": 1} and len(h.sessions) == 1
+    (line,) = h.events("exporter_limited")
+    assert line["action"] == "datagram dropped" and line["peer"] == peer_name(b.getsockname())
+    clock.advance(IDLE_EVICT_SECONDS)
+    send(h, b, message(3))
+    h.run(lambda: len(h.sessions) == 2)
+    assert h.lst.limited == {"max_sessions": 1, "evicted_idle": 1} and h.sessions[0].ended
+    assert by_source(h)[b.getsockname()] == [message(3)] and len(h.lst.admission) == 1
+    assert h.events("exporter_limited")[-1]["action"] == "session closed for a new one"
 
 
 def test_a_failed_receive_is_logged_and_the_next_readable_event_reads_again(monkeypatch):

@@ -12,7 +12,7 @@ from ipfix_balancer.core.framing import DatagramSlots
 from ipfix_balancer.logs import Throttle
 from ipfix_balancer.net import listener as listener_module
 from ipfix_balancer.net import mmsg
-from ipfix_balancer.net.listener import UdpListener
+from ipfix_balancer.net.listener import ListenerDeps, UdpListener
 from ipfix_balancer.net.loop import Loop
 
 from fakes import FakeSession, Log
@@ -173,8 +173,9 @@ def test_the_udp_listener_hands_each_run_from_one_source_to_its_session_as_one_b
         sessions[addr] = FakeSession(addr, peer, templates)
         return sessions[addr]
     log = Log()
-    lst = UdpListener(Loop(), rx, log, open_session, lambda err, peer: malformed.append((err.reason, peer)),
-                      Limits(), Throttle(log))
+    deps = ListenerDeps(Loop(), log, Throttle(log), open_session,
+                        lambda err, peer: malformed.append((err.reason, peer)))
+    lst = UdpListener(deps, rx, Limits())
     assert (lst.receiver is not None) is batched
     sent = {a.getsockname(): [], b.getsockname(): []}
     for i in range(100):

@@ -205,8 +205,7 @@ class Handler:
             return
         if got is None:
             self.log.error("supervisor_gone", action="stopping")
-            self.loop.unwatch(self.control)
-            self.control.close()
+            self.loop.close_socket(self.control)
             self.control = None
             self.stop()
             return

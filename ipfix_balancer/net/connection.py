@@ -23,7 +23,7 @@ import termios
 from ..core.entry import MSG
 from ..core.lifecycle import Action, State
 from ..core.sendqueue import PROBATION, UP
-from .loop import READ, WRITE
+from .loop import READ, WRITE, cancel
 
 UDP_CONFIRM = 0.5     # seconds after a datagram before a returning UDP output's refusal check
 SEND_BATCH = 64       # datagrams per sendmmsg
@@ -211,11 +211,9 @@ class Connection:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
     def release(self) -> None:
-        if self.check_timer is not None:
-            self.check_timer.cancel()
-            self.check_timer = None
+        cancel(self.check_timer)
+        self.check_timer = None
         if self.sock is not None:
-            self.loop.unwatch(self.sock)
-            self.sock.close()
+            self.loop.close_socket(self.sock)
             self.sock = None
             self.send_many = None

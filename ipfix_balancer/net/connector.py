@@ -26,7 +26,7 @@ from ..core.sendqueue import DRAIN_DEADLINE, OVERSIZE, UP, SendQueue
 from ..logs import Throttle
 from . import mmsg
 from .connection import SEND_BATCH, Connection, peer_window
-from .loop import READ, WRITE, Loop
+from .loop import READ, WRITE, Loop, cancel
 
 SNDBUF = 4 * 1024 * 1024
 PROGRESS_CHECK = 0.5  # seconds between polls of a TCP output's acknowledged offset while bytes wait
@@ -119,8 +119,7 @@ class Connector:
             return
         self.closed = True
         self._cancel_timer()
-        if self._refresh_timer is not None:
-            self._refresh_timer.cancel()
+        cancel(self._refresh_timer)
         if self.conn is not None:
             if abort:  # the kernel must not deliver what was counted as lost
                 self.conn.reset()

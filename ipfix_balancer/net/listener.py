@@ -142,8 +142,7 @@ class TcpExporter:
         if not self.open:
             return
         self.open = False
-        self.loop.unwatch(self.sock)
-        self.sock.close()
+        self.loop.close_socket(self.sock)
         self.framer.release()
         self.listener.closed(self)
         self.deps.throttle.info("exporter_disconnected", peer_host(self.session.peer), peer=self.session.peer,
@@ -515,8 +514,7 @@ class UdpListener(Listener):
             self._end(addr, "idle_timeout", "session closed")
 
     def stop(self, drain: bool) -> None:
-        self.loop.unwatch(self.sock)
-        self.sock.close()
+        self.loop.close_socket(self.sock)
         for session in list(self.sessions.values()):
             session.end()
         self.sessions.clear()

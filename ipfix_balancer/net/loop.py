@@ -28,6 +28,12 @@ class Timer:
         self.cancelled = True
 
 
+def cancel(timer: Timer | None) -> None:
+    """Cancel ``timer`` if there is one (a timer slot holds None when nothing is pending)."""
+    if timer is not None:
+        timer.cancel()
+
+
 class Loop:
     def __init__(self):
         self._selector = selectors.DefaultSelector()
@@ -59,6 +65,11 @@ class Loop:
             self._selector.unregister(sock)
         except (KeyError, ValueError):  # a closed socket
             pass
+
+    def close_socket(self, sock) -> None:
+        """Stop watching ``sock`` and close it: unregistered first, while its descriptor is still its own."""
+        self.unwatch(sock)
+        sock.close()
 
     # -- time ----------------------------------------------------------------------------------
     def call_later(self, delay: float, callback: Callable[[], None]) -> Timer:

@@ -18,7 +18,7 @@ from typing import Callable
 from ..control.status import ExportTargetStatus
 from ..core.wire import UDP_MAX_PAYLOAD, walk
 from ..net.connection import unsent_bytes
-from ..net.loop import READ, WRITE, Loop
+from ..net.loop import READ, WRITE, Loop, cancel
 from .dumpfile import open_regular
 
 EXPORT_CHUNK = 1024 * 1024       # bytes read from a dump at a time for export
@@ -340,12 +340,10 @@ class ExportTarget:
             self.kick()
 
     def _cleanup(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        cancel(self._timer)
+        self._timer = None
         if self.sock is not None:
-            self.loop.unwatch(self.sock)
-            self.sock.close()
+            self.loop.close_socket(self.sock)
             self.sock = None
         if self.fh is not None:
             self.fh.close()

@@ -10,7 +10,7 @@ from ..config.model import ReceiverConfig
 from ..control.signals import notify_supervisor
 from ..control.status import RecorderStatus
 from ..core.filescope import FileScope
-from ..net.loop import Loop
+from ..net.loop import Loop, cancel
 from .dumpfile import BUFFER_BYTES, PART, PART_RE, DumpWriter, WriteFailed, dump_prefix, dump_stem
 from .export import ExportTarget
 from .spool import Spool
@@ -229,9 +229,8 @@ class Recorder:
         return False
 
     def _schedule(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        cancel(self._timer)
+        self._timer = None
         if self.due is not None and not self.closed:
             self._timer = self.loop.call_later(max(0.0, self.due - self.clock()), self._on_timer)
 
@@ -255,8 +254,7 @@ class Recorder:
         self._finish(self.clock(), "stop")
         self.closed = True
         self.due = None
-        if self._timer is not None:
-            self._timer.cancel()
+        cancel(self._timer)
         for t in self.targets:
             t.close()
 

@@ -49,6 +49,10 @@ class FakeLoop:
     def unwatch(self, sock):
         self.watched.pop(sock, None)
 
+    def close_socket(self, sock):
+        self.unwatch(sock)
+        sock.close()
+
     def call_later(self, delay, callback):
         timer = FakeTimer(self.clock.t + delay, callback)
         self.timers.append(timer)

@@ -76,7 +76,8 @@ def over_drain_limit(sessions: Iterable[ExporterSession], limit: int) -> list[Ex
 
 class ExporterSession:
     def __init__(self, peer: str, counters: Counters, make_output: OutputFactory,
-                 on_gone: Callable[[ExporterSession], None], templates: Iterable[Message] = (), on_refused: RefusalReport | None = None):
+                 on_gone: Callable[[ExporterSession], None], templates: Iterable[Message] = (),
+                 on_refused: RefusalReport | None = None):
         self.peer = peer
         self.counters = counters
         self.make_output = make_output

@@ -43,3 +43,19 @@ def test_the_implementations_satisfy_their_protocols(tmp_path):
                        "def log() -> logs.Log:\n    return logs.setup()\n")
     res = mypy(str(planted))
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_an_entry_is_checked_field_by_field(tmp_path):
+    """``core.entry.Entry`` is a precise tuple and its indexes are constants mypy reads: an entry built in the
+    wrong order, or a field used as another, fails the check (a bare ``tuple`` alias let both through)."""
+    planted = tmp_path / "entries.py"
+    planted.write_text("from ipfix_balancer.core.entry import MSG, NREC, Entry\n"
+                       "from ipfix_balancer.core.sendqueue import SendQueue\n\n\n"
+                       "def swapped(queue: SendQueue, entry: Entry) -> None:\n"
+                       "    queue.enqueue((entry[NREC], entry[MSG], entry[NREC], entry[3]))\n\n\n"
+                       "def size(entry: Entry) -> int:\n    return len(entry[NREC])\n")
+    res = mypy(str(planted))
+    assert res.returncode == 1, res.stdout + res.stderr
+    assert "entries.py:6: error: Argument 1 to \"enqueue\"" in res.stdout, res.stdout
+    assert "entries.py:10: error: Argument 1 to \"len\"" in res.stdout, res.stdout
+    assert res.stdout.count("error:") == 2, res.stdout

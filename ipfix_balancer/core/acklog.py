@@ -16,9 +16,17 @@ from __future__ import annotations
 
 import bisect
 from collections import deque
+from typing import TYPE_CHECKING, TypeAlias, cast
 
-from .entry import nrec_of
+from .entry import Entry, nrec_of
 from .lifecycle import COUNT, DELIVERED
+
+if TYPE_CHECKING:
+    from .sendqueue import SubreceiverStats
+
+#: one write not yet acknowledged whole: (base offset, ends from base, its entries or, let go, their record
+#: counts)
+Kept: TypeAlias = tuple[int, list[int], list[Entry] | tuple[int, ...]]
 
 
 class AckLog:
@@ -26,21 +34,21 @@ class AckLog:
 
     __slots__ = ("stats", "track", "sent_total", "acked", "unacked", "held", "tail")
 
-    def __init__(self, stats):
+    def __init__(self, stats: SubreceiverStats) -> None:
         self.stats = stats    # the subreceiver's counters: what a failure loses is counted there
         self.track = False
         self.sent_total = 0
         self.acked = 0
-        self.unacked: deque = deque()
+        self.unacked: deque[Kept] = deque()
         self.held = 0
-        self.tail: deque = deque()
+        self.tail: deque[tuple[int, int, int]] = deque()  # (end offset, messages, records)
 
     @property
     def outstanding(self) -> int:
         """Bytes written and not yet acknowledged."""
         return self.sent_total - self.acked if self.track else 0
 
-    def keep(self, base: int, ends: list, entries: list) -> int:
+    def keep(self, base: int, ends: list[int], entries: list[Entry]) -> int:
         """Written whole by the kernel from offset ``base``: kept until acknowledged. Returns the bytes."""
         self.unacked.append((base, ends, entries))
         self.held += ends[-1]
@@ -56,13 +64,14 @@ class AckLog:
         while unacked and unacked[0][0] + unacked[0][1][-1] <= upto:
             base, ends, entries = unacked.popleft()
             # (``x.__class__ is list`` here and below: the cheapest type test, and this runs per acknowledged
-            # write; a tuple holds the record counts of entries let go.)
+            # write; a tuple holds the record counts of entries let go. mypy narrows only the ``is`` branch
+            # of such a test: the others say what they hold with a ``cast``, or here, per write, an ignore.)
             if entries.__class__ is list:
                 released += ends[-1]
                 if keep_tail:
                     tail.append((base + ends[-1], len(entries), sum(map(nrec_of, entries))))
             elif keep_tail:
-                tail.append((base + ends[-1], len(entries), sum(entries)))
+                tail.append((base + ends[-1], len(entries), sum(entries)))  # type: ignore[arg-type]
         self.held -= released
         while tail and tail[0][0] < upto - keep_tail:
             tail.popleft()
@@ -72,7 +81,7 @@ class AckLog:
         """The collector showed it read everything it acknowledged: nothing of it can be lost any more."""
         self.tail.clear()
 
-    def let_go(self, nbytes: int) -> int:
+    def let_go(self, nbytes: float) -> int:
         """The memory budget needs ``nbytes``: stop keeping the oldest written messages for a re-send (at
         least ``nbytes`` of them, or all; returns how many). Lost only if the connection then fails before
         they are acknowledged."""
@@ -93,18 +102,18 @@ class AckLog:
         upto = self.acked
         for base, ends, entries in self.unacked:
             first = bisect.bisect_right(ends, upto - base)
-            counts = entries if entries.__class__ is tuple else tuple(map(nrec_of, entries))
+            counts = entries if entries.__class__ is tuple else tuple(map(nrec_of, cast("list[Entry]", entries)))
             msgs += len(counts) - first
             records += sum(counts[first:])
         return msgs, records
 
-    def take(self, reason: str, acked: str = DELIVERED) -> list:
+    def take(self, reason: str, acked: str = DELIVERED) -> list[Entry]:
         """The connection ended: the written messages not acknowledged whole, oldest first, to send again;
         ``release`` clears the log. Those let go cannot be sent again: counted as
         lost for ``reason``; with ``acked`` ``COUNT`` (a reset: what the collector acknowledged may sit
         unread), so is the acknowledged tail."""
-        out: list = []
-        lost: list = []
+        out: list[Entry] = []
+        lost: list[Entry] = []
         upto, msgs, records = self.acked, 0, 0
         for base, ends, entries in self.unacked:
             first = bisect.bisect_right(ends, upto - base)
@@ -113,7 +122,8 @@ class AckLog:
                 if acked is COUNT:
                     lost += entries[:first]
             else:
-                counted = entries if acked is COUNT else entries[first:]
+                counts = cast("tuple[int, ...]", entries)
+                counted = counts if acked is COUNT else counts[first:]
                 msgs += len(counted)
                 records += sum(counted)
         if acked is COUNT:

@@ -10,11 +10,14 @@ member, so that a message costs no extra call.
 from __future__ import annotations
 
 from collections import deque
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .entry import MSG, Entry, entries_size
 from .lifecycle import State
 from .replay import TemplateReplay
+
+if TYPE_CHECKING:
+    from .sendqueue import SendQueue, SubreceiverStats
 
 #: why a message was not delivered (status and logs show drops per reason, in messages and records)
 QUEUE_FULL, MEMORY_BUDGET, OVERSIZE, CONNECTION_LOST, STALLED, REFUSED, DRAIN_DEADLINE, DRAIN_LIMIT = \
@@ -80,7 +83,7 @@ class Backlog:
     """What an output holds that no connection took yet. ``state`` mirrors the output's lifecycle (a plain
     attribute: read per message); ``armed``: the transport was woken for this turn already."""
 
-    def __init__(self, stats, limit: int, replay: TemplateReplay, budget: Budget | None):
+    def __init__(self, stats: SubreceiverStats, limit: int, replay: TemplateReplay, budget: Budget | None):
         self.budget = budget if budget is not None else Budget(float("inf"))
         self.stats = stats
         self.limit = limit
@@ -88,7 +91,7 @@ class Backlog:
         self.transport: Transport | None = None
         self.state = State.DOWN
         self.armed = False
-        self.pending: deque = deque()
+        self.pending: deque[Entry] = deque()
         # Bytes of every message not yet handed to the kernel: queued, or committed but not yet written.
         # The bound applies to all of it, so memory per output stays near ``limit``.
         self.pending_bytes = 0      # changed only with budget.used (``account``; inline on hot paths)
@@ -123,9 +126,9 @@ class Backlog:
         self.account(size)
         if (self.state is UP or self.state is PROBATION) and not self.armed:
             self.armed = True
-            self.transport.wake()
+            self.transport.wake()  # type: ignore[union-attr]  # an UP or PROBATION queue has its connection
 
-    def enqueue_many(self, entries: list, size: int) -> None:
+    def enqueue_many(self, entries: list[Entry], size: int) -> None:
         """Queue a batch of entries of ``size`` bytes in all (one ``deque.extend`` when they fit)."""
         if self.pending_bytes + size > self.limit:
             for entry in entries:  # the drop-oldest path, entry by entry
@@ -139,7 +142,7 @@ class Backlog:
         budget.used += size
         if (self.state is UP or self.state is PROBATION) and not self.armed:
             self.armed = True
-            self.transport.wake()
+            self.transport.wake()  # type: ignore[union-attr]  # an UP or PROBATION queue has its connection
 
     def _make_room(self, size: int) -> None:
         pending = self.pending
@@ -150,7 +153,7 @@ class Backlog:
             self.stats.drop(reason, (entry,))
             self.replay.incomplete()
 
-    def shed(self, nbytes: int) -> None:
+    def shed(self, nbytes: float) -> None:
         """The handler-wide budget needs ``nbytes``: drop the oldest unsent entries worth that (or all)."""
         pending, dropped = self.pending, []
         while pending and nbytes > 0:
@@ -161,7 +164,7 @@ class Backlog:
         self.replay.incomplete()
         self.stats.drop(MEMORY_BUDGET, dropped)
 
-    def take_pending(self) -> list:
+    def take_pending(self) -> list[Entry]:
         """Hand over every unsent entry (RoundRobin re-dispatch on failure)."""
         entries = list(self.pending)
         self.pending.clear()

@@ -16,8 +16,6 @@ from .sendqueue import PROBATION, UP, SendQueue
 from .wire import MAX_MESSAGE
 
 if TYPE_CHECKING:
-    # (Entry is a bare ``tuple`` alias so far: its uses carry ``type: ignore[type-arg]``, which mypy reports as
-    # unused once Entry is typed)
     from .entry import Entry
     from .templates import Snapshot
     from .wire import Message
@@ -29,7 +27,7 @@ class Dispatcher(Protocol):
     def dispatch(self, msg: Message, odid: int, nrec: int, tmpl: Message | None, snapshot: Snapshot) -> None:
         """One message; ``tmpl`` is None, the message itself (templates only) or its template-only copy."""
 
-    def dispatch_many(self, entries: list[Entry], size: int) -> None:  # type: ignore[type-arg]
+    def dispatch_many(self, entries: list[Entry], size: int) -> None:
         """A run of data-only entries (one read's worth), ``size`` bytes in all."""
 
 
@@ -67,7 +65,7 @@ class Replicate:
         for queue in self.queues:
             queue.enqueue(entry)
 
-    def dispatch_many(self, entries: list[Entry], size: int) -> None:  # type: ignore[type-arg]
+    def dispatch_many(self, entries: list[Entry], size: int) -> None:
         for queue in self.queues:
             queue.enqueue_many(entries, size)
 
@@ -128,7 +126,7 @@ class RoundRobin:
                 if queue is not target:
                     queue.enqueue(entry)
 
-    def dispatch_many(self, entries: list[Entry], size: int) -> None:  # type: ignore[type-arg]
+    def dispatch_many(self, entries: list[Entry], size: int) -> None:
         """When every output is up with room for its share, output k gets ``entries[k::n]``: exactly the
         message-by-message rotation, without a call per message."""
         queues = self.queues

@@ -24,6 +24,7 @@ Three rules carry the no-loss promise:
 from __future__ import annotations
 
 import enum
+from typing import Callable
 
 
 class State(enum.Enum):
@@ -145,7 +146,8 @@ class OutputLifecycle:
         self.leaving = False        # the exporter left (LEAVE): closes once delivered, or at drain_until
         self.drain_seconds = drain_seconds
         self.drain_until: float | None = None  # the deadline for what is held, once the transport knows the time
-        self.on_state = None        # called with each new state (the send queue mirrors it for its hot paths)
+        # called with each new state (the send queue mirrors it for its hot paths)
+        self.on_state: Callable[[State], None] | None = None
 
     def _go(self, event: Event) -> None:
         try:

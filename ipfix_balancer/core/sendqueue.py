@@ -18,18 +18,22 @@ change the queue only through its methods.
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
+from ..config.model import Endpoint
 from .acklog import AckLog
 from .backlog import (CONNECTION_LOST, DRAIN_DEADLINE, DRAIN_LIMIT, OVERSIZE, PROBATION, REFUSED, STALLED, UP,
                       Backlog, Budget, Transport)
-from .entry import entries_size, nrec_of
+from .entry import Entry, entries_size, nrec_of
 from .lifecycle import COUNT, DELIVERED, OutputLifecycle, State
 from .records import SubreceiverStatus
 from .replay import TemplateReplay
 from .sequencer import Sequencer
 from .templates import Snapshot
 from .writing import DatagramWriter, StreamWriter
+
+if TYPE_CHECKING:
+    from .dispatch import Forwarder
 
 #: what callers take from here (some defined by the queue's parts)
 __all__ = ["SendQueue", "SubreceiverStats", "OutputHooks", "Budget", "Transport", "State", "UP", "PROBATION",
@@ -43,7 +47,7 @@ class SubreceiverStats:
     __slots__ = ("subreceiver", "msgs_out", "bytes_out", "drops", "queues", "last_error", "drop_records",
                  "drops_by_reason", "drop_records_by_reason", "resent")
 
-    def __init__(self, subreceiver):
+    def __init__(self, subreceiver: Endpoint) -> None:
         self.subreceiver = subreceiver
         self.msgs_out = 0
         self.bytes_out = 0
@@ -55,7 +59,7 @@ class SubreceiverStats:
         self.queues: set[SendQueue] = set()
         self.last_error = ""
 
-    def drop(self, reason: str, entries) -> None:
+    def drop(self, reason: str, entries: Sequence[Entry]) -> None:
         """Count ``entries`` as lost for ``reason`` (one of DROP_REASONS)."""
         self.drop_counts(reason, len(entries), sum(map(nrec_of, entries)))
 
@@ -87,7 +91,10 @@ class OutputHooks:
 
     __slots__ = ("on_down", "on_up", "on_settled", "on_closed")
 
-    def __init__(self, on_down=None, on_up=None, on_settled=None, on_closed=None):
+    def __init__(self, on_down: Callable[[SendQueue], None] | None = None,
+                 on_up: Callable[[SendQueue], None] | None = None,
+                 on_settled: Callable[[SendQueue], None] | None = None,
+                 on_closed: Callable[[SendQueue], None] | None = None) -> None:
         self.on_down: Callable[[SendQueue], None] | None = on_down
         self.on_up: Callable[[SendQueue], None] | None = on_up
         self.on_settled: Callable[[SendQueue], None] | None = on_settled
@@ -133,7 +140,7 @@ class SendQueue(Backlog):
         self.replay.refresh = refresh
         self.life.stall, self.life.drain_seconds = stall, drain_seconds
 
-    def dispatched_by(self, dispatcher) -> None:
+    def dispatched_by(self, dispatcher: Forwarder) -> None:
         """Tell ``dispatcher`` when this output goes down or is healthy again."""
         self.hooks.on_down, self.hooks.on_up = dispatcher.on_down, dispatcher.on_up
 
@@ -148,7 +155,7 @@ class SendQueue(Backlog):
             self.hooks.on_up(self)
 
     @property
-    def subreceiver(self):
+    def subreceiver(self) -> Endpoint:
         return self.stats.subreceiver
 
     @property
@@ -249,7 +256,7 @@ class SendQueue(Backlog):
         messages that end by then, keeping as the tail what its buffer may hold unread."""
         self.budget.used -= self.acks.acknowledged(upto, self.life.unread_bound)
 
-    def let_go(self, nbytes: int) -> None:
+    def let_go(self, nbytes: float) -> None:
         """The memory budget needs ``nbytes``: stop keeping the oldest written messages for a re-send."""
         self.budget.used -= self.acks.let_go(nbytes)
 

@@ -15,7 +15,7 @@ from itertools import accumulate, repeat
 from typing import Callable
 
 from .entry import MSG, NREC, ODID_FIELD, Entry, consume, msg_of, nrec_of, odid_of
-from .wire import SEQUENCE, U32
+from .wire import SEQUENCE, U32, Message
 
 SEQ_MASK = 0xFFFFFFFF
 
@@ -40,12 +40,15 @@ class Sequencer:
         if self.rewrite:
             return self.next.get(odid, 0)
         last = self.last.get(odid)  # byte-identical: the exporter's numbering after its last message
+        seq: int
         if last is not None:
-            return U32.unpack_from(last[MSG], SEQUENCE)[0] + last[NREC]
-        return U32.unpack_from(head[MSG], SEQUENCE)[0] if head is not None else 0
+            seq = U32.unpack_from(last[MSG], SEQUENCE)[0]
+            return seq + last[NREC]
+        seq = U32.unpack_from(head[MSG], SEQUENCE)[0] if head is not None else 0
+        return seq
 
     @staticmethod
-    def numbered(entry: Entry, n: int):
+    def numbered(entry: Entry, n: int) -> Message:
         """The message of ``entry`` carrying sequence number ``n``. A data message is rewritten in place
         (RoundRobin gave it to this output alone); a template message may be shared with other outputs (or
         immutable), so it is copied."""
@@ -55,7 +58,7 @@ class Sequencer:
             return msg
         return b"".join((msg[:SEQUENCE], U32.pack(n), msg[SEQUENCE + 4:]))
 
-    def _number(self, entries: list, bufs: list) -> tuple[list, int | None]:
+    def _number(self, entries: list[Entry], bufs: list[Message]) -> tuple[list[int], int | None]:
         """Write the numbers into ``bufs`` (the messages of ``entries``; a template message's becomes a
         numbered copy). Returns, per entry, its ODID's next number after it, and the ODID when there was
         only one; ``next`` is left as it was."""
@@ -70,6 +73,8 @@ class Sequencer:
             consume(map(U32.pack_into, bufs, repeat(SEQUENCE), numbers))
             del numbers[0]
             return numbers, odid
+        after: list[int]
+        nxt: dict[int, int]
         after, nxt = [], {}
         for i, entry in enumerate(entries):
             odid, nrec = entry[ODID_FIELD], entry[NREC]
@@ -79,7 +84,7 @@ class Sequencer:
             after.append(n)
         return after, None
 
-    def number_stream(self, entries: list) -> list:
+    def number_stream(self, entries: list[Entry]) -> list[Message]:
         """The messages of ``entries``, numbered, all taken by the connection now (a stream's commit)."""
         bufs = list(map(msg_of, entries))
         if self.rewrite:
@@ -90,13 +95,13 @@ class Sequencer:
                 self.next.update(zip(map(odid_of, entries), after))  # the last of each ODID wins
         return bufs
 
-    def number_datagrams(self, entries: list) -> tuple[list, list | None]:
+    def number_datagrams(self, entries: list[Entry]) -> tuple[list[Message], list[int] | None]:
         """(the messages of ``entries``, numbered; per entry its ODID's next number once it went, or None
         without the rewrite). Nothing advances until ``advance`` says what the kernel took."""
         bufs = list(map(msg_of, entries))
         return bufs, (self._number(entries, bufs)[0] if self.rewrite else None)
 
-    def advance(self, taken: list, after: list | None) -> None:
+    def advance(self, taken: list[Entry], after: list[int] | None) -> None:
         """The kernel took ``taken``, the first of the entries numbered with ``after``."""
         if after is not None:
             self.next.update(zip(map(odid_of, taken), after))  # the last of each ODID wins
@@ -116,7 +121,7 @@ class Sequencer:
         if nrec:
             self.next[odid] = (n + nrec) & SEQ_MASK
 
-    def take_back(self, entries: list) -> None:
+    def take_back(self, entries: list[Entry]) -> None:
         """Committed ``entries`` go back to the queue unsent (a stall): their numbers are free again."""
         if self.rewrite:
             seq = self.next

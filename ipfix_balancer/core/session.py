@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import enum
 import itertools
+from collections.abc import Iterable
 from itertools import repeat
 from typing import Callable
 
 from ..config.model import Mode, TemplateLimits
 from .dispatch import FORWARDERS, Dispatcher
+from .entry import Entry
 from .sendqueue import SendQueue, State, SubreceiverStats
-from .templates import MalformedSet, TemplateLimit, TemplateTracker
-from .wire import FramingError
+from .templates import MalformedSet, Snapshot, TemplateLimit, TemplateTracker
+from .wire import FramingError, Message
 
 
 class Counters:
@@ -65,7 +67,7 @@ class Forwarding:
 _left = itertools.count()  # the order in which sessions began to drain
 
 
-def over_drain_limit(sessions, limit: int) -> list[ExporterSession]:
+def over_drain_limit(sessions: Iterable[ExporterSession], limit: int) -> list[ExporterSession]:
     """The draining sessions past ``limit`` to close now, the first to leave first: a flood of short sessions
     while collectors are away must not hold a handler's descriptors for DRAIN_SECONDS."""
     draining = sorted((s for s in sessions if s.state is Lifecycle.DRAINING), key=lambda s: s.left)
@@ -74,7 +76,8 @@ def over_drain_limit(sessions, limit: int) -> list[ExporterSession]:
 
 class ExporterSession:
     def __init__(self, peer: str, counters: Counters, make_output: OutputFactory,
-                 on_gone: Callable[[ExporterSession], None], templates=(), on_refused: RefusalReport | None = None):
+                 on_gone: Callable[[ExporterSession], None], templates: Iterable[Message] = (),
+                 on_refused: RefusalReport | None = None):
         self.peer = peer
         self.counters = counters
         self.make_output = make_output
@@ -128,10 +131,10 @@ class ExporterSession:
             queue.close_when_drained()
         self.queues = active + [q for q in retired if q.state is not State.CLOSED]
 
-    def _snapshot(self):
+    def _snapshot(self) -> Snapshot:
         return self.tracker.snapshot
 
-    def deliver(self, messages, stop: bool = True) -> TemplateLimit | None:
+    def deliver(self, messages: list[Message], stop: bool = True) -> TemplateLimit | None:
         """The hot path: every whole message of one read. Runs of data-only messages are handed to the
         dispatcher as one batch; a message with template sets goes on its own, in order.
 
@@ -140,7 +143,8 @@ class ExporterSession:
         alone: the next ones go on); the error is returned."""
         tracker = self.tracker
         inspect, dispatcher = tracker.inspect, self.dispatcher
-        many = dispatcher.dispatch_many
+        # (configure made the dispatcher before any delivery: no check per read)
+        many = dispatcher.dispatch_many  # type: ignore[union-attr]
         snapshot = tracker.snapshot  # changes only with a message that carries template sets
         run = tracker.inspect_data_run(messages) if len(messages) > 1 else None
         if run is not None:  # the common run (a UDP batch from one exporter): no step per message in Python
@@ -148,7 +152,7 @@ class ExporterSession:
             many(list(zip(messages, repeat(run[0]), run[1], repeat(snapshot))), size)
             self._count_in(len(messages), size)
             return None
-        batch: list = []
+        batch: list[Entry] = []
         batch_size = size = 0
         refused = None
         for msg in messages:
@@ -173,7 +177,7 @@ class ExporterSession:
                 many(batch, batch_size)
                 batch, batch_size = [], 0
             snapshot = tracker.snapshot
-            dispatcher.dispatch(msg, odid, nrec, tmpl, snapshot)
+            dispatcher.dispatch(msg, odid, nrec, tmpl, snapshot)  # type: ignore[union-attr]  # (as above)
             if self.on_templates is not None:
                 self.on_templates(self, odid)
         if batch:

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import bisect
 from itertools import accumulate, islice, repeat
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 
-from .entry import MSG, entries_size
+from .entry import MSG, Entry, entries_size
+from .wire import Message
+
+if TYPE_CHECKING:
+    from .sendqueue import SendQueue
 
 IOV_MAX = 1024  # buffers per sendmsg (Linux's UIO_MAXIOV; sysconf is I/O's business); one per entry
 
@@ -26,15 +30,15 @@ class StreamWriter:
 
     __slots__ = ("bufs", "ends", "entries", "offset", "queue", "pending", "sequencer", "acks", "stats")
 
-    def __init__(self, queue) -> None:
+    def __init__(self, queue: SendQueue) -> None:
         self.queue = queue
         self.pending, self.sequencer, self.acks, self.stats = queue.pending, queue.sequencer, queue.acks, queue.stats
         self.clear()
 
     def clear(self) -> None:
-        self.bufs: list = []
+        self.bufs: list[Message] = []
         self.ends: list[int] = []
-        self.entries: list = []
+        self.entries: list[Entry] = []
         self.offset = 0
 
     @property
@@ -43,7 +47,7 @@ class StreamWriter:
         entries = self.entries
         return len(entries[0][MSG]) - (self.ends[0] - self.offset) if entries else 0
 
-    def next_iovec(self) -> list:
+    def next_iovec(self) -> list[Message]:
         """The committed buffers to write, after committing queued entries up to IOV_MAX buffers (one
         ``sendmsg``). A run of entries is taken, numbered and measured in C-level steps."""
         pending, bufs = self.pending, self.bufs
@@ -101,7 +105,7 @@ class StreamWriter:
         self.bufs = bufs[i:]
         return False
 
-    def take_back(self) -> list:
+    def take_back(self) -> list[Entry]:
         """The entries not yet started (a stall) leave, their numbers given back; one cut in the middle
         stays."""
         entries, ends = self.entries, self.ends
@@ -125,10 +129,10 @@ class DatagramWriter:
 
     __slots__ = ("queue", "pending", "sequencer", "last_sent")
 
-    def __init__(self, queue) -> None:
+    def __init__(self, queue: SendQueue) -> None:
         self.queue = queue
         self.pending, self.sequencer = queue.pending, queue.sequencer
-        self.last_sent: list | tuple = ()
+        self.last_sent: Sequence[Entry] = ()
 
     def send(self, send: Callable[[object], object], most: int = -1) -> bool:
         """Hand each queued message to ``send`` as one datagram (a bytes-like), oldest first, at most ``most``
@@ -154,7 +158,7 @@ class DatagramWriter:
             self._sent(msgs, nbytes)
         return True
 
-    def send_batch(self, send_many: Callable[[list], int], batch: int) -> bool:
+    def send_batch(self, send_many: Callable[[list[Message]], int], batch: int) -> bool:
         """``send`` with one call per up to ``batch`` datagrams (``sendmmsg``): ``send_many(bufs)`` returns
         how many of ``bufs`` the kernel took, oldest first, and raises only when it took none. Only what it
         took leaves the queue (and advances the sequence numbers); after a short count the next call starts
@@ -184,7 +188,7 @@ class DatagramWriter:
         queue.acks.sent_total += nbytes
         queue.handed(nbytes, 0)
 
-    def take_refused(self) -> list | tuple:
+    def take_refused(self) -> Sequence[Entry]:
         """What the last send took, once: a refusal came back for it."""
         lost, self.last_sent = self.last_sent, ()
         return lost

@@ -66,7 +66,6 @@ MORE = (
     Field("UDP receive buffer (bytes)", "RCVBUF_BYTES", placeholder=str(Limits.rcvbuf_bytes)),
 )
 FIELDS = MANUAL + MORE
-RECEIVER_TYPE_LABEL = "Receiver type"
 _LEADING_KEY = re.compile(r"(IPFIX_[A-Z_]+(?:\[[0-9]+\])?)[ =:]")
 
 

@@ -112,6 +112,7 @@ class ExporterSession:
             if isinstance(old, cls):
                 reusable = {q.subreceiver: q for q in old.queues if q.state is not State.CLOSED and not q.closing}
             dispatcher = self.dispatcher = cls(active)
+            made: list[SendQueue] = []
             for stats in fw.subreceivers:
                 queue = reusable.pop(stats.subreceiver, None)
                 if queue is None:
@@ -121,11 +122,15 @@ class ExporterSession:
                                              drain_seconds=fw.drain_seconds, current_snapshot=self._snapshot,
                                              on_down=dispatcher.on_down, on_closed=self._queue_closed,
                                              on_settled=self._queue_settled)
+                    made.append(queue)
                 else:
                     queue.reconfigure(limit=fw.queue_bytes, refresh=fw.template_refresh, stall=fw.stall_seconds,
                                       drain_seconds=fw.drain_seconds)
                 queue.dispatched_by(dispatcher)
                 active.append(queue)
+            for queue in made:  # up while being made (UDP), before the dispatcher had it: it is told now
+                if queue.state is State.UP:
+                    queue.came_up()
         retired = [q for q in self.queues if q not in active]
         for queue in retired:
             queue.close_when_drained()

@@ -346,3 +346,18 @@ def test_past_the_drain_limit_the_first_sessions_to_leave_are_closed_counted():
     assert over_drain_limit(sessions + [open_one], 2) == [sessions[3], sessions[2]]
     dropped = over_drain_limit(sessions, 3)[0].abandon("drain_limit")
     assert dropped == 1 and sessions[3].state is Lifecycle.GONE
+
+
+def test_a_subreceiver_added_by_a_reload_takes_what_waits_at_one_that_is_down():
+    """A new output that is up as soon as it is made (UDP) tells the dispatcher at once: RoundRobin moves to it
+    what waits at an output that is down, as for any output coming up."""
+    a, b = SubreceiverStats("a"), SubreceiverStats("b")
+    s, _ = session()
+    s.configure(forwarding(Mode.ROUND_ROBIN, [a]))
+    (qa,) = s.queues
+    lose(qa, "connection_lost")
+    s.deliver([data_message(i) for i in range(4)])
+    assert len(qa.pending) == 4
+    s.configure(forwarding(Mode.ROUND_ROBIN, [a, b]))
+    qa, qb = s.queues
+    assert (len(qa.pending), [ident_of(e[0]) for e in qb.pending]) == (0, [0, 1, 2, 3])

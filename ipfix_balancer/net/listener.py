@@ -402,19 +402,20 @@ class UdpListener(Listener):
             if sources.count(sources[0]) == len(msgs):  # one source (the common case): no search for runs
                 deliver(names.get(sources[0]) or self._name(sources[0]), msgs, slots.whole)
             else:
-                self._deliver_runs(msgs, sources)
+                self._deliver_runs(msgs, sources, slots.whole)
             if not self.receiver.more:  # the socket is empty
                 return
 
-    def _deliver_runs(self, msgs: list, sources: list) -> None:
-        """Each run of datagrams from one source, in order, as one delivery."""
+    def _deliver_runs(self, msgs: list, sources: list, whole: bool) -> None:
+        """Each run of datagrams from one source, in order, as one delivery (``whole``: every datagram of
+        the read holds one whole message)."""
         names, count, start = self._names, len(msgs), 0
         while start < count:
             raw = sources[start]
             end = start + 1
             while end < count and sources[end] == raw:
                 end += 1
-            self._deliver(names.get(raw) or self._name(raw), msgs[start:end])
+            self._deliver(names.get(raw) or self._name(raw), msgs[start:end], whole)
             start = end
 
     def _name(self, raw: bytes) -> tuple:

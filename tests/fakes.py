@@ -89,19 +89,23 @@ class FakeSocket:
 
 class FakeSession:
     """An exporter session (``core.session.ExporterSession``) that keeps what it is given: ``runs`` holds
-    each delivery's messages as bytes; ``refuse`` is what ``deliver`` returns (None: accepted)."""
+    each delivery's messages as bytes; ``deliver`` reports the refusal ``refuse`` (None: accepted) and
+    ``dispatched`` messages dispatched (None: all of them, or none when it refuses)."""
 
     def __init__(self, key, peer: str, templates=()):
         self.key, self.peer, self.templates = key, peer, templates
         self.runs: list[list[bytes]] = []
         self.stops: list[bool] = []
         self.refuse = None
+        self.dispatched: int | None = None
         self.ended = False
 
     def deliver(self, msgs, stop: bool = True):
         self.runs.append([bytes(m) for m in msgs])
         self.stops.append(stop)
-        return self.refuse
+        if self.dispatched is not None:
+            return self.dispatched, self.refuse
+        return (0 if self.refuse else len(msgs)), self.refuse
 
     @property
     def messages(self) -> list[bytes]:

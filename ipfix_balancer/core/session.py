@@ -139,13 +139,14 @@ class ExporterSession:
     def _snapshot(self) -> Snapshot:
         return self.tracker.snapshot
 
-    def deliver(self, messages: list[Message], stop: bool = True) -> TemplateLimit | None:
+    def deliver(self, messages: list[Message], stop: bool = True) -> tuple[int, TemplateLimit | None]:
         """The hot path: every whole message of one read. Runs of data-only messages are handed to the
         dispatcher as one batch; a message with template sets goes on its own, in order.
 
         A message whose sets do not parse is dropped. A message that takes the session over a template limit
         is refused, and with ``stop`` ends the delivery (a TCP session is then closed; UDP datagrams stand
-        alone: the next ones go on); the error is returned."""
+        alone: the next ones go on). Returns (the messages dispatched, the refusal or None): a UDP run with
+        one datagram refused is still activity when others were dispatched."""
         tracker = self.tracker
         inspect, dispatcher = tracker.inspect, self.dispatcher
         # (configure made the dispatcher before any delivery: no check per read)
@@ -156,9 +157,9 @@ class ExporterSession:
             size = sum(map(len, messages))
             many(list(zip(messages, repeat(run[0]), run[1], repeat(snapshot))), size)
             self._count_in(len(messages), size)
-            return None
+            return len(messages), None
         batch: list[Entry] = []
-        batch_size = size = 0
+        batch_size = size = dispatched = 0
         refused = None
         for msg in messages:
             n = len(msg)
@@ -180,15 +181,18 @@ class ExporterSession:
                 continue
             if batch:
                 many(batch, batch_size)
+                dispatched += len(batch)
                 batch, batch_size = [], 0
             snapshot = tracker.snapshot
             dispatcher.dispatch(msg, odid, nrec, tmpl, snapshot)  # type: ignore[union-attr]  # (as above)
+            dispatched += 1
             if self.on_templates is not None:
                 self.on_templates(self, odid)
         if batch:
             many(batch, batch_size)
+            dispatched += len(batch)
         self._count_in(len(messages), size)
-        return refused
+        return dispatched, refused
 
     def _count_in(self, msgs: int, size: int) -> None:
         counters = self.counters

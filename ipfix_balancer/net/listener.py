@@ -124,7 +124,7 @@ class TcpExporter:
                 if not self.delivered:  # the first since the last sweep: told at once, so that a new
                     self.delivered = True  # exporter is not taken for a silent one at the cap
                     self.listener.admission.delivered(self, time.monotonic())
-                refused = self.session.deliver(messages)  # over a template limit: counted and logged already
+                _, refused = self.session.deliver(messages)  # over a template limit: counted and logged already
                 if refused is not None:
                     self.close(reason=str(refused))
                     return 0
@@ -457,8 +457,10 @@ class UdpListener(Listener):
             opened += 1
         if session is None:
             return
-        # Each datagram stands alone: one refused (over a template limit, counted) does not end the run.
-        if session.deliver(good[opened - 1:] if opened else good, stop=False) is None:
+        # Each datagram stands alone: one refused (over a template limit, counted) does not end the run, nor
+        # make a run whose other datagrams were dispatched count as no activity.
+        dispatched, _ = session.deliver(good[opened - 1:] if opened else good, stop=False)
+        if dispatched:
             self.admission.delivered(addr, now)
 
     def _whole(self, addr: tuple, msgs) -> list:

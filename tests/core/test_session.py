@@ -49,10 +49,11 @@ def test_deliver_spreads_data_and_copies_templates():
     subs = [SubreceiverStats("a"), SubreceiverStats("b")]
     s, _ = session()
     s.configure(forwarding(Mode.ROUND_ROBIN, subs))
-    s.deliver([template_message()] + [data_message(i) for i in range(4)])
+    assert s.deliver([template_message()] + [data_message(i) for i in range(4)]) == (5, None)
     a, b = s.queues
     assert len(a.pending) == 3 and len(b.pending) == 3  # the template to both, data spread
     assert s.counters.msgs_in == 5 and s.counters.bytes_in == 28 + 4 * 40
+    assert s.deliver([data_message(i) for i in range(4, 7)]) == (3, None), "a data-only run, in one step"
 
 
 def test_reconfigure_keeps_the_queues_of_kept_subreceivers():
@@ -143,17 +144,19 @@ def test_malformed_message_dropped_reported_once_per_reason_and_limit_ends_deliv
     bad[18:20] = b"\x00\x00"  # the data set's length: 0
     second = bytearray(template_message())
     second[20:22] = b"\x01\x01"  # template id 257: one template too many for ODID 7
-    assert s.deliver([template_message(), data_message(1), memoryview(bad), memoryview(bad), data_message(2)]) is None
+    assert s.deliver([template_message(), data_message(1), memoryview(bad), memoryview(bad), data_message(2)]) \
+        == (3, None), "the dropped ones are not dispatched"
     (queue,) = s.queues
     assert [bytes(e[0]) for e in queue.pending][1:] == [bytes(data_message(1)), bytes(data_message(2))]
-    refused = s.deliver([data_message(3), memoryview(second), data_message(4)])
-    assert refused is not None and refused.reason == "templates_max"
+    dispatched, refused = s.deliver([data_message(3), memoryview(second), data_message(4)])
+    assert dispatched == 1 and refused is not None and refused.reason == "templates_max"
     assert refusals == [("set_length", True), ("set_length", False), ("templates_max", True)]
     assert bytes(queue.pending[-1][0]) == bytes(data_message(3)) and len(s.tracker.snapshot) == 1
 
 
 def test_a_udp_run_goes_on_after_a_datagram_over_a_template_limit():
-    """UDP datagrams stand alone (``stop=False``): the one refused is counted, the next ones are delivered."""
+    """UDP datagrams stand alone (``stop=False``): the one refused is counted, the next ones are delivered, and
+    the delivery reports both (a listener counts the run as activity: it dispatched some)."""
     from ipfix_balancer.config import TemplateLimits
     refusals = []
     s = ExporterSession("10.0.0.1:4739", Counters(), Outputs(), lambda _s: None,
@@ -163,7 +166,8 @@ def test_a_udp_run_goes_on_after_a_datagram_over_a_template_limit():
     second = bytearray(template_message())
     second[20:22] = b"\x01\x01"  # template id 257: one template too many for ODID 7
     run = [template_message(), data_message(3), memoryview(second), data_message(4), data_message(5)]
-    assert s.deliver(run, stop=False).reason == "templates_max"
+    dispatched, refused = s.deliver(run, stop=False)
+    assert dispatched == 4 and refused is not None and refused.reason == "templates_max"
     (queue,) = s.queues
     assert [ident_of(e[0]) for e in list(queue.pending)[1:]] == [3, 4, 5] and refusals == ["templates_max"]
     assert s.counters.msgs_in == 5 and s.counters.bytes_in == sum(map(len, run))

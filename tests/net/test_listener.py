@@ -375,6 +375,30 @@ def test_an_idle_udp_session_expires_and_the_next_datagram_opens_a_new_one(clock
     assert h.sessions[1].messages == [message(2)]
 
 
+def test_a_udp_run_with_a_datagram_over_a_template_limit_is_activity_when_others_went_on(clock, batched):
+    """A steady exporter whose runs each hold one datagram refused over a template limit is sending valid data:
+    it must not expire as idle (nor be evicted as idle at a cap). A run refused whole is no activity."""
+    h = udp_listener()
+    src = udp()
+    send(h, src, message(1))
+    h.run(lambda: h.sessions)
+    (session,) = h.sessions
+    session.refuse, session.dispatched = "templates_max", 1
+    clock.advance(UDP_SESSION_IDLE - 1)
+    send(h, src, message(2))
+    h.run(lambda: len(session.messages) == 2)
+    clock.advance(1)
+    h.lst._expire()
+    assert not session.ended and src.getsockname() in h.lst.admission
+    session.dispatched = 0
+    clock.advance(UDP_SESSION_IDLE - 1)
+    send(h, src, message(3))
+    h.run(lambda: len(session.messages) == 3)
+    clock.advance(1)
+    h.lst._expire()
+    assert session.ended and h.lst.limited == {"idle_timeout": 1}
+
+
 def test_at_the_udp_session_cap_a_new_source_is_dropped_until_a_session_is_idle_long_enough(clock, batched):
     h = udp_listener(Limits(max_sessions=1))
     a, b = udp(), udp()

@@ -148,23 +148,25 @@ def write_json(path: str, doc: dict[str, Any]) -> None:
 
 
 def load_json(path: str) -> dict[str, Any] | None:
-    """The document at path, or None when it is missing or not JSON. Any other failure to read it (EMFILE,
-    EACCES, ELOOP: a symlink) raises OSError: "could not look" must never pass for "nothing there"."""
+    """The document at path, or None when it is missing or not a JSON object (malformed, or another JSON
+    value: the run dir is a hostile input path, and every reader indexes it as an object). Any other failure
+    to read it (EMFILE, EACCES, ELOOP: a symlink) raises OSError: "could not look" must never pass for
+    "nothing there"."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     with open(fd) as f:
         try:
-            doc: dict[str, Any] = json.load(f)  # what the balancer writes here; another JSON value is not checked
-            return doc
+            doc = json.load(f)
         except ValueError:
             return None
+    return doc if isinstance(doc, dict) else None
 
 
 def read_json(path: str) -> dict[str, Any] | None:
-    """The document at path, or None when it is missing or unreadable (for readers to whom both mean
-    "nothing to show")."""
+    """The document at path, or None when it is missing, not a JSON object or unreadable (for readers to whom
+    all mean "nothing to show")."""
     try:
         return load_json(path)
     except OSError:

@@ -40,6 +40,15 @@ def test_json_documents_are_replaced_whole(tmp_path):
     assert rundir.read_json(path) is None
 
 
+@pytest.mark.parametrize("text", ["[]", "1", '"x"', "null"])
+def test_a_json_document_that_is_not_an_object_counts_as_not_json(tmp_path, text):
+    """The run dir is a hostile input path (another local user, a truncated write by an old version): its
+    readers index what they read as an object."""
+    path = tmp_path / "supervisor.json"
+    path.write_text(text)
+    assert rundir.load_json(str(path)) is None and rundir.read_json(str(path)) is None
+
+
 def test_resolve_run_dir_precedence(monkeypatch):
     monkeypatch.delenv("IPFIX_BALANCER_RUN_DIR", raising=False)
     assert rundir.resolve_run_dir(None) == rundir.DEFAULT_RUN_DIR == "/run/fast_ipfix_balancer"

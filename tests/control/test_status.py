@@ -4,6 +4,8 @@ import json
 import os
 import time
 
+import pytest
+
 from ipfix_balancer.control import rundir
 from ipfix_balancer.control.status import (ExporterSessionStatus, ExportTargetStatus, HandlerReport, HandlerStatus, ListenStatus,
                                            PeriodRates, RecorderStatus, StatusReport, SubreceiverStatus, SupervisedHandler,
@@ -149,6 +151,14 @@ def test_collect_reads_handler_documents_and_observes_their_processes(tmp_path):
     assert (report.running, report.supervisor_pid, report.config) == (False, None, "/e.env")
     (h,) = report.handlers
     assert h.doc == mine and h.alive and h.rss > 0 and 85 < h.uptime < 120
+
+
+@pytest.mark.parametrize("text", ["[]", "1", '"x"', "null"])
+def test_collect_takes_documents_that_are_not_json_objects_for_missing_ones(tmp_path, text):
+    run = str(tmp_path)
+    rundir.write_atomic(rundir.supervisor_status_path(run), text)
+    rundir.write_atomic(rundir.handler_status_path(run, "FULLFLOW", 0), text)
+    assert collect(run) == StatusReport(running=False, supervisor_pid=None, config=None, run_dir=run, handlers=[])
 
 
 def test_a_document_older_than_three_of_its_periods_is_stale_and_marked(tmp_path):

@@ -163,22 +163,38 @@ class DatagramWriter:
         how many of ``bufs`` the kernel took, oldest first, and raises only when it took none. Only what it
         took leaves the queue (and advances the sequence numbers); after a short count the next call starts
         at the first datagram not taken, and raises its error if it has one."""
-        pending, sequencer = self.pending, self.sequencer
-        popleft = pending.popleft
+        pending = self.pending
         while pending:
             entries = list(islice(pending, batch))
-            bufs, after = sequencer.number_datagrams(entries)
+            # Numbered once, then handed to the kernel call after call (a call takes a segmentation run
+            # or up to its own batch): numbering the rest again per call cost a step per message per call.
+            bufs, after = self.sequencer.number_datagrams(entries)
+            done, count = 0, len(entries)
             try:
-                sent = send_many(bufs)
+                while done < count:
+                    sent = send_many(bufs[done:] if done else bufs)
+                    self.last_sent = entries[done:done + sent]
+                    done += sent
             except BlockingIOError:
                 return False
-            taken = entries[:sent] if sent < len(entries) else entries
-            for _ in repeat(None, sent):
-                popleft()
-            sequencer.advance(taken, after)
-            self.last_sent = taken
-            self._sent(sent, entries_size(taken))
+            finally:  # what the kernel took leaves the queue, also when a call raised
+                if done:
+                    self._took(entries, done, after)
         return True
+
+    def _took(self, entries: list[Entry], done: int, after: list[int] | None) -> None:
+        """The kernel took the first ``done`` of ``entries`` (the queue's oldest): they leave the queue and
+        take their sequence numbers."""
+        pending = self.pending
+        taken = entries if done == len(entries) else entries[:done]
+        if done == len(pending):
+            pending.clear()
+        else:
+            popleft = pending.popleft
+            for _ in repeat(None, done):
+                popleft()
+        self.sequencer.advance(taken, after)
+        self._sent(done, entries_size(taken))
 
     def _sent(self, msgs: int, nbytes: int) -> None:
         queue = self.queue

@@ -8,6 +8,7 @@ import struct
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from ipfix_balancer.core.sequencer import Sequencer
 from ipfix_balancer.core.sendqueue import DELIVERED, OVERSIZE, Budget, SendQueue, State, SubreceiverStats
 from ipfix_balancer.core.templates import EMPTY, TemplateTracker
 from ipfix_balancer.core.wire import HEADER, walk
@@ -528,6 +529,18 @@ def test_batched_datagrams_are_the_one_by_one_datagrams_whatever_the_kernel_take
     assert (stats.msgs_out, stats.bytes_out, queue.pending_bytes, queue.acks.sent_total) == \
            (expected_stats.msgs_out, expected_stats.bytes_out, 0, expected_queue.acks.sent_total)
     assert queue.next_sequence(ODID) == expected_queue.next_sequence(ODID)
+
+
+def test_a_batch_is_numbered_once_however_many_calls_the_kernel_takes_it_in(monkeypatch):
+    queue, _stats = mixed_queue(rewrite=True, mixed=False)
+    numbered = []
+    number = Sequencer.number_datagrams
+    monkeypatch.setattr(Sequencer, "number_datagrams", lambda self, entries: numbered.append(len(entries))
+                        or number(self, entries))
+    send = BatchSender(1, 2, 1)
+    assert queue.datagrams.send_batch(send, 64)
+    assert send.calls == [7, 6, 4, 3] and numbered == [7], "one numbering for the four calls"
+    assert [struct.unpack_from("!I", d, 8)[0] for d in send.out] == [0, 1, 3, 6, 7, 9, 12]
 
 
 def test_a_full_kernel_mid_batch_keeps_the_rest_queued_and_their_numbers_untaken():

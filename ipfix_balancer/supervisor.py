@@ -173,7 +173,7 @@ class Supervisor:
         raise_fd_limit()
         rundir.write_atomic(rundir.supervisor_pid_path(self.run_dir), f"{os.getpid()}\n")
         self.watch = Watch(self.run_dir, self.config.hang_seconds)
-        restarts = self.watch.load() if self.adopt else {}
+        restarts = self.watch.load(self.log) if self.adopt else {}
         wake = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, ROTATED, signal.SIGUSR2, signal.SIGCHLD))
         for warning in self.config.warnings:
             self.log.warning("config_warning", problem=warning)

@@ -121,7 +121,7 @@ def inherited_lock(run_dir: str, noted: Any) -> int | None:
         lock_st = os.stat(lock_path(run_dir), follow_symlinks=False)
     except FileNotFoundError:
         return None
-    candidates = [noted] if conforms(noted, int) else []
+    candidates: list[int] = [noted] if conforms(noted, int) else []
     for fd in candidates + sorted(int(name) for name in os.listdir("/proc/self/fd")):
         try:
             if os.path.samestat(os.fstat(fd), lock_st):

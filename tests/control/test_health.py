@@ -120,7 +120,8 @@ GOOD = {"pid": 10, "last": [["ipfix_balancer_messages_received", [], 7]], "offse
     ({"restarts": {"a": "x", "b": True, "c": 2}}, {"c": 2}, [], ["restarts: a:", "restarts: b:"]),
     ({"counters": [1], "restarts": {"c": 2}}, {"c": 2}, [], ["counters: not a JSON object"]),
     ({"counters": {"a": {"pid": 10, "last": [["ipfix_balancer_messages_received", [], "7"]], "offset": []},
-                   "b": {"pid": "10", "last": [], "offset": []}, "c": GOOD}}, {}, ["c"], ["counters: a:", "counters: b:"]),
+                   "b": {"pid": "10", "last": [], "offset": []}, "c": GOOD}},
+     {}, ["c"], ["counters: a:", "counters: b:"]),
 ])
 def test_a_carry_entry_of_another_shape_is_logged_and_starts_from_0(tmp_path, doc, restarts, carried, ignored):
     """A bad supervisor.carry.json (a bug, another release, tampering) must not stop the supervisor at its start

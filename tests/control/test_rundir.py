@@ -106,7 +106,8 @@ def test_a_value_conforms_to_a_type_the_way_json_can_hold_it(value, kind, ok):
 
 
 def test_named_entries_of_another_type_are_left_out_with_the_reason():
-    assert rundir.entries({"r": {"a": 1, "b": "x"}}, "r", int) == ({"a": 1}, ['r: b: not as this release writes it: "x"'])
+    assert rundir.entries({"r": {"a": 1, "b": "x"}}, "r", int) == (
+        {"a": 1}, ['r: b: not as this release writes it: "x"'])
     assert rundir.entries({"r": [1]}, "r", int) == ({}, ["r: not a JSON object: [1]"])
     assert rundir.entries({}, "r", int) == ({}, [])
 

@@ -24,7 +24,7 @@ It imports only ``control`` (the run-directory contract) and ``config``: never d
 
 from __future__ import annotations
 
-import fcntl
+import json
 import os
 import select
 import signal
@@ -32,6 +32,8 @@ import socket
 import subprocess
 import sys
 import time
+
+import psutil
 
 from .config.derive import auto_receivers
 from .config.model import Config, Console, Mode, ReceiverConfig, live_change_impossible
@@ -47,6 +49,11 @@ from .control.sdnotify import Notifier
 from .control.signals import ROTATED, SUPERVISOR_NAME, Wakeup, die_with_parent, set_process_name
 from .control.status import SupervisedHandler, SupervisorStatus, write_supervisor_status
 
+_ADOPTED = {"pid": int, "receiver": str, "control_fd": int | None}  # an entry of "handlers", as _reexec writes it
+# an entry of "retiring": [pid, control_fd]; a version before the channel left bare pids: its handlers are
+# stopped, not taken over (their handover socket had no access check), and exporters reconnect once
+_RETIRING = int | tuple[int, int]
+_UNUSABLE = (ValueError, TypeError, KeyError, AttributeError, OSError, OverflowError)  # an entry that cannot be adopted
 RESTART_FIRST = 1.0
 RESTART_CAP = 30.0
 STABLE_AFTER = 60.0  # a handler that ran this long is restarted without accumulated backoff
@@ -54,9 +61,24 @@ READY_DEADLINE = 30.0  # READY=1 at the latest this long after the start (system
 
 
 def _inherited(fd: int) -> socket.socket:
-    """A channel descriptor that survived the re-execution; not to be inherited by the handlers."""
-    os.set_inheritable(fd, False)
-    return socket.socket(fileno=fd)
+    """A channel descriptor that survived the re-execution; not to be inherited by the handlers (OSError when
+    it is no socket: then left as it was)."""
+    sock = socket.socket(fileno=fd)
+    sock.set_inheritable(False)
+    return sock
+
+
+def _channel(pid: int, fd: int | None, ours: set[int]) -> socket.socket | None:
+    """The channel of the predecessor's handler ``pid`` (None: a version before the channel left none).
+    ValueError when pid is not a process of ours (never signalled then), OSError when fd is no socket."""
+    if pid not in ours:
+        raise ValueError(f"pid {pid} is not a process of this supervisor")
+    return None if fd is None else _inherited(fd)
+
+
+def _child_pids() -> set[int]:
+    """Our child processes: right after a re-execution, the handlers of the supervisor before it."""
+    return {p.pid for p in psutil.Process().children()}
 
 
 def receivers(config: Config) -> tuple[ReceiverConfig, ...]:
@@ -173,7 +195,7 @@ class Supervisor:
         raise_fd_limit()
         rundir.write_atomic(rundir.supervisor_pid_path(self.run_dir), f"{os.getpid()}\n")
         self.watch = Watch(self.run_dir, self.config.hang_seconds)
-        restarts = self.watch.load() if self.adopt else {}
+        restarts = self.watch.load(self.log) if self.adopt else {}
         wake = Wakeup((signal.SIGTERM, signal.SIGINT, signal.SIGHUP, ROTATED, signal.SIGUSR2, signal.SIGCHLD))
         for warning in self.config.warnings:
             self.log.warning("config_warning", problem=warning)
@@ -242,22 +264,56 @@ class Supervisor:
                                   "--run-dir", self.run_dir, "--log-format", self.log_format, "--adopt"])
 
     def _read_adopt_file(self) -> dict:
-        """What the supervisor before the exec left: its lock, and the handlers with their channels."""
+        """What the supervisor before the exec left: its lock, and the handlers with their channels.
+
+        It wrote the file just before the exec, so anything else there (a bug, another release, someone who
+        can write the run dir) is logged and left out, and the supervisor starts all the same: the lock is
+        looked for among the inherited descriptors, and a process of ours that no usable entry accounts for
+        is stopped before any handler starts (it may hold a receiver's port)."""
         path = rundir.adopt_path(self.run_dir)
-        doc = rundir.read_json(path) or {}
+        doc, ignored = rundir.read_json(path), []
         if os.path.exists(path):
             os.unlink(path)
-        if doc.get("lock_fd") is not None:
-            fcntl.flock(doc["lock_fd"], fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: fails if it is not
-            self.lock_fd = doc["lock_fd"]
+            if doc is None:
+                ignored.append("the whole file: not a readable JSON object")
+        doc = doc or {}
+        noted = doc.get("lock_fd")
+        self.lock_fd = rundir.inherited_lock(self.run_dir, noted)
+        if self.lock_fd != noted:
+            ignored.append(f"lock_fd: {json.dumps(noted)[:80]} is not this process's lock on "
+                           f"{rundir.lock_path(self.run_dir)}; " + ("it is taken afresh" if self.lock_fd is None
+                                                                   else f"found as descriptor {self.lock_fd}"))
+        if self.lock_fd is not None:
             os.set_inheritable(self.lock_fd, False)
-        # A version before the channel left bare pids and no channels: its handlers are stopped, not
-        # taken over (their handover socket had no access check); exporters reconnect once.
-        self.retiring.update((entry, None) if isinstance(entry, int) else (entry[0], _inherited(entry[1]))
-                             for entry in doc.get("retiring", []))
-        return {name: (item["pid"], ReceiverConfig.from_json(item["receiver"]),
-                       None if item.get("control_fd") is None else _inherited(item["control_fd"]))
-                for name, item in doc.get("handlers", {}).items()}
+        ours = _child_pids()
+        handlers, bad = rundir.entries(doc, "handlers", _ADOPTED)
+        ignored += bad
+        predecessors = {}
+        for name, item in handlers.items():
+            try:
+                rc = ReceiverConfig.from_json(item["receiver"])
+                predecessors[name] = (item["pid"], rc, _channel(item["pid"], item.get("control_fd"), ours))
+            except _UNUSABLE as exc:
+                ignored.append(f"handlers: {name}: {type(exc).__name__}: {exc}")
+        retiring = doc.get("retiring", [])
+        if not isinstance(retiring, list):
+            ignored.append(f"retiring: not a JSON array: {json.dumps(retiring)[:80]}")
+            retiring = []
+        for entry in retiring:
+            try:
+                if not rundir.conforms(entry, _RETIRING):
+                    raise ValueError("not a pid, nor [pid, control_fd]")
+                pid, fd = (entry, None) if isinstance(entry, int) else entry
+                self.retiring[pid] = _channel(pid, fd, ours)
+            except _UNUSABLE as exc:
+                ignored.append(f"retiring: {json.dumps(entry)[:80]}: {type(exc).__name__}: {exc}")
+        for reason in ignored:
+            self.log.error("adopt_entry_ignored", reason=reason)
+        adopted = {pid for pid, _rc, _control in predecessors.values()}
+        for pid in sorted(ours - adopted - self.retiring.keys()):
+            self.log.error("adopt_stray_stopped", handler_pid=pid, reason="no usable entry of the adopt file names it")
+            self._stop_pid(pid, None)
+        return predecessors
 
     def _start_handlers(self, predecessors: dict) -> None:
         """Start a handler per receiver. A receiver whose predecessor still listens on the same socket

@@ -25,6 +25,8 @@ if TYPE_CHECKING:
     from ..config.model import ReceiverConfig
 
 KILLED = (("subreceiver", "handler"), ("reason", "handler_killed"))
+_SAMPLES = list[tuple[str, list[tuple[str, str]], float]]  # [name, [[label, value], ...], count]
+_CARRIED = {"pid": int, "last": _SAMPLES, "offset": _SAMPLES}  # one handler's entry of ``CounterCarry.to_json``
 
 
 @dataclasses.dataclass
@@ -94,6 +96,7 @@ class CounterCarry:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> CounterCarry:
+        """What ``to_json`` wrote (each entry checked by the reader against ``_CARRIED``)."""
         def samples(items: list[Any]) -> dict[Sample, float]:
             return {(name, tuple(tuple(kv) for kv in labels)): v for name, labels, v in items}
         carry = cls()
@@ -171,14 +174,17 @@ class Watch:
         rundir.write_json(rundir.supervisor_carry_path(self.run_dir),
                           {"counters": self.carry.to_json(), "restarts": restarts})
 
-    def load(self) -> dict[str, int]:
-        """The carry a predecessor saved (restart in place); returns its restarts per handler."""
+    def load(self, log: Any) -> dict[str, int]:
+        """The carry a predecessor saved (restart in place); returns its restarts per handler. What does not
+        read as what ``save`` writes is logged and left out (that handler's counters or restarts start from
+        0): a bad entry must not stop the supervisor from starting, nor break the metrics later."""
         path = rundir.supervisor_carry_path(self.run_dir)
         doc = rundir.read_json(path) or {}
         with contextlib.suppress(OSError):
             os.unlink(path)
-        try:
-            self.carry = CounterCarry.from_json(doc.get("counters", {}))
-        except (TypeError, KeyError, ValueError):
-            self.carry = CounterCarry()
-        return dict(doc.get("restarts", {}))
+        counters, bad_counters = rundir.entries(doc, "counters", _CARRIED)
+        restarts, bad_restarts = rundir.entries(doc, "restarts", int)
+        for reason in bad_counters + bad_restarts:
+            log.warning("carry_ignored", reason=reason, effect="counted from 0")
+        self.carry = CounterCarry.from_json(counters)
+        return restarts

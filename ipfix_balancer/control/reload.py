@@ -11,6 +11,7 @@ import dataclasses
 import os
 import signal
 import time
+import typing
 
 import psutil
 
@@ -44,12 +45,22 @@ class Outcome:
         return [f"reloaded {self.config}"] + (out or ["no change"])
 
 
+_FIELDS = typing.get_type_hints(Outcome)
+
+
 def read_outcome(run_dir: str) -> Outcome | None:
+    """The last reload's outcome; None when there is none, or it does not read as one (a field missing or of
+    another type: it would break the numbering and the ``reload`` output)."""
     doc = rundir.read_json(rundir.reload_outcome_path(run_dir))
-    names = {f.name for f in dataclasses.fields(Outcome)}
-    try:  # known keys only: the document may come from another release (restart in place for an upgrade)
-        return None if doc is None else Outcome(**{k: v for k, v in doc.items() if k in names})
-    except TypeError:
+    if doc is None:
+        return None
+    # known keys only: the document may come from another release (restart in place for an upgrade)
+    known = {k: v for k, v in doc.items() if k in _FIELDS}
+    if not all(rundir.conforms(v, _FIELDS[k]) for k, v in known.items()):
+        return None
+    try:
+        return Outcome(**known)
+    except TypeError:  # a field without a default is missing
         return None
 
 

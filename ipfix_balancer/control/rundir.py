@@ -18,6 +18,8 @@ import json
 import os
 import stat
 import tempfile
+import types
+import typing
 from typing import Any, Callable
 
 DEFAULT_RUN_DIR = "/run/fast_ipfix_balancer"
@@ -111,6 +113,25 @@ def lock(run_dir: str) -> int | None:
     return fd
 
 
+def inherited_lock(run_dir: str, noted: Any) -> int | None:
+    """The lock this process held before it re-executed itself: descriptor ``noted`` (what the adopt file
+    says) when that is the lock file, else any of our descriptors on it (a wrong note loses nothing: the
+    descriptor was inherited all the same); None when there is none or the lock is not ours."""
+    try:
+        lock_st = os.stat(lock_path(run_dir), follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+    candidates: list[int] = [noted] if conforms(noted, int) else []
+    for fd in candidates + sorted(int(name) for name in os.listdir("/proc/self/fd")):
+        try:
+            if os.path.samestat(os.fstat(fd), lock_st):
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours already: fails if it is not
+                return fd
+        except (OSError, OverflowError):  # not open (listdir's own), or locked by another descriptor
+            continue
+    return None
+
+
 def lock_holder(run_dir: str) -> int | None:
     """The pid holding the supervisor lock (from /proc/locks), or None when nobody does."""
     try:
@@ -171,3 +192,32 @@ def read_json(path: str) -> dict[str, Any] | None:
         return load_json(path)
     except OSError:
         return None
+
+
+def conforms(value: Any, kind: Any) -> bool:
+    """Whether ``value``, read from a run-dir document, is of type ``kind``: a class (a float may be any
+    number; a bool is never a number), a union, ``list[T]``, ``tuple[...]`` (a JSON array of that length),
+    or a dict of key -> type (an object with those keys; a missing key reads as None). Readers check what
+    they use: a document may come from another release, a bug, or anyone who can write the run dir."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if isinstance(kind, dict):
+        return isinstance(value, dict) and all(conforms(value.get(k), t) for k, t in kind.items())
+    if origin is types.UnionType:
+        return any(conforms(value, t) for t in args)
+    if origin is list:
+        return isinstance(value, list) and all(conforms(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, list) and len(value) == len(args) and all(map(conforms, value, args))
+    return (isinstance(value, (int, float) if kind is float else kind)
+            and (kind is bool or not isinstance(value, bool)))
+
+
+def entries(doc: dict[str, Any], key: str, kind: Any) -> tuple[dict[str, Any], list[str]]:
+    """``doc[key]``, an object of named entries (none when missing): those of type ``kind`` (``conforms``),
+    and why each of the others, or the whole, is left out (for the log)."""
+    section = doc.get(key, {})
+    if not isinstance(section, dict):
+        return {}, [f"{key}: not a JSON object: {json.dumps(section)[:80]}"]
+    kept = {name: v for name, v in section.items() if conforms(v, kind)}
+    return kept, [f"{key}: {name}: not as this release writes it: {json.dumps(v)[:80]}"
+                  for name, v in section.items() if name not in kept]

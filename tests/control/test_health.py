@@ -5,12 +5,15 @@ import os
 import time
 import types
 
+import pytest
+
 from ipfix_balancer.control import rundir
 from ipfix_balancer.control.health import CounterCarry, Watch
 from ipfix_balancer.control.metrics import HandlerView, MetricsSnapshot, counter_samples, health
 from ipfix_balancer.control.sdnotify import Notifier
 from ipfix_balancer.control.status import SubreceiverStatus
 
+from fakes import Log
 from test_status import NOW, handler
 
 IN = ("ipfix_balancer_messages_received", ())
@@ -96,3 +99,38 @@ def test_watch_judges_the_monotonic_heartbeat_and_never_an_unreadable_document(t
     assert watch.snapshot.handlers[0].doc.pid == 4242  # the last view is kept
     os.unlink(path)  # gone: silence again, counted from its start
     assert watch.turn([child], mono + 60) == [(child, 160)]
+
+
+def test_the_carry_a_supervisor_saves_is_what_its_successor_loads(tmp_path):
+    watch = Watch(str(tmp_path), 15)
+    watch.carry.see("fullflow[0]", 10, {IN: 100, SENT: 40})
+    watch.carry.see("fullflow[0]", 11, {IN: 5})
+    watch.save({"fullflow[0]": 3})
+    successor, log = Watch(str(tmp_path), 15), Log()
+    assert successor.load(log) == {"fullflow[0]": 3} and log.events == []
+    assert successor.carry.see("fullflow[0]", 12, {IN: 1}) == {IN: 106, SENT: 40}
+
+
+GOOD = {"pid": 10, "last": [["ipfix_balancer_messages_received", [], 7]], "offset": []}
+
+
+@pytest.mark.parametrize("doc, restarts, carried, ignored", [
+    ({"restarts": 1}, {}, [], ["restarts: not a JSON object"]),
+    ({"restarts": [1]}, {}, [], ["restarts: not a JSON object"]),
+    ({"restarts": {"a": "x", "b": True, "c": 2}}, {"c": 2}, [], ["restarts: a:", "restarts: b:"]),
+    ({"counters": [1], "restarts": {"c": 2}}, {"c": 2}, [], ["counters: not a JSON object"]),
+    ({"counters": {"a": {"pid": 10, "last": [["ipfix_balancer_messages_received", [], "7"]], "offset": []},
+                   "b": {"pid": "10", "last": [], "offset": []}, "c": GOOD}},
+     {}, ["c"], ["counters: a:", "counters: b:"]),
+])
+def test_a_carry_entry_of_another_shape_is_logged_and_starts_from_0(tmp_path, doc, restarts, carried, ignored):
+    """A bad supervisor.carry.json (a bug, another release, tampering) must not stop the supervisor at its start
+    (restarts), nor every turn after it (a counter that is not a number)."""
+    rundir.write_json(rundir.supervisor_carry_path(str(tmp_path)), doc)
+    watch, log = Watch(str(tmp_path), 15), Log()
+    assert watch.load(log) == restarts
+    assert sorted(watch.carry.handlers) == carried
+    reasons = [e["reason"] for e in log.named("carry_ignored")]
+    assert len(reasons) == len(ignored) and all(r.startswith(i) for r, i in zip(reasons, ignored)), reasons
+    assert [watch.carry.totals(name) for name in carried] == [{IN: 7}] * len(carried)
+    assert not os.path.exists(rundir.supervisor_carry_path(str(tmp_path)))

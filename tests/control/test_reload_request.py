@@ -83,3 +83,20 @@ def test_systemds_main_pid_is_believed_only_when_it_holds_the_run_dir_lock(runni
     assert reload.running_config(str(run_dir), main_pid=777) == str(env)
     with pytest.raises(reload.NotRunning):
         reload.running_config(str(run_dir), main_pid=778)
+
+
+@pytest.mark.parametrize("text", ["[]", "1", "null", '{"generation": "7", "result": "applied", "config": "/e.env"}',
+                                  '{"generation": true, "result": "applied", "config": "/e.env"}',
+                                  '{"generation": 7, "result": "applied", "config": "/e.env", "added": 1}',
+                                  '{"generation": 7, "result": "refused", "config": "/e.env", "problems": [1]}'])
+def test_an_outcome_that_does_not_read_as_one_is_none_and_a_request_goes_on(running, monkeypatch, text):
+    """A bad reload.json (a bug, another release, tampering) reads as none: a generation that is not an int
+    broke the wait for a newer outcome (and the supervisor's numbering); a list that is not of strings, read
+    as the newer outcome, would break the ``reload`` output."""
+    run_dir, env = running
+    rundir.write_atomic(rundir.reload_outcome_path(str(run_dir)), text)
+    assert reload.read_outcome(str(run_dir)) is None
+    monkeypatch.setattr(reload.os, "kill", lambda *_: reload.write_outcome(
+        str(run_dir), reload.Outcome(1, reload.APPLIED, str(env), added=["fullflow[0]"])))
+    outcome = reload.request(str(run_dir), timeout=5)
+    assert outcome.lines() == [f"reloaded {env}", "handlers started: fullflow[0]"]

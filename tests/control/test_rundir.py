@@ -88,3 +88,38 @@ def test_the_lock_is_exclusive_and_its_holder_known(tmp_path):
     finally:
         os.close(fd)
     assert rundir.lock_holder(run) is None
+
+
+SAMPLES = list[tuple[str, list[tuple[str, str]], float]]
+
+
+@pytest.mark.parametrize("value, kind, ok", [
+    (3, int, True), (True, int, False), ("3", int, False), (2.5, float, True), (2, float, True), (False, float, False),
+    (None, int | None, True), ("x", int | None, False), ([1, [2, 3]], list[int | tuple[int, int]], True),
+    ([[2]], list[int | tuple[int, int]], False), ({"a": 1}, list[int], False),
+    ([["n", [["k", "v"]], 1.5]], SAMPLES, True), ([["n", [["k", 1]], 1]], SAMPLES, False),
+    ([["n", [], "1"]], SAMPLES, False), ({"pid": 1, "fd": None}, {"pid": int, "fd": int | None}, True),
+    ({"pid": 1}, {"pid": int, "fd": int | None}, True), ({"fd": 1}, {"pid": int, "fd": int | None}, False),
+    ([1], {"pid": int}, False)])
+def test_a_value_conforms_to_a_type_the_way_json_can_hold_it(value, kind, ok):
+    assert rundir.conforms(value, kind) is ok
+
+
+def test_named_entries_of_another_type_are_left_out_with_the_reason():
+    assert rundir.entries({"r": {"a": 1, "b": "x"}}, "r", int) == (
+        {"a": 1}, ['r: b: not as this release writes it: "x"'])
+    assert rundir.entries({"r": [1]}, "r", int) == ({}, ["r: not a JSON object: [1]"])
+    assert rundir.entries({}, "r", int) == ({}, [])
+
+
+def test_the_lock_held_across_exec_is_found_also_when_its_noted_descriptor_is_wrong(tmp_path):
+    run = str(tmp_path)
+    assert rundir.inherited_lock(run, None) is None  # no lock file: none
+    fd = rundir.lock(run)
+    try:
+        for noted in (fd, None, "x", 0, -1, 2 ** 70):
+            assert rundir.inherited_lock(run, noted) == fd
+    finally:
+        os.close(fd)
+    with open(os.devnull) as other:
+        assert rundir.inherited_lock(run, other.fileno()) is None  # the lock file exists, no descriptor of ours

@@ -5,8 +5,10 @@ import time
 
 import psutil
 
-from ipfixkit import TcpExporter, TcpSink, UdpSink, decode_records, extract_serials, free_port, make_stream, \
-    run_cli, split_messages, tcp_send, udp_send, wait_until
+from ipfixkit import TcpExporter, TcpSink, UdpSink, decode_records, extract_serials, fault_env, free_port, \
+    make_stream, run_cli, split_messages, tcp_send, udp_send, wait_until
+
+from ipfix_balancer.control import rundir
 
 
 def env(port: int, sinks, port_type="tcp") -> str:
@@ -132,3 +134,43 @@ def test_restart_without_config_validates_the_running_supervisors_file(balancer,
         bal.write_config("IPFIX_FULLFLOW_PORT[0]=0\n")  # now the running file is broken: refused
         result = run_cli("restart", "--run-dir", str(bal.run_dir))
         assert result.returncode == 1 and "IPFIX_FULLFLOW_PORT[0]" in result.stderr
+
+
+# Test-only fault: while the flag file exists, the re-executed supervisor (``run --adopt``) finds the adopt file
+# and the counter carry its predecessor wrote replaced by documents of the wrong shape (a bug, another release).
+MALFORMED_ADOPT = """
+import json, os, sys
+if "--adopt" in sys.argv and os.path.exists({flag!r}):
+    run_dir = sys.argv[sys.argv.index("--run-dir") + 1]
+    for name, doc in (("supervisor.adopt.json", {{"handlers": 1, "retiring": 5, "lock_fd": "x"}}),
+                      ("supervisor.carry.json", {{"restarts": [1], "counters": [1]}})):
+        with open(os.path.join(run_dir, name), "w") as f:
+            json.dump(doc, f)
+"""
+
+
+def test_a_malformed_adopt_file_restarts_all_the_same_and_leaves_no_handler_unknown(balancer, tmp_path):
+    """The supervisor used to die at its start on such files. Now it logs what it leaves out, holds its lock
+    all the same (found among its inherited descriptors), stops the handler it cannot account for (it holds
+    the port) and starts a fresh one: the exporter reconnects once, as after an upgrade without channels."""
+    flag, port = tmp_path / "malformed", free_port()
+    with TcpSink() as a:
+        bal = balancer(env(port, [a]), env=fault_env(tmp_path / "fault", MALFORMED_ADOPT.format(flag=str(flag))))
+        bal.wait_ready()
+        old = bal.handler_pid("fullflow[0]")
+        flag.touch()
+        result = run_cli("restart", "--config", str(bal.config_path), "--run-dir", str(bal.run_dir))
+        assert result.returncode == 0, result.stderr + bal.log_tail()
+        bal.wait_status("fullflow[0]", lambda s: s["pid"] != old and s["listen"]["listening"])
+        assert bal.running and bal.supervisor()["pid"] == bal.pid, "same supervisor process (re-executed)"
+        assert rundir.lock_holder(str(bal.run_dir)) == bal.pid
+        events = {e: [line for line in bal.logs() if line.get("event") == e]
+                  for e in ("adopt_entry_ignored", "adopt_stray_stopped", "carry_ignored")}
+        assert sorted(line["reason"].split(":")[0] for line in events["adopt_entry_ignored"]) == [
+            "handlers", "lock_fd", "retiring"]
+        assert [line["handler_pid"] for line in events["adopt_stray_stopped"]] == [old]
+        assert sorted(line["reason"].split(":")[0] for line in events["carry_ignored"]) == ["counters", "restarts"]
+        assert not psutil.pid_exists(old) or psutil.Process(old).status() == psutil.STATUS_ZOMBIE
+        tcp_send(port, make_stream(3, records_per_message=2))
+        assert a.wait_messages(3)
+        assert bal.stop() == 0
